@@ -1,0 +1,23 @@
+"""Moving Average Batch Normalization (MABN, ICLR 2020) for JAX and Flax."""
+
+from mabn_jax import functional
+from mabn_jax.functional import MABNConfig, MABNState, CenteredMABNState, Probes
+from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_kernel
+from mabn_jax.probes import init_probes, record_backward_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MABN",
+    "CenteredConv",
+    "CenteredDense",
+    "PROBES",
+    "center_kernel",
+    "init_probes",
+    "record_backward_stats",
+    "functional",
+    "MABNConfig",
+    "MABNState",
+    "CenteredMABNState",
+    "Probes",
+]

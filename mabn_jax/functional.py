@@ -1,0 +1,468 @@
+"""The MABN math: state, training forward pass with a custom VJP, inference.
+
+Everything here is a pure function of explicit arrays; the Flax modules in
+:mod:`mabn_jax.linen` are thin shells around it. Notation follows
+``MABN_SPEC.md`` (Yan et al., ICLR 2020, arXiv 2001.06838). For a training step
+``t = step + 1`` with window length ``m`` and ``slot = t mod m``:
+
+Non-centered MABN (the paper's final layer, used after weight-centralized
+convolutions)::
+
+    χ²_B = mean(x²)                       x2_window[slot] = χ²_B
+    χ̃²  = χ²_B if batch phase else mean(x2_window)
+    z    = x / sqrt(χ̃² + ε)
+    r    = clip(sqrt(χ̃² + ε) / sqrt(ema_x2 + ε), 1/r_max, r_max)   (1 before renorm)
+    y    = γ · r · z + β                  ema_x2 ← α·ema_x2 + (1 − α)·χ̃²
+
+    backward:  ĝ = ∂L/∂y · γ · r,   Ψ_B = mean(ĝ · z),   psi_window[slot] = Ψ_B
+               Ψ̃ = Ψ_B if batch phase else mean(psi_window)
+               ∂L/∂x = (ĝ − z · Ψ̃) / sqrt(χ̃² + ε)
+
+Centered MABN (all four statistics moving-averaged)::
+
+    z = (x − μ̃) / sqrt(σ̃² + ε),   y = γ · (r · z + d) + β,
+    d = clip((μ̃ − ema_mean) / sqrt(ema_var + ε), −d_max, d_max)   (0 before renorm)
+    ∂L/∂x = (ĝ − g̃ − z · Ψ̃) / sqrt(σ̃² + ε),   g_B = mean(ĝ)
+
+"Batch phase" means ``t ≤ m or t < warmup_steps``: the current batch's
+statistics are used directly. Renormalization is active for
+``t > max(renorm_start, warmup_steps)``. All phase decisions are traced
+``jnp.where`` selections, so one compiled step serves every phase.
+
+The backward statistics Ψ_B (and g_B) exist only in the backward pass. They
+leave it as the cotangents of *probe* inputs (:class:`Probes`), whose forward
+value is unused; :func:`record_backward_stats` writes them into the windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Axes = int | Sequence[int]
+
+__all__ = [
+    "MABNConfig",
+    "MABNState",
+    "CenteredMABNState",
+    "Probes",
+    "init_state",
+    "init_probes",
+    "mabn_train",
+    "mabn_inference",
+    "record_backward_stats",
+    "canonicalize_axes",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MABNConfig:
+    """Hyper-parameters of one MABN layer (static: changing one recompiles).
+
+    Attributes:
+      buffer_size: ``m``, the number of steps in the simple-moving-average
+        windows (the paper: real batch / normalization batch, 16 for ImageNet).
+      momentum: EMA decay ``α``: ``ema ← α·ema + (1 − α)·batch`` (Flax's
+        convention; the original's 0.98).
+      epsilon: added to the second moment / variance before the square root.
+      warmup_steps: for ``t < warmup_steps`` the batch statistics are used.
+      renorm_start: renormalization by ``r`` (and ``d``) starts after step
+        ``max(renorm_start, warmup_steps)``.
+      r_max: ``r`` is clipped to ``[1/r_max, r_max]``.
+      d_max: centered variant only, ``d`` is clipped to ``[−d_max, d_max]``.
+      centered: ``False`` for the paper's final MABN (second moment only,
+        backward Ψ only); ``True`` to also moving-average μ and g.
+      axis_name: if given, batch statistics are averaged over this named axis
+        (``pmap``/``shard_map``) in the forward pass and Ψ_B/g_B in the
+        backward pass, as synchronized batch norm does.
+      axis_index_groups: subgroups of ``axis_name`` to average over.
+    """
+
+    buffer_size: int = 16
+    momentum: float = 0.98
+    epsilon: float = 1e-5
+    warmup_steps: int = 100
+    renorm_start: int = 1000
+    r_max: float = 5.0
+    d_max: float = 5.0
+    centered: bool = False
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+
+    def __post_init__(self):
+        _check(isinstance(self.buffer_size, int) and self.buffer_size >= 1,
+               "buffer_size", self.buffer_size, "an int >= 1 (the window length m)")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum,
+               "a decay in [0, 1), e.g. 0.98 (Flax's convention: new = momentum*old + (1-momentum)*batch)")
+        _check(self.epsilon > 0.0, "epsilon", self.epsilon, "a small positive float such as 1e-5")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               "warmup_steps", self.warmup_steps, "an int >= 0")
+        _check(isinstance(self.renorm_start, int) and self.renorm_start >= 0,
+               "renorm_start", self.renorm_start, "an int >= 0")
+        _check(self.r_max >= 1.0, "r_max", self.r_max, "a float >= 1 (r is clipped to [1/r_max, r_max])")
+        _check(self.d_max >= 0.0, "d_max", self.d_max, "a float >= 0 (d is clipped to [-d_max, d_max])")
+        if self.axis_index_groups is not None:  # keep the config hashable
+            groups = tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
+            object.__setattr__(self, "axis_index_groups", groups)
+
+
+def _check(ok: bool, name: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ValueError(f"MABN: {name}={value!r} is invalid; use {want}.")
+
+
+class MABNState(NamedTuple):
+    """State of the non-centered layer (Flax's ``batch_stats``).
+
+    Attributes:
+      step: training steps seen so far (int32 scalar).
+      x2_window: ``[m, *features]`` ring buffer of the per-step χ²_B.
+      psi_window: ``[m, *features]`` ring buffer of the per-step Ψ_B.
+      ema_x2: EMA of χ̃², used for inference and renormalization.
+    """
+
+    step: Array
+    x2_window: Array
+    psi_window: Array
+    ema_x2: Array
+
+
+class CenteredMABNState(NamedTuple):
+    """State of the centered layer: forward μ/σ² and backward g/Ψ windows."""
+
+    step: Array
+    mean_window: Array
+    var_window: Array
+    g_window: Array
+    psi_window: Array
+    ema_mean: Array
+    ema_var: Array
+
+
+class Probes(NamedTuple):
+    """Inputs whose cotangents are this step's backward statistics.
+
+    Their forward values are ignored. ``jax.grad`` with respect to them returns
+    Ψ_B (and g_B in the centered variant), ready for :func:`record_backward_stats`.
+    """
+
+    psi: Array
+    g: Array | None = None
+
+
+def canonicalize_axes(ndim: int, axes: Axes) -> tuple[int, ...]:
+    """Returns sorted non-negative axes, with an error naming ``axis`` if invalid."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    if ndim < 2:
+        raise ValueError(
+            f"MABN: input of rank {ndim} is invalid; use an input of rank >= 2 "
+            "(a batch axis and a feature axis).")
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"MABN: axis={a} is out of range for an input of rank {ndim}; "
+                f"use an axis in [-{ndim}, {ndim - 1}].")
+    out = tuple(sorted({a % ndim for a in axes}))
+    if len(out) == ndim:
+        raise ValueError(f"MABN: axis={axes} leaves no axis to reduce over; "
+                         "keep at least one batch axis out of `axis`.")
+    return out
+
+
+def init_state(feature_shape: Sequence[int], config: MABNConfig,
+               dtype: Any = jnp.float32) -> MABNState | CenteredMABNState:
+    """The state before the first training step (the EMA of the scale is 1)."""
+    feature_shape = tuple(feature_shape)
+    window = jnp.zeros((config.buffer_size,) + feature_shape, dtype)
+    step = jnp.zeros((), jnp.int32)
+    if config.centered:
+        return CenteredMABNState(step, window, window, window, window,
+                                 jnp.zeros(feature_shape, dtype),
+                                 jnp.ones(feature_shape, dtype))
+    return MABNState(step, window, window, jnp.ones(feature_shape, dtype))
+
+
+def init_probes(state: MABNState | CenteredMABNState) -> Probes:
+    """Zero probes matching ``state`` (any leading vmap/scan axes included)."""
+    if isinstance(state, CenteredMABNState):
+        return Probes(jnp.zeros_like(state.ema_var), jnp.zeros_like(state.ema_mean))
+    return Probes(jnp.zeros_like(state.ema_x2))
+
+
+class _Phase(NamedTuple):
+    slot_mask: Array  # [m] bool: the ring-buffer slot t mod m
+    use_batch: Array  # bool: t <= m or t < warmup
+    renorm: Array  # bool: t > max(renorm_start, warmup)
+
+
+def _phase(step: Array, config: MABNConfig) -> _Phase:
+    t = step + 1
+    m = config.buffer_size
+    return _Phase(
+        slot_mask=jnp.arange(m) == t % m,
+        use_batch=(t <= m) | (t < config.warmup_steps),
+        renorm=t > max(config.renorm_start, config.warmup_steps),
+    )
+
+
+def _write(window: Array, slot_mask: Array, value: Array) -> Array:
+    mask = slot_mask.reshape(slot_mask.shape + (1,) * value.ndim)
+    return jnp.where(mask, value[None], window)
+
+
+def _moving(window: Array, slot_mask: Array, value: Array, use_batch: Array):
+    """Writes ``value`` into its slot; returns (new window, statistic in use)."""
+    window = _write(window, slot_mask, value.astype(window.dtype))
+    return window, jnp.where(use_batch, value, window.mean(0).astype(value.dtype))
+
+
+def _pmean(x, config: MABNConfig):
+    if config.axis_name is None:
+        return x
+    return lax.pmean(x, config.axis_name, axis_index_groups=config.axis_index_groups)
+
+
+class _Spec(NamedTuple):
+    """Static description of one normalization call (hashable)."""
+
+    reduction_axes: tuple[int, ...]
+    feature_axes: tuple[int, ...]
+    out_dtype: Any
+    config: MABNConfig
+
+
+class _Ctx(NamedTuple):
+    """Per-channel constants of one step: they receive no gradient."""
+
+    mean: Array | None  # μ̃ (centered) or None
+    inv: Array  # 1 / sqrt(χ̃² + ε) or 1 / sqrt(σ̃² + ε)
+    r: Array
+    d: Array | None
+    psi_window: Array  # windows as before this step
+    g_window: Array | None
+    slot_mask: Array
+    use_batch: Array
+
+
+def _bshape(v: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
+    """Reshapes a ``[*features]`` array to broadcast against the input."""
+    shape = [1] * ndim
+    for a, n in zip(feature_axes, v.shape):
+        shape[a] = n
+    return v.reshape(shape)
+
+
+def _stat_dtype(x: Array, state_dtype: Any) -> Any:
+    # At least float32, and never less precise than the state (f64 under x64).
+    return jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), state_dtype)
+
+
+def _z(x: Array, ctx: _Ctx, spec: _Spec, dtype) -> Array:
+    b = functools.partial(_bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    xs = x.astype(dtype)
+    if ctx.mean is not None:
+        xs = xs - b(ctx.mean)
+    return xs * b(ctx.inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _normalize(spec: _Spec, x, scale, bias, probes, ctx):
+    return _normalize_fwd(spec, x, scale, bias, probes, ctx)[0]
+
+
+def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
+    dtype = ctx.inv.dtype
+    b = functools.partial(_bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    z = _z(x, ctx, spec, dtype)
+    a = scale.astype(dtype) * ctx.r
+    shift = bias.astype(dtype)
+    if ctx.d is not None:
+        shift = shift + scale.astype(dtype) * ctx.d
+    y = (z * b(a) + b(shift)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx)
+
+
+def _normalize_bwd(spec: _Spec, res, dy):
+    x, scale, bias, probes, ctx = res
+    dtype = ctx.inv.dtype
+    b = functools.partial(_bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    z = _z(x, ctx, spec, dtype)
+    dy = dy.astype(dtype)
+    count = 1
+    for ax in spec.reduction_axes:
+        count *= x.shape[ax]
+    sum_dy = dy.sum(spec.reduction_axes)
+    sum_dyz = (dy * z).sum(spec.reduction_axes)
+    a = scale.astype(dtype) * ctx.r  # ĝ = dy · a
+    cfg = spec.config
+
+    psi_b = _pmean(a * sum_dyz / count, cfg)  # Ψ_B = mean(ĝ · z)
+    _, psi = _moving(ctx.psi_window, ctx.slot_mask, psi_b, ctx.use_batch)
+    dxs = dy * b(a) - z * b(psi)
+    if ctx.g_window is not None:
+        g_b = _pmean(a * sum_dy / count, cfg)  # g_B = mean(ĝ)
+        _, g = _moving(ctx.g_window, ctx.slot_mask, g_b, ctx.use_batch)
+        dxs = dxs - b(g)
+        dprobes = Probes(psi_b.astype(probes.psi.dtype), g_b.astype(probes.g.dtype))
+    else:
+        dprobes = Probes(psi_b.astype(probes.psi.dtype))
+    dx = (dxs * b(ctx.inv)).astype(x.dtype)
+
+    dscale = ctx.r * sum_dyz
+    if ctx.d is not None:
+        dscale = dscale + ctx.d * sum_dy
+    return (dx, dscale.astype(scale.dtype), sum_dy.astype(bias.dtype), dprobes,
+            jax.tree_util.tree_map(lambda _: None, ctx))
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _affine_params(scale, bias, feature_shape, dtype):
+    scale = jnp.ones(feature_shape, dtype) if scale is None else jnp.asarray(scale)
+    bias = jnp.zeros(feature_shape, dtype) if bias is None else jnp.asarray(bias)
+    return scale, bias
+
+
+def mabn_train(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState | CenteredMABNState,
+    probes: Probes,
+    config: MABNConfig,
+    *,
+    axis: Axes = -1,
+    dtype: Any = None,
+) -> tuple[Array, MABNState | CenteredMABNState]:
+    """One MABN training step: returns ``(y, new_state)``.
+
+    ``new_state`` holds the advanced step, the forward windows and the EMA; the
+    backward windows are written by :func:`record_backward_stats` from the
+    gradients of ``probes``. ``y`` is differentiable w.r.t. ``x``, ``scale``,
+    ``bias`` and ``probes`` (whose cotangents are Ψ_B and g_B).
+
+    Args:
+      x: input of rank >= 2, any float dtype.
+      scale, bias: ``γ`` and ``β`` of shape ``[*features]``, or ``None``.
+      state: from :func:`init_state` or a previous step.
+      probes: from :func:`init_probes`; differentiate w.r.t. them.
+      config: the layer's hyper-parameters.
+      axis: the feature axis or axes (default last, NHWC).
+      dtype: output dtype (default: the input's).
+    """
+    feature_axes = canonicalize_axes(x.ndim, axis)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    centered = isinstance(state, CenteredMABNState)
+    if centered != config.centered:
+        raise ValueError(
+            f"MABN: config.centered={config.centered} but the state is a "
+            f"{type(state).__name__}; build the state with init_state(..., config).")
+    sdt = _stat_dtype(x, state.psi_window.dtype)
+    phase = _phase(state.step, config)
+    xs = x.astype(sdt)
+    eps = config.epsilon
+    alpha = config.momentum
+
+    def ema(old, new):
+        return (alpha * old + (1 - alpha) * new.astype(old.dtype)).astype(old.dtype)
+
+    def clip_r(scale_stat, ema_stat):
+        r = jnp.sqrt(scale_stat + eps) / jnp.sqrt(ema_stat.astype(sdt) + eps)
+        r = jnp.clip(r, 1.0 / config.r_max, config.r_max)
+        return jnp.where(phase.renorm, r, jnp.ones_like(r))
+
+    if centered:
+        mu_b, m2_b = _pmean(jnp.stack([xs.mean(reduction_axes),
+                                       (xs * xs).mean(reduction_axes)]), config)
+        var_b = jnp.maximum(m2_b - mu_b * mu_b, 0.0)
+        mean_window, mu = _moving(state.mean_window, phase.slot_mask, mu_b, phase.use_batch)
+        var_window, var = _moving(state.var_window, phase.slot_mask, var_b, phase.use_batch)
+        r = clip_r(var, state.ema_var)
+        d = (mu - state.ema_mean.astype(sdt)) / jnp.sqrt(state.ema_var.astype(sdt) + eps)
+        d = jnp.where(phase.renorm, jnp.clip(d, -config.d_max, config.d_max), jnp.zeros_like(d))
+        ctx = _Ctx(mu, lax.rsqrt(var + eps), r, d, state.psi_window, state.g_window,
+                   phase.slot_mask, phase.use_batch)
+        new_state = state._replace(
+            step=state.step + 1, mean_window=mean_window, var_window=var_window,
+            ema_mean=ema(state.ema_mean, mu), ema_var=ema(state.ema_var, var))
+    else:
+        x2_b = _pmean((xs * xs).mean(reduction_axes), config)
+        x2_window, x2 = _moving(state.x2_window, phase.slot_mask, x2_b, phase.use_batch)
+        r = clip_r(x2, state.ema_x2)
+        ctx = _Ctx(None, lax.rsqrt(x2 + eps), r, None, state.psi_window, None,
+                   phase.slot_mask, phase.use_batch)
+        new_state = state._replace(step=state.step + 1, x2_window=x2_window,
+                                   ema_x2=ema(state.ema_x2, x2))
+
+    scale, bias = _affine_params(scale, bias, feature_shape, sdt)
+    spec = _Spec(reduction_axes, feature_axes, jnp.dtype(dtype or x.dtype), config)
+    ctx = jax.tree_util.tree_map(lax.stop_gradient, ctx)
+    y = _normalize(spec, x, scale, bias, probes, ctx)
+    return y, new_state
+
+
+def mabn_inference(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState | CenteredMABNState,
+    config: MABNConfig,
+    *,
+    axis: Axes = -1,
+    dtype: Any = None,
+) -> Array:
+    """The inference map, one per-channel affine function of ``x``.
+
+    Non-centered: ``y = γ · x / sqrt(ema_x2 + ε) + β``; centered:
+    ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``.
+    """
+    feature_axes = canonicalize_axes(x.ndim, axis)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    sdt = _stat_dtype(x, state.psi_window.dtype)
+    scale, bias = _affine_params(scale, bias, feature_shape, sdt)
+    mul, add = inference_affine(scale, bias, state, config)
+    b = functools.partial(_bshape, ndim=x.ndim, feature_axes=feature_axes)
+    y = x.astype(sdt) * b(mul.astype(sdt)) + b(add.astype(sdt))
+    return y.astype(dtype or x.dtype)
+
+
+def inference_affine(scale: Array, bias: Array, state, config: MABNConfig):
+    """``(a, b)`` such that inference is ``y = a · x + b`` per channel."""
+    if isinstance(state, CenteredMABNState):
+        inv = lax.rsqrt(state.ema_var + config.epsilon)
+        mul = scale * inv
+        return mul, bias - mul * state.ema_mean
+    mul = scale * lax.rsqrt(state.ema_x2 + config.epsilon)
+    return mul, bias
+
+
+def record_backward_stats(state: MABNState | CenteredMABNState,
+                          probe_grads: Probes) -> MABNState | CenteredMABNState:
+    """Writes this step's Ψ_B (and g_B) from the probes' gradients into the windows.
+
+    Call it with the state returned by :func:`mabn_train` (whose ``step`` is
+    already ``t``), so the slot is ``t mod m``, the one the backward pass
+    read. Leading axes added by ``vmap``/``nn.scan`` are supported.
+    """
+    lead = state.step.ndim
+    m = state.psi_window.shape[lead]
+    slot = state.step % m
+    mask = jnp.arange(m) == slot[..., None]  # [..., m]
+
+    def write(window, value):
+        feat = value.ndim - lead
+        mask_b = mask.reshape(mask.shape + (1,) * feat)
+        return jnp.where(mask_b, jnp.expand_dims(value.astype(window.dtype), lead), window)
+
+    new = state._replace(psi_window=write(state.psi_window, probe_grads.psi))
+    if isinstance(state, CenteredMABNState):
+        new = new._replace(g_window=write(state.g_window, probe_grads.g))
+    return new

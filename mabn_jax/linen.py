@@ -1,0 +1,202 @@
+"""Flax ``linen`` modules: MABN and weight-centralized Conv/Dense.
+
+These are thin shells around :mod:`mabn_jax.functional`, which holds the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import initializers
+
+from mabn_jax import functional as F
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+
+#: The collection that carries the probes into a training-mode ``apply``.
+PROBES = "mabn_probes"
+
+_MISSING_PROBES = (
+    "MABN is applied in training mode without its probes (the '" + PROBES + "' "
+    "collection), so its backward statistics could not be recorded. Differentiate "
+    "w.r.t. the probes and record them: pass "
+    "{'params': params, 'batch_stats': batch_stats, 'mabn_probes': probes} with "
+    "probes = mabn_jax.init_probes(batch_stats), take jax.value_and_grad(loss_fn, "
+    "argnums=(0, 1)) over (params, probes), and store "
+    "mabn_jax.record_backward_stats(new_batch_stats, probe_grads). For evaluation "
+    "use use_running_average=True."
+)
+
+
+class MABN(nn.Module):
+    """Moving Average Batch Normalization (Yan et al., ICLR 2020).
+
+    A drop-in for :class:`flax.linen.BatchNorm` for small per-device batches.
+    Training normalizes with simple moving averages (over ``buffer_size`` steps)
+    of the forward statistics and injects moving averages of the backward
+    statistics into the gradient (see :mod:`mabn_jax.functional` for the
+    equations). Inference is one per-channel affine map::
+
+        y = γ · x / sqrt(ema_x2 + ε) + β                  (centered=False)
+        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β     (centered=True)
+
+    The non-centered layer (the paper's final MABN) skips the mean: put it after
+    :class:`CenteredConv` / :class:`CenteredDense`, whose outputs are near zero
+    mean. State lives in the ``batch_stats`` collection. Training needs the
+    probes: see :func:`mabn_jax.init_probes` and
+    :func:`mabn_jax.record_backward_stats`.
+
+    Attributes:
+      use_running_average: if True, use the stored EMA statistics (inference).
+      axis: the feature axis or axes of the input (default last, NHWC).
+      momentum: EMA decay ``α`` (``ema ← α·ema + (1 − α)·batch``); the paper's 0.98.
+      epsilon: added to the second moment / variance.
+      dtype: the dtype of the result (default: the input's dtype).
+      param_dtype: the dtype of ``scale`` and ``bias``; the state is kept in
+        ``promote_types(param_dtype, float32)``.
+      use_bias: if True, add ``β``.
+      use_scale: if True, multiply by ``γ``.
+      bias_init: initializer for ``β`` (zeros).
+      scale_init: initializer for ``γ`` (ones).
+      axis_name: named axis (``pmap``/``shard_map``) to synchronize the forward
+        and backward batch statistics over; ``None`` keeps them per device.
+      axis_index_groups: subgroups of ``axis_name`` to synchronize within.
+      use_fast_variance: accepted for ``nn.BatchNorm`` compatibility; the
+        centered variant always computes ``E[x²] − E[x]²`` in one pass
+        (clipped at 0), as ``nn.BatchNorm`` does by default.
+      force_float32_reductions: accepted for compatibility; statistics are
+        always reduced in at least float32.
+      buffer_size: ``m``, steps in the moving-average windows.
+      warmup_steps: batch statistics are used while ``t < warmup_steps``.
+      renorm_start: renormalization starts after ``max(renorm_start, warmup_steps)``.
+      r_max: clip of the renormalization factor ``r`` to ``[1/r_max, r_max]``.
+      centered: moving-average the mean and g as well (needs no centered weights).
+      d_max: clip of the centered variant's shift ``d``.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.98
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    buffer_size: int = 16
+    warmup_steps: int = 100
+    renorm_start: int = 1000
+    r_max: float = 5.0
+    centered: bool = False
+    d_max: float = 5.0
+
+    def config(self, *, sync: bool = True) -> F.MABNConfig:
+        """The layer's :class:`~mabn_jax.functional.MABNConfig`."""
+        return F.MABNConfig(
+            buffer_size=self.buffer_size, momentum=self.momentum,
+            epsilon=self.epsilon, warmup_steps=self.warmup_steps,
+            renorm_start=self.renorm_start, r_max=self.r_max, d_max=self.d_max,
+            centered=self.centered,
+            axis_name=self.axis_name if sync else None,
+            axis_index_groups=self.axis_index_groups if sync else None)
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Normalizes ``x``; in training mode also advances the state.
+
+        Args:
+          x: the input, rank >= 2, with features along ``axis``.
+          use_running_average: overrides the attribute of the same name.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"MABN: input dtype {x.dtype} is not supported; "
+                            "cast the input to a float dtype (e.g. x.astype(jnp.float32)).")
+        # During init the named axis may not exist yet (as in nn.BatchNorm).
+        config = self.config(sync=not self.is_initializing())
+        feature_axes = F.canonicalize_axes(x.ndim, self.axis)
+        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+
+        fields = (F.CenteredMABNState if self.centered else F.MABNState)._fields
+        init = lambda name: getattr(F.init_state(feature_shape, config, state_dtype), name)
+        variables = [self.variable("batch_stats", name, init, name) for name in fields]
+        state = (F.CenteredMABNState if self.centered else F.MABNState)(
+            *(v.value for v in variables))
+        _check_state(self, state, feature_shape)
+
+        scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+                 if self.use_scale else None)
+        bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+                if self.use_bias else None)
+
+        if use_running_average:
+            return F.mabn_inference(x, scale, bias, state, config,
+                                    axis=feature_axes, dtype=self.dtype)
+
+        if self.is_initializing():
+            probes = F.init_probes(state)
+        elif not self.has_variable(PROBES, "psi"):
+            raise ValueError(_MISSING_PROBES)
+        else:
+            probes = F.Probes(*(self.get_variable(PROBES, name)
+                                for name in F.Probes._fields if self.centered or name == "psi"))
+        y, new_state = F.mabn_train(x, scale, bias, state, probes, config,
+                                    axis=feature_axes, dtype=self.dtype)
+        if not self.is_initializing():  # init must not advance the state
+            for var, value in zip(variables, new_state):
+                var.value = value
+        return y
+
+
+def _check_state(module: nn.Module, state, feature_shape) -> None:
+    """Trace-time check that the stored state fits this layer and input."""
+    want = (module.buffer_size,) + feature_shape
+    if state.psi_window.shape != want:
+        raise ValueError(
+            f"MABN: batch_stats window shape {state.psi_window.shape} does not fit "
+            f"buffer_size={module.buffer_size} and features {feature_shape} "
+            f"(expected {want}); the state was built for another configuration or "
+            "input. Re-initialize the model, or load a checkpoint made with the "
+            "same buffer_size and feature size.")
+
+
+class _CenteredKernel:
+    """Mixin: the kernel used is the stored one minus its fan-in mean.
+
+    For an output unit ``o``, ``W'[..., o] = W[..., o] − mean(W[..., o])`` over
+    every axis but the last (for convolutions: spatial × input channels), so
+    each output is a zero-mean combination of its inputs (weight
+    centralization, which makes the non-centered MABN safe).
+    """
+
+    def param(self, name, init_fn, *init_args, **init_kwargs):
+        value = super().param(name, init_fn, *init_args, **init_kwargs)
+        if name == "kernel":
+            value = center_kernel(value)
+        return value
+
+
+def center_kernel(kernel: Array) -> Array:
+    """Subtracts each output unit's fan-in mean (all axes but the last)."""
+    return kernel - kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+
+
+class CenteredConv(_CenteredKernel, nn.Conv):
+    """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes)."""
+
+
+class CenteredDense(_CenteredKernel, nn.Dense):
+    """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes)."""
