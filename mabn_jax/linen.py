@@ -100,6 +100,10 @@ class MABN(nn.Module):
     centered: bool = False
     d_max: float = 5.0
 
+    def __post_init__(self):
+        self.config()  # invalid hyper-parameters fail here, naming the attribute
+        super().__post_init__()
+
     def config(self, *, sync: bool = True) -> F.MABNConfig:
         """The layer's :class:`~mabn_jax.functional.MABNConfig`."""
         return F.MABNConfig(

@@ -1,0 +1,33 @@
+"""End to end: a small CNN with CenteredConv + MABN learns digits at batch 2."""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+QUICKSTART = pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"
+
+
+def _quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mabn_cnn_trains_on_digits_at_batch_two():
+    qs = _quickstart()
+    data = qs.load_digits(seed=0)
+    steps = 2 * (len(data[0][0]) // 2)
+    # Crosses warm-up (t < 50), the window phase and renormalization (t > 600).
+    model = qs.CNN(mabn=True, mabn_kwargs=dict(buffer_size=16, warmup_steps=50, renorm_start=600))
+    state, losses = qs.train(model, data, batch_size=2, epochs=2, lr=0.02, seed=0)
+    assert int(state.batch_stats["MABN_0"]["step"]) == steps
+    assert losses[-1] < 0.5 * losses[0], losses
+    acc = qs.accuracy(state, *data[1])
+    assert acc > 0.85, acc  # chance is 0.10
+    assert qs.train_step._cache_size() == 1
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.batch_stats))
