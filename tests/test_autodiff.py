@@ -15,27 +15,9 @@ import numpy as np
 import pytest
 
 import mabn_jax
+from layer_step import layer_step
 
 EPS = 1e-5
-
-
-def _step_fn(mod):
-    """(variables, x, dy) -> (y, dx, param grads, new batch_stats); loss = sum(y·dy)."""
-
-    @jax.jit
-    def step(params, batch_stats, x, dy):
-        def loss_fn(x, params, probes):
-            y, updates = mod.apply(
-                {"params": params, "batch_stats": batch_stats, mabn_jax.PROBES: probes},
-                x, mutable=["batch_stats"])
-            return jnp.sum(y * dy), (y, updates["batch_stats"])
-
-        (_, (y, new)), (dx, dp, stats) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1, 2), has_aux=True)(
-            x, params, mabn_jax.init_probes(batch_stats))
-        return y, dx, dp, mabn_jax.record_backward_stats(new, stats)
-
-    return step
 
 
 def _data(key, shape, n):
@@ -65,7 +47,7 @@ def test_noncentered_equals_autodiff_in_batch_phase(buffer_size, warmup):
     xs, dys = _data(0, (2, 3, 3, 4), 8)
     variables = mod.init(jax.random.key(1), xs[0])
     params = {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-0.2, 0.2, 4)}
-    bs, step = variables["batch_stats"], _step_fn(mod)
+    bs, step = variables["batch_stats"], layer_step(mod)
     for x, dy in zip(xs, dys):
         y, dx, dp, bs = step(params, bs, x, dy)
         y_ref, (dx_ref, ds_ref, db_ref) = _ref_vjp(x, params["scale"], params["bias"], dy)
@@ -80,7 +62,7 @@ def test_noncentered_is_not_a_gradient_once_the_window_is_used():
     mod = mabn_jax.MABN(use_running_average=False, buffer_size=4, warmup_steps=0)
     xs, dys = _data(2, (2, 3, 3, 4), 6)
     variables = mod.init(jax.random.key(1), xs[0])
-    bs, step = variables["batch_stats"], _step_fn(mod)
+    bs, step = variables["batch_stats"], layer_step(mod)
     for x, dy in zip(xs, dys):
         _, dx, _, bs = step(variables["params"], bs, x, dy)
     # Same forward statistics as the window but batch Ψ: plain autodiff of z = x·inv.
@@ -100,7 +82,7 @@ def test_centered_equals_flax_batchnorm(buffer_size, warmup):
     variables = mod.init(jax.random.key(1), xs[0])
     params = {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-0.2, 0.2, 4)}
     bn_stats = bn.init(jax.random.key(1), xs[0])["batch_stats"]
-    bs, step = variables["batch_stats"], _step_fn(mod)
+    bs, step = variables["batch_stats"], layer_step(mod)
 
     @jax.jit
     @functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
@@ -170,7 +152,7 @@ def test_centered_trajectory_matches_spec_in_float64():
                             param_dtype=jnp.float64, **cfg)
         variables = mod.init(jax.random.key(0), jnp.asarray(x[0]))
         params = {"scale": jnp.asarray(gamma), "bias": jnp.asarray(beta)}
-        bs, step = variables["batch_stats"], _step_fn(mod)
+        bs, step = variables["batch_stats"], layer_step(mod)
         clipped_r = clipped_d = False
         for i in range(T):
             y, dx, dp, bs = step(params, bs, jnp.asarray(x[i]), jnp.asarray(dy[i]))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mabn_jax
+from layer_step import layer_step
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -41,19 +42,7 @@ def _run(name, dtype, reshape=None):
     params = {"scale": jnp.asarray(d["weight"], dtype), "bias": jnp.asarray(d["bias"], dtype)}
     batch_stats = variables["batch_stats"]
 
-    @jax.jit
-    def step(params, batch_stats, x, dy):
-        def loss_fn(params, x, probes):
-            y, updates = mod.apply(
-                {"params": params, "batch_stats": batch_stats, mabn_jax.PROBES: probes},
-                x, mutable=["batch_stats"])
-            return jnp.sum(y * dy), (y, updates)
-
-        (_, (y, updates)), (g_params, g_x, stats) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1, 2), has_aux=True)(
-            params, x, mabn_jax.init_probes(batch_stats))
-        new_stats = mabn_jax.record_backward_stats(updates["batch_stats"], stats)
-        return y, g_x, g_params, new_stats
+    step = layer_step(mod)
 
     results = []
     for i in range(cfg["T"]):
