@@ -77,6 +77,9 @@ class MABN(nn.Module):
       r_max: clip of the renormalization factor ``r`` to ``[1/r_max, r_max]``.
       centered: moving-average the mean and g as well (needs no centered weights).
       d_max: clip of the centered variant's shift ``d``.
+      skip_nonfinite: a training step with non-finite batch statistics keeps
+        the previous state and counts the step in ``batch_stats['skipped']``
+        (see :class:`~mabn_jax.functional.MABNConfig`).
     """
 
     use_running_average: bool | None = None
@@ -99,6 +102,7 @@ class MABN(nn.Module):
     r_max: float = 5.0
     centered: bool = False
     d_max: float = 5.0
+    skip_nonfinite: bool = True
 
     def config(self, *, sync: bool = True) -> F.MABNConfig:
         """The layer's :class:`~mabn_jax.functional.MABNConfig`."""
@@ -106,7 +110,7 @@ class MABN(nn.Module):
             buffer_size=self.buffer_size, momentum=self.momentum,
             epsilon=self.epsilon, warmup_steps=self.warmup_steps,
             renorm_start=self.renorm_start, r_max=self.r_max, d_max=self.d_max,
-            centered=self.centered,
+            centered=self.centered, skip_nonfinite=self.skip_nonfinite,
             axis_name=self.axis_name if sync else None,
             axis_index_groups=self.axis_index_groups if sync else None)
 
@@ -131,6 +135,7 @@ class MABN(nn.Module):
         state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
 
         fields = (F.CenteredMABNState if self.centered else F.MABNState)._fields
+        _check_layout(self, fields)
         init = lambda name: getattr(F.init_state(feature_shape, config, state_dtype), name)
         variables = [self.variable("batch_stats", name, init, name) for name in fields]
         state = (F.CenteredMABNState if self.centered else F.MABNState)(
@@ -159,6 +164,20 @@ class MABN(nn.Module):
             for var, value in zip(variables, new_state):
                 var.value = value
         return y
+
+
+def _check_layout(module: nn.Module, fields) -> None:
+    """A stored state must have exactly this layer's fields, or Flax would
+    silently initialize the missing ones in a mutable ``apply``."""
+    stored = set(module.variables.get("batch_stats", {}))
+    if stored and stored != set(fields):
+        missing, extra = sorted(set(fields) - stored), sorted(stored - set(fields))
+        raise ValueError(
+            f"MABN: the batch_stats of this layer (centered={module.centered}) lack "
+            f"{missing} and have unexpected {extra}; the state was saved by another "
+            "configuration (e.g. centered or not) or by an older mabn_jax. Load a "
+            "checkpoint of the same model, or re-initialize batch_stats with "
+            "model.init.")
 
 
 def _check_state(module: nn.Module, state, feature_shape) -> None:
