@@ -194,3 +194,31 @@ def test_train_step_with_apply_if_finite(where):
     for name in clean_layer:
         if name != "skipped":
             np.testing.assert_array_equal(layer[name], clean_layer[name], err_msg=name)
+
+
+def test_layers_stacked_by_scan_skip_independently():
+    # nn.scan / vmap give the state a leading layer axis; a NaN in one layer's
+    # Ψ_B must roll back that layer only.
+    cfg = config(False)
+    one = F.init_state((C,), cfg)._replace(step=jnp.asarray(3, jnp.int32))
+    previous = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), one)
+    advanced = previous._replace(step=previous.step + 1)
+    psi = jnp.ones((2, C)).at[1, 0].set(jnp.nan)
+    new = F.record_backward_stats(advanced, F.Probes(psi), previous)
+    np.testing.assert_array_equal(new.step, [4, 3])
+    np.testing.assert_array_equal(new.skipped, [0, 1])
+    np.testing.assert_array_equal(new.psi_window[0, 4 % 3], jnp.ones(C))
+    np.testing.assert_array_equal(new.psi_window[1], previous.psi_window[1])
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_module_attribute_sets_the_policy(skip):
+    model = mabn_jax.MABN(skip_nonfinite=skip)
+    x = jnp.ones((4, C))
+    variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
+    probes = mabn_jax.init_probes(variables["batch_stats"])
+    _, updates = model.apply({**variables, "mabn_probes": probes}, x.at[0, 0].set(jnp.nan),
+                             use_running_average=False, mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    assert (int(stats["step"]), int(stats["skipped"])) == ((0, 1) if skip else (1, 0))
+    assert bool(jnp.isfinite(stats["ema_x2"]).all()) == skip
