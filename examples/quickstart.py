@@ -84,7 +84,8 @@ def train_step(state: TrainState, x, y):
         state.params, mabn_jax.init_probes(state.batch_stats))
     state = state.apply_gradients(grads=grads)
     state = state.replace(
-        batch_stats=mabn_jax.record_backward_stats(updates["batch_stats"], stats))
+        batch_stats=mabn_jax.record_backward_stats(updates["batch_stats"], stats,
+                                                   previous=state.batch_stats))
     return state, loss
 
 

@@ -4,6 +4,7 @@ from mabn_jax import functional
 from mabn_jax.functional import MABNConfig, MABNState, CenteredMABNState, Probes
 from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_kernel
 from mabn_jax.probes import init_probes, record_backward_stats
+from mabn_jax.checkpoint import check_batch_stats
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "center_kernel",
     "init_probes",
     "record_backward_stats",
+    "check_batch_stats",
     "functional",
     "MABNConfig",
     "MABNState",

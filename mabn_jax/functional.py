@@ -58,6 +58,7 @@ __all__ = [
     "mabn_inference",
     "record_backward_stats",
     "canonicalize_axes",
+    "check_input",
 ]
 
 
@@ -82,6 +83,10 @@ class MABNConfig:
         (``pmap``/``shard_map``) in the forward pass and Ψ_B/g_B in the
         backward pass, as synchronized batch norm does.
       axis_index_groups: subgroups of ``axis_name`` to average over.
+      skip_nonfinite: if True, a training step whose batch statistics (χ²_B,
+        μ_B, σ²_B forward; Ψ_B, g_B backward) are not all finite leaves the
+        windows, the EMA and ``step`` as they were and counts the step in
+        ``skipped`` instead (the step's output may still be non-finite).
     """
 
     buffer_size: int = 16
@@ -94,6 +99,7 @@ class MABNConfig:
     centered: bool = False
     axis_name: str | None = None
     axis_index_groups: Any = None
+    skip_nonfinite: bool = True
 
     def __post_init__(self):
         _check(isinstance(self.buffer_size, int) and self.buffer_size >= 1,
@@ -125,12 +131,15 @@ class MABNState(NamedTuple):
       x2_window: ``[m, *features]`` ring buffer of the per-step χ²_B.
       psi_window: ``[m, *features]`` ring buffer of the per-step Ψ_B.
       ema_x2: EMA of χ̃², used for inference and renormalization.
+      skipped: training steps skipped for non-finite batch statistics
+        (int32 scalar; see ``MABNConfig.skip_nonfinite``).
     """
 
     step: Array
     x2_window: Array
     psi_window: Array
     ema_x2: Array
+    skipped: Array
 
 
 class CenteredMABNState(NamedTuple):
@@ -143,6 +152,7 @@ class CenteredMABNState(NamedTuple):
     psi_window: Array
     ema_mean: Array
     ema_var: Array
+    skipped: Array
 
 
 class Probes(NamedTuple):
@@ -184,8 +194,8 @@ def init_state(feature_shape: Sequence[int], config: MABNConfig,
     if config.centered:
         return CenteredMABNState(step, window, window, window, window,
                                  jnp.zeros(feature_shape, dtype),
-                                 jnp.ones(feature_shape, dtype))
-    return MABNState(step, window, window, jnp.ones(feature_shape, dtype))
+                                 jnp.ones(feature_shape, dtype), step)
+    return MABNState(step, window, window, jnp.ones(feature_shape, dtype), step)
 
 
 def init_probes(state: MABNState | CenteredMABNState) -> Probes:
@@ -365,6 +375,7 @@ def mabn_train(
         raise ValueError(
             f"MABN: config.centered={config.centered} but the state is a "
             f"{type(state).__name__}; build the state with init_state(..., config).")
+    check_input(x, feature_shape, state, config, reduction_axes)
     sdt = _stat_dtype(x, state.psi_window.dtype)
     phase = _phase(state.step, config)
     xs = x.astype(sdt)
@@ -402,11 +413,65 @@ def mabn_train(
         new_state = state._replace(step=state.step + 1, x2_window=x2_window,
                                    ema_x2=ema(state.ema_x2, x2))
 
+    if config.skip_nonfinite:
+        ok = _all_finite(*((mu_b, var_b) if centered else (x2_b,)))
+        new_state = _keep_if_finite(state, new_state, ok)
+        # NaN probe cotangents tell record_backward_stats that this step was
+        # skipped, so it neither writes Ψ_B into a slot it does not own nor
+        # counts the step twice. The probes' forward values are unused.
+        probes = jax.tree_util.tree_map(
+            lambda p: p * jnp.where(ok, 1.0, jnp.nan).astype(p.dtype), probes)
+
     scale, bias = _affine_params(scale, bias, feature_shape, sdt)
     spec = _Spec(reduction_axes, feature_axes, jnp.dtype(dtype or x.dtype), config)
     ctx = jax.tree_util.tree_map(lax.stop_gradient, ctx)
     y = _normalize(spec, x, scale, bias, probes, ctx)
     return y, new_state
+
+
+def check_input(x, feature_shape, state, config, reduction_axes=()) -> None:
+    """Trace-time checks of an input against a state; raises naming the fix.
+
+    A bad input must fail here, not become a NaN state. ``reduction_axes`` (training only) must not be empty: a batch of zero
+    examples has no statistics.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"MABN: input dtype {x.dtype} is not supported; cast the "
+                        "input to a float dtype (e.g. x.astype(jnp.float32)).")
+    for a in reduction_axes:
+        if x.shape[a] == 0:
+            raise ValueError(
+                f"MABN: input shape {x.shape} is an empty batch (size 0 along axis "
+                f"{a}), whose statistics are undefined; drop empty batches before "
+                "the training step.")
+    want = (config.buffer_size,) + feature_shape
+    if state.psi_window.shape != want:
+        raise ValueError(
+            f"MABN: state window shape {state.psi_window.shape} does not fit "
+            f"buffer_size={config.buffer_size} and features {feature_shape} "
+            f"(expected {want}); the state was built for another configuration or "
+            f"input. Re-initialize it (model.init, or init_state({feature_shape}, "
+            "config)), or load a checkpoint made with the same buffer_size and "
+            "feature size.")
+
+
+def _all_finite(*arrays: Array, lead: int = 0) -> Array:
+    """Whether every entry is finite, per index of the ``lead`` leading axes."""
+    return functools.reduce(jnp.logical_and, [
+        jnp.isfinite(a).all(axis=tuple(range(lead, a.ndim))) for a in arrays])
+
+
+def _select(ok: Array, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf (``ok`` has the leading axes)."""
+    def pick(n, o):
+        return jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - ok.ndim)), n, o)
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def _keep_if_finite(old, new, ok: Array):
+    """``new`` if the step's statistics were finite, else ``old`` with one more skip."""
+    kept = _select(ok, new, old)
+    return kept._replace(skipped=jnp.where(ok, new.skipped, old.skipped + 1))
 
 
 def mabn_inference(
@@ -426,6 +491,7 @@ def mabn_inference(
     """
     feature_axes = canonicalize_axes(x.ndim, axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
+    check_input(x, feature_shape, state, config)
     sdt = _stat_dtype(x, state.psi_window.dtype)
     scale, bias = _affine_params(scale, bias, feature_shape, sdt)
     mul, add = inference_affine(scale, bias, state, config)
@@ -445,12 +511,23 @@ def inference_affine(scale: Array, bias: Array, state, config: MABNConfig):
 
 
 def record_backward_stats(state: MABNState | CenteredMABNState,
-                          probe_grads: Probes) -> MABNState | CenteredMABNState:
+                          probe_grads: Probes,
+                          previous: MABNState | CenteredMABNState | None = None,
+                          *, skip_nonfinite: bool = True) -> MABNState | CenteredMABNState:
     """Writes this step's Ψ_B (and g_B) from the probes' gradients into the windows.
 
     Call it with the state returned by :func:`mabn_train` (whose ``step`` is
     already ``t``), so the slot is ``t mod m``, the one the backward pass
     read. Leading axes added by ``vmap``/``nn.scan`` are supported.
+
+    With ``skip_nonfinite`` (the default), a step whose Ψ_B or g_B is not all
+    finite writes nothing. Pass ``previous``, the state given to
+    :func:`mabn_train` for this step, to undo the step's forward part too: the
+    result is then ``previous`` with one more ``skipped`` step, exactly the
+    state of a run that never saw the batch. Without ``previous`` only the
+    backward windows are protected and a backward-only failure is not counted.
+    A step :func:`mabn_train` already skipped arrives with NaN probe gradients
+    and is counted once.
     """
     lead = state.step.ndim
     m = state.psi_window.shape[lead]
@@ -465,4 +542,12 @@ def record_backward_stats(state: MABNState | CenteredMABNState,
     new = state._replace(psi_window=write(state.psi_window, probe_grads.psi))
     if isinstance(state, CenteredMABNState):
         new = new._replace(g_window=write(state.g_window, probe_grads.g))
-    return new
+    if not skip_nonfinite:
+        return new
+    ok = _all_finite(*(g for g in probe_grads if g is not None), lead=lead)
+    if previous is None:
+        return _select(ok, new, state)
+    if type(previous) is not type(state):
+        raise ValueError(f"MABN: previous is a {type(previous).__name__} but the state "
+                         f"is a {type(state).__name__}; pass the state given to mabn_train.")
+    return _keep_if_finite(previous, new, ok)

@@ -77,6 +77,9 @@ class MABN(nn.Module):
       r_max: clip of the renormalization factor ``r`` to ``[1/r_max, r_max]``.
       centered: moving-average the mean and g as well (needs no centered weights).
       d_max: clip of the centered variant's shift ``d``.
+      skip_nonfinite: a training step with non-finite batch statistics keeps
+        the previous state and counts the step in ``batch_stats['skipped']``
+        (see :class:`~mabn_jax.functional.MABNConfig`).
     """
 
     use_running_average: bool | None = None
@@ -99,6 +102,7 @@ class MABN(nn.Module):
     r_max: float = 5.0
     centered: bool = False
     d_max: float = 5.0
+    skip_nonfinite: bool = True
 
     def __post_init__(self):
         self.config()  # invalid hyper-parameters fail here, naming the attribute
@@ -110,7 +114,7 @@ class MABN(nn.Module):
             buffer_size=self.buffer_size, momentum=self.momentum,
             epsilon=self.epsilon, warmup_steps=self.warmup_steps,
             renorm_start=self.renorm_start, r_max=self.r_max, d_max=self.d_max,
-            centered=self.centered,
+            centered=self.centered, skip_nonfinite=self.skip_nonfinite,
             axis_name=self.axis_name if sync else None,
             axis_index_groups=self.axis_index_groups if sync else None)
 
@@ -125,9 +129,6 @@ class MABN(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"MABN: input dtype {x.dtype} is not supported; "
-                            "cast the input to a float dtype (e.g. x.astype(jnp.float32)).")
         # During init the named axis may not exist yet (as in nn.BatchNorm).
         config = self.config(sync=not self.is_initializing())
         feature_axes = F.canonicalize_axes(x.ndim, self.axis)
@@ -135,11 +136,12 @@ class MABN(nn.Module):
         state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
 
         fields = (F.CenteredMABNState if self.centered else F.MABNState)._fields
+        _check_layout(self, fields)
         init = lambda name: getattr(F.init_state(feature_shape, config, state_dtype), name)
         variables = [self.variable("batch_stats", name, init, name) for name in fields]
         state = (F.CenteredMABNState if self.centered else F.MABNState)(
             *(v.value for v in variables))
-        _check_state(self, state, feature_shape)
+        F.check_input(x, feature_shape, state, config)  # before params: clearer errors
 
         scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
                  if self.use_scale else None)
@@ -165,16 +167,18 @@ class MABN(nn.Module):
         return y
 
 
-def _check_state(module: nn.Module, state, feature_shape) -> None:
-    """Trace-time check that the stored state fits this layer and input."""
-    want = (module.buffer_size,) + feature_shape
-    if state.psi_window.shape != want:
+def _check_layout(module: nn.Module, fields) -> None:
+    """A stored state must have exactly this layer's fields, or Flax would
+    silently initialize the missing ones in a mutable ``apply``."""
+    stored = set(module.variables.get("batch_stats", {}))
+    if stored and stored != set(fields):
+        missing, extra = sorted(set(fields) - stored), sorted(stored - set(fields))
         raise ValueError(
-            f"MABN: batch_stats window shape {state.psi_window.shape} does not fit "
-            f"buffer_size={module.buffer_size} and features {feature_shape} "
-            f"(expected {want}); the state was built for another configuration or "
-            "input. Re-initialize the model, or load a checkpoint made with the "
-            "same buffer_size and feature size.")
+            f"MABN: the batch_stats of this layer (centered={module.centered}) lack "
+            f"{missing} and have unexpected {extra}; the state was saved by another "
+            "configuration (e.g. centered or not) or by an older mabn_jax. Load a "
+            "checkpoint of the same model, or re-initialize batch_stats with "
+            "model.init.")
 
 
 class _CenteredKernel:

@@ -13,9 +13,10 @@ A standard Flax train step becomes an MABN train step with four changes::
         state.params, mabn_jax.init_probes(state.batch_stats))        # 3
     state = state.apply_gradients(grads=grads)
     state = state.replace(batch_stats=mabn_jax.record_backward_stats(
-        updates['batch_stats'], stats))                               # 4
+        updates['batch_stats'], stats, previous=state.batch_stats))   # 4
 
-The probe gradients ``stats`` are per-device values (or already synchronized
+``previous=`` lets a step with non-finite backward statistics leave the state
+exactly as it was (see ``skip_nonfinite``). The probe gradients ``stats`` are per-device values (or already synchronized
 across ``axis_name`` by the layer); keep them out of any ``pmean`` of ``grads``.
 """
 
@@ -67,16 +68,28 @@ def init_probes(batch_stats: Mapping[str, Any]) -> Any:
     return _rebuild(batch_stats, out)
 
 
-def record_backward_stats(batch_stats: Mapping[str, Any], probe_grads: Mapping[str, Any]) -> Any:
+def record_backward_stats(batch_stats: Mapping[str, Any], probe_grads: Mapping[str, Any],
+                          previous: Mapping[str, Any] | None = None, *,
+                          skip_nonfinite: bool = True) -> Any:
     """Writes each layer's Ψ_B (and g_B) from ``probe_grads`` into its windows.
 
     ``batch_stats`` must be the tree returned by the training-mode ``apply``
     of this same step (its ``step`` already advanced), and ``probe_grads`` the
     gradient of the loss w.r.t. the probes of :func:`init_probes`.
+
+    ``previous``, the ``batch_stats`` passed to that ``apply``, lets a layer
+    whose backward statistics are non-finite return to it (counting the step
+    in ``skipped``) instead of keeping the step's forward statistics; see
+    :func:`mabn_jax.functional.record_backward_stats`.
     """
     state = _layer_state(batch_stats)
     if state is not None:
-        new = F.record_backward_stats(state, F.Probes(probe_grads["psi"], probe_grads.get("g")))
+        prev = None if previous is None else _layer_state(previous)
+        if previous is not None and type(prev) is not type(state):
+            raise ValueError("record_backward_stats: previous has another layout than "
+                             "batch_stats; pass the batch_stats given to the same apply.")
+        new = F.record_backward_stats(state, F.Probes(probe_grads["psi"], probe_grads.get("g")),
+                                      prev, skip_nonfinite=skip_nonfinite)
         return _rebuild(batch_stats, new._asdict())
     out = dict(batch_stats)
     for key, grads in probe_grads.items():
@@ -84,5 +97,7 @@ def record_backward_stats(batch_stats: Mapping[str, Any], probe_grads: Mapping[s
             raise KeyError(f"record_backward_stats: probe gradients for {key!r} have no "
                            "matching entry in batch_stats; pass the batch_stats returned "
                            "by the same apply call.")
-        out[key] = record_backward_stats(batch_stats[key], grads)
+        out[key] = record_backward_stats(
+            batch_stats[key], grads, None if previous is None else previous[key],
+            skip_nonfinite=skip_nonfinite)
     return _rebuild(batch_stats, out)

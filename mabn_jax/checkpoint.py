@@ -1,0 +1,93 @@
+"""Checking a saved ``batch_stats`` tree against the model before loading it.
+
+MABN's state is part of the model, so a checkpoint from another configuration
+must fail loudly instead of being padded, truncated or completed with fresh
+values. :func:`check_batch_stats` compares the stored tree (arrays, or the
+shape/dtype metadata a checkpoint library reports without reading the data,
+e.g. ``orbax.checkpoint.StandardCheckpointer().metadata(path).item_metadata.tree``)
+with the tree the model expects, and names what differs in MABN terms::
+
+    stored = ckptr.metadata(path).item_metadata.tree
+    mabn_jax.check_batch_stats(stored["batch_stats"], state.batch_stats)
+    state = ckptr.restore(path, abstract_state)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from mabn_jax import functional as F
+
+__all__ = ["check_batch_stats"]
+
+_PLAIN = frozenset(F.MABNState._fields)
+_CENTERED = frozenset(F.CenteredMABNState._fields)
+
+
+def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
+                      path: str = "batch_stats") -> None:
+    """Raises ``ValueError`` unless ``stored`` has the layout of ``expected``.
+
+    Both are nested mappings whose leaves have ``.shape`` and ``.dtype``
+    (arrays, ``jax.ShapeDtypeStruct``, checkpoint metadata). The same keys,
+    shapes and dtypes are required everywhere; for an MABN layer the message
+    says which setting differs (``buffer_size``, the features, ``centered``)
+    or that the checkpoint predates the ``skipped`` counter.
+    """
+    if not isinstance(stored, Mapping) or not isinstance(expected, Mapping):
+        if isinstance(stored, Mapping) or isinstance(expected, Mapping):
+            raise ValueError(f"checkpoint: {path} is a {type(stored).__name__} in the "
+                             f"checkpoint but a {type(expected).__name__} in the model.")
+        _check_leaf(stored, expected, path)
+        return
+    keys, want = frozenset(stored), frozenset(expected)
+    if want in (_PLAIN, _CENTERED):
+        _check_layer(stored, expected, path)
+    elif keys != want:
+        raise ValueError(
+            f"checkpoint: {path} has {sorted(keys - want)} that the model lacks and "
+            f"lacks {sorted(want - keys)}; the checkpoint is from another model.")
+    for key in sorted(want):
+        check_batch_stats(stored[key], expected[key], f"{path}/{key}")
+
+
+def _check_layer(stored: Mapping, expected: Mapping, path: str) -> None:
+    keys, want = frozenset(stored), frozenset(expected)
+    if keys != want:
+        if keys | {"skipped"} == want:
+            raise ValueError(
+                f"checkpoint: MABN layer {path} lacks 'skipped': it was written by a "
+                "mabn_jax without the non-finite skip counter. To keep its statistics, "
+                "add 'skipped': jnp.zeros((), jnp.int32) to each MABN layer of the "
+                "restored batch_stats; otherwise re-initialize with model.init.")
+        other = {True: "centered=True", False: "centered=False"}
+        if keys in (_PLAIN, _CENTERED, _PLAIN - {"skipped"}, _CENTERED - {"skipped"}):
+            raise ValueError(
+                f"checkpoint: MABN layer {path} was saved from a "
+                f"{other[bool(keys & {'mean_window'})]} layer but the model's is "
+                f"{other[want == _CENTERED]}; build the model with the same `centered`.")
+        raise ValueError(f"checkpoint: MABN layer {path} has fields {sorted(keys)}, "
+                         f"expected {sorted(want)}.")
+    lead = len(expected["step"].shape)  # leading axes of nn.scan / vmap
+    got, exp = tuple(stored["psi_window"].shape), tuple(expected["psi_window"].shape)
+    if got[:lead] == exp[:lead] and len(got) == len(exp) and got != exp:
+        if got[lead] != exp[lead]:
+            raise ValueError(
+                f"checkpoint: MABN layer {path} was saved with buffer_size={got[lead]} "
+                f"but the model has buffer_size={exp[lead]}; build the model with "
+                f"buffer_size={got[lead]} to resume this checkpoint.")
+        raise ValueError(
+            f"checkpoint: MABN layer {path} was saved for features {got[lead + 1:]} "
+            f"but the model has features {exp[lead + 1:]}.")
+
+
+def _check_leaf(stored: Any, expected: Any, path: str) -> None:
+    got, want = tuple(stored.shape), tuple(expected.shape)
+    if got != want:
+        raise ValueError(f"checkpoint: {path} has shape {got} in the checkpoint "
+                         f"but {want} in the model.")
+    if np.dtype(stored.dtype) != np.dtype(expected.dtype):
+        raise ValueError(f"checkpoint: {path} has dtype {np.dtype(stored.dtype)} in the "
+                         f"checkpoint but {np.dtype(expected.dtype)} in the model.")

@@ -1,0 +1,141 @@
+"""Bad arguments and inputs fail at init/trace time with a message that names
+the parameter, the offending value and the fix (one test per case)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import mabn_jax
+from mabn_jax import MABN
+from mabn_jax import functional as F
+
+X = jnp.ones((4, 3))
+
+
+def init(model, x=X):
+    return model.init(jax.random.PRNGKey(0), x, use_running_average=False)
+
+
+def train_apply(model, variables, x=X):
+    probes = mabn_jax.init_probes(variables["batch_stats"])
+    return model.apply({**variables, "mabn_probes": probes}, x,
+                       use_running_average=False, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("attr, value, fix", [
+    ("buffer_size", 0, "int >= 1"),
+    ("momentum", 1.0, "[0, 1)"),
+    ("momentum", -0.1, "[0, 1)"),
+    ("epsilon", 0.0, "positive"),
+    ("warmup_steps", -1, "int >= 0"),
+    ("renorm_start", -5, "int >= 0"),
+    ("r_max", 0.5, "float >= 1"),
+    ("d_max", -1.0, "float >= 0"),
+])
+def test_bad_hyperparameter(attr, value, fix):
+    with pytest.raises(ValueError) as err:
+        init(MABN(**{attr: value}))
+    msg = str(err.value)
+    assert f"{attr}={value!r}" in msg and fix in msg
+
+
+def test_feature_axis_out_of_range():
+    with pytest.raises(ValueError, match=r"axis=3 is out of range .* rank 2; use an axis in \[-2, 1\]"):
+        init(MABN(axis=3))
+
+
+def test_input_of_rank_below_two():
+    with pytest.raises(ValueError, match=r"rank 1 is invalid; use an input of rank >= 2"):
+        init(MABN(), jnp.ones((4,)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_float_input(dtype):
+    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the input to a float"):
+        init(MABN(), jnp.ones((4, 3), dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_float_input_functional(dtype):
+    cfg = F.MABNConfig()
+    state = F.init_state((3,), cfg)
+    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the input to a float"):
+        F.mabn_train(jnp.ones((4, 3), dtype), None, None, state, F.init_probes(state), cfg)
+
+
+def test_feature_size_differs_from_state():
+    model = MABN()
+    variables = init(model)  # 3 features
+    with pytest.raises(ValueError, match=r"features \(5,\) \(expected \(16, 5\)\)"):
+        train_apply(model, variables, jnp.ones((4, 5)))
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match=r"shape \(0, 3\) is an empty batch .* drop empty batches"):
+        init(MABN(), jnp.ones((0, 3)))
+
+
+def test_empty_batch_after_init():
+    model = MABN()
+    variables = init(model)
+    with pytest.raises(ValueError, match=r"shape \(4, 0, 3\) is an empty batch \(size 0 along axis 1\)"):
+        train_apply(model, variables, jnp.ones((4, 0, 3)))
+
+
+def test_state_of_another_buffer_size():
+    variables = init(MABN(buffer_size=4))
+    with pytest.raises(ValueError, match=r"buffer_size=2 .* load a checkpoint made with the same buffer_size"):
+        train_apply(MABN(buffer_size=2), variables)
+
+
+def test_state_of_another_buffer_size_in_inference():
+    # A mis-shaped state must not be usable for inference either.
+    variables = init(MABN(buffer_size=4))
+    with pytest.raises(ValueError, match=r"buffer_size=2"):
+        MABN(buffer_size=2, use_running_average=True).apply(variables, X)
+
+
+def test_centered_state_in_non_centered_layer():
+    variables = init(MABN(centered=True))
+    with pytest.raises(ValueError, match=r"centered=False\) lack \['ema_x2', 'x2_window'\] and have "
+                                         r"unexpected \['ema_mean', 'ema_var', 'g_window', 'mean_window', 'var_window'\]"):
+        train_apply(MABN(centered=False), variables)
+
+
+def test_state_without_skip_counter():
+    # A checkpoint written before `skipped` existed must not be silently completed.
+    variables = init(MABN())
+    old = {k: v for k, v in variables["batch_stats"].items() if k != "skipped"}
+    with pytest.raises(ValueError, match=r"lack \['skipped'\] .* older mabn_jax"):
+        train_apply(MABN(), {**variables, "batch_stats": old})
+
+
+def test_functional_state_of_another_buffer_size():
+    state = F.init_state((3,), F.MABNConfig(buffer_size=4))
+    cfg = F.MABNConfig(buffer_size=2)
+    with pytest.raises(ValueError, match=r"buffer_size=2 and features \(3,\) \(expected \(2, 3\)\); the state was built for another configuration .* init_state\(\(3,\), config\)"):
+        F.mabn_train(X, None, None, state, F.init_probes(state), cfg)
+
+
+def test_functional_state_of_other_variant():
+    state = F.init_state((3,), F.MABNConfig(centered=True))
+    with pytest.raises(ValueError, match=r"config.centered=False but the state is a CenteredMABNState"):
+        F.mabn_train(X, None, None, state, F.init_probes(state), F.MABNConfig())
+
+
+def test_previous_of_other_layout():
+    plain = init(MABN())["batch_stats"]
+    centered = init(MABN(centered=True))["batch_stats"]
+    grads = mabn_jax.init_probes(plain)
+    with pytest.raises(ValueError, match=r"previous has another layout"):
+        mabn_jax.record_backward_stats(plain, grads, previous=centered)
+
+
+def test_errors_raise_at_trace_time_under_jit():
+    # The checks use static shapes/dtypes only, so they fire while tracing.
+    @jax.jit
+    def step(x):
+        return init(MABN(), x)
+
+    with pytest.raises(ValueError, match=r"empty batch"):
+        step(jnp.ones((0, 3)))
