@@ -242,6 +242,46 @@ def test_sync_axis_index_groups():
     assert not np.allclose(bs["MABN_0"]["x2_window"][0], bs["MABN_0"]["x2_window"][4])
 
 
+def test_sync_subgroups_shard_map_2d_mesh():
+    """shard_map has no axis_index_groups: sync over the inner axis of a 2-D mesh.
+
+    Mesh ('group', 'batch') = (2, 4) with axis_name='batch' is the shard_map
+    form of the two groups of four above; the state is per group.
+    """
+    steps = 4
+    x, y = data(steps=steps)
+    model = Net(axis_name="batch")
+    variables = init(model)
+    half = GLOBAL // 2
+    mesh = jax.make_mesh((2, 4), ("group", "batch"))
+    per_group = NamedSharding(mesh, P("group"))
+    split = NamedSharding(mesh, P(("group", "batch")))
+
+    def grads_and_state(params, bs, x, y):
+        _, grads, new_bs, _ = loss_and_grads(
+            model, params, jax.tree.map(lambda a: a[0], bs), x, y, half)
+        return grads, jax.tree.map(lambda a: a[None], new_bs)
+
+    fn = jax.jit(jax.shard_map(grads_and_state, mesh=mesh,
+                               in_specs=(P(), P("group"), P(("group", "batch")),
+                                         P(("group", "batch"))),
+                               out_specs=(P(), P("group"))))
+    ref_fn = jax.jit(jax.vmap(lambda b, x, y: loss_and_grads(Net(), variables["params"],
+                                                             b, x, y, half)[1:3]))
+    bs = replicate(variables["batch_stats"], 2, sharding=per_group)
+    ref_bs = replicate(variables["batch_stats"], 2, sharding=None)
+    for t in range(steps):
+        grads, bs = fn(variables["params"], bs, jax.device_put(x[t], split),
+                       jax.device_put(y[t], split))
+        r_grads, ref_bs = ref_fn(ref_bs, x[t].reshape(2, half, 5), y[t].reshape(2, half))
+        assert_close(bs, ref_bs, what=f"step {t + 1} batch_stats")
+        # Replicated parameters: autodiff sums over both mesh axes.
+        assert_close(grads, jax.tree.map(lambda a: a.sum(0), jax.device_get(r_grads)),
+                     what=f"step {t + 1} grads")
+    window = np.asarray(bs["MABN_0"]["x2_window"])
+    assert not np.allclose(window[0], window[1])
+
+
 def test_per_device_statistics_stay_per_device_under_pmean_of_grads():
     """Default axis_name=None: each device's windows hold its own χ²_B and Ψ_B.
 
