@@ -305,8 +305,11 @@ def test_per_device_statistics_stay_per_device_under_pmean_of_grads():
         in_axes=(None, 0, 0, 0)))
     for t in range(steps):
         xd, yd = x[t].reshape(N_DEV, PER_DEV, 5), y[t].reshape(N_DEV, PER_DEV)
+        # Host copies: the reference runs on one device, so only one program
+        # with collectives is in flight at a time (simulated CPU devices share
+        # a small thread pool).
         shared = jax.tree.map(lambda a: a[0], jax.device_get(params))
-        r_grads, r_bs = ref_fn(shared, bs, xd, yd)
+        r_grads, r_bs = ref_fn(shared, jax.device_get(bs), xd, yd)
         params, opt_state, bs, _, grads = step(params, opt_state, bs, xd, yd)
         assert_close(bs, r_bs, what=f"step {t + 1} batch_stats")
         grads, r_grads = jax.device_get((grads, r_grads))
