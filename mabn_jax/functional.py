@@ -238,6 +238,25 @@ def _pmean(x, config: MABNConfig):
     return lax.pmean(x, config.axis_name, axis_index_groups=config.axis_index_groups)
 
 
+def _varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(v, axes: frozenset):
+    """Marks ``v`` as varying over ``axes`` (a no-op outside shard_map).
+
+    Inside ``shard_map`` a custom VJP's cotangents must have the manual-axis
+    type of their primals: a replicated γ meets a per-device ``x`` here, so it
+    is cast to varying first, and autodiff then sums its gradient over devices
+    (the transpose of that cast), exactly as for a plain ``γ · x``.
+    """
+    missing = tuple(a for a in axes if a not in _varying_axes(v))
+    return lax.pcast(v, missing, to="varying") if missing else v
+
+
 class _Spec(NamedTuple):
     """Static description of one normalization call (hashable)."""
 
@@ -319,9 +338,9 @@ def _normalize_bwd(spec: _Spec, res, dy):
         g_b = _pmean(a * sum_dy / count, cfg)  # g_B = mean(ĝ)
         _, g = _moving(ctx.g_window, ctx.slot_mask, g_b, ctx.use_batch)
         dxs = dxs - b(g)
-        dprobes = Probes(psi_b.astype(probes.psi.dtype), g_b.astype(probes.g.dtype))
+        dprobes = Probes(_probe_cotangent(psi_b, probes.psi), _probe_cotangent(g_b, probes.g))
     else:
-        dprobes = Probes(psi_b.astype(probes.psi.dtype))
+        dprobes = Probes(_probe_cotangent(psi_b, probes.psi))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
 
     dscale = ctx.r * sum_dyz
@@ -332,6 +351,28 @@ def _normalize_bwd(spec: _Spec, res, dy):
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _probe_cotangent(stat: Array, probe: Array) -> Array:
+    """Ψ_B or g_B as the probe's cotangent: its dtype and shard_map type.
+
+    A synchronized statistic is the same on every device; if the probe is
+    per-device (state sharded over the axis) each device gets that value.
+    """
+    return _vary_like(stat.astype(probe.dtype), _varying_axes(probe))
+
+
+def _check_probes_vary(probes: Probes, stat: Array, config: MABNConfig) -> None:
+    """Per-device statistics need per-device probes (and state) in shard_map."""
+    per_device = _varying_axes(stat) - _varying_axes(probes.psi)
+    if per_device:
+        raise ValueError(
+            f"MABN: under shard_map the statistics vary over mesh axes "
+            f"{sorted(per_device)} but the state/probes are replicated over them "
+            f"(axis_name={config.axis_name!r}). Either shard the batch_stats "
+            "(and so the probes) over those axes, e.g. in_specs P('batch') on a "
+            "leading device axis, to keep per-device statistics, or set "
+            "axis_name to the mesh axis to synchronize them.")
 
 
 def _affine_params(scale, bias, feature_shape, dtype):
@@ -413,6 +454,8 @@ def mabn_train(
         new_state = state._replace(step=state.step + 1, x2_window=x2_window,
                                    ema_x2=ema(state.ema_x2, x2))
 
+    # Before the skip guard: its per-device flag would make the probes vary.
+    _check_probes_vary(probes, ctx.inv, config)
     if config.skip_nonfinite:
         ok = _all_finite(*((mu_b, var_b) if centered else (x2_b,)))
         new_state = _keep_if_finite(state, new_state, ok)
@@ -423,6 +466,8 @@ def mabn_train(
             lambda p: p * jnp.where(ok, 1.0, jnp.nan).astype(p.dtype), probes)
 
     scale, bias = _affine_params(scale, bias, feature_shape, sdt)
+    x_axes = _varying_axes(x)
+    scale, bias = _vary_like(scale, x_axes), _vary_like(bias, x_axes)
     spec = _Spec(reduction_axes, feature_axes, jnp.dtype(dtype or x.dtype), config)
     ctx = jax.tree_util.tree_map(lax.stop_gradient, ctx)
     y = _normalize(spec, x, scale, bias, probes, ctx)
