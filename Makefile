@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py

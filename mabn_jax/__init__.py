@@ -5,6 +5,7 @@ from mabn_jax.functional import MABNConfig, MABNState, CenteredMABNState, Probes
 from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_kernel
 from mabn_jax.probes import init_probes, record_backward_stats
 from mabn_jax.checkpoint import check_batch_stats
+from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,8 @@ __all__ = [
     "MABNState",
     "CenteredMABNState",
     "Probes",
+    "fold_params",
+    "fold_norm",
+    "fold_affine",
+    "norm_affine",
 ]

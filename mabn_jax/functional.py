@@ -327,7 +327,13 @@ def _normalize_bwd(spec: _Spec, res, dy):
     for ax in spec.reduction_axes:
         count *= x.shape[ax]
     sum_dy = dy.sum(spec.reduction_axes)
-    sum_dyz = (dy * z).sum(spec.reduction_axes)
+    # Σ dy·z = inv · Σ dy·(x − μ̃): scaling after the reduction lets XLA fuse
+    # it into one pass over (x, dy) instead of materializing z first. The
+    # barrier keeps μ̃'s (per-channel) select out of that fusion; otherwise XLA
+    # CPU writes x − μ̃ to memory before reducing.
+    xc = (x.astype(dtype) if ctx.mean is None
+          else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean)))
+    sum_dyz = (dy * xc).sum(spec.reduction_axes) * ctx.inv
     a = scale.astype(dtype) * ctx.r  # ĝ = dy · a
     cfg = spec.config
 
