@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mabn_jax
+from tree_assert import assert_trees_close
 
 N_DEV, PER_DEV, STEPS = 8, 2, 10
 GLOBAL = N_DEV * PER_DEV
@@ -116,14 +117,7 @@ def replicate(tree, n=N_DEV, sharding="pmap"):
 
 
 def assert_close(actual, expected, rtol=2e-5, atol=2e-6, what=""):
-    actual, expected = jax.device_get((actual, expected))
-    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
-    flat_e = jax.tree.leaves(expected)
-    assert len(flat_a) == len(flat_e)
-    for (path, a), e in zip(flat_a, flat_e):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                                   rtol=rtol, atol=atol,
-                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    assert_trees_close(actual, expected, rtol=rtol, atol=atol, what=what)
 
 
 @functools.lru_cache

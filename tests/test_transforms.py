@@ -22,6 +22,7 @@ from flax import linen as nn
 from jax import lax
 
 import mabn_jax
+from tree_assert import assert_trees_close
 from mabn_jax import functional as F
 
 STEPS, BATCH, FEATURES = 8, 4, 5
@@ -88,14 +89,7 @@ def make_step(model, tx, checkpoint=False):
 
 
 def assert_close(actual, expected, rtol=1e-6, atol=1e-7, what=""):
-    actual, expected = jax.device_get((actual, expected))
-    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
-    flat_e = jax.tree.leaves(expected)
-    assert len(flat_a) == len(flat_e)
-    for (path, a), e in zip(flat_a, flat_e):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                                   rtol=rtol, atol=atol,
-                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    assert_trees_close(actual, expected, rtol=rtol, atol=atol, what=what)
 
 
 @functools.lru_cache
