@@ -4,11 +4,15 @@ from mabn_jax import functional
 from mabn_jax.functional import MABNConfig, MABNState, CenteredMABNState, Probes
 from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_kernel
 from mabn_jax.probes import init_probes, record_backward_stats
+from mabn_jax.batch_renorm import BatchRenorm
+from mabn_jax import monitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MABN",
+    "BatchRenorm",
+    "monitor",
     "CenteredConv",
     "CenteredDense",
     "PROBES",
