@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/small_batch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
