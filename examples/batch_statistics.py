@@ -120,13 +120,14 @@ def main(argv=None):
     path = os.path.join(args.out, "batch_statistics.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    print("coefficient of variation of the l2 norm over the last half of the run:")
+    print("l2 norm over the last half of the run: median [10th-90th percentile]")
     half = args.steps // 2
+    spread = lambda v: (f"{np.median(v[half:]):.3g} "
+                        f"[{np.percentile(v[half:], 10):.3g}-{np.percentile(v[half:], 90):.3g}]")
     for key, title in titles.items():
-        cv = lambda v: float(np.std(v[half:]) / np.mean(v[half:]))
-        print(f"  {title:5s}: " + ", ".join(f"{label} {cv(n[f'{key}_B']):.3f}"
+        print(f"  {title:5s}: " + ", ".join(f"{label} {spread(n[f'{key}_B'])}"
                                            for label, n in runs.items())
-              + (f", MABN used {cv(mabn[f'{key}_used']):.3f}" if f"{key}_used" in mabn else ""))
+              + (f", MABN used {spread(mabn[f'{key}_used'])}" if f"{key}_used" in mabn else ""))
     print(f"wrote {path}")
 
 
