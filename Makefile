@@ -20,7 +20,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/small_batch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -6,11 +6,15 @@ from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_ker
 from mabn_jax.probes import init_probes, record_backward_stats
 from mabn_jax.checkpoint import check_batch_stats
 from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
+from mabn_jax.batch_renorm import BatchRenorm
+from mabn_jax import monitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MABN",
+    "BatchRenorm",
+    "monitor",
     "CenteredConv",
     "CenteredDense",
     "PROBES",

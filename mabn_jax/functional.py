@@ -55,6 +55,8 @@ __all__ = [
     "init_state",
     "init_probes",
     "mabn_train",
+    "mabn_train_with_stats",
+    "num_groups",
     "mabn_inference",
     "record_backward_stats",
     "canonicalize_axes",
@@ -198,11 +200,21 @@ def init_state(feature_shape: Sequence[int], config: MABNConfig,
     return MABNState(step, window, window, jnp.ones(feature_shape, dtype), step)
 
 
-def init_probes(state: MABNState | CenteredMABNState) -> Probes:
-    """Zero probes matching ``state`` (any leading vmap/scan axes included)."""
+def init_probes(state: MABNState | CenteredMABNState, num_groups: int = 1) -> Probes:
+    """Zero probes matching ``state`` (any leading vmap/scan axes included).
+
+    With ghost batches (``num_groups = batch // norm_batch_size > 1``) each probe
+    gets a ``[num_groups]`` axis after the leading ones: one Ψ_B (g_B) per group.
+    """
+    def zeros(like):
+        if num_groups == 1:
+            return jnp.zeros_like(like)
+        lead = state.step.ndim
+        return jnp.zeros(like.shape[:lead] + (num_groups,) + like.shape[lead:], like.dtype)
+
     if isinstance(state, CenteredMABNState):
-        return Probes(jnp.zeros_like(state.ema_var), jnp.zeros_like(state.ema_mean))
-    return Probes(jnp.zeros_like(state.ema_x2))
+        return Probes(zeros(state.ema_var), zeros(state.ema_mean))
+    return Probes(zeros(state.ema_x2))
 
 
 class _Phase(NamedTuple):
@@ -264,6 +276,7 @@ class _Spec(NamedTuple):
     feature_axes: tuple[int, ...]
     out_dtype: Any
     config: MABNConfig
+    grouped: bool = False  # ghost batches: axis 0 of x indexes groups, ctx has a [G] axis
 
 
 class _Ctx(NamedTuple):
@@ -275,8 +288,8 @@ class _Ctx(NamedTuple):
     d: Array | None
     psi_window: Array  # windows as before this step
     g_window: Array | None
-    slot_mask: Array
-    use_batch: Array
+    slot_mask: Array  # [m], or [G, m] for ghost batches
+    use_batch: Array  # scalar, or [G]
 
 
 def _bshape(v: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
@@ -310,7 +323,7 @@ def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
     b = functools.partial(_bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     z = _z(x, ctx, spec, dtype)
     a = scale.astype(dtype) * ctx.r
-    shift = bias.astype(dtype)
+    shift = jnp.broadcast_to(bias.astype(dtype), a.shape)
     if ctx.d is not None:
         shift = shift + scale.astype(dtype) * ctx.d
     y = (z * b(a) + b(shift)).astype(spec.out_dtype)
@@ -337,12 +350,13 @@ def _normalize_bwd(spec: _Spec, res, dy):
     a = scale.astype(dtype) * ctx.r  # ĝ = dy · a
     cfg = spec.config
 
+    moving = _slide if spec.grouped else _moving
     psi_b = _pmean(a * sum_dyz / count, cfg)  # Ψ_B = mean(ĝ · z)
-    _, psi = _moving(ctx.psi_window, ctx.slot_mask, psi_b, ctx.use_batch)
+    _, psi = moving(ctx.psi_window, ctx.slot_mask, psi_b, ctx.use_batch)
     dxs = dy * b(a) - z * b(psi)
     if ctx.g_window is not None:
         g_b = _pmean(a * sum_dy / count, cfg)  # g_B = mean(ĝ)
-        _, g = _moving(ctx.g_window, ctx.slot_mask, g_b, ctx.use_batch)
+        _, g = moving(ctx.g_window, ctx.slot_mask, g_b, ctx.use_batch)
         dxs = dxs - b(g)
         dprobes = Probes(_probe_cotangent(psi_b, probes.psi), _probe_cotangent(g_b, probes.g))
     else:
@@ -352,6 +366,8 @@ def _normalize_bwd(spec: _Spec, res, dy):
     dscale = ctx.r * sum_dyz
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
+    if spec.grouped:  # γ and β are shared by all groups
+        dscale, sum_dy = dscale.sum(0), sum_dy.sum(0)
     return (dx, dscale.astype(scale.dtype), sum_dy.astype(bias.dtype), dprobes,
             jax.tree_util.tree_map(lambda _: None, ctx))
 
@@ -397,6 +413,7 @@ def mabn_train(
     *,
     axis: Axes = -1,
     dtype: Any = None,
+    norm_batch_size: int | None = None,
 ) -> tuple[Array, MABNState | CenteredMABNState]:
     """One MABN training step: returns ``(y, new_state)``.
 
@@ -404,6 +421,16 @@ def mabn_train(
     backward windows are written by :func:`record_backward_stats` from the
     gradients of ``probes``. ``y`` is differentiable w.r.t. ``x``, ``scale``,
     ``bias`` and ``probes`` (whose cotangents are Ψ_B and g_B).
+
+    Ghost batches: with ``norm_batch_size=n`` smaller than the batch, axis 0 of
+    ``x`` (which must be a batch axis) is split into ``G = x.shape[0] / n``
+    groups of ``n`` consecutive examples. Each group is normalized with its own
+    statistics and counts as one step of the windows: group ``i`` is step
+    ``t_i = step + 1 + i``, writes slot ``t_i mod m`` and averages the last
+    ``m`` groups up to itself, across step boundaries (the paper's simulated
+    small batches). The EMA is updated once per group, in order, and ``step``
+    advances by ``G``. The probes then carry one row per group (shape
+    ``[G, *features]``, see :func:`init_probes`).
 
     Args:
       x: input of rank >= 2, any float dtype.
@@ -413,6 +440,24 @@ def mabn_train(
       config: the layer's hyper-parameters.
       axis: the feature axis or axes (default last, NHWC).
       dtype: output dtype (default: the input's).
+      norm_batch_size: examples per normalization group along axis 0; ``None``
+        (or the whole batch) normalizes the batch as one group.
+    """
+    y, new_state, _ = mabn_train_with_stats(
+        x, scale, bias, state, probes, config, axis=axis, dtype=dtype,
+        norm_batch_size=norm_batch_size)
+    return y, new_state
+
+
+def mabn_train_with_stats(x, scale, bias, state, probes, config, *, axis=-1,
+                          dtype=None, norm_batch_size=None):
+    """:func:`mabn_train` that also returns the forward statistics of the step.
+
+    Returns ``(y, new_state, stats)``; ``stats`` maps names to per-channel
+    arrays (with a leading ``[G]`` axis for ghost batches). Non-centered:
+    ``chi2_B`` (batch χ²_B), ``chi2`` (χ̃² used to normalize), ``ema_x2`` (the
+    EMA ``r`` is measured against), ``r``. Centered: ``mu_B``, ``sigma2_B``,
+    ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``, ``r``, ``d``.
     """
     feature_axes = canonicalize_axes(x.ndim, axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
@@ -423,8 +468,21 @@ def mabn_train(
             f"MABN: config.centered={config.centered} but the state is a "
             f"{type(state).__name__}; build the state with init_state(..., config).")
     check_input(x, feature_shape, state, config, reduction_axes)
+    groups = num_groups(x.shape, feature_axes, norm_batch_size)
+    grouped = groups > 1
+    _check_probes(probes, feature_shape, groups)
     sdt = _stat_dtype(x, state.psi_window.dtype)
-    phase = _phase(state.step, config)
+    in_shape = x.shape
+    if grouped:  # [N, ...] -> [G, n, ...]; group i is step t + i
+        x = x.reshape((groups, in_shape[0] // groups) + in_shape[1:])
+        feature_axes = (0,) + tuple(a + 1 for a in feature_axes)
+        reduction_axes = tuple(a + 1 for a in reduction_axes)
+        steps = state.step + jnp.arange(groups, dtype=state.step.dtype)
+        phase = jax.vmap(lambda s: _phase(s, config))(steps)
+        moving = _slide
+    else:
+        phase = _phase(state.step, config)
+        moving = _moving
     xs = x.astype(sdt)
     eps = config.epsilon
     alpha = config.momentum
@@ -432,33 +490,46 @@ def mabn_train(
     def ema(old, new):
         return (alpha * old + (1 - alpha) * new.astype(old.dtype)).astype(old.dtype)
 
+    def ema_track(old, new):
+        """(EMA after this step, EMA before each group), one update per group."""
+        if not grouped:
+            return ema(old, new), old
+        return lax.scan(lambda e, v: (ema(e, v), e), old, new)
+
     def clip_r(scale_stat, ema_stat):
         r = jnp.sqrt(scale_stat + eps) / jnp.sqrt(ema_stat.astype(sdt) + eps)
         r = jnp.clip(r, 1.0 / config.r_max, config.r_max)
-        return jnp.where(phase.renorm, r, jnp.ones_like(r))
+        return jnp.where(_lead(phase.renorm, r), r, jnp.ones_like(r))
 
     if centered:
         mu_b, m2_b = _pmean(jnp.stack([xs.mean(reduction_axes),
                                        (xs * xs).mean(reduction_axes)]), config)
         var_b = jnp.maximum(m2_b - mu_b * mu_b, 0.0)
-        mean_window, mu = _moving(state.mean_window, phase.slot_mask, mu_b, phase.use_batch)
-        var_window, var = _moving(state.var_window, phase.slot_mask, var_b, phase.use_batch)
-        r = clip_r(var, state.ema_var)
-        d = (mu - state.ema_mean.astype(sdt)) / jnp.sqrt(state.ema_var.astype(sdt) + eps)
-        d = jnp.where(phase.renorm, jnp.clip(d, -config.d_max, config.d_max), jnp.zeros_like(d))
+        mean_window, mu = moving(state.mean_window, phase.slot_mask, mu_b, phase.use_batch)
+        var_window, var = moving(state.var_window, phase.slot_mask, var_b, phase.use_batch)
+        ema_mean, ema_mean_used = ema_track(state.ema_mean, mu)
+        ema_var, ema_var_used = ema_track(state.ema_var, var)
+        r = clip_r(var, ema_var_used)
+        d = (mu - ema_mean_used.astype(sdt)) / jnp.sqrt(ema_var_used.astype(sdt) + eps)
+        d = jnp.where(_lead(phase.renorm, d), jnp.clip(d, -config.d_max, config.d_max),
+                      jnp.zeros_like(d))
         ctx = _Ctx(mu, lax.rsqrt(var + eps), r, d, state.psi_window, state.g_window,
                    phase.slot_mask, phase.use_batch)
         new_state = state._replace(
-            step=state.step + 1, mean_window=mean_window, var_window=var_window,
-            ema_mean=ema(state.ema_mean, mu), ema_var=ema(state.ema_var, var))
+            step=state.step + groups, mean_window=mean_window, var_window=var_window,
+            ema_mean=ema_mean, ema_var=ema_var)
+        stats = dict(mu_B=mu_b, sigma2_B=var_b, mu=mu, sigma2=var,
+                     ema_mean=ema_mean_used, ema_var=ema_var_used, r=r, d=d)
     else:
         x2_b = _pmean((xs * xs).mean(reduction_axes), config)
-        x2_window, x2 = _moving(state.x2_window, phase.slot_mask, x2_b, phase.use_batch)
-        r = clip_r(x2, state.ema_x2)
+        x2_window, x2 = moving(state.x2_window, phase.slot_mask, x2_b, phase.use_batch)
+        ema_x2, ema_x2_used = ema_track(state.ema_x2, x2)
+        r = clip_r(x2, ema_x2_used)
         ctx = _Ctx(None, lax.rsqrt(x2 + eps), r, None, state.psi_window, None,
                    phase.slot_mask, phase.use_batch)
-        new_state = state._replace(step=state.step + 1, x2_window=x2_window,
-                                   ema_x2=ema(state.ema_x2, x2))
+        new_state = state._replace(step=state.step + groups, x2_window=x2_window,
+                                   ema_x2=ema_x2)
+        stats = dict(chi2_B=x2_b, chi2=x2, ema_x2=ema_x2_used, r=r)
 
     # Before the skip guard: its per-device flag would make the probes vary.
     _check_probes_vary(probes, ctx.inv, config)
@@ -474,10 +545,59 @@ def mabn_train(
     scale, bias = _affine_params(scale, bias, feature_shape, sdt)
     x_axes = _varying_axes(x)
     scale, bias = _vary_like(scale, x_axes), _vary_like(bias, x_axes)
-    spec = _Spec(reduction_axes, feature_axes, jnp.dtype(dtype or x.dtype), config)
+    spec = _Spec(reduction_axes, feature_axes, jnp.dtype(dtype or x.dtype), config, grouped)
     ctx = jax.tree_util.tree_map(lax.stop_gradient, ctx)
-    y = _normalize(spec, x, scale, bias, probes, ctx)
-    return y, new_state
+    y = _normalize(spec, x, scale, bias, probes, ctx).reshape(in_shape)
+    return y, new_state, stats
+
+
+def num_groups(shape: Sequence[int], feature_axes: Sequence[int],
+               norm_batch_size: int | None, layer: str = "MABN") -> int:
+    """``G``, the number of ghost batches of ``norm_batch_size`` along axis 0.
+
+    Raises a ``ValueError`` naming ``norm_batch_size`` if it is not a positive
+    int dividing ``shape[0]``, or if axis 0 is a feature axis.
+    """
+    if norm_batch_size is None:
+        return 1
+    if isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int) \
+            or norm_batch_size < 1:
+        raise ValueError(f"{layer}: norm_batch_size={norm_batch_size!r} is invalid; use "
+                         "a positive int (examples per normalization group), or None "
+                         "to normalize the whole batch.")
+    if 0 in tuple(feature_axes):
+        raise ValueError(f"{layer}: norm_batch_size={norm_batch_size} splits axis 0 of "
+                         "the input into groups, but axis 0 is a feature axis; put the "
+                         "batch on axis 0 or use norm_batch_size=None.")
+    if shape[0] % norm_batch_size:
+        raise ValueError(f"{layer}: norm_batch_size={norm_batch_size} does not divide the "
+                         f"batch size {shape[0]} (axis 0 of the input); use a batch size "
+                         "that is a multiple of norm_batch_size, or another norm_batch_size.")
+    return shape[0] // norm_batch_size
+
+
+def _check_probes(probes: Probes, feature_shape, groups: int) -> None:
+    want = feature_shape if groups == 1 else (groups,) + tuple(feature_shape)
+    if tuple(probes.psi.shape) != tuple(want):
+        raise ValueError(
+            f"MABN: probes of shape {tuple(probes.psi.shape)} do not fit {groups} "
+            f"normalization group(s) of features {tuple(feature_shape)} (expected {want}); "
+            f"create them with init_probes(..., num_groups={groups}) (num_groups = batch "
+            "size // norm_batch_size).")
+
+
+def _lead(mask: Array, like: Array) -> Array:
+    """Reshapes a per-group (or scalar) ``mask`` to broadcast against ``like``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def _slide(window: Array, slot_mask: Array, value: Array, use_batch: Array):
+    """:func:`_moving` for each ghost batch in turn (leading ``[G]`` axes).
+
+    Group ``i`` writes its slot, then reads the window, so its statistic averages
+    the last ``m`` groups up to itself, across step boundaries.
+    """
+    return lax.scan(lambda win, xs: _moving(win, *xs), window, (slot_mask, value, use_batch))
 
 
 def check_input(x, feature_shape, state, config, reduction_axes=()) -> None:
@@ -569,7 +689,9 @@ def record_backward_stats(state: MABNState | CenteredMABNState,
 
     Call it with the state returned by :func:`mabn_train` (whose ``step`` is
     already ``t``), so the slot is ``t mod m``, the one the backward pass
-    read. Leading axes added by ``vmap``/``nn.scan`` are supported.
+    read. Leading axes added by ``vmap``/``nn.scan`` are supported. Ghost
+    batches (probes with a ``[G]`` axis) write the ``G`` slots of steps
+    ``t − G + 1 … t`` in order, so later groups win when ``G > m``.
 
     With ``skip_nonfinite`` (the default), a step whose Ψ_B or g_B is not all
     finite writes nothing. Pass ``previous``, the state given to
@@ -582,13 +704,17 @@ def record_backward_stats(state: MABNState | CenteredMABNState,
     """
     lead = state.step.ndim
     m = state.psi_window.shape[lead]
-    slot = state.step % m
-    mask = jnp.arange(m) == slot[..., None]  # [..., m]
+    grouped = probe_grads.psi.ndim > state.psi_window.ndim - 1
+    if grouped:
+        write = functools.partial(_write_groups, step=state.step, lead=lead, m=m)
+    else:
+        slot = state.step % m
+        mask = jnp.arange(m) == slot[..., None]  # [..., m]
 
-    def write(window, value):
-        feat = value.ndim - lead
-        mask_b = mask.reshape(mask.shape + (1,) * feat)
-        return jnp.where(mask_b, jnp.expand_dims(value.astype(window.dtype), lead), window)
+        def write(window, value):
+            feat = value.ndim - lead
+            mask_b = mask.reshape(mask.shape + (1,) * feat)
+            return jnp.where(mask_b, jnp.expand_dims(value.astype(window.dtype), lead), window)
 
     new = state._replace(psi_window=write(state.psi_window, probe_grads.psi))
     if isinstance(state, CenteredMABNState):
@@ -602,3 +728,16 @@ def record_backward_stats(state: MABNState | CenteredMABNState,
         raise ValueError(f"MABN: previous is a {type(previous).__name__} but the state "
                          f"is a {type(state).__name__}; pass the state given to mabn_train.")
     return _keep_if_finite(previous, new, ok)
+
+
+def _write_groups(window: Array, values: Array, *, step: Array, lead: int, m: int) -> Array:
+    """Writes ``values[..., G, *features]`` (groups of steps ``step − G + 1 … step``)."""
+    groups = values.shape[lead]
+    feat = values.ndim - lead - 1
+    t = step[..., None]  # [..., 1]
+    latest = t - ((t - jnp.arange(m)) % m)  # [..., m]: last step that wrote each slot
+    group = latest - (t - groups + 1)  # its group index this step (< 0: an older step)
+    idx = jnp.clip(group, 0, groups - 1).reshape(group.shape + (1,) * feat)
+    new = jnp.take_along_axis(values.astype(window.dtype), idx, axis=lead)
+    written = (group >= 0).reshape(group.shape + (1,) * feat)
+    return jnp.where(written, new, window)

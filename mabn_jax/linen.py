@@ -80,6 +80,21 @@ class MABN(nn.Module):
       skip_nonfinite: a training step with non-finite batch statistics keeps
         the previous state and counts the step in ``batch_stats['skipped']``
         (see :class:`~mabn_jax.functional.MABNConfig`).
+      norm_batch_size: ghost batches: examples per normalization group along
+        axis 0 of the input (which must be the batch axis); each group of
+        consecutive examples is normalized with its own statistics and counts as
+        one step of the windows, which slide across groups and train steps (see
+        :func:`mabn_jax.functional.mabn_train`). The probes then need
+        ``init_probes(batch_stats, num_groups=batch // norm_batch_size)``.
+        ``None`` normalizes the whole batch.
+
+    Statistics monitor: in training mode the layer sows its forward statistics
+    (``chi2_B``, ``chi2``, ``ema_x2``, ``r``; centered: ``mu_B``, ``sigma2_B``,
+    ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``, ``r``, ``d``) into the
+    ``'intermediates'`` collection. Unless ``'intermediates'`` is mutable in
+    ``apply`` this does nothing (the traced step is unchanged). The backward
+    statistics Ψ_B / g_B are the probe gradients, see
+    :func:`mabn_jax.monitor.backward_stats`.
     """
 
     use_running_average: bool | None = None
@@ -103,6 +118,7 @@ class MABN(nn.Module):
     centered: bool = False
     d_max: float = 5.0
     skip_nonfinite: bool = True
+    norm_batch_size: int | None = None
 
     def __post_init__(self):
         self.config()  # invalid hyper-parameters fail here, naming the attribute
@@ -152,18 +168,22 @@ class MABN(nn.Module):
             return F.mabn_inference(x, scale, bias, state, config,
                                     axis=feature_axes, dtype=self.dtype)
 
+        groups = F.num_groups(x.shape, feature_axes, self.norm_batch_size)
         if self.is_initializing():
-            probes = F.init_probes(state)
+            probes = F.init_probes(state, groups)
         elif not self.has_variable(PROBES, "psi"):
             raise ValueError(_MISSING_PROBES)
         else:
             probes = F.Probes(*(self.get_variable(PROBES, name)
                                 for name in F.Probes._fields if self.centered or name == "psi"))
-        y, new_state = F.mabn_train(x, scale, bias, state, probes, config,
-                                    axis=feature_axes, dtype=self.dtype)
+        y, new_state, stats = F.mabn_train_with_stats(
+            x, scale, bias, state, probes, config, axis=feature_axes, dtype=self.dtype,
+            norm_batch_size=self.norm_batch_size)
         if not self.is_initializing():  # init must not advance the state
             for var, value in zip(variables, new_state):
                 var.value = value
+            for name, value in stats.items():  # no-op unless 'intermediates' is mutable
+                self.sow("intermediates", name, value)
         return y
 
 

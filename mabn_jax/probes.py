@@ -48,21 +48,24 @@ def _rebuild(like: Mapping, items: dict):
     return FrozenDict(items) if isinstance(like, FrozenDict) else items
 
 
-def init_probes(batch_stats: Mapping[str, Any]) -> Any:
+def init_probes(batch_stats: Mapping[str, Any], num_groups: int = 1) -> Any:
     """Zero probes for every MABN layer in a ``batch_stats`` tree.
 
     Returns a tree with the same nesting as the MABN layers in ``batch_stats``
     (``{'psi': ...}``, plus ``'g'`` for centered layers) to pass as the
     ``'mabn_probes'`` collection and to differentiate with respect to.
+    ``num_groups``: for layers with ghost batches, ``batch // norm_batch_size``
+    (the probes get one row per group); all MABN layers of the tree get it.
     """
     state = _layer_state(batch_stats)
     if state is not None:
-        out = {k: v for k, v in F.init_probes(state)._asdict().items() if v is not None}
+        out = {k: v for k, v in F.init_probes(state, num_groups)._asdict().items()
+               if v is not None}
         return _rebuild(batch_stats, out)
     out = {}
     for key, node in batch_stats.items():
         if isinstance(node, Mapping):
-            sub = init_probes(node)
+            sub = init_probes(node, num_groups)
             if sub:
                 out[key] = sub
     return _rebuild(batch_stats, out)

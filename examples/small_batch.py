@@ -1,0 +1,409 @@
+"""Small normalization batches on real data: BN vs BatchRenorm vs GroupNorm vs MABN.
+
+Reproduces, at laptop scale, the comparison of the MABN paper (Yan et al.,
+ICLR 2020, Table 1 / Figure 1): the same models trained with
+
+* ``nn.BatchNorm`` at normalization batch 32 (the reference) and at 2,
+* ``mabn_jax.BatchRenorm`` at 2,
+* ``nn.GroupNorm`` (batch independent),
+* ``mabn_jax.MABN`` at 2 after ``CenteredConv``/``CenteredDense`` (the paper's MABN),
+* ``mabn_jax.MABN(centered=True)`` at 2 after plain Conv/Dense,
+
+in two regimes:
+
+* **true small batch**: gradient batch = normalization batch = 2, learning rate
+  scaled linearly (lr · 2/32), the same number of epochs;
+* **simulated**: gradient batch 32 split into ghost batches of 2
+  (``norm_batch_size=2``; the paper's ImageNet protocol). Ghost BN is
+  ``BatchRenorm`` with ``r_max=1, d_max=0``, which *is* BN per group.
+
+Two models: a small NHWC ResNet (stages at 8×8, 4×4, 2×2 for digits, so the last
+stage normalizes 2·2·2 = 8 values per channel at batch 2) and an MLP (dense
+features: at batch 2 BN normalizes 2 values per feature, i.e. outputs ±1).
+Every cell is the mean ± std test error over seeds (vmapped: one compilation
+per cell). The plot is test error against normalization batch size (1 … 32) in
+the simulated regime on the MLP, like the paper's Figure 1.
+
+Run: ``python examples/small_batch.py`` (default: scikit-learn digits, no
+network), ``--quick`` for a smoke test, ``--dataset mnist`` (any
+tensorflow-datasets image dataset, needs ``pip install tensorflow-datasets
+tensorflow`` and internet; imported only then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+import mabn_jax
+
+# The "rbg" generator compiles much faster on CPU than threefry (the model init
+# is compiled once per setup), and any seed is as good as another here.
+jax.config.update("jax_default_prng_impl", "rbg")
+
+REFERENCE_BATCH = 32  # the "large" normalization batch and the simulated gradient batch
+LR_AT_32 = 0.1
+NORMS = ("BN", "BRN", "GN", "MABN", "MABN-centered")
+LABELS = {"BN": "BatchNorm", "BRN": "BatchRenorm", "GN": "GroupNorm",
+          "MABN": "MABN", "MABN-centered": "MABN (centered)"}
+# The paper's ResNet-50 ImageNet top-1 error (100 - accuracy), normalization batch 32 / 2.
+PAPER_IMAGENET_ERROR = {"BN@32": 23.41, "BN@2": 35.22, "BRN@2": 30.29, "MABN@2": 23.67}
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(name: str, max_train: int | None, seed: int = 0):
+    """``(x_train, y_train, x_test, y_test)``, images NHWC in [0, 1]."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        d = load_digits()
+        x = (d.images / 16.0).astype(np.float32)[..., None]
+        xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, random_state=seed,
+                                              stratify=d.target)
+    else:
+        try:  # optional, and only here: the package does not depend on TensorFlow
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise SystemExit(f"--dataset {name} needs tensorflow-datasets: pip install "
+                             "tensorflow-datasets tensorflow (and internet to download "
+                             "it); the default --dataset digits needs neither.") from e
+        (xtr, ytr), (xte, yte) = tfds.as_numpy(tfds.load(
+            name, split=["train", "test"], batch_size=-1, as_supervised=True))
+        xtr, xte = xtr.astype(np.float32) / 255.0, xte.astype(np.float32) / 255.0
+    # Standardize with the training set's statistics.
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    if max_train is not None:
+        xtr, ytr = xtr[:max_train], ytr[:max_train]
+    # Whole batches of 32 only, so every regime sees the same examples.
+    n = len(xtr) // REFERENCE_BATCH * REFERENCE_BATCH
+    return (jnp.asarray(xtr[:n]), jnp.asarray(ytr[:n], jnp.int32),
+            jnp.asarray(xte), jnp.asarray(yte, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- models
+
+class _BatchFree(nn.Module):
+    """GroupNorm with the ``use_running_average`` argument of the other layers."""
+
+    num_groups: int = 8
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        del use_running_average
+        return nn.GroupNorm(num_groups=min(self.num_groups, x.shape[-1]))(x)
+
+
+class MLP(nn.Module):
+    norm: Callable[[], nn.Module]
+    dense: Any = nn.Dense
+    width: int = 256
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        for _ in range(2):
+            x = self.dense(self.width, use_bias=False)(x)
+            x = nn.relu(self.norm()(x, use_running_average=not train))
+        return nn.Dense(10)(x)
+
+
+class Block(nn.Module):
+    width: int
+    stride: int
+    norm: Callable[[], nn.Module]
+    conv: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        ura = not train
+        y = self.conv(self.width, (3, 3), (self.stride,) * 2, use_bias=False)(x)
+        y = nn.relu(self.norm()(y, use_running_average=ura))
+        y = self.conv(self.width, (3, 3), use_bias=False)(y)
+        y = self.norm()(y, use_running_average=ura)
+        if self.stride != 1 or x.shape[-1] != self.width:
+            x = self.conv(self.width, (1, 1), (self.stride,) * 2, use_bias=False)(x)
+            x = self.norm()(x, use_running_average=ura)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    norm: Callable[[], nn.Module]
+    conv: Any = nn.Conv
+    widths: tuple[int, ...] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = self.conv(self.widths[0], (3, 3), use_bias=False)(x)
+        x = nn.relu(self.norm()(x, use_running_average=not train))
+        for i, w in enumerate(self.widths):
+            x = Block(w, 1 if i == 0 else 2, self.norm, self.conv)(x, train)
+        return nn.Dense(10)(x.mean((1, 2)))
+
+
+# ----------------------------------------------------------------------------- setups
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    model: str  # "ResNet" or "MLP"
+    norm: str  # one of NORMS
+    norm_batch: int  # examples per normalization group (ignored by GN)
+    grad_batch: int  # examples per optimizer step
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.norm == "GN" else self.grad_batch // self.norm_batch
+
+
+def build(setup: Setup, steps: int, quick: bool) -> tuple[nn.Module, int]:
+    """The model and the number of probe groups of its MABN layers.
+
+    Schedules that the paper gives in ImageNet iterations are scaled to the run:
+    MABN warms up for 2 % and starts renormalizing at 10 % of its steps (a
+    ghost batch is one MABN step); BRN keeps r = 1, d = 0 for 5 % of the steps
+    and then ramps r_max 1 → 3 and d_max 0 → 5 over the next 25 % (the paper:
+    5k, then 40k/25k iterations); the BN-type running averages span about 320
+    examples (momentum 1 − norm_batch/320: 0.9 at 32).
+    """
+    ghost = setup.norm_batch if setup.groups > 1 else None
+    mabn_steps = steps * setup.groups
+    m = max(1, REFERENCE_BATCH // setup.norm_batch)  # the paper's m = 32 / norm batch
+    bn_momentum = 1.0 - setup.norm_batch / 320.0
+    conv, dense = nn.Conv, nn.Dense
+    if setup.norm == "BN":
+        if ghost is None:
+            norm = lambda: nn.BatchNorm(momentum=bn_momentum)
+        else:  # ghost BN: BatchRenorm with r = 1, d = 0 is BN per group
+            norm = lambda: mabn_jax.BatchRenorm(momentum=bn_momentum, r_max=1.0, d_max=0.0,
+                                                norm_batch_size=ghost)
+    elif setup.norm == "BRN":
+        norm = lambda: mabn_jax.BatchRenorm(
+            momentum=bn_momentum, r_max=3.0, d_max=5.0, warmup_steps=int(0.05 * steps),
+            ramp_steps=int(0.25 * steps), norm_batch_size=ghost)
+    elif setup.norm == "GN":
+        norm = _BatchFree
+    else:
+        centered = setup.norm == "MABN-centered"
+        if not centered:
+            conv, dense = mabn_jax.CenteredConv, mabn_jax.CenteredDense
+        norm = lambda: mabn_jax.MABN(
+            centered=centered, buffer_size=m, momentum=0.98,
+            warmup_steps=max(m, int(0.02 * mabn_steps)),
+            renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost)
+    if setup.model == "MLP":
+        model = MLP(norm, dense, width=32 if quick else 256)
+    else:
+        model = ResNet(norm, conv, widths=(4, 8, 8) if quick else (8, 16, 32))
+    return model, (setup.groups if setup.norm.startswith("MABN") else 1)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
+                       progress=None) -> np.ndarray:
+    """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
+
+    Each seed draws its own initialization and its own shuffling every epoch.
+    """
+    xtr, ytr, xte, yte = data
+    steps_per_epoch = len(xtr) // setup.grad_batch
+    steps = steps_per_epoch * epochs
+    model, groups = build(setup, steps, quick)
+    lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
+    tx = optax.chain(optax.add_decayed_weights(5e-4),
+                     optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
+
+    def init(key):
+        variables = model.init(key, xtr[:setup.grad_batch], train=False)
+        params = variables["params"]
+        return params, variables.get("batch_stats", {}), tx.init(params)
+
+    def train_step(carry, batch):
+        params, stats, opt = carry
+        x, y = batch
+
+        def loss_fn(params, probes):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": stats, "mabn_probes": probes},
+                x, train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates
+
+        probes = mabn_jax.init_probes(stats, num_groups=groups)
+        (loss, updates), (grads, probe_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+        delta, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, delta)
+        stats = mabn_jax.record_backward_stats(updates.get("batch_stats", {}), probe_grads)
+        return (params, stats, opt), loss
+
+    def run(key, xtr, ytr, xte, yte):
+        """One seed, start to finish: one compilation covers the whole run."""
+        init_key, data_key = jax.random.split(key)
+
+        def epoch(carry, key):
+            order = jax.random.permutation(key, len(xtr)).reshape(steps_per_epoch, -1)
+            carry, losses = jax.lax.scan(train_step, carry, (xtr[order], ytr[order]))
+            return carry, losses[-1]
+
+        (params, stats, _), last_loss = jax.lax.scan(
+            epoch, init(init_key), jax.random.split(data_key, epochs))
+        logits = model.apply({"params": params, "batch_stats": stats}, xte, train=False)
+        return 100.0 * jnp.mean(jnp.argmax(logits, -1) != yte), last_loss[-1]
+
+    keys = jax.random.split(jax.random.key(0), seeds)
+    run_all = jax.jit(jax.vmap(run, in_axes=(0, None, None, None, None)))
+    errors, last_loss = (np.asarray(a) for a in run_all(keys, xtr, ytr, xte, yte))
+    if progress is not None:
+        progress.update(1)
+    # A diverged run is a failed run: count it as chance level, never drop it.
+    return np.where(np.isfinite(last_loss), errors, 90.0)
+
+
+# ----------------------------------------------------------------------------- main
+
+TABLE_ROWS = (("BN", REFERENCE_BATCH), ("BN", 2), ("BRN", 2), ("GN", 2), ("MABN", 2),
+              ("MABN-centered", 2))
+QUICK_ROWS = (("BN", REFERENCE_BATCH), ("BN", 2), ("MABN", 2))
+REGIMES = ("true", "simulated")
+
+
+def table_setup(model: str, regime: str, norm: str, norm_batch: int) -> Setup:
+    """True small batch: gradient batch = normalization batch; simulated: 32."""
+    grad_batch = norm_batch if regime == "true" else REFERENCE_BATCH
+    return Setup(model, norm, norm_batch, grad_batch)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="digits",
+                   help="digits (bundled with scikit-learn, default) or a tensorflow-datasets name")
+    p.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
+    p.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 2)")
+    p.add_argument("--max-train", type=int, default=None, help="use only this many training examples")
+    p.add_argument("--models", default=None, help="comma-separated, default ResNet,MLP (quick: MLP)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test (< 1 minute): MLP, BN@32/BN@2/MABN@2, small data")
+    p.add_argument("--out", default="out", help="folder for small_batch.json and small_batch.png")
+    args = p.parse_args(argv)
+    epochs = args.epochs or (1 if args.quick else 3)
+    seeds = args.seeds or (2 if args.quick else 3)
+    max_train = args.max_train or (256 if args.quick else None)
+    models = tuple((args.models or ("MLP" if args.quick else "ResNet,MLP")).split(","))
+    rows = QUICK_ROWS if args.quick else TABLE_ROWS
+    sweep_sizes = (2, 32) if args.quick else (1, 2, 4, 8, 16, 32)
+    sweep_norms = ("BN", "MABN") if args.quick else ("BN", "BRN", "GN", "MABN")
+    sweep_model = models[-1]
+
+    from tqdm import tqdm
+    t0, c0 = time.time(), time.process_time()
+    data = load_data(args.dataset, max_train)
+    table = {(m, r, n, nb): table_setup(m, r, n, nb)
+             for m in models for r in REGIMES for n, nb in rows}
+    sweep = [Setup(sweep_model, n, nb, REFERENCE_BATCH)
+             for n in sweep_norms for nb in (sweep_sizes if n != "GN" else (2,))]
+    unique = list(dict.fromkeys(list(table.values()) + sweep))
+    results = {}
+    with tqdm(total=len(unique), desc="training", unit="setup") as bar:
+        for setup in unique:
+            bar.set_postfix_str(f"{setup.model} {setup.norm}@{setup.norm_batch} "
+                                f"batch {setup.grad_batch}")
+            results[setup] = train_and_evaluate(setup, data, seeds, epochs, args.quick, bar)
+    minutes, cpu_minutes = (time.time() - t0) / 60, (time.process_time() - c0) / 60
+
+    def cell(setup):
+        e = results[setup]
+        return f"{e.mean():5.2f} ± {e.std():4.2f}"
+
+    print(f"\nTest error (%) on {args.dataset}, mean ± std over {seeds} seeds, {epochs} epochs; "
+          f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
+          f"jax {jax.__version__} ({jax.default_backend()})\n")
+    cols = [(m, r) for m in models for r in REGIMES]
+    header = "| normalization | norm batch |" + "".join(
+        f" {m}, {'true small batch' if r == 'true' else 'simulated (batch 32)'} |" for m, r in cols)
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    for norm, nb in rows:
+        cells = [cell(table[(m, r, norm, nb)]) for m, r in cols]
+        print(f"| {LABELS[norm]} | {'-' if norm == 'GN' else nb} | " + " | ".join(cells) + " |")
+
+    print(f"\nTest error (%) against normalization batch size, {sweep_model}, gradient batch "
+          f"{REFERENCE_BATCH} (the plot):\n")
+    print("| normalization |" + "".join(f" {nb} |" for nb in sweep_sizes))
+    print("|" + " --- |" * (len(sweep_sizes) + 1))
+    for norm in sweep_norms:
+        sizes = sweep_sizes if norm != "GN" else (2,) * len(sweep_sizes)
+        print(f"| {LABELS[norm]} | " + " | ".join(
+            cell(Setup(sweep_model, norm, nb, REFERENCE_BATCH)) for nb in sizes) + " |")
+
+    summary = {}
+    print("\nGap closed by MABN at 2 in the true-small-batch regime, "
+          "(err BN@2 − err MABN@2) / (err BN@2 − err BN@32):")
+    for model in models:
+        err = lambda n, nb: float(results[table[(model, "true", n, nb)]].mean())
+        bn32, bn2 = err("BN", REFERENCE_BATCH), err("BN", 2)
+        for norm in ("MABN", "MABN-centered"):
+            if (norm, 2) not in rows:
+                continue
+            gap = bn2 - bn32
+            closed = (bn2 - err(norm, 2)) / gap if gap > 0 else float("nan")
+            summary[f"{model}/{norm}"] = dict(bn32=bn32, bn2=bn2, mabn2=err(norm, 2),
+                                              gap=gap, closed=closed)
+            verdict = ("no real gap: BN@2 is about as good as BN@32" if gap <= 1.0 else
+                       f"closes {100 * closed:.0f} % of a {gap:.1f}-point gap")
+            print(f"  {model:6s} {LABELS[norm]:16s}: BN@32 {bn32:.2f}, BN@2 {bn2:.2f}, "
+                  f"{LABELS[norm]}@2 {err(norm, 2):.2f} -> {verdict}")
+    print("\nThe paper (ResNet-50, ImageNet, top-1 error %): "
+          + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
+          + f" -> MABN closes {100 * (35.22 - 23.67) / (35.22 - 23.41):.0f} % of the gap.")
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "small_batch.json"), "w") as f:
+        json.dump(dict(args=vars(args), epochs=epochs, seeds=seeds, minutes=minutes,
+                       cpu_minutes=cpu_minutes,
+                       results={f"{s.model}/{s.norm}@{s.norm_batch}/batch{s.grad_batch}":
+                                [float(e) for e in results[s]] for s in unique},
+                       summary=summary), f, indent=1)
+    plot(results, sweep_model, sweep_norms, sweep_sizes,
+         os.path.join(args.out, "small_batch.png"), args.dataset)
+    print(f"\nwrote {args.out}/small_batch.json and {args.out}/small_batch.png")
+    return results, summary
+
+
+def plot(results, model, norms, sizes, path, dataset):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for norm in norms:
+        if norm == "GN":  # batch independent: one run, drawn as a line
+            e = results[Setup(model, "GN", 2, REFERENCE_BATCH)]
+            ax.axhline(e.mean(), ls="--", color="gray", label=LABELS[norm])
+            continue
+        es = [results[Setup(model, norm, nb, REFERENCE_BATCH)] for nb in sizes]
+        ax.errorbar(sizes, [e.mean() for e in es], yerr=[e.std() for e in es], marker="o",
+                    capsize=3, label=LABELS[norm])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("normalization batch size (gradient batch 32)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{model} on {dataset}: test error vs normalization batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

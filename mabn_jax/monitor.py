@@ -1,0 +1,51 @@
+"""The statistics monitor: per-layer batch statistics of a training step.
+
+Forward statistics: :class:`~mabn_jax.MABN` and :class:`~mabn_jax.BatchRenorm`
+sow them into the ``'intermediates'`` collection in training mode. Make that
+collection mutable to get them; otherwise ``sow`` does nothing and the traced
+step is unchanged::
+
+    y, updates = model.apply(variables, x, train=True,
+                             mutable=['batch_stats', 'intermediates'])
+    forward = mabn_jax.monitor.forward_stats(updates['intermediates'])
+
+Backward statistics (Ψ_B and, centered, g_B) are the gradients of the probes
+(see :mod:`mabn_jax.probes`)::
+
+    backward = mabn_jax.monitor.backward_stats(probe_grads)
+
+Both return flat dicts ``{'path/to/layer/name': array}``; arrays have a
+leading ``[G]`` axis for ghost batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+__all__ = ["forward_stats", "backward_stats", "l2_norms"]
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Flattens a sown ``'intermediates'`` tree; ``sow``'s tuples become their last entry."""
+    out = {}
+    for k, v in _flat(intermediates).items():
+        out[k] = v[-1] if isinstance(v, tuple) else v
+    return out
+
+
+def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Flattens the probe-gradient tree: ``'layer/psi'`` is Ψ_B, ``'layer/g'`` is g_B."""
+    return _flat(probe_grads)
+
+
+def l2_norms(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The l2 norm over channels of each statistic (per group for ghost batches)."""
+    return {k: jnp.sqrt(jnp.sum(jnp.square(v), axis=-1)) for k, v in stats.items()}

@@ -1,0 +1,33 @@
+"""Smoke test: `examples/small_batch.py --quick` runs end to end (CI runs it).
+
+A separate process: the example sets JAX's default PRNG, which must not leak
+into the other tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                       "examples", "small_batch.py")
+
+
+def test_small_batch_quick(tmp_path):
+    proc = subprocess.run([sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| BatchNorm | 32 |" in proc.stdout and "Gap closed by MABN" in proc.stdout
+    assert (tmp_path / "small_batch.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "small_batch.json").read_text())
+    assert len(saved["results"]) == 6
+    for errors in saved["results"].values():
+        assert len(errors) == 2 and all(0 <= e <= 100 for e in errors)
+    # The summary is computed from the per-seed errors that were saved.
+    row = saved["summary"]["MLP/MABN"]
+    bn2 = np.mean(saved["results"]["MLP/BN@2/batch2"])
+    mabn2 = np.mean(saved["results"]["MLP/MABN@2/batch2"])
+    assert np.isclose(row["bn2"], bn2) and np.isclose(row["mabn2"], mabn2)
+    assert np.isclose(row["closed"], (row["bn2"] - row["mabn2"]) / row["gap"])
