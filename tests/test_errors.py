@@ -82,6 +82,13 @@ def test_empty_batch_after_init():
         train_apply(model, variables, jnp.ones((4, 0, 3)))
 
 
+def test_ghost_group_size_that_does_not_divide_the_batch():
+    with pytest.raises(ValueError, match=r"norm_batch_size=3 does not divide the batch size 4 "
+                                         r"\(axis 0 of the input\); use a batch size that is a "
+                                         r"multiple of norm_batch_size"):
+        init(MABN(norm_batch_size=3))
+
+
 def test_state_of_another_buffer_size():
     variables = init(MABN(buffer_size=4))
     with pytest.raises(ValueError, match=r"buffer_size=2 .* load a checkpoint made with the same buffer_size"):

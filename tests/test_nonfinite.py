@@ -35,18 +35,20 @@ def batches(n):
 
 
 @functools.lru_cache(maxsize=None)  # one compilation per configuration
-def make_step(cfg, pass_previous=True):
+def make_step(cfg, pass_previous=True, norm_batch_size=None):
     scale = jnp.array([1.0, 0.5, 2.0])
     bias = jnp.array([0.1, 0.0, -0.2])
 
     @jax.jit
     def step(state, x, dy):
         def loss(x, probes):
-            y, new = F.mabn_train(x, scale, bias, state, probes, cfg)
+            y, new = F.mabn_train(x, scale, bias, state, probes, cfg,
+                                  norm_batch_size=norm_batch_size)
             return jnp.sum(y * dy), new
 
+        groups = F.num_groups(x.shape, (x.ndim - 1,), norm_batch_size)
         (_, new), (dx, stats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            x, F.init_probes(state))
+            x, F.init_probes(state, groups))
         new = F.record_backward_stats(new, stats, state if pass_previous else None,
                                       skip_nonfinite=cfg.skip_nonfinite)
         return new, dx
@@ -54,8 +56,8 @@ def make_step(cfg, pass_previous=True):
     return step
 
 
-def run(cfg, xs, dys, pass_previous=True):
-    step = make_step(cfg, pass_previous)
+def run(cfg, xs, dys, pass_previous=True, norm_batch_size=None):
+    step = make_step(cfg, pass_previous, norm_batch_size)
     state = F.init_state((C,), cfg)
     for x, dy in zip(xs, dys):
         state, _ = step(state, x, dy)
@@ -82,6 +84,20 @@ def test_bad_input_is_skipped(centered, bad_value):
     poisoned = run(cfg, xs.at[BAD, 1, 2].set(bad_value), dys)
     assert_same_apart_from_skipped(poisoned, clean, skipped=1)
     assert int(poisoned.step) == T - 1
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_bad_ghost_group_skips_the_whole_step(centered):
+    # Ghost batches of 2: one bad group poisons its step's statistics, so the
+    # whole step (all groups) is skipped and ``step`` does not advance by G.
+    cfg = config(centered)
+    xs, dys = batches(T)
+    clean = run(cfg, without_bad(xs), without_bad(dys), norm_batch_size=2)
+    poisoned = run(cfg, xs.at[BAD, 3, 1].set(jnp.nan), dys, norm_batch_size=2)
+    assert_same_apart_from_skipped(poisoned, clean, skipped=1)
+    assert int(poisoned.step) == 2 * (T - 1)
+    bad_grad = run(cfg, xs, dys.at[BAD, 0, 0].set(jnp.inf), norm_batch_size=2)
+    assert_same_apart_from_skipped(bad_grad, clean, skipped=1)
 
 
 @pytest.mark.parametrize("centered", [False, True])
