@@ -449,8 +449,18 @@ def mabn_train(
     return y, new_state
 
 
-def mabn_train_with_stats(x, scale, bias, state, probes, config, *, axis=-1,
-                          dtype=None, norm_batch_size=None):
+def mabn_train_with_stats(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState | CenteredMABNState,
+    probes: Probes,
+    config: MABNConfig,
+    *,
+    axis: Axes = -1,
+    dtype: Any = None,
+    norm_batch_size: int | None = None,
+) -> tuple[Array, MABNState | CenteredMABNState, dict[str, Array]]:
     """:func:`mabn_train` that also returns the forward statistics of the step.
 
     Returns ``(y, new_state, stats)``; ``stats`` maps names to per-channel
