@@ -83,17 +83,6 @@ def renorm_factors(mean_b: Array, var_b: Array, renorm_mean: Array, renorm_var: 
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def _ema(old: Array, new: Array, momentum: float) -> Array:
-    return momentum * old + (1.0 - momentum) * new.astype(old.dtype)
-
-
-def _ema_track(old: Array, new: Array, momentum: float, grouped: bool):
-    """(EMA after the step, EMA before each group); one update per ghost batch."""
-    if not grouped:
-        return _ema(old, new, momentum), old
-    return lax.scan(lambda e, v: (_ema(e, v, momentum), e), old, new)
-
-
 def batch_renorm_train(x, scale, bias, state: BatchRenormState, *, axis=-1, momentum=0.99,
                        renorm_momentum=None, epsilon=1e-5, r_max=3.0, d_max=5.0,
                        warmup_steps=0, ramp_steps=0, use_fast_variance=True,
@@ -118,7 +107,7 @@ def batch_renorm_train(x, scale, bias, state: BatchRenormState, *, axis=-1, mome
         x = x.reshape((groups, in_shape[0] // groups) + in_shape[1:])
         feature_axes = (0,) + tuple(a + 1 for a in feature_axes)
         reduction_axes = tuple(a + 1 for a in reduction_axes)
-    sdt = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), state.mean.dtype)
+    sdt = F._stat_dtype(x, state.mean.dtype)
     xs = x.astype(sdt)
 
     # Batch statistics as nn.BatchNorm computes them.
@@ -138,17 +127,16 @@ def batch_renorm_train(x, scale, bias, state: BatchRenormState, *, axis=-1, mome
             var_b = lax.pmean(var_b, axis_name, axis_index_groups=axis_index_groups)
 
     renorm_momentum = momentum if renorm_momentum is None else renorm_momentum
-    rmean, rmean_used = _ema_track(state.renorm_mean, mean_b, renorm_momentum, grouped)
-    rvar, rvar_used = _ema_track(state.renorm_var, var_b, renorm_momentum, grouped)
+    rmean, rmean_used = F._ema_track(state.renorm_mean, mean_b, renorm_momentum, grouped)
+    rvar, rvar_used = F._ema_track(state.renorm_var, var_b, renorm_momentum, grouped)
     r_max_t, d_max_t = clip_schedule(state.step, r_max, d_max, warmup_steps, ramp_steps)
     r, d = renorm_factors(mean_b, var_b, rmean_used.astype(sdt), rvar_used.astype(sdt),
                           r_max_t, d_max_t, epsilon)
-    mean, _ = _ema_track(state.mean, mean_b, momentum, grouped)
-    var, _ = _ema_track(state.var, var_b, momentum, grouped)
+    mean, _ = F._ema_track(state.mean, mean_b, momentum, grouped)
+    var, _ = F._ema_track(state.var, var_b, momentum, grouped)
     new_state = BatchRenormState(state.step + 1, mean, var, rmean, rvar)
 
-    scale = jnp.ones(feature_shape, sdt) if scale is None else scale.astype(sdt)
-    bias = jnp.zeros(feature_shape, sdt) if bias is None else bias.astype(sdt)
+    scale, bias = (p.astype(sdt) for p in F._affine_params(scale, bias, feature_shape, sdt))
     b = functools.partial(F._bshape, ndim=x.ndim, feature_axes=feature_axes)
     # Same association as nn.BatchNorm, so r = 1, d = 0 reproduces it bit for bit.
     mul = lax.rsqrt(var_b + epsilon) * r * scale
@@ -163,9 +151,8 @@ def batch_renorm_inference(x, scale, bias, state: BatchRenormState, *, axis=-1,
     """``y = γ · (x − mean) / sqrt(var + ε) + β`` (``nn.BatchNorm``'s inference)."""
     feature_axes = F.canonicalize_axes(x.ndim, axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    sdt = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), state.mean.dtype)
-    scale = jnp.ones(feature_shape, sdt) if scale is None else scale.astype(sdt)
-    bias = jnp.zeros(feature_shape, sdt) if bias is None else bias.astype(sdt)
+    sdt = F._stat_dtype(x, state.mean.dtype)
+    scale, bias = (p.astype(sdt) for p in F._affine_params(scale, bias, feature_shape, sdt))
     b = functools.partial(F._bshape, ndim=x.ndim, feature_axes=feature_axes)
     mul = lax.rsqrt(state.var.astype(sdt) + epsilon) * scale
     y = (x.astype(sdt) - b(state.mean.astype(sdt))) * b(mul) + b(bias)

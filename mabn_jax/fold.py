@@ -59,11 +59,10 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
     """
     stats = dict(norm_stats)
     keys = frozenset(stats)
-    if keys == frozenset(F.MABNState._fields):
-        state: Any = F.MABNState(**stats)
+    state: Any = F.state_from_mapping(stats)
+    if isinstance(state, F.MABNState):
         ref = state.ema_x2
-    elif keys == frozenset(F.CenteredMABNState._fields):
-        state = F.CenteredMABNState(**stats)
+    elif isinstance(state, F.CenteredMABNState):
         ref = state.ema_var
     elif keys == {"mean", "var"}:  # nn.BatchNorm: the centered formula with its EMAs
         ref = stats["var"]
@@ -76,8 +75,7 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
             "an nn.BatchNorm ('mean', 'var') layer; pass that layer's batch_stats entry.")
     scale, bias = norm_params.get("scale"), norm_params.get("bias")
     dtype = jnp.result_type(jnp.float32, ref, *(p for p in (scale, bias) if p is not None))
-    scale = jnp.ones(ref.shape, dtype) if scale is None else scale
-    bias = jnp.zeros(ref.shape, dtype) if bias is None else bias
+    scale, bias = F._affine_params(scale, bias, ref.shape, dtype)
     return F.inference_affine(scale.astype(dtype), bias.astype(dtype), state,
                               F.MABNConfig(epsilon=epsilon))
 

@@ -61,6 +61,7 @@ __all__ = [
     "record_backward_stats",
     "canonicalize_axes",
     "check_input",
+    "state_from_mapping",
 ]
 
 
@@ -200,6 +201,18 @@ def init_state(feature_shape: Sequence[int], config: MABNConfig,
     return MABNState(step, window, window, jnp.ones(feature_shape, dtype), step)
 
 
+def state_from_mapping(node: Any) -> MABNState | CenteredMABNState | None:
+    """The MABN state stored in a ``batch_stats`` entry, or None if it is not one.
+
+    A layer is recognized by its exact set of fields.
+    """
+    keys = frozenset(node.keys())
+    for cls in (MABNState, CenteredMABNState):
+        if keys == frozenset(cls._fields):
+            return cls(**node)
+    return None
+
+
 def init_probes(state: MABNState | CenteredMABNState, num_groups: int = 1) -> Probes:
     """Zero probes matching ``state`` (any leading vmap/scan axes included).
 
@@ -242,6 +255,18 @@ def _moving(window: Array, slot_mask: Array, value: Array, use_batch: Array):
     """Writes ``value`` into its slot; returns (new window, statistic in use)."""
     window = _write(window, slot_mask, value.astype(window.dtype))
     return window, jnp.where(use_batch, value, window.mean(0).astype(value.dtype))
+
+
+def _ema(old: Array, new: Array, momentum: float) -> Array:
+    """``momentum · old + (1 − momentum) · new``, in the state's dtype."""
+    return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+
+
+def _ema_track(old: Array, new: Array, momentum: float, grouped: bool):
+    """(EMA after the step, EMA before each group): one update per ghost batch."""
+    if not grouped:
+        return _ema(old, new, momentum), old
+    return lax.scan(lambda e, v: (_ema(e, v, momentum), e), old, new)
 
 
 def _pmean(x, config: MABNConfig):
@@ -495,16 +520,9 @@ def mabn_train_with_stats(
         moving = _moving
     xs = x.astype(sdt)
     eps = config.epsilon
-    alpha = config.momentum
-
-    def ema(old, new):
-        return (alpha * old + (1 - alpha) * new.astype(old.dtype)).astype(old.dtype)
 
     def ema_track(old, new):
-        """(EMA after this step, EMA before each group), one update per group."""
-        if not grouped:
-            return ema(old, new), old
-        return lax.scan(lambda e, v: (ema(e, v), e), old, new)
+        return _ema_track(old, new, config.momentum, grouped)
 
     def clip_r(scale_stat, ema_stat):
         r = jnp.sqrt(scale_stat + eps) / jnp.sqrt(ema_stat.astype(sdt) + eps)

@@ -30,20 +30,6 @@ from mabn_jax import functional as F
 
 __all__ = ["init_probes", "record_backward_stats"]
 
-_CENTERED = frozenset(F.CenteredMABNState._fields)
-_PLAIN = frozenset(F.MABNState._fields)
-
-
-def _layer_state(node: Mapping[str, Any]):
-    """The MABN state stored in ``node``, or None if it is not an MABN layer."""
-    keys = frozenset(node.keys())
-    if keys == _CENTERED:
-        return F.CenteredMABNState(**node)
-    if keys == _PLAIN:
-        return F.MABNState(**node)
-    return None
-
-
 def _rebuild(like: Mapping, items: dict):
     return FrozenDict(items) if isinstance(like, FrozenDict) else items
 
@@ -57,7 +43,7 @@ def init_probes(batch_stats: Mapping[str, Any], num_groups: int = 1) -> Any:
     ``num_groups``: for layers with ghost batches, ``batch // norm_batch_size``
     (the probes get one row per group); all MABN layers of the tree get it.
     """
-    state = _layer_state(batch_stats)
+    state = F.state_from_mapping(batch_stats)
     if state is not None:
         out = {k: v for k, v in F.init_probes(state, num_groups)._asdict().items()
                if v is not None}
@@ -85,9 +71,9 @@ def record_backward_stats(batch_stats: Mapping[str, Any], probe_grads: Mapping[s
     in ``skipped``) instead of keeping the step's forward statistics; see
     :func:`mabn_jax.functional.record_backward_stats`.
     """
-    state = _layer_state(batch_stats)
+    state = F.state_from_mapping(batch_stats)
     if state is not None:
-        prev = None if previous is None else _layer_state(previous)
+        prev = None if previous is None else F.state_from_mapping(previous)
         if previous is not None and type(prev) is not type(state):
             raise ValueError("record_backward_stats: previous has another layout than "
                              "batch_stats; pass the batch_stats given to the same apply.")
