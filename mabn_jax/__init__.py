@@ -1,34 +1,40 @@
-"""Moving Average Batch Normalization (MABN, ICLR 2020) for JAX and Flax."""
+"""Moving Average Batch Normalization (MABN, ICLR 2020) and Batch Renormalization
+for JAX and Flax.
 
-from mabn_jax import functional
-from mabn_jax.functional import MABNConfig, MABNState, CenteredMABNState, Probes
-from mabn_jax.linen import MABN, CenteredConv, CenteredDense, PROBES, center_kernel
-from mabn_jax.probes import init_probes, record_backward_stats
+Layers (``flax.linen``): :class:`MABN`, :class:`BatchRenorm`,
+:class:`CenteredConv`, :class:`CenteredDense`. Training: :func:`value_and_grad`
+(a drop-in for ``jax.value_and_grad``), over the low-level :func:`init_probes`
+and :func:`record_backward_stats`. Deployment: :func:`fold_params`.
+Checkpoints: :func:`check_batch_stats`. The math: :mod:`mabn_jax.functional`.
+"""
+
+from mabn_jax import functional, monitor
+from mabn_jax._config import BatchRenormConfig, MABNConfig
 from mabn_jax.checkpoint import check_batch_stats
 from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
-from mabn_jax.batch_renorm import BatchRenorm
-from mabn_jax import monitor
+from mabn_jax.linen import (PROBES, MABN, BatchRenorm, CenteredConv, CenteredDense,
+                            center_kernel)
+from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MABN",
     "BatchRenorm",
-    "monitor",
     "CenteredConv",
     "CenteredDense",
-    "PROBES",
     "center_kernel",
+    "MABNConfig",
+    "BatchRenormConfig",
+    "value_and_grad",
     "init_probes",
     "record_backward_stats",
+    "PROBES",
     "check_batch_stats",
-    "functional",
-    "MABNConfig",
-    "MABNState",
-    "CenteredMABNState",
-    "Probes",
     "fold_params",
     "fold_norm",
     "fold_affine",
     "norm_affine",
+    "functional",
+    "monitor",
 ]

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
-from mabn_jax import functional as F
+from mabn_jax import _state
 
 __all__ = ["check_batch_stats"]
 
-_PLAIN = frozenset(F.MABNState._fields)
-_CENTERED = frozenset(F.CenteredMABNState._fields)
+_LAYOUTS = {frozenset(k for k, _ in names): centered
+            for centered, names in _state.LAYOUTS.items()}
+# Counters: float since mabn_jax 0.2; int32 checkpoints of 0.1 restore into them.
+_COUNTERS = ("step", "skipped")
 
 
 def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
@@ -43,9 +46,10 @@ def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
         _check_leaf(stored, expected, path)
         return
     keys, want = frozenset(stored), frozenset(expected)
-    if want in (_PLAIN, _CENTERED):
+    if want in _LAYOUTS:
         _check_layer(stored, expected, path)
-    elif keys != want:
+        return
+    if keys != want:
         raise ValueError(
             f"checkpoint: {path} has {sorted(keys - want)} that the model lacks and "
             f"lacks {sorted(want - keys)}; the checkpoint is from another model.")
@@ -54,22 +58,9 @@ def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
 
 
 def _check_layer(stored: Mapping, expected: Mapping, path: str) -> None:
-    keys, want = frozenset(stored), frozenset(expected)
-    if keys != want:
-        if keys | {"skipped"} == want:
-            raise ValueError(
-                f"checkpoint: MABN layer {path} lacks 'skipped': it was written by a "
-                "mabn_jax without the non-finite skip counter. To keep its statistics, "
-                "add 'skipped': jnp.zeros((), jnp.int32) to each MABN layer of the "
-                "restored batch_stats; otherwise re-initialize with model.init.")
-        other = {True: "centered=True", False: "centered=False"}
-        if keys in (_PLAIN, _CENTERED, _PLAIN - {"skipped"}, _CENTERED - {"skipped"}):
-            raise ValueError(
-                f"checkpoint: MABN layer {path} was saved from a "
-                f"{other[bool(keys & {'mean_window'})]} layer but the model's is "
-                f"{other[want == _CENTERED]}; build the model with the same `centered`.")
-        raise ValueError(f"checkpoint: MABN layer {path} has fields {sorted(keys)}, "
-                         f"expected {sorted(want)}.")
+    error = _state.layout_error(list(stored), _LAYOUTS[frozenset(expected)])
+    if error:
+        raise ValueError(f"checkpoint: MABN layer {path} {error}.")
     lead = len(expected["step"].shape)  # leading axes of nn.scan / vmap
     got, exp = tuple(stored["psi_window"].shape), tuple(expected["psi_window"].shape)
     if got[:lead] == exp[:lead] and len(got) == len(exp) and got != exp:
@@ -81,6 +72,14 @@ def _check_layer(stored: Mapping, expected: Mapping, path: str) -> None:
         raise ValueError(
             f"checkpoint: MABN layer {path} was saved for features {got[lead + 1:]} "
             f"but the model has features {exp[lead + 1:]}.")
+    for key in _COUNTERS:  # an int32 counter (mabn_jax 0.1) restores as a float
+        stored_dtype = np.dtype(stored[key].dtype)
+        if np.issubdtype(stored_dtype, np.integer) and np.issubdtype(
+                np.dtype(expected[key].dtype), np.floating):
+            stored = {**stored, key: jax.ShapeDtypeStruct(stored[key].shape,
+                                                          expected[key].dtype)}
+    for key in sorted(expected):
+        _check_leaf(stored[key], expected[key], f"{path}/{key}")
 
 
 def _check_leaf(stored: Any, expected: Any, path: str) -> None:

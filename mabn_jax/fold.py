@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from mabn_jax import functional as F
+from mabn_jax import _stats, _state
+from mabn_jax._mabn import affine_from_ema
 from mabn_jax.linen import center_kernel
 
 __all__ = ["norm_affine", "fold_affine", "fold_norm", "fold_params"]
@@ -58,26 +59,21 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
     (``use_scale=False`` / ``use_bias=False``). ``epsilon`` must be the layer's.
     """
     stats = dict(norm_stats)
-    keys = frozenset(stats)
-    state: Any = F.state_from_mapping(stats)
-    if isinstance(state, F.MABNState):
-        ref = state.ema_x2
-    elif isinstance(state, F.CenteredMABNState):
-        ref = state.ema_var
-    elif keys == {"mean", "var"}:  # nn.BatchNorm: the centered formula with its EMAs
-        ref = stats["var"]
-        state = F.CenteredMABNState(**dict.fromkeys(F.CenteredMABNState._fields))._replace(
-            ema_mean=stats["mean"], ema_var=stats["var"])
+    state = _state.from_mapping(stats)
+    if state is not None:
+        var, mean = state.ema_var, state.ema_mean
+    elif frozenset(stats) == {"mean", "var"}:  # nn.BatchNorm: the centered formula
+        var, mean = stats["var"], stats["mean"]
     else:
         raise ValueError(
-            f"fold: norm_stats has keys {sorted(keys)}, which is neither an MABN "
-            f"{F.MABNState._fields}, a centered MABN {F.CenteredMABNState._fields} nor "
-            "an nn.BatchNorm ('mean', 'var') layer; pass that layer's batch_stats entry.")
+            f"fold: norm_stats has keys {sorted(stats)}, which is neither an MABN layer "
+            f"({[k for k, _ in _state.LAYOUTS[False]]} or, centered, "
+            f"{[k for k, _ in _state.LAYOUTS[True]]}) nor an nn.BatchNorm ('mean', 'var') "
+            "layer; pass that layer's batch_stats entry.")
     scale, bias = norm_params.get("scale"), norm_params.get("bias")
-    dtype = jnp.result_type(jnp.float32, ref, *(p for p in (scale, bias) if p is not None))
-    scale, bias = F._affine_params(scale, bias, ref.shape, dtype)
-    return F.inference_affine(scale.astype(dtype), bias.astype(dtype), state,
-                              F.MABNConfig(epsilon=epsilon))
+    dtype = jnp.result_type(jnp.float32, var, *(p for p in (scale, bias) if p is not None))
+    scale, bias = _stats.affine_params(scale, bias, var.shape, dtype)
+    return affine_from_ema(scale, bias, var, mean, epsilon)
 
 
 def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,

@@ -1,0 +1,221 @@
+"""Hyper-parameters: one home for each layer's, with their validation.
+
+:class:`MABNConfig` and :class:`BatchRenormConfig` are keyword-only
+dataclasses. The Flax modules inherit them, so each hyper-parameter is
+declared, defaulted, documented and validated here and nowhere else; the pure
+functions take them as static (hashable) arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import operator
+from typing import Any
+
+__all__ = ["MABNConfig", "BatchRenormConfig", "config_of"]
+
+# Counters are floats (so `jax.grad` over a whole variables dict and
+# `lax.pmean(batch_stats)` work, as for nn.BatchNorm); schedule thresholds must
+# stay well inside float32's exact-integer range (see _mabn._advance).
+MAX_SCHEDULE_STEP = 2**22
+
+
+def _fail(layer: str, name: str, value: Any, want: str) -> None:
+    raise ValueError(f"{layer}: {name}={value!r} is invalid; {name} must be {want}.")
+
+
+def check_int(layer: str, name: str, value: Any, minimum: int, maximum: int | None = None,
+              allow_none: bool = False) -> int | None:
+    """``value`` as a Python int (NumPy integers accepted, bools rejected)."""
+    if value is None and allow_none:
+        return None
+    want = f"an int >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    if allow_none:
+        want += ", or None"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(layer, name, value, f"{want} (got a {type(value).__name__})")
+    value = operator.index(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        _fail(layer, name, value, want)
+    return value
+
+
+def check_float(layer: str, name: str, value: Any, low: float, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = False, hint: str = "",
+                allow_none: bool = False) -> float | None:
+    """``value`` as a Python float in the given range (bools and strings rejected)."""
+    if value is None and allow_none:
+        return None
+    lo, hi = ("(" if low_open else "["), ("" if high is None else (")" if high_open else "]"))
+    want = f"a float in {lo}{low}, {'inf)' if high is None else f'{high}{hi}'}" + hint
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(layer, name, value, f"{want} (got a {type(value).__name__})")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above or value != value:
+        _fail(layer, name, value, want)
+    return value
+
+
+def check_bool(layer: str, name: str, value: Any) -> bool:
+    if not isinstance(value, (bool,)) and type(value).__name__ != "bool_":
+        _fail(layer, name, value, f"True or False (got a {type(value).__name__})")
+    return bool(value)
+
+
+def _groups(value: Any) -> tuple[tuple[int, ...], ...] | None:
+    """``axis_index_groups`` as nested tuples, so the config stays hashable."""
+    return None if value is None else tuple(tuple(int(i) for i in g) for g in value)
+
+
+def config_of(cls: type, obj: Any):
+    """The ``cls`` config holding ``obj``'s values of its fields (e.g. a module's)."""
+    return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(unsafe_hash=True, kw_only=True)
+class _NormConfig:
+    """What every batch-statistics layer here shares with ``nn.BatchNorm``.
+
+    Attributes:
+      momentum: EMA decay ``α``: ``ema ← α·ema + (1 − α)·batch`` (Flax's and
+        Keras' convention; PyTorch's ``momentum`` is ``1 − α``).
+      epsilon: added to the variance (second moment) before the square root.
+      axis_name: named axis (``pmap``/``shard_map``) over which the batch
+        statistics are averaged (synchronized batch norm); ``None``: per device.
+      axis_index_groups: subgroups of ``axis_name`` to average within.
+      use_fast_variance: compute a centered layer's variance in one pass as
+        ``E[x²] − E[x]²`` (faster, and ``nn.BatchNorm``'s default) instead of
+        two passes as ``E[(x − E[x])²]``. The one-pass form loses precision
+        when the mean is large against the spread, which is the common case
+        at the normalization batches of 1–4 these layers exist for, so the
+        default here is ``False``. The non-centered MABN computes ``E[x²]``
+        either way.
+      force_float32_reductions: reduce in at least float32 (as in
+        ``nn.BatchNorm``); ``False`` reduces in the input's dtype.
+      norm_batch_size: ghost batches: examples per normalization group along
+        axis 0 of the input (which must be the batch axis); each group of
+        consecutive examples is normalized with its own statistics. ``None``:
+        the whole batch is one group.
+    """
+
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+    norm_batch_size: int | None = None
+
+    def _check_common(self, layer: str) -> dict[str, Any]:
+        return dict(
+            momentum=check_float(layer, "momentum", self.momentum, 0.0, 1.0, high_open=True,
+                                 hint=" (a decay: new = momentum*old + (1-momentum)*batch)"),
+            epsilon=check_float(layer, "epsilon", self.epsilon, 0.0, low_open=True),
+            axis_index_groups=_groups(self.axis_index_groups),
+            use_fast_variance=check_bool(layer, "use_fast_variance", self.use_fast_variance),
+            force_float32_reductions=check_bool(layer, "force_float32_reductions",
+                                                self.force_float32_reductions),
+            norm_batch_size=check_int(layer, "norm_batch_size", self.norm_batch_size, 1,
+                                      allow_none=True))
+
+
+@dataclasses.dataclass(unsafe_hash=True, kw_only=True)
+class MABNConfig(_NormConfig):
+    """Hyper-parameters of one MABN layer (static: changing one recompiles).
+
+    Attributes (besides :class:`_NormConfig`'s, with ``momentum=0.98``, the paper's):
+      buffer_size: ``m``, the steps in the simple-moving-average windows
+        (the paper: real batch / normalization batch, 16 for ImageNet).
+      warmup_steps: while ``t < warmup_steps`` the batch statistics are used.
+      renorm_start: renormalization by ``r`` (and ``d``) starts after step
+        ``max(renorm_start, warmup_steps)``.
+      r_max: ``r`` is clipped to ``[1/r_max, r_max]``.
+      centered: ``False`` for the paper's final MABN (second moment only,
+        backward Ψ only; use it after weight-centralized layers); ``True`` to
+        also moving-average the mean and g (works after any layer).
+      d_max: centered only: ``d`` is clipped to ``[−d_max, d_max]``.
+      ghost_ema: with ghost batches (``norm_batch_size``), how the EMA follows
+        the groups. ``'step'`` (default) follows the authors' simulated-small-
+        batch layer: one update per training call with the mean of the
+        groups' statistics, set to that mean by the first call, and ``r``, ``d``
+        of every group measured against the EMA from before the call.
+        ``'group'``: one update per group, as if each group were a step.
+
+    Steps ``t`` count window steps: one per call, or one per group with ghost
+    batches. ``warmup_steps`` and ``renorm_start`` must be at most 2**22.
+    """
+
+    momentum: float = 0.98
+    buffer_size: int = 16
+    warmup_steps: int = 100
+    renorm_start: int = 1000
+    r_max: float = 5.0
+    centered: bool = False
+    d_max: float = 5.0
+    ghost_ema: str = "step"
+
+    def __post_init__(self):
+        self._validate()
+
+    def _validate(self, layer: str = "MABN") -> None:
+        """Checks (and canonicalizes to Python types) every hyper-parameter."""
+        values = self._check_common(layer)
+        values.update(
+            buffer_size=check_int(layer, "buffer_size", self.buffer_size, 1),
+            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0,
+                                   MAX_SCHEDULE_STEP),
+            renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0,
+                                   MAX_SCHEDULE_STEP),
+            r_max=check_float(layer, "r_max", self.r_max, 1.0,
+                              hint=" (r is clipped to [1/r_max, r_max])"),
+            d_max=check_float(layer, "d_max", self.d_max, 0.0,
+                              hint=" (d is clipped to [-d_max, d_max])"),
+            centered=check_bool(layer, "centered", self.centered))
+        if self.buffer_size > MAX_SCHEDULE_STEP:
+            _fail(layer, "buffer_size", self.buffer_size, f"<= {MAX_SCHEDULE_STEP}")
+        if self.ghost_ema not in ("step", "group"):
+            _fail(layer, "ghost_ema", self.ghost_ema, "'step' or 'group'")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+@dataclasses.dataclass(unsafe_hash=True, kw_only=True)
+class BatchRenormConfig(_NormConfig):
+    """Hyper-parameters of Batch Renormalization (Ioffe 2017).
+
+    Attributes (besides :class:`_NormConfig`'s):
+      r_max: final clip of ``r`` to ``[1/r_max, r_max]`` (the paper: 3).
+      d_max: final clip of ``d`` to ``[−d_max, d_max]`` (the paper: 5).
+      warmup_steps: training steps with ``r = 1, d = 0`` (plain batch norm).
+      ramp_steps: steps over which the clips then grow linearly from 1 and 0
+        to ``r_max`` and ``d_max`` (0: at once).
+      renorm_momentum: decay of the moving averages ``r`` and ``d`` are
+        measured against; ``None`` uses ``momentum``.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 0
+    ramp_steps: int = 0
+    renorm_momentum: float | None = None
+
+    def __post_init__(self):
+        self._validate()
+
+    def _validate(self, layer: str = "BatchRenorm") -> None:
+        values = self._check_common(layer)
+        values.update(
+            r_max=check_float(layer, "r_max", self.r_max, 1.0,
+                              hint=" (r is clipped to [1/r_max, r_max])"),
+            d_max=check_float(layer, "d_max", self.d_max, 0.0,
+                              hint=" (d is clipped to [-d_max, d_max])"),
+            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0,
+                                   MAX_SCHEDULE_STEP),
+            ramp_steps=check_int(layer, "ramp_steps", self.ramp_steps, 0, MAX_SCHEDULE_STEP),
+            renorm_momentum=check_float(layer, "renorm_momentum", self.renorm_momentum, 0.0,
+                                        1.0, high_open=True, allow_none=True))
+        for name, value in values.items():
+            object.__setattr__(self, name, value)

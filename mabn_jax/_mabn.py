@@ -1,0 +1,443 @@
+"""The MABN math: a training step with a custom VJP, inference, recording Ψ_B.
+
+For a training step ``t = step + 1`` with window length ``m``, ``slot = t mod m``
+and "batch phase" meaning ``t ≤ m or t < warmup_steps`` (Yan et al., ICLR 2020;
+``MABN_SPEC.md``). The plain layer has no mean (``μ = 0``, ``d = 0``, no g)::
+
+    μ_B = mean(x)   σ²_B = mean((x − μ_B)²)          (plain: σ²_B = χ²_B = mean(x²))
+    μ̃  = μ_B,  σ̃² = σ²_B                                         in the batch phase
+    μ̃  = mean(μ_w),  σ̃² = mean(σ²_w) + mean((μ_w − μ̃)²)          otherwise
+    z  = (x − μ̃) / sqrt(σ̃² + ε)
+    r  = clip(sqrt(σ̃² + ε) / sqrt(ema_var + ε), 1/r_max, r_max)   (1 before renorm)
+    d  = clip((μ̃ − ema_mean) / sqrt(ema_var + ε), −d_max, d_max)   (0 before renorm)
+    y  = γ · (r · z + d) + β
+    ema_var ← α·ema_var + (1 − α)·σ̃²,   ema_mean ← α·ema_mean + (1 − α)·μ̃
+
+    backward:  ĝ = ∂L/∂y · γ · r,   Ψ_B = mean(ĝ · z),   g_B = mean(ĝ)
+               Ψ̃, g̃: the batch values in the batch phase, else window means
+               ∂L/∂x = (ĝ − g̃ − z · Ψ̃) / sqrt(σ̃² + ε)
+
+``μ_w``, ``σ²_w`` are the windows with this step's values written. The centered
+σ̃² averages the second moments over the window (law of total variance), not
+only the within-batch variances, which at batch 2 miss half the variance.
+Every phase decision is a traced ``jnp.where``: one compilation serves all.
+
+Ψ_B and g_B exist only in the backward pass. They leave it as the cotangents of
+window-shaped *probes*; the forward reserves their slots by writing NaN there,
+and :func:`record_backward_stats` fills exactly the reserved slots. A state
+whose slots were never filled makes the next training output NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mabn_jax import _stats as S
+from mabn_jax._config import MABNConfig
+from mabn_jax._state import MABNState, Probes, check_state
+
+Array = jax.Array
+_LAYER = "MABN"
+# Counters are floats; past _WRAP they step back by a multiple of m (slots and
+# phases unchanged, as every schedule threshold is below _WRAP - period).
+_WRAP = 2**23
+
+_FORWARD_MODE = (
+    "MABN in training mode supports reverse-mode differentiation only (jax.grad, jax.vjp, "
+    "jax.jacrev, and forward-over-reverse: jax.hessian, jax.jvp of jax.grad). Forward mode "
+    "(jax.jvp, jax.jacfwd) of the layer itself is undefined: its gradient uses moving "
+    "averages of the backward statistics (a custom VJP), which no forward derivative "
+    "matches. Use use_running_average=True (inference mode) for forward-mode derivatives.")
+
+
+class _Phase(NamedTuple):
+    slot_mask: Array  # [m] bool (or [G, m]): the ring-buffer slot t mod m
+    use_batch: Array  # bool (or [G]): t <= m or t < warmup
+    renorm: Array  # bool (or [G]): t > max(renorm_start, warmup)
+
+
+def _phase(t: Array, cfg: MABNConfig) -> _Phase:
+    m = cfg.buffer_size
+    return _Phase(jnp.arange(m) == t % m, (t <= m) | (t < cfg.warmup_steps),
+                  t > max(cfg.renorm_start, cfg.warmup_steps))
+
+
+def as_count(step: Array) -> Array:
+    """A stored counter as int32 (it may have been averaged by lax.pmean)."""
+    return jnp.round(step).astype(jnp.int32)
+
+
+def wrap_period(m: int) -> int:
+    """What a counter past ``_WRAP`` steps back by: a multiple of ``m``."""
+    return m * ((_WRAP // 2) // m)
+
+
+def _advance(step: Array, n: int, m: int) -> Array:
+    new = as_count(step) + n
+    return jnp.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
+
+
+class _Slide(NamedTuple):
+    """How the ``G`` window steps of one call share the ring buffer.
+
+    Group ``i`` writes slot ``t_i mod m`` and reads the last ``m`` writes up
+    to its own: the values of groups ``i − m < j ≤ i`` (``in_window``) and the
+    slots no such group wrote (``old_kept``). A plain call is ``G = 1``.
+    """
+
+    in_window: Array  # [G, G]: group j's value is in group i's window
+    old_kept: Array  # [G, m]: slot s still holds its value from before the call
+    last: Array  # [G, m]: group j is the last to write slot s
+
+
+def _slide(slot_mask: Array) -> _Slide:
+    groups, m = slot_mask.shape
+    i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
+    in_window = (j <= i) & (j > i - m)
+    old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)
+    later = jnp.cumsum(slot_mask[::-1], 0)[::-1] - slot_mask  # writes after group j
+    return _Slide(in_window, old_kept, slot_mask & (later == 0))
+
+
+def _dot(mask: Array, v: Array) -> Array:
+    """``Σ_b mask[a, b] · v[b]``, exactly (no reduced-precision matmul)."""
+    return jnp.tensordot(mask.astype(v.dtype), v, axes=(1, 0),
+                         precision=lax.Precision.HIGHEST)
+
+
+def _masked_sum(mask: Array, v: Array) -> Array:
+    """``Σ_b v[a, b]`` over the ``b`` where ``mask[a, b]``."""
+    return jnp.where(S.lead(mask, v), v, 0.0).sum(1)
+
+
+def _window_mean(sl: _Slide, window: Array, values: Array) -> Array:
+    """Each group's window mean: ``[G, *features]``."""
+    m = window.shape[0]
+    return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / m
+
+
+def _final_window(sl: _Slide, window: Array, values: Array) -> Array:
+    """The window after the call: each written slot holds its last writer's value."""
+    written = sl.last.any(0)
+    return jnp.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype),
+                     window)
+
+
+def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
+    """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
+    ub = lambda v: S.lead(use_batch, v)
+    var_w = _final_window(sl, state.var_window, var_b)
+    var_win = _window_mean(sl, state.var_window, var_b)
+    if mean_b is None:
+        return None, var_w, None, jnp.where(ub(var_b), var_b, var_win)
+    m = state.mean_window.shape[0]
+    mean_w = _final_window(sl, state.mean_window, mean_b)
+    mu_win = _window_mean(sl, state.mean_window, mean_b)
+    # Between-step variance of μ_B over each window, in two passes.
+    spread = (_masked_sum(sl.in_window, jnp.square(mean_b[None] - mu_win[:, None]))
+              + _masked_sum(sl.old_kept, jnp.square(
+                  state.mean_window[None].astype(mu_win.dtype) - mu_win[:, None]))) / m
+    return (mean_w, var_w, jnp.where(ub(mean_b), mean_b, mu_win),
+            jnp.where(ub(var_b), var_b, var_win + spread))
+
+
+class _Spec(NamedTuple):
+    """Static description of one normalization call (hashable)."""
+
+    reduction_axes: tuple[int, ...]
+    feature_axes: tuple[int, ...]  # axis 0 (the groups) first
+    out_dtype: Any
+    config: MABNConfig
+
+
+class _Ctx(NamedTuple):
+    """Per-group, per-channel values of one step. The custom VJP treats them as
+    constants, but they stay differentiable functions of x, so second-order
+    derivatives see how the statistics move with x."""
+
+    mean: Array | None  # μ̃ (centered) or None
+    inv: Array  # 1 / sqrt(σ̃² + ε)
+    r: Array
+    d: Array | None
+    psi_window: Array  # windows as before this step
+    g_window: Array | None
+    slot_mask: Array  # [G, m]
+    use_batch: Array  # [G]
+    count: Array  # examples per statistic
+    mask: Array | None
+
+
+def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
+               probes: Probes, config: MABNConfig, *, axis=-1, dtype: Any = None,
+               mask: Array | None = None) -> tuple[Array, MABNState]:
+    """One MABN training step: returns ``(y, new_state)``.
+
+    ``new_state`` holds the advanced step, the forward windows and the EMAs,
+    with this step's Ψ (g) slots reserved; :func:`record_backward_stats` fills
+    them from the gradient w.r.t. ``probes``. ``y`` is differentiable w.r.t.
+    ``x``, ``scale``, ``bias`` and ``probes``, in reverse mode (and
+    forward-over-reverse for second derivatives).
+
+    A step whose batch statistics are not finite leaves the state as it was,
+    with ``skipped`` one higher, and its output is NaN (so loss guards see it).
+
+    Ghost batches (``config.norm_batch_size``): axis 0 is split into ``G``
+    groups of consecutive examples, each normalized with its own statistics
+    and counting as one window step (group ``i`` is step ``step + 1 + i``); the
+    windows slide across groups and calls. ``config.ghost_ema`` picks the EMA
+    rule.
+
+    Args:
+      x: input of rank >= 2, any float dtype.
+      scale, bias: ``γ`` and ``β`` of shape ``[*features]``, or ``None``.
+      state: from :func:`init_state` or a previous step.
+      probes: from :func:`init_probes`; differentiate w.r.t. them.
+      config: the layer's hyper-parameters.
+      axis: the feature axis or axes (default last, NHWC).
+      dtype: output dtype (default: the input's).
+      mask: optional boolean array broadcastable to ``x``: the entries the
+        statistics are computed from (as in ``nn.BatchNorm``).
+    """
+    y, new_state, _ = mabn_train_with_stats(x, scale, bias, state, probes, config, axis=axis,
+                                            dtype=dtype, mask=mask)
+    return y, new_state
+
+
+def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
+                          config: MABNConfig, *, axis=-1, dtype=None, mask=None):
+    """:func:`mabn_train` that also returns the step's forward statistics.
+
+    ``stats`` maps names to per-channel arrays (a leading ``[G]`` axis with
+    ghost batches). Plain: ``chi2_B`` (χ²_B), ``chi2`` (χ̃² used to
+    normalize), ``ema_x2`` (the EMA ``r`` is measured against), ``r``.
+    Centered: ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``,
+    ``ema_var``, ``r``, ``d``.
+    """
+    x = jnp.asarray(x)
+    feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
+    S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    check_state(state, config, feature_shape)
+    _check_probes(probes, state)
+    cfg = config
+    split = S.split_groups(x, feature_axes, cfg.norm_batch_size, _LAYER, mask)
+    ghost = split.groups > 1
+    split = S.with_group_axis(split)  # [G, ...]: one code path for G = 1 too
+    sdt = S.stat_dtype(x.dtype, state.var_window.dtype, cfg.force_float32_reductions)
+    mean_b, var_b = S.moments(split.x.astype(sdt), split, use_mean=cfg.centered,
+                              use_fast_variance=cfg.use_fast_variance,
+                              axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    phase = jax.vmap(_phase, (0, None))(
+        as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
+    sl = _slide(phase.slot_mask)
+    mean_w, var_w, mean, var = _forward_windows(state, sl, phase.use_batch, mean_b, var_b)
+    (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _emas(state, var, mean, ghost, cfg)
+    r, d = S.renorm_factors(var, ema_var_used, mean, ema_mean_used, r_max=cfg.r_max,
+                            d_max=cfg.d_max, epsilon=cfg.epsilon, active=phase.renorm)
+
+    healthy = S.all_finite(*state[1:])  # a poisoned or unrecorded state: NaN output
+    ok = S.all_finite(mean_b, var_b)  # this step's statistics
+    bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
+    inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
+    written = sl.last.any(0)
+    reserve = lambda w: None if w is None else jnp.where(S.lead(written, w), jnp.nan, w)
+    new_state = MABNState(
+        _advance(state.step, split.groups, cfg.buffer_size), var_w, reserve(state.psi_window),
+        ema_var, state.skipped, mean_w, reserve(state.g_window), ema_mean)
+    new_state = S.select(ok, new_state, state._replace(skipped=state.skipped + 1))
+
+    ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
+               phase.use_batch, jnp.asarray(S.count(split), sdt), split.mask)
+    _check_probes_vary(probes, inv, cfg)
+    scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
+    x_axes = _varying_axes(x)
+    scale, bias = _vary_like(scale, x_axes), _vary_like(bias, x_axes)
+    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg)
+    try:
+        y = _normalize(spec, split.x, scale, bias, probes, ctx)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(_FORWARD_MODE) from None
+    squeeze = (lambda v: v) if ghost else (lambda v: None if v is None else v[0])
+    if cfg.centered:
+        stats = dict(mu_B=mean_b, sigma2_B=var_b, mu=mean, sigma2=var,
+                     ema_mean=ema_mean_used, ema_var=ema_var_used, r=r, d=d)
+    else:
+        stats = dict(chi2_B=var_b, chi2=var, ema_x2=ema_var_used, r=r)
+    return y.reshape(x.shape), new_state, {k: squeeze(v) for k, v in stats.items()}
+
+
+def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
+    """((new ema_var, ema_var r sees), (new ema_mean, ema_mean d sees)), the
+    latter per group."""
+    def track(old, new):
+        if old is None:
+            return None, None
+        if ghost and cfg.ghost_ema == "step":
+            # The authors' simulated-small-batch layer: one update per call with the
+            # groups' mean, which the first call takes as the EMA outright.
+            target = new.mean(0)
+            updated = jnp.where(as_count(state.step) == 0, target.astype(old.dtype),
+                                S.ema(old, target, cfg.momentum))
+            return updated, jnp.broadcast_to(old, new.shape)
+        return S.ema_per_group(old, new, cfg.momentum, grouped=True)
+    return track(state.ema_var, var), track(state.ema_mean, mean)
+
+
+def _z(x: Array, ctx: _Ctx, spec: _Spec, dtype) -> Array:
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    xs = x.astype(dtype)
+    if ctx.mean is not None:
+        xs = xs - b(ctx.mean)
+    return xs * b(ctx.inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _normalize(spec: _Spec, x, scale, bias, probes, ctx):
+    return _normalize_fwd(spec, x, scale, bias, probes, ctx)[0]
+
+
+def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
+    dtype = ctx.inv.dtype
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    a = scale * ctx.r
+    shift = jnp.broadcast_to(bias, a.shape)
+    if ctx.d is not None:
+        shift = shift + scale * ctx.d
+    y = (_z(x, ctx, spec, dtype) * b(a) + b(shift)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx)
+
+
+def _normalize_bwd(spec: _Spec, res, dy):
+    x, scale, bias, probes, ctx = res
+    dtype, cfg = ctx.inv.dtype, spec.config
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    sync = functools.partial(S.pmean, axis_name=cfg.axis_name,
+                             axis_index_groups=cfg.axis_index_groups)
+    z = _z(x, ctx, spec, dtype)
+    dy = dy.astype(dtype)
+    sum_dy = dy.sum(spec.reduction_axes)
+    # Σ dy·z = inv · Σ dy·(x − μ̃): scaling after the reduction lets XLA fuse it
+    # into one pass over (x, dy) instead of materializing z first. The barrier
+    # keeps μ̃'s (per-channel) select out of that fusion; otherwise XLA CPU
+    # writes x − μ̃ to memory before reducing.
+    xc = (x.astype(dtype) if ctx.mean is None
+          else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean)))
+    sum_dyz = (dy * xc).sum(spec.reduction_axes) * ctx.inv
+    a = scale * ctx.r  # ĝ = dy · a
+    keep = (lambda v: v) if ctx.mask is None else (lambda v: jnp.where(ctx.mask, v, 0.0))
+
+    sl = _slide(ctx.slot_mask)
+
+    def windowed(window, total):
+        """(the step's statistic in use, the probe cotangent)."""
+        value = sync(a * total) / ctx.count  # Ψ_B or g_B (times the loss scale)
+        if probes.loss_scale is not None:  # the stored windows are unscaled
+            window = (window * probes.loss_scale).astype(window.dtype)
+        used = jnp.where(S.lead(ctx.use_batch, value), value, _window_mean(sl, window, value))
+        return used, _final_window(sl, jnp.zeros_like(window), value)
+
+    psi, psi_cot = windowed(ctx.psi_window, sum_dyz)
+    dxs = dy * b(a) - keep(z * b(psi))
+    g_cot = None
+    if ctx.g_window is not None:
+        g, g_cot = windowed(ctx.g_window, sum_dy)
+        dxs = dxs - keep(b(g))
+    dx = (dxs * b(ctx.inv)).astype(x.dtype)
+    dprobes = Probes(_probe_cotangent(psi_cot, probes.psi),
+                     None if g_cot is None else _probe_cotangent(g_cot, probes.g),
+                     None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale))
+    dscale = ctx.r * sum_dyz
+    if ctx.d is not None:
+        dscale = dscale + ctx.d * sum_dy
+    dscale, sum_dy = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
+    return (dx, dscale.astype(scale.dtype), sum_dy.astype(bias.dtype), dprobes,
+            jax.tree_util.tree_map(lambda _: None, ctx))
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(v, axes: frozenset):
+    """Marks ``v`` as varying over ``axes`` (a no-op outside shard_map).
+
+    Inside ``shard_map`` a custom VJP's cotangents must have the manual-axis
+    type of their primals: a replicated γ meets a per-device ``x`` here, so it
+    is cast to varying first, and autodiff then sums its gradient over devices
+    (the transpose of that cast), exactly as for a plain ``γ · x``.
+    """
+    missing = tuple(a for a in axes if a not in _varying_axes(v))
+    return lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _probe_cotangent(stat: Array, probe: Array) -> Array:
+    """A statistic as the probe's cotangent: its dtype and shard_map type."""
+    return _vary_like(stat.astype(probe.dtype), _varying_axes(probe))
+
+
+def _check_probes(probes: Probes, state: MABNState) -> None:
+    for name, probe, window in (("psi", probes.psi, state.psi_window),
+                                ("g", probes.g, state.g_window)):
+        if (probe is None) != (window is None) or (
+                probe is not None and tuple(probe.shape) != tuple(window.shape)):
+            got = None if probe is None else tuple(probe.shape)
+            want = None if window is None else tuple(window.shape)
+            raise ValueError(
+                f"MABN: probe {name!r} has shape {got} but this layer's window is {want}; "
+                "build the probes from this layer's own state with init_probes(state) "
+                "(or mabn_jax.init_probes(batch_stats) for a model).")
+
+
+def _check_probes_vary(probes: Probes, stat: Array, config: MABNConfig) -> None:
+    """Per-device statistics need per-device probes (and state) in shard_map."""
+    per_device = _varying_axes(stat) - _varying_axes(probes.psi)
+    if per_device:
+        raise ValueError(
+            f"MABN: under shard_map the statistics vary over mesh axes {sorted(per_device)} "
+            f"but the state/probes are replicated over them (axis_name="
+            f"{config.axis_name!r}). Either shard the batch_stats (and so the probes) over "
+            "those axes, e.g. in_specs P('batch') on a leading device axis, to keep "
+            "per-device statistics, or set axis_name to the mesh axis to synchronize them.")
+
+
+def inference_affine(scale: Array, bias: Array, state: MABNState, epsilon: float):
+    """``(a, c)`` such that inference is ``y = a · x + c`` per channel."""
+    return affine_from_ema(scale, bias, state.ema_var, state.ema_mean, epsilon)
+
+
+def affine_from_ema(scale: Array, bias: Array, ema_var: Array, ema_mean: Array | None,
+                    epsilon: float) -> tuple[Array, Array]:
+    """``a = γ / sqrt(ema_var + ε)``, ``c = β − a · ema_mean`` (``β`` without a mean)."""
+    a = scale * lax.rsqrt(ema_var.astype(scale.dtype) + epsilon)
+    if ema_mean is None:
+        return a, bias
+    return a, bias - a * ema_mean.astype(scale.dtype)
+
+
+def mabn_inference(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
+                   config: MABNConfig, *, axis=-1, dtype: Any = None) -> Array:
+    """The inference map: ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``
+    (``ema_mean = 0`` for the plain layer), one per-channel affine function."""
+    x = jnp.asarray(x)
+    feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
+    S.check_input(x, (), _LAYER)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    check_state(state, config, feature_shape)
+    sdt = S.stat_dtype(x.dtype, state.var_window.dtype)
+    a, c = inference_affine(*S.affine_params(scale, bias, feature_shape, sdt), state,
+                            config.epsilon)
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=feature_axes)
+    return (x.astype(sdt) * b(a) + b(c)).astype(dtype or x.dtype)

@@ -1,0 +1,113 @@
+"""Writing a step's backward statistics (Ψ_B, g_B) into the windows.
+
+The training forward pass reserves the Ψ (g) slots it will own by writing NaN
+there; :func:`record_backward_stats` fills exactly those slots from the probe
+gradients. Because the reservation is in the state itself, misuse shows:
+
+* never recording leaves NaN in the windows, and the next training output is NaN;
+* trees that are not one training ``apply`` apart (swapped, stale, recorded
+  twice) raise a ``ValueError`` when the call runs eagerly, and under ``jit``
+  give a state whose statistics are all NaN, so the next training loss is NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mabn_jax import _stats as S
+from mabn_jax._mabn import as_count, wrap_period
+from mabn_jax._state import MABNState, Probes
+
+__all__ = ["record_backward_stats"]
+
+_NOT_ONE_APPLY_APART = (
+    "record_backward_stats: the trees are not one training apply apart. Pass (1) the "
+    "state returned by this step's training-mode apply, (2) the gradients w.r.t. the "
+    "probes of that same apply, and (3) previous= the state given to that apply, in "
+    "that order, once per step; or use mabn_jax.value_and_grad, which does all three. "
+    "(Under jit the result is a state of NaN statistics instead, so the next training "
+    "loss is NaN.)")
+
+
+def record_backward_stats(state: MABNState, probe_grads: Probes,
+                          previous: MABNState) -> MABNState:
+    """Fills this step's reserved Ψ (g) slots from the probes' gradients.
+
+    Args:
+      state: the state returned by the training step (its slots reserved).
+      probe_grads: the gradient of the loss w.r.t. that step's probes,
+        unscaled (divide by the loss scale if the loss was scaled).
+      previous: the state given to that training step.
+
+    Returns:
+      ``state`` with its reserved slots filled; if the step's backward
+      statistics are not finite, ``previous`` with ``skipped`` one higher
+      (the state of a run that never saw the batch, apart from the counter).
+      Leading ``vmap``/``nn.scan`` axes are supported.
+    """
+    _check_structure(state, probe_grads, previous)
+    lead = state.step.ndim
+
+    def fill(window, grads):
+        return None if window is None else jnp.where(jnp.isnan(window),
+                                                     grads.astype(window.dtype), window)
+
+    filled = state._replace(psi_window=fill(state.psi_window, probe_grads.psi),
+                            g_window=fill(state.g_window, probe_grads.g))
+    ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead)
+    result = S.select(ok, filled, previous._replace(skipped=previous.skipped + 1))
+    consistent = _one_apply_apart(state, previous)
+    try:
+        inconsistent = not bool(jnp.all(consistent))
+    except jax.errors.ConcretizationTypeError:  # traced: poison instead of raising
+        inconsistent = False
+    if inconsistent:
+        raise ValueError(_NOT_ONE_APPLY_APART)
+    poisoned = result._replace(**{name: _nan_like(getattr(result, name)) for name in (
+        "var_window", "psi_window", "ema_var", "mean_window", "g_window", "ema_mean")})
+    return S.select(consistent, result, poisoned)
+
+
+def _nan_like(a):
+    return None if a is None else jnp.full_like(a, jnp.nan)
+
+
+def _one_apply_apart(new: MABNState, previous: MABNState) -> jax.Array:
+    """Whether ``new`` is ``previous`` after one training step (per leading index).
+
+    A step advances ``step`` by its window steps and reserves that many slots
+    (at most ``m``), or was skipped: same ``step``, no reservation, one more
+    ``skipped``. ``previous`` itself has no reserved (NaN) slot.
+    """
+    lead = new.step.ndim
+    m = new.psi_window.shape[lead]
+    feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
+    reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1)
+    advance = as_count(new.step) - as_count(previous.step)
+    advance = jnp.where(advance < 0, advance + wrap_period(m), advance)
+    same_skips = as_count(new.skipped) == as_count(previous.skipped)
+    stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & same_skips
+    skipped = (advance == 0) & (reserved == 0) & (
+        as_count(new.skipped) == as_count(previous.skipped) + 1)
+    clean = S.all_finite(*previous[1:], lead_axes=lead)
+    return clean & (stepped | skipped)
+
+
+def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:
+    """Same layer for all three (trace time): variant and shapes."""
+    if not isinstance(previous, MABNState):
+        raise TypeError("record_backward_stats: previous must be the state given to the "
+                        f"training step, got {type(previous).__name__}.")
+    pairs = [("previous", previous.psi_window, state.psi_window),
+             ("probe_grads.psi", probe_grads.psi, state.psi_window)]
+    if state.centered != previous.centered or state.centered != (probe_grads.g is not None):
+        raise ValueError("record_backward_stats: state, previous and probe_grads mix centered "
+                         "and plain layers; pass the three trees of one layer and one step.")
+    if state.centered:
+        pairs.append(("probe_grads.g", probe_grads.g, state.g_window))
+    for name, got, want in pairs:
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"record_backward_stats: {name} has shape {tuple(got.shape)} but "
+                             f"the state's window is {tuple(want.shape)}; pass the trees of "
+                             "one layer and one step.")

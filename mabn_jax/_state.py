@@ -1,0 +1,153 @@
+"""MABN's state and probes, and the one place that knows their stored layout.
+
+The plain (non-centered) layer is the centered one without a mean: its
+"variance" is the second moment about zero, χ² = E[x²], and it keeps no mean
+or g window. One :class:`MABNState` type serves both; the names under which
+each variant stores its fields in Flax's ``batch_stats`` (a checkpoint
+format) are in :data:`LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mabn_jax._config import MABNConfig
+
+Array = jax.Array
+
+__all__ = ["MABNState", "Probes", "LAYOUTS", "init_state", "init_probes", "to_mapping",
+           "from_mapping", "layout_error", "check_state"]
+
+
+class MABNState(NamedTuple):
+    """One layer's state (any leading ``vmap``/``nn.scan`` axes allowed).
+
+    Attributes:
+      step: window steps seen (a float counter of integers; ghost batches
+        count one step per group).
+      var_window: ``[m, *features]`` ring buffer of the per-step σ²_B
+        (centered) or χ²_B = E[x²] (plain; stored as ``x2_window``).
+      psi_window: ``[m, *features]`` ring buffer of the per-step Ψ_B.
+      ema_var: EMA of σ̃² (centered) or χ̃² (plain; stored as ``ema_x2``),
+        used at inference and by ``r``.
+      skipped: training steps skipped for non-finite statistics.
+      mean_window, g_window: ``[m, *features]`` ring buffers of μ_B and g_B
+        (centered only, else ``None``).
+      ema_mean: EMA of μ̃ (centered only).
+    """
+
+    step: Array
+    var_window: Array
+    psi_window: Array
+    ema_var: Array
+    skipped: Array
+    mean_window: Array | None = None
+    g_window: Array | None = None
+    ema_mean: Array | None = None
+
+    @property
+    def centered(self) -> bool:
+        return self.mean_window is not None
+
+
+class Probes(NamedTuple):
+    """Inputs whose cotangents carry a step's backward statistics out.
+
+    ``psi`` (and ``g``, centered) have the window's shape ``[m, *features]``;
+    their forward values are unused. The gradient w.r.t. them holds this
+    step's Ψ_B (g_B) in the slots it writes and zeros elsewhere, whatever the
+    number of ghost batches. ``loss_scale`` (optional, default 1): the factor
+    the loss was multiplied by (dynamic loss scaling), so the stored windows,
+    kept unscaled, are scaled to match the incoming gradient.
+    """
+
+    psi: Array
+    g: Array | None = None
+    loss_scale: Array | None = None
+
+
+# Stored name -> MABNState field, in storage order.
+LAYOUTS: dict[bool, tuple[tuple[str, str], ...]] = {
+    False: (("step", "step"), ("x2_window", "var_window"), ("psi_window", "psi_window"),
+            ("ema_x2", "ema_var"), ("skipped", "skipped")),
+    True: (("step", "step"), ("mean_window", "mean_window"), ("var_window", "var_window"),
+           ("g_window", "g_window"), ("psi_window", "psi_window"), ("ema_mean", "ema_mean"),
+           ("ema_var", "ema_var"), ("skipped", "skipped")),
+}
+_KEYS = {centered: frozenset(k for k, _ in names) for centered, names in LAYOUTS.items()}
+
+
+def to_mapping(state: MABNState) -> dict[str, Array]:
+    """The ``batch_stats`` entries of a layer's state."""
+    return {key: getattr(state, field) for key, field in LAYOUTS[state.centered]}
+
+
+def from_mapping(node: Any) -> MABNState | None:
+    """The MABN state stored in a ``batch_stats`` entry, or None if it is not one."""
+    if not isinstance(node, Mapping):
+        return None
+    keys = frozenset(node.keys())
+    for centered, names in LAYOUTS.items():
+        if keys == _KEYS[centered]:
+            return MABNState(**{field: node[key] for key, field in names})
+    return None
+
+
+def layout_error(keys: Sequence[str], centered: bool) -> str | None:
+    """Why stored ``keys`` are not this layer's layout (None if they are).
+
+    Names the older layouts this version refuses and how to move them over.
+    """
+    keys, want = frozenset(keys), _KEYS[centered]
+    if keys == want:
+        return None
+    if keys | {"skipped"} == want:
+        return ("lacks 'skipped': it was written by a mabn_jax without the non-finite "
+                "skip counter. To keep its statistics, add 'skipped': jnp.zeros(()) to "
+                "each MABN layer of the restored batch_stats; otherwise re-initialize "
+                "with model.init")
+    other = _KEYS[not centered]
+    if keys in (other, other - {"skipped"}):
+        return (f"was saved from a centered={not centered} layer but this layer has "
+                f"centered={centered}; build the model with the same `centered`")
+    return (f"has fields {sorted(keys)}, expected {sorted(want)}; it was saved by another "
+            "layer or an incompatible mabn_jax")
+
+
+def init_state(feature_shape: Sequence[int], config: MABNConfig,
+               dtype: Any = jnp.float32) -> MABNState:
+    """The state before the first training step (EMA of the variance at 1)."""
+    feature_shape = tuple(feature_shape)
+    window = jnp.zeros((config.buffer_size,) + feature_shape, dtype)
+    zero = jnp.zeros((), dtype)
+    ones = jnp.ones(feature_shape, dtype)
+    if not config.centered:
+        return MABNState(zero, window, window, ones, zero)
+    return MABNState(zero, window, window, ones, zero, window, window,
+                     jnp.zeros(feature_shape, dtype))
+
+
+def init_probes(state: MABNState) -> Probes:
+    """Zero probes of the windows' shape (any leading vmap/scan axes included)."""
+    g = None if state.g_window is None else jnp.zeros_like(state.g_window)
+    return Probes(jnp.zeros_like(state.psi_window), g)
+
+
+def check_state(state: MABNState, config: MABNConfig, feature_shape: tuple[int, ...],
+                layer: str = "MABN") -> None:
+    """The state must be this layer's: variant and window shape (trace time)."""
+    if state.centered != config.centered:
+        raise ValueError(
+            f"{layer}: config.centered={config.centered} but the state is a "
+            f"centered={state.centered} state; build it with init_state(..., config).")
+    want = (config.buffer_size,) + tuple(feature_shape)
+    if tuple(state.psi_window.shape) != want:
+        raise ValueError(
+            f"{layer}: state window shape {tuple(state.psi_window.shape)} does not fit "
+            f"buffer_size={config.buffer_size} and features {tuple(feature_shape)} "
+            f"(expected {want}); the state was built for another configuration or input. "
+            "Re-initialize it (model.init, or init_state(features, config)), or load a "
+            "checkpoint made with the same buffer_size and feature size.")

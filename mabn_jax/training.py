@@ -1,0 +1,281 @@
+"""Training with MABN: the one-call gradient, and the probe layer underneath it.
+
+MABN's gradient needs this step's backward statistics (Ψ_B, g_B), which exist
+only inside the backward pass. :func:`value_and_grad` handles that: it is
+``jax.value_and_grad`` plus three things, the way Flax's ``Module.perturb``
+works (zero variables, differentiated):
+
+1. it adds a zero *probe* per MABN layer to the differentiated ``params``
+   (shaped like the layer's windows, so ghost batches need nothing extra);
+2. differentiates w.r.t. them too (their gradient holds Ψ_B and g_B) and
+   drops them from the returned gradient;
+3. writes them into the updated ``batch_stats`` that ``fun`` returns in its
+   aux output, with a step whose statistics are not finite undone.
+
+The low-level layer underneath is public: :func:`init_probes` (zero probes
+for the ``'mabn_probes'`` collection) and :func:`record_backward_stats`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import FrozenDict
+from flax.training.dynamic_scale import DynamicScaleResult
+from jax import lax
+
+from mabn_jax import _record as _record_lib
+from mabn_jax import _state
+from mabn_jax.linen import PROBES
+
+__all__ = ["value_and_grad", "init_probes", "record_backward_stats"]
+
+Tree = Mapping[str, Any]
+_TOP_LEVEL = ("params", "batch_stats", PROBES)
+
+
+def _layers(batch_stats: Tree) -> dict[tuple[str, ...], _state.MABNState]:
+    """Every MABN layer in a ``batch_stats`` tree, by path."""
+    if not isinstance(batch_stats, Mapping):
+        raise TypeError("mabn_jax: batch_stats must be a mapping (the 'batch_stats' "
+                        f"collection), got {type(batch_stats).__name__}.")
+    bad = [k for k in _TOP_LEVEL if k in batch_stats]
+    if bad:
+        raise ValueError(
+            f"mabn_jax: the tree given as batch_stats has a top-level {bad[0]!r} entry: it "
+            "is a whole variables dict. Pass variables['batch_stats'] (or "
+            "state.batch_stats) instead.")
+    out = {}
+
+    def walk(node, path):
+        state = _state.from_mapping(node)
+        if state is not None:
+            out[path] = state
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, path + (key,))
+    walk(batch_stats, ())
+    return out
+
+
+def _nest(flat: dict[tuple[str, ...], Any], like: Tree):
+    tree = traverse_util.unflatten_dict(flat) if flat else {}
+    return FrozenDict(tree) if isinstance(like, FrozenDict) else tree
+
+
+def _probe_dict(probes: _state.Probes) -> dict[str, jax.Array]:
+    return {k: v for k, v in probes._asdict().items() if v is not None}
+
+
+def init_probes(batch_stats: Tree) -> Any:
+    """Zero probes for every MABN layer in a ``batch_stats`` tree (low-level API).
+
+    Returns a tree with the nesting of the MABN layers (``{'psi': ...}``, plus
+    ``'g'`` for centered layers), each shaped like the layer's windows, to pass
+    as the ``'mabn_probes'`` collection and to differentiate with respect to.
+    """
+    return _nest({path + (k,): v for path, state in _layers(batch_stats).items()
+                  for k, v in _probe_dict(_state.init_probes(state)).items()}, batch_stats)
+
+
+def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) -> Any:
+    """Writes each layer's Ψ_B (and g_B) from ``probe_grads`` into its windows.
+
+    Args:
+      batch_stats: the tree returned by this step's training-mode ``apply``.
+      probe_grads: the gradient of the loss w.r.t. that apply's probes
+        (unscaled, if the loss was scaled).
+      previous: the ``batch_stats`` given to that ``apply``.
+
+    Returns ``batch_stats`` with the windows filled (non-MABN entries as they
+    are). A layer whose backward statistics are not finite returns to its
+    ``previous`` state, with ``skipped`` one higher. Trees that are not one
+    ``apply`` apart raise (or, under ``jit``, give NaN statistics); see
+    :func:`mabn_jax.functional.record_backward_stats`.
+    """
+    return _record(batch_stats, _probe_paths(probe_grads), previous)
+
+
+def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: Tree):
+    layers, before = _layers(batch_stats), _layers(previous)
+    if set(grads) != set(layers) or set(before) != set(layers):
+        names = lambda paths: sorted("/".join(p) for p in paths)
+        raise ValueError(
+            "record_backward_stats: batch_stats, probe_grads and previous hold different "
+            f"MABN layers ({names(layers)}, {names(grads)}, {names(before)}); pass the "
+            "trees of one model and one step.")
+    tree = _unfreeze(batch_stats)
+    for path, state in layers.items():
+        g = grads[path]
+        new = _record_lib.record_backward_stats(state, _state.Probes(g["psi"], g.get("g")),
+                                            before[path])
+        _node(tree, path).update(_state.to_mapping(new))
+    return FrozenDict(tree) if isinstance(batch_stats, FrozenDict) else tree
+
+
+def _probe_paths(tree: Tree) -> dict[tuple[str, ...], Mapping]:
+    """``{layer path: {'psi': ..., 'g': ...}}`` from a probe (or probe-gradient) tree."""
+    out = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping) and "psi" in node and not isinstance(node["psi"], Mapping):
+            out[path] = node
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, path + (key,))
+    walk(tree, ())
+    return out
+
+
+def _unfreeze(tree):
+    return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _node(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
+    for key in path:
+        if create:
+            tree = tree.setdefault(key, {})
+        else:
+            tree = tree[key]
+        if not isinstance(tree, dict):
+            raise ValueError(f"mabn_jax: {'/'.join(path)!r} is not a module in the params "
+                             "tree; pass the params and batch_stats of the same model.")
+    return tree
+
+
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                   *, batch_stats: Tree, dynamic_scale=None, axis_name: str | None = None):
+    """``jax.value_and_grad`` for models with MABN layers: a drop-in.
+
+    ``fun`` is the loss function of an ``nn.BatchNorm`` train step, unchanged:
+    it applies the model in training mode to the params it is given (the
+    first argument in ``argnums``) and returns the updated ``batch_stats`` in
+    its aux output (``mutable=['batch_stats']``)::
+
+        grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
+                                          batch_stats=state.batch_stats)
+        (loss, updates), grads = grad_fn(state.params)
+        state = state.apply_gradients(grads=grads)
+        state = state.replace(batch_stats=updates['batch_stats'])
+
+    The returned aux is ``fun``'s, except that its ``batch_stats`` tree (found
+    as the one subtree with the layout of ``batch_stats``) holds this step's
+    backward statistics; a layer whose statistics are not finite keeps its
+    ``batch_stats`` entry (one more ``skipped``). The gradient has the
+    structure of the params: the probes are dropped.
+
+    Args:
+      fun, argnums, has_aux: as for ``jax.value_and_grad``.
+      batch_stats: the ``batch_stats`` the model is applied with in ``fun``.
+      dynamic_scale: a ``flax.training.dynamic_scale.DynamicScale`` to scale
+        the loss with; the function then returns ``DynamicScale.value_and_grad``'s
+        ``(dynamic_scale, is_finite, value, grad)`` instead. The backward
+        statistics are unscaled before they are stored, and the layers scale
+        their windows to the current loss scale.
+      axis_name: with ``dynamic_scale``: average the gradient over this axis
+        (as ``DynamicScale.value_and_grad`` does; the backward statistics are
+        the layers' own business and are never averaged here).
+    """
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def wrapped(*args):
+        layers = _layers(batch_stats)
+        scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
+        probes = {path: _probe_dict(_state.init_probes(s)._replace(loss_scale=scale))
+                  for path, s in layers.items()}
+
+        def probed(probe_tree, *diff_args):
+            call_args = list(args)
+            for i, a in zip(nums, diff_args):
+                call_args[i] = a
+            call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
+            out = fun(*call_args)
+            value, aux = out if has_aux else (out, None)
+            return (value if scale is None else scale * value), aux
+
+        (value, aux), (probe_grads, *grads) = jax.value_and_grad(
+            probed, tuple(range(len(nums) + 1)), has_aux=True)(probes, *(args[i] for i in nums))
+        grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+        if scale is not None:
+            unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
+            value, grads, probe_grads = (value / scale, jax.tree.map(unscale, grads),
+                                         jax.tree.map(unscale, probe_grads))
+        if layers:
+            aux = _record_in_aux(aux, probe_grads, batch_stats)
+        out = (value, aux) if has_aux else value
+        if dynamic_scale is None:
+            return out, grads
+        return _dynamic_scale_update(dynamic_scale, out, grads, axis_name)
+
+    return wrapped
+
+
+def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
+    """``params`` with each MABN layer's probes as its ``'mabn_probes'`` entry."""
+    if not probes:
+        return params
+    if not isinstance(params, Mapping):
+        raise TypeError("mabn_jax.value_and_grad: the first differentiated argument must be "
+                        "the params passed to apply (a mapping), got "
+                        f"{type(params).__name__}.")
+    tree = _unfreeze(params)
+    for path, probe in probes.items():
+        _node(tree, path, create=True)[PROBES] = probe
+    return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
+
+
+def _record_in_aux(aux, probe_grads, previous: Tree):
+    """``aux`` with its updated ``batch_stats`` (the one subtree holding the same
+    MABN layers and shapes as ``previous``, other than ``previous`` itself)
+    recorded."""
+    want = jax.tree.map(jnp.shape, _unfreeze(previous))
+    old_leaves = jax.tree_util.tree_leaves(previous)
+
+    def is_updated_stats(node) -> bool:
+        if not isinstance(node, Mapping) or any(k in node for k in _TOP_LEVEL):
+            return False
+        if jax.tree.map(jnp.shape, _unfreeze(node)) != want:
+            return False
+        return not all(a is b for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
+
+    found = []
+
+    def record(node):
+        if not is_updated_stats(node):
+            return node
+        found.append(node)
+        return _record(node, probe_grads, previous)
+    new_aux = jax.tree_util.tree_map(record, aux, is_leaf=is_updated_stats)
+    if len(found) != 1:
+        raise ValueError(
+            "mabn_jax.value_and_grad: fun must return the updated batch_stats in its aux "
+            "output exactly once (apply the model with mutable=['batch_stats'], return the "
+            f"updates and set has_aux=True); found {len(found)} trees with the layout of "
+            "batch_stats.")
+    return new_aux
+
+
+def _dynamic_scale_update(ds, out, grads, axis_name) -> DynamicScaleResult:
+    """``DynamicScale.value_and_grad``'s bookkeeping on an already unscaled gradient.
+
+    Mirrors ``flax.training.dynamic_scale``; written out because the probe
+    gradients must be unscaled but not averaged across devices, so they
+    cannot go through ``DynamicScale.value_and_grad`` with the params.
+    """
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    finite = jnp.array(True)
+    for g in jax.tree_util.tree_leaves(grads):
+        finite &= jnp.all(lax.is_finite(g))
+    grow = ds.fin_steps == ds.growth_interval
+    fin_scale = jnp.where(grow & finite, jnp.minimum(ds.scale * ds.growth_factor,
+                                                     jnp.finfo(jnp.float32).max), ds.scale)
+    inf_scale = ds.scale * ds.backoff_factor
+    if ds.minimum_scale is not None:
+        inf_scale = jnp.maximum(inf_scale, ds.minimum_scale)
+    new = ds.replace(fin_steps=jnp.where(grow | ~finite, 0, ds.fin_steps + 1),
+                     scale=jnp.where(finite, fin_scale, inf_scale))
+    return DynamicScaleResult(new, finite, out, grads)
