@@ -39,6 +39,7 @@ from jax import lax
 
 from mabn_jax import _stats as S
 from mabn_jax._config import MABNConfig
+from mabn_jax._sharding import check_probes_vary, probe_cotangent, vary_like, varying_axes
 from mabn_jax._state import MABNState, Probes, check_state
 
 Array = jax.Array
@@ -253,10 +254,10 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
 
     ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
                phase.use_batch, jnp.asarray(S.count(split), sdt), split.mask)
-    _check_probes_vary(probes, inv, cfg)
+    check_probes_vary(probes.psi, inv, cfg.axis_name)
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
-    x_axes = _varying_axes(x)
-    scale, bias = _vary_like(scale, x_axes), _vary_like(bias, x_axes)
+    x_axes = varying_axes(x)
+    scale, bias = vary_like(scale, x_axes), vary_like(bias, x_axes)
     spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg)
     try:
         y = _normalize(spec, split.x, scale, bias, probes, ctx)
@@ -350,8 +351,8 @@ def _normalize_bwd(spec: _Spec, res, dy):
         g, g_cot = windowed(ctx.g_window, sum_dy)
         dxs = dxs - keep(b(g))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
-    dprobes = Probes(_probe_cotangent(psi_cot, probes.psi),
-                     None if g_cot is None else _probe_cotangent(g_cot, probes.g),
+    dprobes = Probes(probe_cotangent(psi_cot, probes.psi),
+                     None if g_cot is None else probe_cotangent(g_cot, probes.g),
                      None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale))
     dscale = ctx.r * sum_dyz
     if ctx.d is not None:
@@ -362,30 +363,6 @@ def _normalize_bwd(spec: _Spec, res, dy):
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _varying_axes(x) -> frozenset:
-    """The ``shard_map`` mesh axes ``x`` varies over (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _vary_like(v, axes: frozenset):
-    """Marks ``v`` as varying over ``axes`` (a no-op outside shard_map).
-
-    Inside ``shard_map`` a custom VJP's cotangents must have the manual-axis
-    type of their primals: a replicated γ meets a per-device ``x`` here, so it
-    is cast to varying first, and autodiff then sums its gradient over devices
-    (the transpose of that cast), exactly as for a plain ``γ · x``.
-    """
-    missing = tuple(a for a in axes if a not in _varying_axes(v))
-    return lax.pcast(v, missing, to="varying") if missing else v
-
-
-def _probe_cotangent(stat: Array, probe: Array) -> Array:
-    """A statistic as the probe's cotangent: its dtype and shard_map type."""
-    return _vary_like(stat.astype(probe.dtype), _varying_axes(probe))
 
 
 def _check_probes(probes: Probes, state: MABNState) -> None:
@@ -399,18 +376,6 @@ def _check_probes(probes: Probes, state: MABNState) -> None:
                 f"MABN: probe {name!r} has shape {got} but this layer's window is {want}; "
                 "build the probes from this layer's own state with init_probes(state) "
                 "(or mabn_jax.init_probes(batch_stats) for a model).")
-
-
-def _check_probes_vary(probes: Probes, stat: Array, config: MABNConfig) -> None:
-    """Per-device statistics need per-device probes (and state) in shard_map."""
-    per_device = _varying_axes(stat) - _varying_axes(probes.psi)
-    if per_device:
-        raise ValueError(
-            f"MABN: under shard_map the statistics vary over mesh axes {sorted(per_device)} "
-            f"but the state/probes are replicated over them (axis_name="
-            f"{config.axis_name!r}). Either shard the batch_stats (and so the probes) over "
-            "those axes, e.g. in_specs P('batch') on a leading device axis, to keep "
-            "per-device statistics, or set axis_name to the mesh axis to synchronize them.")
 
 
 def inference_affine(scale: Array, bias: Array, state: MABNState, epsilon: float):
