@@ -8,9 +8,15 @@ gradients. Because the reservation is in the state itself, misuse shows:
 * trees that are not one training ``apply`` apart (swapped, stale, recorded
   twice) raise a ``ValueError`` when the call runs eagerly, and under ``jit``
   give a state whose statistics are all NaN, so the next training loss is NaN.
+
+A layer that the step did not apply in training mode (frozen with
+``use_running_average=True``, or not called) is returned as it was: its state
+is ``previous`` itself and its probes received no gradient.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +50,8 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
       ``state`` with its reserved slots filled; if the step's backward
       statistics are not finite, ``previous`` with ``skipped`` one higher
       (the state of a run that never saw the batch, apart from the counter).
+      A layer not applied in training mode by the step (``state`` equal to
+      ``previous``, zero ``probe_grads``) is returned unchanged.
       Leading ``vmap``/``nn.scan`` axes are supported.
     """
     _check_structure(state, probe_grads, previous)
@@ -57,7 +65,7 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
                             g_window=fill(state.g_window, probe_grads.g))
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead)
     result = S.select(ok, filled, previous._replace(skipped=previous.skipped + 1))
-    consistent = _one_apply_apart(state, previous)
+    consistent = _one_apply_apart(state, previous, probe_grads)
     try:
         inconsistent = not bool(jnp.all(consistent))
     except jax.errors.ConcretizationTypeError:  # traced: poison instead of raising
@@ -73,12 +81,15 @@ def _nan_like(a):
     return None if a is None else jnp.full_like(a, jnp.nan)
 
 
-def _one_apply_apart(new: MABNState, previous: MABNState) -> jax.Array:
+def _one_apply_apart(new: MABNState, previous: MABNState,
+                     probe_grads: Probes) -> jax.Array:
     """Whether ``new`` is ``previous`` after one training step (per leading index).
 
     A step advances ``step`` by its window steps and reserves that many slots
     (at most ``m``), or was skipped: same ``step``, no reservation, one more
-    ``skipped``. ``previous`` itself has no reserved (NaN) slot.
+    ``skipped``; or did not apply the layer in training mode (a frozen layer):
+    ``new`` is ``previous`` and the probes got no gradient. ``previous``
+    itself has no reserved (NaN) slot.
     """
     lead = new.step.ndim
     m = new.psi_window.shape[lead]
@@ -91,7 +102,13 @@ def _one_apply_apart(new: MABNState, previous: MABNState) -> jax.Array:
     skipped = (advance == 0) & (reserved == 0) & (
         as_count(new.skipped) == as_count(previous.skipped) + 1)
     clean = S.all_finite(*previous[1:], lead_axes=lead)
-    return clean & (stepped | skipped)
+    untouched = functools.reduce(jnp.logical_and, [
+        (a == b).all(axis=tuple(range(lead, a.ndim)))
+        for a, b in zip(new, previous) if a is not None])
+    no_grad = functools.reduce(jnp.logical_and, [
+        (g == 0).all(axis=tuple(range(lead, g.ndim)))
+        for g in (probe_grads.psi, probe_grads.g) if g is not None])
+    return clean & (stepped | skipped | (untouched & no_grad))
 
 
 def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:

@@ -230,32 +230,52 @@ def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
 def _record_in_aux(aux, probe_grads, previous: Tree):
     """``aux`` with its updated ``batch_stats`` (the one subtree holding the same
     MABN layers and shapes as ``previous``, other than ``previous`` itself)
-    recorded."""
+    recorded.
+
+    If the only such subtree holds ``previous``'s own arrays, no MABN layer was
+    applied in training mode (all frozen): recording it leaves it as it is.
+    """
     want = jax.tree.map(jnp.shape, _unfreeze(previous))
     old_leaves = jax.tree_util.tree_leaves(previous)
 
-    def is_updated_stats(node) -> bool:
+    def has_layout(node) -> bool:
         if not isinstance(node, Mapping) or any(k in node for k in _TOP_LEVEL):
             return False
-        if jax.tree.map(jnp.shape, _unfreeze(node)) != want:
-            return False
-        return not all(a is b for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
+        return jax.tree.map(jnp.shape, _unfreeze(node)) == want
 
-    found = []
+    def is_old(node) -> bool:
+        return all(a is b for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
 
-    def record(node):
-        if not is_updated_stats(node):
-            return node
-        found.append(node)
-        return _record(node, probe_grads, previous)
-    new_aux = jax.tree_util.tree_map(record, aux, is_leaf=is_updated_stats)
-    if len(found) != 1:
+    found = [n for n in jax.tree_util.tree_leaves(aux, is_leaf=has_layout) if has_layout(n)]
+    updated = [n for n in found if not is_old(n)]
+    if len(updated) == 1:
+        target = updated[0]
+    elif not updated and len(found) == 1:
+        target = found[0]
+        if _trained(probe_grads):
+            raise ValueError(
+                "mabn_jax.value_and_grad: fun returned the batch_stats it was given, "
+                "unchanged, although MABN layers were applied in training mode; return the "
+                "updated batch_stats (the second output of apply with "
+                "mutable=['batch_stats']) in its aux output.")
+    else:
         raise ValueError(
             "mabn_jax.value_and_grad: fun must return the updated batch_stats in its aux "
             "output exactly once (apply the model with mutable=['batch_stats'], return the "
-            f"updates and set has_aux=True); found {len(found)} trees with the layout of "
+            f"updates and set has_aux=True); found {len(updated)} trees with the layout of "
             "batch_stats.")
-    return new_aux
+    return jax.tree_util.tree_map(
+        lambda n: _record(n, probe_grads, previous) if n is target else n, aux,
+        is_leaf=lambda n: n is target)
+
+
+def _trained(probe_grads) -> bool:
+    """Whether some probe got a gradient (False when unknown, under ``jit``:
+    then record_backward_stats poisons the state instead)."""
+    try:
+        return any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(probe_grads))
+    except jax.errors.ConcretizationTypeError:
+        return False
 
 
 def _dynamic_scale_update(ds, out, grads, axis_name) -> DynamicScaleResult:
