@@ -372,10 +372,15 @@ def _check_probes(probes: Probes, state: MABNState) -> None:
                 probe is not None and tuple(probe.shape) != tuple(window.shape)):
             got = None if probe is None else tuple(probe.shape)
             want = None if window is None else tuple(window.shape)
-            raise ValueError(
-                f"MABN: probe {name!r} has shape {got} but this layer's window is {want}; "
-                "build the probes from this layer's own state with init_probes(state) "
-                "(or mabn_jax.init_probes(batch_stats) for a model).")
+            lifted = got and want and len(got) > len(want) and got[-len(want):] == want
+            fix = ("the probes have leading axes the state lacks: under nn.scan/nn.vmap, "
+                   "lift params over the same axes as batch_stats (e.g. variable_axes="
+                   "{'params': 0, 'batch_stats': 0}), as value_and_grad puts the probes in "
+                   "params" if lifted else
+                   "build the probes from this layer's own state with init_probes(state) "
+                   "(or mabn_jax.init_probes(batch_stats) for a model)")
+            raise ValueError(f"MABN: probe {name!r} has shape {got} but this layer's window "
+                             f"is {want}; {fix}.")
 
 
 def inference_affine(scale: Array, bias: Array, state: MABNState, epsilon: float):
