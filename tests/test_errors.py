@@ -3,6 +3,7 @@ the parameter, the offending value and the fix (one test per case)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mabn_jax
@@ -24,19 +25,45 @@ def train_apply(model, variables, x=X):
 
 @pytest.mark.parametrize("attr, value, fix", [
     ("buffer_size", 0, "int >= 1"),
-    ("momentum", 1.0, "[0, 1)"),
-    ("momentum", -0.1, "[0, 1)"),
-    ("epsilon", 0.0, "positive"),
+    ("buffer_size", True, "int >= 1 (got a bool)"),
+    ("buffer_size", 2.0, "int >= 1 (got a float)"),
+    ("momentum", 1.0, "float in [0.0, 1.0) (a decay: new = momentum*old"),
+    ("momentum", -0.1, "float in [0.0, 1.0)"),
+    ("epsilon", 0.0, "float in (0.0, inf)"),
     ("warmup_steps", -1, "int >= 0"),
+    ("warmup_steps", 2**22 + 1, "int >= 0 and <= 4194304"),
     ("renorm_start", -5, "int >= 0"),
-    ("r_max", 0.5, "float >= 1"),
-    ("d_max", -1.0, "float >= 0"),
+    ("r_max", 0.5, "float in [1.0, inf) (r is clipped to [1/r_max, r_max])"),
+    ("d_max", -1.0, "float in [0.0, inf) (d is clipped to [-d_max, d_max])"),
+    ("norm_batch_size", 0, "int >= 1, or None"),
+    ("centered", 1, "True or False (got a int)"),
+    ("ghost_ema", "groups", "'step' or 'group'"),
 ])
 def test_bad_hyperparameter(attr, value, fix):
     with pytest.raises(ValueError) as err:
         init(MABN(**{attr: value}))
     msg = str(err.value)
-    assert f"{attr}={value!r}" in msg and fix in msg
+    assert f"MABN: {attr}={value!r} is invalid; {attr} must be" in msg and fix in msg
+
+
+def test_numpy_ints_are_accepted():
+    kw = dict(buffer_size=np.int64(3), warmup_steps=np.int32(2), norm_batch_size=np.int8(2))
+    cfg = mabn_jax.MABNConfig(**kw)  # canonicalized to Python ints (a hashable static arg)
+    assert (cfg.buffer_size, cfg.warmup_steps, cfg.norm_batch_size) == (3, 2, 2)
+    assert all(type(v) is int for v in (cfg.buffer_size, cfg.warmup_steps, cfg.norm_batch_size))
+    assert hash(cfg) == hash(mabn_jax.MABNConfig(buffer_size=3, warmup_steps=2,
+                                                 norm_batch_size=2))
+    _, updates = train_apply(MABN(**kw), init(MABN(**kw)))
+    assert updates["batch_stats"]["psi_window"].shape == (3, 3)
+    assert int(updates["batch_stats"]["step"]) == 2  # two ghost batches of 2
+
+
+def test_removed_skip_nonfinite_option_is_rejected():
+    # Non-finite steps are always skipped: the option is gone, not silently ignored.
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        mabn_jax.MABNConfig(skip_nonfinite=False)
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        MABN(skip_nonfinite=False)
 
 
 def test_feature_axis_out_of_range():
@@ -104,29 +131,38 @@ def test_state_of_another_buffer_size_in_inference():
 
 def test_centered_state_in_non_centered_layer():
     variables = init(MABN(centered=True))
-    with pytest.raises(ValueError, match=r"centered=False\) lack \['ema_x2', 'x2_window'\] and have "
-                                         r"unexpected \['ema_mean', 'ema_var', 'g_window', 'mean_window', 'var_window'\]"):
+    with pytest.raises(ValueError, match=r"was saved from a centered=True layer but this layer "
+                                         r"has centered=False; build the model with the same "
+                                         r"`centered`"):
         train_apply(MABN(centered=False), variables)
+    with pytest.raises(ValueError, match=r"centered=False layer but this layer has centered=True"):
+        train_apply(MABN(centered=True), init(MABN()))
 
 
 def test_state_without_skip_counter():
     # A checkpoint written before `skipped` existed must not be silently completed.
     variables = init(MABN())
     old = {k: v for k, v in variables["batch_stats"].items() if k != "skipped"}
-    with pytest.raises(ValueError, match=r"lack \['skipped'\] .* older mabn_jax"):
+    with pytest.raises(ValueError, match=r"lacks 'skipped': it was written by a mabn_jax without "
+                                         r"the non-finite skip counter. To keep its statistics, "
+                                         r"add 'skipped': jnp.zeros\(\(\)\)"):
         train_apply(MABN(), {**variables, "batch_stats": old})
 
 
 def test_functional_state_of_another_buffer_size():
     state = F.init_state((3,), F.MABNConfig(buffer_size=4))
     cfg = F.MABNConfig(buffer_size=2)
-    with pytest.raises(ValueError, match=r"buffer_size=2 and features \(3,\) \(expected \(2, 3\)\); the state was built for another configuration .* init_state\(\(3,\), config\)"):
+    with pytest.raises(ValueError, match=r"state window shape \(4, 3\) does not fit buffer_size=2 "
+                                         r"and features \(3,\) \(expected \(2, 3\)\); the state was "
+                                         r"built for another configuration .* "
+                                         r"init_state\(features, config\)"):
         F.mabn_train(X, None, None, state, F.init_probes(state), cfg)
 
 
 def test_functional_state_of_other_variant():
     state = F.init_state((3,), F.MABNConfig(centered=True))
-    with pytest.raises(ValueError, match=r"config.centered=False but the state is a CenteredMABNState"):
+    with pytest.raises(ValueError, match=r"config.centered=False but the state is a centered=True "
+                                         r"state; build it with init_state\(..., config\)"):
         F.mabn_train(X, None, None, state, F.init_probes(state), F.MABNConfig())
 
 
@@ -134,8 +170,21 @@ def test_previous_of_other_layout():
     plain = init(MABN())["batch_stats"]
     centered = init(MABN(centered=True))["batch_stats"]
     grads = mabn_jax.init_probes(plain)
-    with pytest.raises(ValueError, match=r"previous has another layout"):
+    with pytest.raises(ValueError, match=r"mix centered and plain layers; pass the three trees "
+                                         r"of one layer and one step"):
         mabn_jax.record_backward_stats(plain, grads, previous=centered)
+
+
+def test_probes_of_another_shape():
+    # Probes have the window's shape; e.g. those of the old API (one row) are refused.
+    state = F.init_state((3,), F.MABNConfig(buffer_size=4))
+    with pytest.raises(ValueError, match=r"probe 'psi' has shape \(3,\) but this layer's window "
+                                         r"is \(4, 3\); build the probes from this layer's own "
+                                         r"state with init_probes\(state\)"):
+        F.mabn_train(X, None, None, state, F.Probes(jnp.zeros(3)), F.MABNConfig(buffer_size=4))
+    with pytest.raises(ValueError, match=r"probe_grads.psi has shape \(3,\) but the state's "
+                                         r"window is \(4, 3\)"):
+        F.record_backward_stats(state, F.Probes(jnp.zeros(3)), state)
 
 
 def test_errors_raise_at_trace_time_under_jit():
