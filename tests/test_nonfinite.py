@@ -2,6 +2,9 @@
 
 The reference is the trajectory that never saw the bad batch: after it, the
 state must be identical to that run's apart from the ``skipped`` counter.
+Non-finite steps are always skipped (there is no option to keep them), and
+the skipped step's output is NaN, so loss guards such as
+``optax.apply_if_finite`` see it too.
 """
 
 import functools
@@ -26,6 +29,7 @@ def config(centered, **kw):
                         centered=centered, **kw)
 
 
+
 def batches(n):
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     scales = 1.0 + jnp.arange(n)[:, None, None] / 4.0
@@ -35,39 +39,38 @@ def batches(n):
 
 
 @functools.lru_cache(maxsize=None)  # one compilation per configuration
-def make_step(cfg, pass_previous=True, norm_batch_size=None):
+def make_step(cfg):
+    """The functional step: mabn_train, its gradient, record_backward_stats."""
     scale = jnp.array([1.0, 0.5, 2.0])
     bias = jnp.array([0.1, 0.0, -0.2])
 
     @jax.jit
     def step(state, x, dy):
         def loss(x, probes):
-            y, new = F.mabn_train(x, scale, bias, state, probes, cfg,
-                                  norm_batch_size=norm_batch_size)
-            return jnp.sum(y * dy), new
+            y, new = F.mabn_train(x, scale, bias, state, probes, cfg)
+            return jnp.sum(y * dy), (y, new)
 
-        groups = F.num_groups(x.shape, (x.ndim - 1,), norm_batch_size)
-        (_, new), (dx, stats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            x, F.init_probes(state, groups))
-        new = F.record_backward_stats(new, stats, state if pass_previous else None,
-                                      skip_nonfinite=cfg.skip_nonfinite)
-        return new, dx
+        (_, (y, new)), (dx, stats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            x, F.init_probes(state))
+        return F.record_backward_stats(new, stats, previous=state), y
 
     return step
 
 
-def run(cfg, xs, dys, pass_previous=True, norm_batch_size=None):
-    step = make_step(cfg, pass_previous, norm_batch_size)
-    state = F.init_state((C,), cfg)
+def run(cfg, xs, dys):
+    """The final state and every step's output."""
+    step = make_step(cfg)
+    state, ys = F.init_state((C,), cfg), []
     for x, dy in zip(xs, dys):
-        state, _ = step(state, x, dy)
-    return state
+        state, y = step(state, x, dy)
+        ys.append(y)
+    return state, ys
 
 
 def assert_same_apart_from_skipped(got, want, skipped):
     assert int(got.skipped) == skipped and int(want.skipped) == 0
     for name in got._fields:
-        if name != "skipped":
+        if name != "skipped" and getattr(got, name) is not None:
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
@@ -80,34 +83,46 @@ def without_bad(a):
 def test_bad_input_is_skipped(centered, bad_value):
     cfg = config(centered)
     xs, dys = batches(T)
-    clean = run(cfg, without_bad(xs), without_bad(dys))
-    poisoned = run(cfg, xs.at[BAD, 1, 2].set(bad_value), dys)
+    clean, clean_ys = run(cfg, without_bad(xs), without_bad(dys))
+    poisoned, ys = run(cfg, xs.at[BAD, 1, 2].set(bad_value), dys)
     assert_same_apart_from_skipped(poisoned, clean, skipped=1)
     assert int(poisoned.step) == T - 1
+    # The bad step's output is NaN in the bad channel, so the loss is NaN ...
+    assert bool(jnp.isnan(ys[BAD][:, 2]).all())
+    # ... and every later output is the clean run's.
+    for t in range(BAD + 1, T):
+        np.testing.assert_array_equal(ys[t], clean_ys[t - 1], err_msg=f"step {t + 1}")
 
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_bad_ghost_group_skips_the_whole_step(centered):
     # Ghost batches of 2: one bad group poisons its step's statistics, so the
     # whole step (all groups) is skipped and ``step`` does not advance by G.
-    cfg = config(centered)
+    cfg = config(centered, norm_batch_size=2)
     xs, dys = batches(T)
-    clean = run(cfg, without_bad(xs), without_bad(dys), norm_batch_size=2)
-    poisoned = run(cfg, xs.at[BAD, 3, 1].set(jnp.nan), dys, norm_batch_size=2)
+    clean, _ = run(cfg, without_bad(xs), without_bad(dys))
+    poisoned, _ = run(cfg, xs.at[BAD, 3, 1].set(jnp.nan), dys)
     assert_same_apart_from_skipped(poisoned, clean, skipped=1)
     assert int(poisoned.step) == 2 * (T - 1)
-    bad_grad = run(cfg, xs, dys.at[BAD, 0, 0].set(jnp.inf), norm_batch_size=2)
+    bad_grad, _ = run(cfg, xs, dys.at[BAD, 0, 0].set(jnp.inf))
     assert_same_apart_from_skipped(bad_grad, clean, skipped=1)
 
 
 @pytest.mark.parametrize("centered", [False, True])
-def test_bad_input_is_skipped_without_previous(centered):
-    # A forward failure is fully undone by mabn_train alone.
+def test_forward_failure_is_undone_by_mabn_train_alone(centered):
+    # mabn_train returns the input state (+1 skipped) with no slot reserved,
+    # and record_backward_stats accepts it as the skipped step it is.
     cfg = config(centered)
-    xs, dys = batches(T)
-    clean = run(cfg, without_bad(xs), without_bad(dys), pass_previous=False)
-    poisoned = run(cfg, xs.at[BAD, 0, 0].set(jnp.nan), dys, pass_previous=False)
-    assert_same_apart_from_skipped(poisoned, clean, skipped=1)
+    state = F.init_state((C,), cfg)
+    xs, dys = batches(3)
+    for t in range(2):
+        state, _ = make_step(cfg)(state, xs[t], dys[t])
+    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
+    _, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, F.init_probes(state))
+    assert_same_apart_from_skipped(new, state, skipped=1)
+    nan_grads = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), F.init_probes(state))
+    recorded = jax.jit(F.record_backward_stats)(new, nan_grads, state)
+    assert_same_apart_from_skipped(recorded, state, skipped=1)
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -116,38 +131,26 @@ def test_bad_upstream_gradient_is_skipped(centered):
     # forward already advanced the state: `previous` rolls it back.
     cfg = config(centered)
     xs, dys = batches(T)
-    clean = run(cfg, without_bad(xs), without_bad(dys))
-    poisoned = run(cfg, xs, dys.at[BAD, 2, 1].set(jnp.nan))
+    clean, clean_ys = run(cfg, without_bad(xs), without_bad(dys))
+    poisoned, ys = run(cfg, xs, dys.at[BAD, 2, 1].set(jnp.nan))
     assert_same_apart_from_skipped(poisoned, clean, skipped=1)
-
-
-def test_bad_upstream_gradient_without_previous_keeps_backward_windows_finite():
-    cfg = config(False)
-    xs, dys = batches(T)
-    state = run(cfg, xs, dys.at[BAD, 2, 1].set(jnp.nan), pass_previous=False)
-    assert all(bool(jnp.isfinite(leaf).all()) for leaf in state)
+    assert bool(jnp.isfinite(ys[BAD]).all())  # the forward was fine
+    np.testing.assert_array_equal(ys[-1], clean_ys[-1])
 
 
 @pytest.mark.parametrize("centered", [False, True])
-def test_skip_nonfinite_false_lets_nan_into_the_state(centered):
-    cfg = config(centered, skip_nonfinite=False)
-    step = make_step(cfg)
+def test_overflowing_input_gives_nan_output_not_inf(centered):
+    # x² overflows float32 (1e30² = inf): without the guard the output would be
+    # 0 or ±inf·0; it is NaN in the bad channel (the other channels normal).
+    cfg = config(centered)
     state = F.init_state((C,), cfg)
-    xs, dys = batches(2)
-    state, _ = step(state, xs[0].at[0, 0].set(jnp.nan), dys[0])
-    assert int(state.step) == 1 and int(state.skipped) == 0
-    ema = state.ema_var if centered else state.ema_x2
-    assert bool(jnp.isnan(ema).any())
-
-
-def test_output_of_skipped_step_may_be_nan_but_state_is_not():
-    cfg = config(False)
-    state = F.init_state((C,), cfg)
-    x = jnp.ones((4, C)).at[0, 0].set(jnp.nan)
-    y, new = F.mabn_train(x, None, None, state, F.init_probes(state), cfg)
-    assert bool(jnp.isnan(y).any())
+    x = jnp.ones((4, C)).at[0, 0].set(1e30)
+    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
+    y, new = train(x, None, None, state, F.init_probes(state))
+    assert bool(jnp.isnan(y[:, 0]).all()) and bool(jnp.isfinite(y[:, 1:]).all())
     assert int(new.skipped) == 1 and int(new.step) == 0
-    np.testing.assert_array_equal(new.x2_window, state.x2_window)
+    np.testing.assert_array_equal(new.var_window, state.var_window)
+    np.testing.assert_array_equal(new.psi_window, state.psi_window)
 
 
 class Net(nn.Module):
@@ -165,18 +168,16 @@ TX = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
 
 @jax.jit
 def flax_step(state, batch_stats, x, y, w):
-    def loss_fn(params, probes):
+    def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": batch_stats, "mabn_probes": probes},
+            {"params": params, "batch_stats": batch_stats},
             x, train=True, mutable=["batch_stats"])
         return w * optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-    (_, updates), (grads, stats) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, mabn_jax.init_probes(batch_stats))
+    (_, updates), grads = mabn_jax.value_and_grad(
+        loss_fn, has_aux=True, batch_stats=batch_stats)(state.params)
     state = state.apply_gradients(grads=grads)
-    new_stats = mabn_jax.record_backward_stats(updates["batch_stats"], stats,
-                                               previous=batch_stats)
-    return state, new_stats
+    return state, updates["batch_stats"]
 
 
 def flax_run(xs, ys, weights):
@@ -192,6 +193,8 @@ def flax_run(xs, ys, weights):
 
 @pytest.mark.parametrize("where", ["input", "upstream_gradient"])
 def test_train_step_with_apply_if_finite(where):
+    # The recommended step (mabn_jax.value_and_grad) with optax.apply_if_finite:
+    # the params skip the step, and so do the statistics.
     k1, k2 = jax.random.split(jax.random.PRNGKey(2))
     xs = jax.random.normal(k1, (T, 6, 5))
     ys = jax.random.randint(k2, (T, 6), 0, 2)
@@ -216,25 +219,31 @@ def test_layers_stacked_by_scan_skip_independently():
     # nn.scan / vmap give the state a leading layer axis; a NaN in one layer's
     # Ψ_B must roll back that layer only.
     cfg = config(False)
-    one = F.init_state((C,), cfg)._replace(step=jnp.asarray(3, jnp.int32))
+    one = F.init_state((C,), cfg)._replace(step=jnp.asarray(3.0))
     previous = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), one)
-    advanced = previous._replace(step=previous.step + 1)
-    psi = jnp.ones((2, C)).at[1, 0].set(jnp.nan)
-    new = F.record_backward_stats(advanced, F.Probes(psi), previous)
+    slot = 4 % 3  # step 4 reserves (NaN) its slot until recorded
+    advanced = previous._replace(step=previous.step + 1,
+                                 psi_window=previous.psi_window.at[:, slot].set(jnp.nan))
+    psi = jnp.zeros((2, 3, C)).at[:, slot].set(1.0).at[1, slot, 0].set(jnp.nan)
+    new = jax.jit(F.record_backward_stats)(advanced, F.Probes(psi), previous)
     np.testing.assert_array_equal(new.step, [4, 3])
     np.testing.assert_array_equal(new.skipped, [0, 1])
-    np.testing.assert_array_equal(new.psi_window[0, 4 % 3], jnp.ones(C))
+    np.testing.assert_array_equal(new.psi_window[0, slot], jnp.ones(C))
     np.testing.assert_array_equal(new.psi_window[1], previous.psi_window[1])
 
 
-@pytest.mark.parametrize("skip", [True, False])
-def test_module_attribute_sets_the_policy(skip):
-    model = mabn_jax.MABN(skip_nonfinite=skip)
-    x = jnp.ones((4, C))
+def test_module_skips_a_bad_batch():
+    # Always on: the Flax layer leaves its state as it was (one more skipped)
+    # and its output is NaN where the statistics are.
+    model = mabn_jax.MABN()
+    x = jnp.ones((4, C)) * jnp.arange(1.0, C + 1)
     variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
     probes = mabn_jax.init_probes(variables["batch_stats"])
-    _, updates = model.apply({**variables, "mabn_probes": probes}, x.at[0, 0].set(jnp.nan),
-                             use_running_average=False, mutable=["batch_stats"])
-    stats = updates["batch_stats"]
-    assert (int(stats["step"]), int(stats["skipped"])) == ((0, 1) if skip else (1, 0))
-    assert bool(jnp.isfinite(stats["ema_x2"]).all()) == skip
+    apply = jax.jit(functools.partial(model.apply, use_running_average=False,
+                                      mutable=["batch_stats"]))
+    y, updates = apply({**variables, "mabn_probes": probes}, x.at[0, 0].set(jnp.nan))
+    stats, before = updates["batch_stats"], variables["batch_stats"]
+    assert (int(stats["step"]), int(stats["skipped"])) == (0, 1)
+    for name in ("x2_window", "psi_window", "ema_x2"):
+        np.testing.assert_array_equal(stats[name], before[name], err_msg=name)
+    assert bool(jnp.isnan(y[:, 0]).all()) and bool(jnp.isfinite(y[:, 1:]).all())
