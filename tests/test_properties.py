@@ -70,9 +70,9 @@ def test_inference_is_a_per_channel_affine_map(layout, dtype, centered, m, seed)
         state = F.init_state(feat, cfg, jnp.promote_types(dt, jnp.float32))
         var = rng.uniform(0.1, 4.0, feat)
         mean = rng.normal(size=feat) if centered else np.zeros(feat)
-        state = (state._replace(ema_mean=jnp.asarray(mean, state.ema_mean.dtype),
-                                ema_var=jnp.asarray(var, state.ema_var.dtype))
-                 if centered else state._replace(ema_x2=jnp.asarray(var, state.ema_x2.dtype)))
+        state = state._replace(ema_var=jnp.asarray(var, state.ema_var.dtype))
+        if centered:
+            state = state._replace(ema_mean=jnp.asarray(mean, state.ema_mean.dtype))
         scale, bias = rng.normal(size=feat), rng.normal(size=feat)
         x = jnp.asarray(rng.normal(size=shape) * 3, dt)
         y = F.mabn_inference(x, jnp.asarray(scale, dt), jnp.asarray(bias, dt), state, cfg,
@@ -127,8 +127,9 @@ def test_window_phase_is_invariant_to_input_scale(layout, dtype, centered, m, lo
         assert bool(state.step == steps) and bool(jnp.isfinite(y).all())
     # y_c = x / sqrt(s + ε/c²) vs y = x / sqrt(s + ε): relative difference at
     # most ε·|1 − 1/c²| / (2 s) for the window statistic s (χ̃² or σ̃²).
-    window = np.asarray(state.var_window if centered else state.x2_window, np.float64)
-    s = window.mean(0).min()
+    # s: a lower bound of the window statistic (χ̃², or σ̃² = mean of the
+    # within-step variances plus the between-step spread of the means).
+    s = np.asarray(state.var_window, np.float64).mean(0).min()
     eps_effect = cfg.epsilon * abs(1 - 1 / c ** 2) / (2 * s)
     # Errors relative to each result's natural size: |z| ~ 1 for y, and
     # |dy·γ| / sqrt(s + ε) for dx, whose terms can cancel (e.g. 2 samples).
@@ -145,9 +146,9 @@ def reference(x, scale, bias, cfg, feature_axes, sdt):
     red = tuple(i for i in range(x.ndim) if i not in feature_axes)
     b = functools.partial(bcast, ndim=x.ndim, feature_axes=feature_axes)
     xs = x.astype(sdt)
-    if cfg.centered:
+    if cfg.centered:  # two-pass variance (use_fast_variance=False, the default)
         mu = xs.mean(red)
-        var = jnp.maximum((xs * xs).mean(red) - mu * mu, 0.0)
+        var = jnp.square(xs - b(mu)).mean(red)
         z = (xs - b(mu)) * jax.lax.rsqrt(b(var) + cfg.epsilon)
     else:
         z = xs * jax.lax.rsqrt(b((xs * xs).mean(red)) + cfg.epsilon)
@@ -166,7 +167,7 @@ def test_custom_vjp_equals_autodiff_in_the_batch_phase(layout, dtype, centered, 
                        renorm_start=1000, centered=centered)
     with precision(dtype) as dt:
         sdt = jnp.promote_types(dt, jnp.float32)
-        state = F.init_state(feat, cfg, sdt)._replace(step=jnp.asarray(4, jnp.int32))
+        state = F.init_state(feat, cfg, sdt)._replace(step=jnp.asarray(4, sdt))
         x = jnp.asarray(rng.normal(size=shape) * 2 + 0.3, dt)
         dy = jnp.asarray(rng.normal(size=shape), dt)
         scale = jnp.asarray(rng.uniform(0.5, 2, feat), dt)
@@ -183,7 +184,17 @@ def test_custom_vjp_equals_autodiff_in_the_batch_phase(layout, dtype, centered, 
             return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
 
         got, want = grads(mabn), grads(ref)
+    # ∂L/∂x = (ĝ − g_B − z·Ψ_B) / σ is a difference of terms of size |ĝ| / σ
+    # that can cancel almost completely (two examples per statistic: z = ±1, so
+    # ∂L/∂x ≈ 0); rounding, in the reference as much as in the layer, is
+    # relative to those terms, so measure the error against their size.
+    red = tuple(i for i in range(len(shape)) if i not in feature_axes)
+    x64 = np.asarray(x, np.float64)
+    var = (x64 - x64.mean(red, keepdims=True)).var(red) if centered else (x64 ** 2).mean(red)
+    b = functools.partial(bcast, ndim=len(shape), feature_axes=feature_axes)
+    terms = np.asarray(dy, np.float64) * b(np.asarray(scale, np.float64) / np.sqrt(var + cfg.epsilon))
     for name, g, w in zip(("x", "scale", "bias"), got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        err = np.linalg.norm(g - w) / (np.linalg.norm(w) + 1e-30)
+        size = max(np.linalg.norm(w), np.linalg.norm(terms) if name == "x" else 0.0)
+        err = np.linalg.norm(g - w) / (size + 1e-30)
         assert err <= TOL[dtype] * 4, (name, err)
