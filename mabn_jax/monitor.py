@@ -10,12 +10,18 @@ step is unchanged::
     forward = mabn_jax.monitor.forward_stats(updates['intermediates'])
 
 Backward statistics (Ψ_B and, centered, g_B) are the gradients of the probes
-(see :mod:`mabn_jax.probes`)::
+of the low-level API (:func:`mabn_jax.init_probes`)::
 
     backward = mabn_jax.monitor.backward_stats(probe_grads)
 
-Both return flat dicts ``{'path/to/layer/name': array}``; arrays have a
-leading ``[G]`` axis for ghost batches.
+They have the windows' shape ``[m, *features]``: a step from state ``step``
+puts the Ψ_B of its group ``i`` (``i = 0`` without ghost batches) in slot
+``(step + 1 + i) mod m`` and zeros elsewhere (with more groups than ``m``, a
+slot keeps its last group's). :func:`mabn_jax.value_and_grad` records the
+same values into the same slots of ``psi_window`` (``g_window``).
+
+Both return flat dicts ``{'path/to/layer/name': array}``; forward statistics
+have a leading ``[G]`` axis for ghost batches.
 """
 
 from __future__ import annotations
@@ -47,5 +53,6 @@ def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 
 def l2_norms(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The l2 norm over channels of each statistic (per group for ghost batches)."""
+    """The l2 norm over channels of each statistic (per group for ghost batches,
+    per window slot for backward statistics)."""
     return {k: jnp.sqrt(jnp.sum(jnp.square(v), axis=-1)) for k, v in stats.items()}
