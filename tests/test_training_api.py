@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax.core import FrozenDict, freeze, unfreeze
+from flax.core import FrozenDict, freeze
 from flax.training import train_state
-from flax.training.dynamic_scale import DynamicScale
+from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -304,29 +304,23 @@ def test_ghost_batches_need_no_group_count():
         assert np.isfinite(window).all() and np.all(np.any(window != 0, axis=-1)), layer
 
 
-def _small_helper_vs_low_level(params, bs, x, y):
-    """The helper's ((loss, batch_stats), grads) on Small, and the low-level's."""
-    state = new_state(Small())
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": bs}, x,
-                                         train=True, mutable=["batch_stats"])
-        return xent(logits, y), updates
-
-    (loss, updates), grads = jax.jit(mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=bs))(params)
-    params, bs = unfreeze(params), unfreeze(bs)  # plain dicts: one compilation
-    r_loss, new, (r_grads, _), pg = _small_grads()(params, bs, x, y)
-    return ((loss, updates["batch_stats"]), grads), ((r_loss, RECORD(new, pg, bs)), r_grads)
-
-
 def test_frozen_dict_params_and_batch_stats():
     x, y = data(1)
     state = new_state(Small())
     params, bs = freeze(state.params), freeze(state.batch_stats)
-    got, want = _small_helper_vs_low_level(params, bs, x[0], y[0])
-    assert isinstance(got[1], type(params))  # the gradient has the params' type
-    assert_same(thaw(got), want)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": bs}, x[0],
+                                         train=True, mutable=["batch_stats"])
+        return xent(logits, y[0]), updates
+
+    (loss, updates), grads = jax.jit(mabn_jax.value_and_grad(
+        loss_fn, has_aux=True, batch_stats=bs))(params)
+    assert isinstance(grads, FrozenDict)  # the params' structure, without probes
+    # The low-level API on the same values (as dicts: no second compilation).
+    r_loss, new, (r_grads, _), pg = _small_grads()(state.params, state.batch_stats, x[0], y[0])
+    assert_same(thaw((loss, updates["batch_stats"], grads)),
+                (r_loss, RECORD(new, pg, state.batch_stats), r_grads))
 
 
 def test_argnums_tuple():
@@ -476,8 +470,10 @@ def scaled_step(state, ds, x, y):
                                          x, train=True, mutable=["batch_stats"])
         return xent(logits, y), updates
 
-    ds, is_fin, (loss, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state.batch_stats, dynamic_scale=ds)(state.params)
+    result = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats,
+                                     dynamic_scale=ds)(state.params)
+    assert isinstance(result, DynamicScaleResult)  # as DynamicScale.value_and_grad's
+    ds, is_fin, (loss, updates), grads = result
     new = state.apply_gradients(grads=grads)
     params = jax.tree.map(lambda a, b: jnp.where(is_fin, a, b), new.params, state.params)
     return new.replace(params=params, batch_stats=updates["batch_stats"]), ds, is_fin, loss
@@ -529,8 +525,12 @@ def test_dynamic_scale_non_finite_step():
         state, ds, is_fin, loss = scaled_step(state, ds, x[t], y[t])
         book.append((float(ds.scale), int(ds.fin_steps)))
         assert bool(is_fin) == (t != 3) and np.isfinite(loss) == (t != 3)
+        if t == 3:
+            assert_same(state.params, previous.params)
+            layer, before = dict(state.batch_stats["MABN_0"]), previous.batch_stats["MABN_0"]
+            assert int(layer.pop("skipped")) == 1
+            assert_same(layer, {k: v for k, v in before.items() if k != "skipped"})
     assert book == flax_dynamic_scale([True, True, True, False, True])
-    assert int(state.batch_stats["MABN_0"]["skipped"]) == 1
     assert int(state.batch_stats["MABN_0"]["step"]) == 4
 
 
