@@ -29,7 +29,6 @@ def config(centered, **kw):
                         centered=centered, **kw)
 
 
-
 def batches(n):
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     scales = 1.0 + jnp.arange(n)[:, None, None] / 4.0

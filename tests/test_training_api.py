@@ -374,13 +374,13 @@ def test_optax_multisteps():
     assert moved == [False, True, False, True]
 
     # By hand, with the low-level API: two micro-batches on the same params.
-    p, bs = state.params, state.batch_stats
+    p, bs, acc = state.params, state.batch_stats, None
     for t in range(4):
         _, new, (g, _), pg = _small_grads()(p, bs, x[t], y[t])
         bs, g = jax.device_get((RECORD(new, pg, bs), g))
-        acc = g if t % 2 == 0 else jax.tree.map(lambda a, b: (a + b) / 2, acc, g)
+        acc = g if acc is None else jax.tree.map(lambda a, b: (a + b) / 2, acc, g)
         if t % 2:
-            p = jax.tree.map(lambda p, g: p - np.float32(LR) * g, p, acc)
+            p, acc = jax.tree.map(lambda p, g: p - np.float32(LR) * g, p, acc), None
         assert_close(got[t][0].batch_stats, bs, what=f"step {t + 1} batch_stats")
         assert_close(got[t][0].params, p, what=f"step {t + 1} params")
 
