@@ -9,7 +9,8 @@ ghost-batch splitting, the moments (``use_mean=False`` gives the second moment
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
