@@ -1,6 +1,8 @@
 """BatchRenorm: nn.BatchNorm while r = 1, d = 0 (with the same variance formula:
 two-pass by default); r and d clipped; no gradient through them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,10 +43,10 @@ def test_equals_batchnorm_while_r_is_1_and_d_is_0(fast_variance):
     brn = mabn_jax.BatchRenorm(warmup_steps=3, r_max=2.0, d_max=1.0, **kw)
     bn = nn.BatchNorm(**kw)
     key = jax.random.key(0)
-    vb = bn.init(key, x[0], use_running_average=False)
+    vb = jax.jit(functools.partial(bn.init, use_running_average=False))(key, x[0])
     params = {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.linspace(-1.0, 1.0, 5)}
     vb = {"params": params, "batch_stats": vb["batch_stats"]}
-    vr = brn.init(key, x[0], use_running_average=False)
+    vr = jax.jit(functools.partial(brn.init, use_running_average=False))(key, x[0])
     vr = {"params": params, "batch_stats": vr["batch_stats"]}
     step_b, step_r = _train_step(bn), _train_step(brn)
     for t in range(3):
@@ -75,9 +77,9 @@ def test_default_variance_is_two_pass():
     exact = (exact - exact.mean(0)) / np.sqrt(exact.var(0) + 1e-5)
     state = F.init_batch_renorm_state((4,))
     # warmup_steps=1: the first step is batch norm (r = 1, d = 0).
-    out = {fast: F.batch_renorm_train(
-        x, None, None, state, F.BatchRenormConfig(use_fast_variance=fast, warmup_steps=1))[0]
-        for fast in (False, True)}
+    out = {fast: jax.jit(lambda x, s, fast=fast: F.batch_renorm_train(
+        x, None, None, s, F.BatchRenormConfig(use_fast_variance=fast, warmup_steps=1))[0])(
+            x, state) for fast in (False, True)}
     np.testing.assert_allclose(out[False], exact, rtol=1e-3, atol=1e-3)
     assert not np.allclose(out[True], exact, rtol=1e-1, atol=1e-1)
 
@@ -113,15 +115,16 @@ def test_r_and_d_are_clipped_and_receive_no_gradient():
     x, dy = x[0], dy[0]
     state = F.init_batch_renorm_state((5,))._replace(step=jnp.asarray(10.0))
     config = F.BatchRenormConfig(r_max=1.2, d_max=0.1, epsilon=1e-5)
-    _, _, stats = F.batch_renorm_train(x, None, None, state, config)
+    stats = jax.jit(lambda x: F.batch_renorm_train(x, None, None, state, config)[2])(x)
     assert np.all(np.abs(stats["d"]) <= 0.1 + 1e-7) and np.any(np.abs(stats["d"]) > 0.099)
     assert np.all((stats["r"] >= 1 / 1.2 - 1e-6) & (stats["r"] <= 1.2 + 1e-6))
-    gx = jax.grad(lambda x: jnp.sum(F.batch_renorm_train(x, None, None, state, config)[0] * dy))(x)
+    gx = jax.jit(jax.grad(
+        lambda x: jnp.sum(F.batch_renorm_train(x, None, None, state, config)[0] * dy)))(x)
 
     def by_hand(x):
         mu, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
         return jnp.sum(((x - mu) / jnp.sqrt(var + 1e-5) * stats["r"] + stats["d"]) * dy)
-    np.testing.assert_allclose(gx, jax.grad(by_hand)(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gx, jax.jit(jax.grad(by_hand))(x), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_attributes_raise_naming_them():
