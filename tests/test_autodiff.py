@@ -282,10 +282,9 @@ def _reference(centered):
     return norm
 
 
-def _advanced_state(config, steps, seed=1):
-    """A state after ``steps`` recorded training steps on random data."""
-    rng = np.random.default_rng(seed)
-    state = F.init_state((C,), config, jnp.float64)
+@functools.lru_cache
+def _recorded_step(config):
+    """A jitted functional training step that records its backward statistics."""
 
     @jax.jit
     def step(state, x, dy):
@@ -295,11 +294,24 @@ def _advanced_state(config, steps, seed=1):
         probe_grads, new = jax.grad(loss, has_aux=True)(F.init_probes(state))
         return F.record_backward_stats(new, probe_grads, previous=state)
 
+    return step
+
+
+def _advanced_state(config, steps, seed=1):
+    """A state after ``steps`` recorded training steps on random data."""
+    rng = np.random.default_rng(seed)
+    state = F.init_state((C,), config, jnp.float64)
     for _ in range(steps):
         x = rng.normal(size=(N, C)) * 1.5 + 0.4
-        state = step(state, jnp.asarray(x), jnp.asarray(rng.normal(size=(N, C))))
-    assert int(state.step) == steps and bool(jnp.all(jnp.isfinite(state.psi_window)))
+        state = _recorded_step(config)(state, jnp.asarray(x), jnp.asarray(rng.normal(size=(N, C))))
+    assert int(state.step) == steps and bool(np.all(np.isfinite(state.psi_window)))
     return state
+
+
+def _config(centered):
+    """m = 3, warm-up until t = 6, no renormalization in the steps used (r = 1)."""
+    return F.MABNConfig(buffer_size=3, warmup_steps=6, renorm_start=1000, centered=centered,
+                        epsilon=EPS)
 
 
 def _layer(config, state):
@@ -319,9 +331,8 @@ def test_second_derivatives_inside_warmup_equal_the_reference(centered):
     jax.hessian and a gradient penalty through a training-mode layer equal those
     of the reference formula, in float64, to 1e-12."""
     with jax.enable_x64(True):
-        config = F.MABNConfig(buffer_size=2, warmup_steps=50, renorm_start=10,
-                              centered=centered, epsilon=EPS)
-        state = _advanced_state(config, 5)  # the layer's step is t = 6: m < t < warmup
+        config = _config(centered)
+        state = _advanced_state(config, 4)  # the layer's step is t = 5: m < t < warmup
         u, w, v, a, gamma, beta = _problem()
 
         @jax.jit
@@ -355,32 +366,17 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(c
     (state fixed): it matches a central difference of the rule, and differs from
     the second derivative of the forward function."""
     with jax.enable_x64(True):
-        m = 3
-        config = F.MABNConfig(buffer_size=m, warmup_steps=0, renorm_start=1000,
-                              centered=centered, epsilon=EPS)
-        state = _advanced_state(config, 4)  # t = 5 > m: windows in use, r = 1
+        config = _config(centered)
+        m = config.buffer_size
+        state = _advanced_state(config, 6)  # t = 7 >= warmup, > m: windows in use, r = 1
         u, w, v, a, gamma, beta = _problem(2)
         norm = _layer(config, state)
         loss = lambda w: jnp.sum(a * jnp.sin(norm(u @ w, gamma, beta)))
         rule = jax.grad(loss)
         h = 1e-5
-
-        @jax.jit
-        def derivatives(w, v):
-            return (jax.jvp(rule, (w,), (v,))[1], jax.hessian(loss)(w),
-                    (rule(w + h * v) - rule(w - h * v)) / (2 * h))
-
-        hvp, hessian, central = derivatives(w, v)
-        err = _rel(hvp, central)
-        print(f"centered={centered} HVP vs central difference of the rule:", err)
-        assert err <= 1e-7, err
-        np.testing.assert_allclose(hessian.reshape(K * C, K * C) @ v.reshape(-1),
-                                   hvp.reshape(-1), rtol=1e-10)
-
         # The forward the layer computed: window means with this step's statistics
         # in slot t mod m. Its (autodiff) gradient and Hessian are not MABN's.
-        slot = int(state.step + 1) % m
-        keep = (jnp.arange(m) != slot)[:, None]
+        keep = (np.arange(m) != (int(state.step) + 1) % m)[:, None]
 
         def forward(x):
             if not centered:
@@ -396,11 +392,23 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(c
         loss_fwd = lambda w: jnp.sum(a * jnp.sin(forward(u @ w)))
 
         @jax.jit
-        def compare(w, v):
-            return (forward(u @ w), norm(u @ w, gamma, beta), jax.grad(loss_fwd)(w), rule(w),
-                    jax.jvp(jax.grad(loss_fwd), (w,), (v,))[1])
+        def derivatives(w, v):
+            return dict(
+                hvp=jax.jvp(rule, (w,), (v,))[1], hessian=jax.hessian(loss)(w),
+                central=(rule(w + h * v) - rule(w - h * v)) / (2 * h),
+                y_fwd=forward(u @ w), y=norm(u @ w, gamma, beta),
+                grad_fwd=jax.grad(loss_fwd)(w), grad_rule=rule(w),
+                hvp_fwd=jax.jvp(jax.grad(loss_fwd), (w,), (v,))[1])
 
-        y_fwd, y, grad_fwd, grad_rule, hvp_fwd = compare(w, v)
+        out = jax.device_get(derivatives(w, v))
+        hvp = out["hvp"]
+        err = _rel(hvp, out["central"])
+        print(f"centered={centered} HVP vs central difference of the rule:", err)
+        assert err <= 1e-7, err
+        np.testing.assert_allclose(out["hessian"].reshape(K * C, K * C) @ np.ravel(v),
+                                   hvp.reshape(-1), rtol=1e-10)
+        y_fwd, y, grad_fwd, grad_rule, hvp_fwd = (
+            out[k] for k in ("y_fwd", "y", "grad_fwd", "grad_rule", "hvp_fwd"))
         np.testing.assert_allclose(y_fwd, y, rtol=1e-12)
         assert _rel(grad_fwd, grad_rule) > 1e-3
         assert _rel(hvp_fwd, hvp) > 1e-3
