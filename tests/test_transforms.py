@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen as nn
 from jax import lax
 
@@ -160,6 +161,7 @@ def test_remat_and_checkpoint_equal_no_remat():
         assert_close(params, r_params, what=what)
 
 
+@pytest.mark.slow
 def test_vmap_ensemble_member_equals_independent_run():
     """vmap of init and of the train step: each member is its own model."""
     members = 3
@@ -225,6 +227,7 @@ def _unstack(tree, layers):
     return out
 
 
+@pytest.mark.slow
 def test_nn_scan_over_layers_equals_unrolled_layers():
     x, y = data()
     scan_model, unrolled = ScanNet(), UnrolledNet()
