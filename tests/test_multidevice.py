@@ -157,6 +157,7 @@ def _renorm_clips(before, after):
     return np.any(r > 5.0) and np.any(r < 5.0)  # both branches of the clip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centered", [False, True])
 def test_sync_pmap_equals_single_device_global_batch(centered):
     """8 devices x batch 2 with axis_name == 1 device x batch 16, every leaf."""
@@ -183,6 +184,7 @@ def test_sync_pmap_equals_single_device_global_batch(centered):
             assert_close(pick(params_host), r_params, what=f"step {t + 1} params")
 
 
+@pytest.mark.slow
 def test_sync_local_mean_loss_scales_psi_by_device_count():
     """Per-device mean loss + pmean of grads: same updates, Ψ of n·L recorded."""
     x, y = data()
@@ -238,6 +240,7 @@ def test_sync_axis_index_groups():
     assert not np.allclose(bs["MABN_0"]["x2_window"][0], bs["MABN_0"]["x2_window"][4])
 
 
+@pytest.mark.slow
 def test_sync_subgroups_shard_map_2d_mesh():
     """shard_map has no axis_index_groups: sync over the inner axis of a 2-D mesh.
 
@@ -278,6 +281,7 @@ def test_sync_subgroups_shard_map_2d_mesh():
     assert not np.allclose(window[0], window[1])
 
 
+@pytest.mark.slow
 def test_per_device_statistics_stay_per_device_under_pmean_of_grads():
     """Default axis_name=None: each device's windows hold its own χ²_B and Ψ_B.
 
@@ -348,6 +352,7 @@ def test_sync_shard_map_equals_single_device_global_batch():
         assert_close(params, r_params, what=f"step {t + 1} params")
 
 
+@pytest.mark.slow
 def test_per_device_shard_map():
     """shard_map with per-device state: batch_stats carry a leading device axis."""
     steps = 5
