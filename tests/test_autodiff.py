@@ -12,6 +12,7 @@ in the window phase they are the derivatives of MABN's first-order gradient
 rule. Forward mode of a training-mode layer is refused with a TypeError.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -359,16 +360,21 @@ def test_second_derivatives_inside_warmup_equal_the_reference(centered):
         assert max(worst.values()) <= 1e-12, worst
 
 
+@pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("centered", [False, True])
-def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(centered):
-    """After warm-up (m > 1, r = 1) the first-order gradient is MABN's rule, not
-    autodiff; jax.jvp of jax.grad is the derivative of that rule as a function of W
-    (state fixed): it matches a central difference of the rule, and differs from
-    the second derivative of the forward function."""
+def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
+        centered, renorm):
+    """After warm-up (m > 1) the first-order gradient is MABN's rule, not autodiff;
+    jax.jvp of jax.grad is the derivative of that rule as a function of W (state
+    fixed): it matches a central difference of the rule, and differs from the
+    second derivative of the forward function. With renormalization active the rule
+    scales ĝ by r (and shifts by d), which move with W like the other statistics."""
     with jax.enable_x64(True):
         config = _config(centered)
+        if renorm:
+            config = dataclasses.replace(config, renorm_start=config.warmup_steps)
         m = config.buffer_size
-        state = _advanced_state(config, 6)  # t = 7 >= warmup, > m: windows in use, r = 1
+        state = _advanced_state(config, 6)  # t = 7 >= warmup, > m: windows in use
         u, w, v, a, gamma, beta = _problem(2)
         norm = _layer(config, state)
         loss = lambda w: jnp.sum(a * jnp.sin(norm(u @ w, gamma, beta)))
@@ -380,14 +386,21 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(c
 
         def forward(x):
             if not centered:
-                chi2 = (jnp.where(keep, state.var_window, 0).sum(0) + (x * x).mean(0)) / m
-                return gamma * x / jnp.sqrt(chi2 + EPS) + beta
-            mean_b = x.mean(0)
-            means = jnp.where(keep, state.mean_window, mean_b)
-            vars_ = jnp.where(keep, state.var_window, ((x - mean_b) ** 2).mean(0))
-            mu = means.mean(0)
-            var = (vars_ + (means - mu) ** 2).mean(0)
-            return gamma * (x - mu) / jnp.sqrt(var + EPS) + beta
+                mu = 0.0
+                var = (jnp.where(keep, state.var_window, 0).sum(0) + (x * x).mean(0)) / m
+            else:
+                mean_b = x.mean(0)
+                means = jnp.where(keep, state.mean_window, mean_b)
+                vars_ = jnp.where(keep, state.var_window, ((x - mean_b) ** 2).mean(0))
+                mu = means.mean(0)
+                var = (vars_ + (means - mu) ** 2).mean(0)
+            r, d = 1.0, 0.0
+            if renorm:
+                sigma = jnp.sqrt(state.ema_var + EPS)
+                r = jnp.clip(jnp.sqrt(var + EPS) / sigma, 1 / config.r_max, config.r_max)
+                if centered:
+                    d = jnp.clip((mu - state.ema_mean) / sigma, -config.d_max, config.d_max)
+            return gamma * (r * (x - mu) / jnp.sqrt(var + EPS) + d) + beta
 
         loss_fwd = lambda w: jnp.sum(a * jnp.sin(forward(u @ w)))
 
@@ -398,12 +411,20 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(c
                 central=(rule(w + h * v) - rule(w - h * v)) / (2 * h),
                 y_fwd=forward(u @ w), y=norm(u @ w, gamma, beta),
                 grad_fwd=jax.grad(loss_fwd)(w), grad_rule=rule(w),
-                hvp_fwd=jax.jvp(jax.grad(loss_fwd), (w,), (v,))[1])
+                hvp_fwd=jax.jvp(jax.grad(loss_fwd), (w,), (v,))[1],
+                stats=F.mabn_train_with_stats(u @ w, gamma, beta, state,
+                                              F.init_probes(state), config)[2])
 
         out = jax.device_get(derivatives(w, v))
+        r = out["stats"]["r"]
+        if renorm:  # r acts, unclipped, so it moves with W
+            assert np.all((np.abs(r - 1) > 0.1) & (r < config.r_max) & (r > 1 / config.r_max)), r
+        else:
+            np.testing.assert_array_equal(r, 1.0)
         hvp = out["hvp"]
         err = _rel(hvp, out["central"])
-        print(f"centered={centered} HVP vs central difference of the rule:", err)
+        print(f"centered={centered} renorm={renorm} HVP vs central difference of the rule:",
+              err)
         assert err <= 1e-7, err
         np.testing.assert_allclose(out["hessian"].reshape(K * C, K * C) @ np.ravel(v),
                                    hvp.reshape(-1), rtol=1e-10)
