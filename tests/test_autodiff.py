@@ -8,8 +8,9 @@ trajectory is pinned to a float64 NumPy transcription of the spec instead.
 
 Higher-order derivatives (issue 12): inside warm-up they are those of the
 reference formula (Hessian-vector products, jax.hessian, gradient penalties);
-in the window phase they are the derivatives of MABN's first-order gradient
-rule. Forward mode of a training-mode layer is refused with a TypeError.
+in the window phase (renormalization active or not) they are the derivatives
+of MABN's first-order gradient rule. Forward mode of a training-mode layer is
+refused with a TypeError.
 """
 
 import dataclasses
