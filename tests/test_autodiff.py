@@ -408,7 +408,7 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
         @jax.jit
         def derivatives(w, v):
             return dict(
-                hvp=jax.jvp(rule, (w,), (v,))[1], hessian=jax.hessian(loss)(w),
+                hvp=jax.jvp(rule, (w,), (v,))[1],
                 central=(rule(w + h * v) - rule(w - h * v)) / (2 * h),
                 y_fwd=forward(u @ w), y=norm(u @ w, gamma, beta),
                 grad_fwd=jax.grad(loss_fwd)(w), grad_rule=rule(w),
@@ -427,8 +427,6 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
         print(f"centered={centered} renorm={renorm} HVP vs central difference of the rule:",
               err)
         assert err <= 1e-7, err
-        np.testing.assert_allclose(out["hessian"].reshape(K * C, K * C) @ np.ravel(v),
-                                   hvp.reshape(-1), rtol=1e-10)
         y_fwd, y, grad_fwd, grad_rule, hvp_fwd = (
             out[k] for k in ("y_fwd", "y", "grad_fwd", "grad_rule", "hvp_fwd"))
         np.testing.assert_allclose(y_fwd, y, rtol=1e-12)
