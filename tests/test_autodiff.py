@@ -459,8 +459,6 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
             assert phrase in message, message
 
     tangent = jnp.ones_like(x)
-    if not centered:  # eager (slow on CPU: every op compiles; one code path for both)
-        check_message(lambda: jax.jvp(train, (x,), (tangent,)))
     check_message(lambda: jax.jit(jax.jacfwd(train))(x))  # at trace time, nothing compiles
     # Forward mode staged by jit fails when XLA lowers the program, outside the layer's
     # code, with JAX's own message; it must still fail, never return a tangent.
@@ -482,6 +480,22 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
     np.testing.assert_allclose(dy, tangent / np.sqrt(ema + EPS), rtol=1e-6)
     np.testing.assert_allclose(jac_fwd, jac_rev, rtol=1e-6)
     np.testing.assert_allclose(y, y_direct)
+
+
+@pytest.mark.slow  # eager: every op of the forward compiles on CPU before the error
+def test_eager_jvp_of_a_training_layer_raises_naming_mabn():
+    mod = mabn_jax.MABN(use_running_average=False, buffer_size=2)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    variables = jax.jit(mod.init)(jax.random.key(0), x)
+    probes = mabn_jax.init_probes(variables["batch_stats"])
+
+    def train(x):
+        return mod.apply({**variables, mabn_jax.PROBES: probes}, x, mutable=["batch_stats"])[0]
+
+    with pytest.raises(TypeError) as info:
+        jax.jvp(train, (x,), (jnp.ones_like(x),))
+    for phrase in ("MABN", "reverse-mode", "inference mode", "use_running_average=True"):
+        assert phrase in str(info.value), str(info.value)
 
 
 def _advanced_state_f32(mod, variables, x):

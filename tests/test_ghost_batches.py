@@ -53,7 +53,8 @@ def _step_fn(config):
     return run
 
 
-@pytest.mark.parametrize("centered,m,n", [(False, 3, 2), (True, 3, 2), (False, 5, 4)])
+@pytest.mark.parametrize("centered,m,n", [
+    (False, 3, 2), (True, 3, 2), pytest.param(False, 5, 4, marks=pytest.mark.slow)])
 def test_mabn_ghost_batches_group_ema_match_loop_over_groups(centered, m, n):
     # Groups 1..20 (or 1..10) pass the batch phase (t <= m, t < warmup), the
     # window phase and renormalization (t > 6) with r clipped at 1.5.

@@ -209,6 +209,7 @@ def test_sync_local_mean_loss_scales_psi_by_device_count():
                          what="psi_window")
 
 
+@pytest.mark.slow
 def test_sync_axis_index_groups():
     """Two groups of four devices == two independent single-device runs of batch 8."""
     steps = 6
@@ -240,7 +241,6 @@ def test_sync_axis_index_groups():
     assert not np.allclose(bs["MABN_0"]["x2_window"][0], bs["MABN_0"]["x2_window"][4])
 
 
-@pytest.mark.slow
 def test_sync_subgroups_shard_map_2d_mesh():
     """shard_map has no axis_index_groups: sync over the inner axis of a 2-D mesh.
 

@@ -150,6 +150,7 @@ def test_lax_scan_over_train_steps_equals_python_loop_of_jitted_steps():
     assert_close(params, r_params, what="params")
 
 
+@pytest.mark.slow
 def test_remat_and_checkpoint_equal_no_remat():
     x, y = data()
     r_params, r_bs, r_logits = reference()
