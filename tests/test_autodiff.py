@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_step import layer_step
 
 import mabn_jax
 from mabn_jax import functional as F
-from layer_step import layer_step
 
 EPS = 1e-5
 

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_step import layer_step
 
 import mabn_jax
 from mabn_jax import functional as F
-from layer_step import layer_step
 
 DATA = pathlib.Path(__file__).parent / "data"
 N, H, C = 8, 2, 3

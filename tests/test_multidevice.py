@@ -25,10 +25,11 @@ import optax
 import pytest
 from flax import linen as nn
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tree_assert import assert_trees_close
 
 import mabn_jax
-from tree_assert import assert_trees_close
 
 N_DEV, PER_DEV, STEPS = 8, 2, 10
 GLOBAL = N_DEV * PER_DEV

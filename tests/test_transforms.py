@@ -21,9 +21,9 @@ import optax
 import pytest
 from flax import linen as nn
 from jax import lax
+from tree_assert import assert_trees_close
 
 import mabn_jax
-from tree_assert import assert_trees_close
 from mabn_jax import functional as F
 
 STEPS, BATCH, FEATURES = 8, 4, 5
