@@ -19,6 +19,7 @@ import pytest
 from flax.training import train_state
 
 import mabn_jax
+from subprocess_env import PACKAGE_FILE, env_with_this_mabn_jax
 
 T = 12
 # buffer_size=3, warmup_steps=4, renorm_start=7: step 2 is in warm-up, step 5
@@ -120,7 +121,7 @@ def resume_main(ckpt_dir, out):
         results[f"{s}/losses"] = losses
         for i, leaf in enumerate(leaves(state)):
             results[f"{s}/leaf{i}"] = leaf
-    np.savez(out, **results)
+    np.savez(out, package=os.path.abspath(mabn_jax.__file__), **results)
 
 
 def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
@@ -129,9 +130,11 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
     skipped = [int(layer["skipped"]) for layer in final.batch_stats.values()]
     assert skipped == [0, 0]
     out = str(tmp_path / "resumed.npz")
-    # Same environment, hence the same backend, as this process.
-    subprocess.run([sys.executable, __file__, "resume", ckpt_dir, out], check=True)
+    # Same environment, hence the same backend, as this process, and the same mabn_jax.
+    subprocess.run([sys.executable, __file__, "resume", ckpt_dir, out], check=True,
+                   env=env_with_this_mabn_jax())
     resumed = np.load(out)
+    assert str(resumed["package"]) == PACKAGE_FILE
     want = leaves(final)
     for s in SAVE_AT:
         assert resumed[f"{s}/losses"].tobytes() == losses[s:].tobytes(), s
