@@ -80,8 +80,9 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
             out = {"mu_B": fwd[f"{LAYER}/mu_B"], "sigma2_B": fwd[f"{LAYER}/sigma2_B"],
                    "g_B": layer["g_window"][slot] * batch, "psi_B": psi_b}
         else:  # the statistics used: χ̃², and Ψ̃ = the window's mean after this
-            # step's write (the batch's own while the window fills, t <= m)
-            psi = jnp.where(layer["step"] > window, layer["psi_window"].mean(0), psi_b)
+            # step's write (the batch's own while the window fills, t <= m),
+            # on the same per-example scale
+            psi = jnp.where(layer["step"] > window, layer["psi_window"].mean(0) * batch, psi_b)
             out = {"sigma2_used": fwd[f"{LAYER}/chi2"], "psi_used": psi}
         return (optax.apply_updates(params, delta), new_stats, opt), mabn_jax.monitor.l2_norms(out)
 
