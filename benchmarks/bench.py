@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import platform
 import re
@@ -336,24 +337,31 @@ def _instructions(hlo_text):
             yield m.group(1), m.group(2), m.group(3), operands
 
 
+def _x_sized(hlo_type, size):
+    """Whether an HLO type (an array or a tuple of arrays) holds an array of
+    ``size`` elements: x-sized in any shape (e.g. x bitcast to ``[1, *x.shape]``)."""
+    return any(math.prod(int(d) for d in dims.split(",") if d) == size
+               for dims in re.findall(r"\w+\[([\d,]*)\]", hlo_type))
+
+
 def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
     """Counts the compiled ops of one layer fwd+bwd that read or write x-sized arrays."""
     print(f"\n### Compiled layer fwd+bwd, {jnp.dtype(dtype).name} {shape}: ops on x-sized "
           "arrays (XLA CPU)\n")
-    full = "[" + ",".join(str(d) for d in shape) + "]"
+    size = math.prod(shape)
     x = jnp.ones(shape, dtype)
     rows = []
     for name, m in (("BN", nn.BatchNorm(dtype=dtype)), ("MABN", mabn_jax.MABN(dtype=dtype)),
                     ("MABN-centered", mabn_jax.MABN(centered=True, dtype=dtype))):
         f, args = layer_step(m, x, x)
         instrs = list(_instructions(f.lower(*args).compile().as_text()))
-        fulls = {n for n, out, op, _ in instrs if full in out and op != "tuple"}
+        fulls = {n for n, out, op, _ in instrs if _x_sized(out, size) and op != "tuple"}
         passes = reads = writes = reductions = 0
         for n, out, op, operands in instrs:
             if op in ("parameter", "tuple", "bitcast", "get-tuple-element", "constant"):
                 continue
             n_in = sum(o in fulls for o in operands)
-            n_out = int(full in out)
+            n_out = int(_x_sized(out, size))
             if n_in or n_out:
                 passes += 1
                 reads += n_in
