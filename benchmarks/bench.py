@@ -9,10 +9,12 @@ them alike); the ratio is the median over rounds of the per-round ratios.
 
 Sections:
   layer   fwd+bwd of one norm layer on the NHWC shapes of the ResNet-50 stages,
-          as a train step runs it: y, grads w.r.t. x and params (and MABN's
-          probes), the state update (MABN: incl. record_backward_stats).
+          as a train step runs it: y, grads w.r.t. x and params, the state
+          update (MABN: through mabn_jax.value_and_grad, which also records
+          the backward statistics).
   train   a jitted SGD train step of ResNet10 (benchmarks/resnet.py) with
-          MABN + CenteredConv vs nn.BatchNorm + nn.Conv.
+          MABN + CenteredConv vs nn.BatchNorm + nn.Conv; the MABN step is the
+          BN step with mabn_jax.value_and_grad in place of jax.value_and_grad.
   infer   ResNet10 inference: MABN folded into the convs (mabn_jax.fold_params)
           vs BN folded vs GroupNorm vs LayerNorm (unfolded, they cannot fold).
   memory  bytes of residuals saved for the backward pass (leaves of jax.vjp's
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import platform
 import re
@@ -97,38 +100,32 @@ def table(header, rows):
 # ---------------------------------------------------------------- layer fwd+bwd
 
 
-def _zeros_like_tree(t):
-    return jax.tree_util.tree_map(jnp.zeros_like, t)
-
-
 def layer_step(module, x, dy):
-    """A jitted fwd+bwd+state update of one norm layer, and its arguments."""
+    """A jitted fwd+bwd+state update of one norm layer, and its arguments.
+
+    The loss is ``sum(y · dy)``, so ``∂L/∂y = dy``; its value is not returned,
+    and XLA drops it. The MABN step is the others' with ``mabn_jax.value_and_grad``
+    in place of ``jax.value_and_grad``.
+    """
     is_mabn = isinstance(module, mabn_jax.MABN)
     kw = {"use_running_average": False} if is_mabn or isinstance(module, nn.BatchNorm) else {}
     variables = module.init(jax.random.PRNGKey(0), x, **kw)
     params = variables["params"]
     stats = variables.get("batch_stats", {})
 
-    if is_mabn:
-        def step(params, stats, x, dy):
-            probes = mabn_jax.init_probes(stats)
+    def step(params, stats, x, dy):
+        def loss_fn(params, x):
+            y, upd = module.apply({"params": params, "batch_stats": stats}, x,
+                                  mutable=["batch_stats"], **kw)
+            return jnp.sum(y * dy), (y, upd)
 
-            def fwd(x, params, probes):
-                return module.apply({"params": params, "batch_stats": stats,
-                                     mabn_jax.PROBES: probes}, x, mutable=["batch_stats"], **kw)
-
-            (y, upd), vjp = jax.vjp(fwd, x, params, probes)
-            dx, dparams, dprobes = vjp((dy, _zeros_like_tree(upd)))
-            return y, dx, dparams, mabn_jax.record_backward_stats(upd["batch_stats"], dprobes)
-    else:
-        def step(params, stats, x, dy):
-            def fwd(x, params):
-                return module.apply({"params": params, "batch_stats": stats}, x,
-                                    mutable=["batch_stats"], **kw)
-
-            (y, upd), vjp = jax.vjp(fwd, x, params)
-            dx, dparams = vjp((dy, _zeros_like_tree(upd)))
-            return y, dx, dparams, upd
+        if is_mabn:
+            grad_fn = mabn_jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True,
+                                              batch_stats=stats)
+        else:
+            grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (_, (y, upd)), (dparams, dx) = grad_fn(params, x)
+        return y, dx, dparams, upd
 
     return jax.jit(step), (params, stats, x, dy)
 
@@ -187,34 +184,25 @@ def make_model(kind, dtype=jnp.float32):
 
 
 def train_step_fn(kind, model, tx):
-    """The jitted train step; MABN's differs from BN's by the 4 probe lines."""
+    """The train step: MABN's is BN's with ``mabn_jax.value_and_grad`` in place
+    of ``jax.value_and_grad`` (the one line that differs)."""
 
     def loss_of(logits, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    if kind == "MABN":
-        def step(params, batch_stats, opt_state, x, y):
-            def loss_fn(params, probes):
-                logits, upd = model.apply({"params": params, "batch_stats": batch_stats,
-                                           mabn_jax.PROBES: probes}, x, train=True,
-                                          mutable=["batch_stats"])
-                return loss_of(logits, y), upd
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(params):
+            logits, upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                      x, train=True, mutable=["batch_stats"])
+            return loss_of(logits, y), upd
 
-            (loss, upd), (grads, pg) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-                params, mabn_jax.init_probes(batch_stats))
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates),
-                    mabn_jax.record_backward_stats(upd["batch_stats"], pg), opt_state, loss)
-    else:
-        def step(params, batch_stats, opt_state, x, y):
-            def loss_fn(params):
-                logits, upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                          x, train=True, mutable=["batch_stats"])
-                return loss_of(logits, y), upd
-
-            (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+        if kind == "MABN":
+            grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats)
+        else:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, upd), grads = grad_fn(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
     return step
 
 
@@ -256,8 +244,9 @@ def bench_inference(batch, rounds):
         model, _, (params, stats, _, _, _) = _resnet_setup(kind, batch)
         if kind in ("BN", "MABN"):
             # trained-looking statistics, so the folding check below means something
-            stats = jax.tree_util.tree_map(
-                lambda v: v if v.dtype == jnp.int32 else v + 0.5 * jnp.abs(
+            # (MABN's step/skipped counters, floats, are left alone)
+            stats = jax.tree_util.tree_map_with_path(
+                lambda path, v: v if path[-1].key in ("step", "skipped") else v + 0.5 * jnp.abs(
                     jax.random.normal(jax.random.PRNGKey(v.size), v.shape)), stats)
             unfolded = jax.jit(lambda p, s, x, m=model: m.apply(
                 {"params": p, "batch_stats": s}, x, train=False))
@@ -348,24 +337,31 @@ def _instructions(hlo_text):
             yield m.group(1), m.group(2), m.group(3), operands
 
 
+def _x_sized(hlo_type, size):
+    """Whether an HLO type (an array or a tuple of arrays) holds an array of
+    ``size`` elements: x-sized in any shape (e.g. x bitcast to ``[1, *x.shape]``)."""
+    return any(math.prod(int(d) for d in dims.split(",") if d) == size
+               for dims in re.findall(r"\w+\[([\d,]*)\]", hlo_type))
+
+
 def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
     """Counts the compiled ops of one layer fwd+bwd that read or write x-sized arrays."""
     print(f"\n### Compiled layer fwd+bwd, {jnp.dtype(dtype).name} {shape}: ops on x-sized "
           "arrays (XLA CPU)\n")
-    full = "[" + ",".join(str(d) for d in shape) + "]"
+    size = math.prod(shape)
     x = jnp.ones(shape, dtype)
     rows = []
     for name, m in (("BN", nn.BatchNorm(dtype=dtype)), ("MABN", mabn_jax.MABN(dtype=dtype)),
                     ("MABN-centered", mabn_jax.MABN(centered=True, dtype=dtype))):
         f, args = layer_step(m, x, x)
         instrs = list(_instructions(f.lower(*args).compile().as_text()))
-        fulls = {n for n, out, op, _ in instrs if full in out and op != "tuple"}
+        fulls = {n for n, out, op, _ in instrs if _x_sized(out, size) and op != "tuple"}
         passes = reads = writes = reductions = 0
         for n, out, op, operands in instrs:
             if op in ("parameter", "tuple", "bitcast", "get-tuple-element", "constant"):
                 continue
             n_in = sum(o in fulls for o in operands)
-            n_out = int(full in out)
+            n_out = int(_x_sized(out, size))
             if n_in or n_out:
                 passes += 1
                 reads += n_in

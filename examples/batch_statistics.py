@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from small_batch import MLP, load_data  # noqa: E402
 
 LAYER = "MABN_1"  # the second normalization layer of the MLP (256 dense features)
-NO_RENORM = 10 ** 9
+NO_RENORM = 2 ** 22  # renorm_start past the run (its largest allowed value)
 
 
 def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
@@ -58,28 +58,31 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
         params, stats, opt = carry
         x, y = xtr[idx], ytr[idx]
 
-        def loss_fn(params, probes):
+        def loss_fn(params):
             logits, updates = model.apply(
-                {"params": params, "batch_stats": stats, "mabn_probes": probes}, x,
+                {"params": params, "batch_stats": stats}, x,
                 train=True, mutable=["batch_stats", "intermediates"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-        (_, updates), (grads, probe_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(params, mabn_jax.init_probes(stats))
+        (_, updates), grads = mabn_jax.value_and_grad(
+            loss_fn, has_aux=True, batch_stats=stats)(params)
         delta, opt = tx.update(grads, opt, params)
-        new_stats = mabn_jax.record_backward_stats(updates["batch_stats"], probe_grads)
+        new_stats = updates["batch_stats"]  # with this step's Ψ_B (g_B) recorded
         fwd = mabn_jax.monitor.forward_stats(updates["intermediates"])
+        # The backward statistics of the step: value_and_grad wrote Ψ_B (and
+        # g_B) into window slot t mod m, t the step count after this step.
+        layer = new_stats[LAYER]
+        slot = jnp.round(layer["step"]).astype(jnp.int32) % window
         # The loss is a batch mean, so ∂L/∂z scales as 1/batch: put g_B and Ψ_B on
         # the per-example scale (× batch) to compare batch sizes.
-        bwd = {k: v * batch for k, v in mabn_jax.monitor.backward_stats(probe_grads).items()}
+        psi_b = layer["psi_window"][slot] * batch
         if not mabn:
             out = {"mu_B": fwd[f"{LAYER}/mu_B"], "sigma2_B": fwd[f"{LAYER}/sigma2_B"],
-                   "g_B": bwd[f"{LAYER}/g"], "psi_B": bwd[f"{LAYER}/psi"]}
+                   "g_B": layer["g_window"][slot] * batch, "psi_B": psi_b}
         else:  # the statistics used: χ̃², and Ψ̃ = the window's mean after this
-            # step's write (the batch's own while the window fills, t <= m)
-            layer = new_stats[LAYER]
-            psi = jnp.where(layer["step"] > window, layer["psi_window"].mean(0),
-                            bwd[f"{LAYER}/psi"])
+            # step's write (the batch's own while the window fills, t <= m),
+            # on the same per-example scale
+            psi = jnp.where(layer["step"] > window, layer["psi_window"].mean(0) * batch, psi_b)
             out = {"sigma2_used": fwd[f"{LAYER}/chi2"], "psi_used": psi}
         return (optax.apply_updates(params, delta), new_stats, opt), mabn_jax.monitor.l2_norms(out)
 

@@ -66,23 +66,22 @@ class CNN(nn.Module):
         return nn.Dense(10)(x.mean((1, 2)))
 
 
-def make_train_step(model, tx, is_mabn):
+def make_train_step(model, tx):
+    """The same pmap train step for both norms: mabn_jax.value_and_grad records
+    MABN's backward statistics (this device's Ψ_B, or the synchronized one with
+    axis_name) into new_bs, and is jax.value_and_grad for nn.BatchNorm."""
+
     def step(params, opt_state, batch_stats, x, y):
-        def loss_fn(params, probes):
-            variables = {"params": params, "batch_stats": batch_stats}
-            if is_mabn:
-                variables[mabn_jax.PROBES] = probes
-            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                          x, train=True, mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates["batch_stats"]
 
-        probes = mabn_jax.init_probes(batch_stats) if is_mabn else {}
-        (loss, new_bs), (grads, stats) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+        (loss, new_bs), grads = mabn_jax.value_and_grad(
+            loss_fn, has_aux=True, batch_stats=batch_stats)(params)
         grads = lax.pmean(grads, AXIS)  # only the parameter gradients are averaged
         updates, opt_state = tx.update(grads, opt_state, params)
-        if is_mabn:  # this device's Ψ_B (or the synchronized one, with axis_name)
-            new_bs = mabn_jax.record_backward_stats(new_bs, stats)
         return (optax.apply_updates(params, updates), opt_state, new_bs,
                 lax.pmean(loss, AXIS))
 
@@ -110,7 +109,7 @@ def run(norm, sync, data, steps, seed):
     params, batch_stats = variables["params"], variables["batch_stats"]
     params, opt_state = replicate(params), replicate(tx.init(params))
     batch_stats = replicate(batch_stats)
-    step = make_train_step(model, tx, norm == "mabn")
+    step = make_train_step(model, tx)
     rng = np.random.default_rng(seed)
     global_batch = N_DEV * PER_DEV
     losses = []

@@ -71,21 +71,21 @@ def create_state(model, rng, sample, lr):
 
 @jax.jit
 def train_step(state: TrainState, x, y):
-    """The MABN train step; it also serves models without MABN layers (no probes)."""
+    """The nn.BatchNorm train step, with mabn_jax.value_and_grad in place of
+    jax.value_and_grad (it records MABN's backward statistics into the updated
+    batch_stats; for a model without MABN layers it is jax.value_and_grad)."""
 
-    def loss_fn(params, probes):
+    def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats, mabn_jax.PROBES: probes},
+            {"params": params, "batch_stats": state.batch_stats},
             x, train=True, mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates
 
-    (loss, updates), (grads, stats) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, mabn_jax.init_probes(state.batch_stats))
+    (loss, updates), grads = mabn_jax.value_and_grad(
+        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
     state = state.apply_gradients(grads=grads)
-    state = state.replace(
-        batch_stats=mabn_jax.record_backward_stats(updates["batch_stats"], stats,
-                                                   previous=state.batch_stats))
+    state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
 
 

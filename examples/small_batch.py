@@ -166,8 +166,8 @@ class Setup:
         return 1 if self.norm == "GN" else self.grad_batch // self.norm_batch
 
 
-def build(setup: Setup, steps: int, quick: bool) -> tuple[nn.Module, int]:
-    """The model and the number of probe groups of its MABN layers.
+def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
+    """The model of a setup.
 
     Schedules that the paper gives in ImageNet iterations are scaled to the run:
     MABN warms up for 2 % and starts renormalizing at 10 % of its steps (a
@@ -202,10 +202,8 @@ def build(setup: Setup, steps: int, quick: bool) -> tuple[nn.Module, int]:
             warmup_steps=max(m, int(0.02 * mabn_steps)),
             renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost)
     if setup.model == "MLP":
-        model = MLP(norm, dense, width=32 if quick else 256)
-    else:
-        model = ResNet(norm, conv, widths=(4, 8, 8) if quick else (8, 16, 32))
-    return model, (setup.groups if setup.norm.startswith("MABN") else 1)
+        return MLP(norm, dense, width=32 if quick else 256)
+    return ResNet(norm, conv, widths=(4, 8, 8) if quick else (8, 16, 32))
 
 
 # ----------------------------------------------------------------------------- training
@@ -219,7 +217,7 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
     xtr, ytr, xte, yte = data
     steps_per_epoch = len(xtr) // setup.grad_batch
     steps = steps_per_epoch * epochs
-    model, groups = build(setup, steps, quick)
+    model = build(setup, steps, quick)
     lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
     tx = optax.chain(optax.add_decayed_weights(5e-4),
                      optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
@@ -233,19 +231,19 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
         params, stats, opt = carry
         x, y = batch
 
-        def loss_fn(params, probes):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": stats, "mabn_probes": probes},
-                x, train=True, mutable=["batch_stats"])
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": stats},
+                                          x, train=True, mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates
 
-        probes = mabn_jax.init_probes(stats, num_groups=groups)
-        (loss, updates), (grads, probe_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+        # One train step for every norm: for models without MABN layers
+        # mabn_jax.value_and_grad is jax.value_and_grad.
+        (loss, updates), grads = mabn_jax.value_and_grad(
+            loss_fn, has_aux=True, batch_stats=stats)(params)
         delta, opt = tx.update(grads, opt, params)
         params = optax.apply_updates(params, delta)
-        stats = mabn_jax.record_backward_stats(updates.get("batch_stats", {}), probe_grads)
+        stats = updates.get("batch_stats", {})
         return (params, stats, opt), loss
 
     def run(key, xtr, ytr, xte, yte):

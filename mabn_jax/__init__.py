@@ -12,8 +12,7 @@ from mabn_jax import functional, monitor
 from mabn_jax._config import BatchRenormConfig, MABNConfig
 from mabn_jax.checkpoint import check_batch_stats
 from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
-from mabn_jax.linen import (PROBES, MABN, BatchRenorm, CenteredConv, CenteredDense,
-                            center_kernel)
+from mabn_jax.linen import MABN, PROBES, BatchRenorm, CenteredConv, CenteredDense, center_kernel
 from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 
 __version__ = "0.2.0"

@@ -239,7 +239,8 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
     mean_w, var_w, mean, var = _forward_windows(state, sl, phase.use_batch, mean_b, var_b)
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _emas(state, var, mean, ghost, cfg)
     r, d = S.renorm_factors(var, ema_var_used, mean, ema_mean_used, r_max=cfg.r_max,
-                            d_max=cfg.d_max, epsilon=cfg.epsilon, active=phase.renorm)
+                            d_max=cfg.d_max, epsilon=cfg.epsilon, active=phase.renorm,
+                            stop_gradient=False)  # constants to the VJP, not to 2nd order
 
     healthy = S.all_finite(*state[1:])  # a poisoned or unrecorded state: NaN output
     ok = S.all_finite(mean_b, var_b)  # this step's statistics

@@ -9,7 +9,8 @@ ghost-batch splitting, the moments (``use_mean=False`` gives the second moment
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,20 +182,24 @@ def lead(mask: Array, like: Array) -> Array:
 
 
 def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Array | None,
-                   *, r_max, d_max, epsilon: float, active: Array) -> tuple[Array, Array | None]:
+                   *, r_max, d_max, epsilon: float, active: Array,
+                   stop_gradient: bool = True) -> tuple[Array, Array | None]:
     """Batch Renormalization's ``(r, d)``, clipped, and ``(1, 0)`` where not ``active``.
 
     ``r = clip(sqrt(var + ε) / sqrt(ema_var + ε), 1/r_max, r_max)`` and
     ``d = clip((mean − ema_mean) / sqrt(ema_var + ε), −d_max, d_max)``; ``d``
-    is ``None`` without a mean. They are constants of the step (no gradient).
+    is ``None`` without a mean. They are constants of the step (no gradient);
+    ``stop_gradient=False`` leaves that to the caller (MABN's custom VJP, whose
+    second-order derivatives must see r and d move like its other statistics).
     """
+    stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
     r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max, r_max)
-    r = lax.stop_gradient(jnp.where(lead(active, r), r, jnp.ones_like(r)))
+    r = stop(jnp.where(lead(active, r), r, jnp.ones_like(r)))
     if mean is None:
         return r, None
     d = jnp.clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
-    return r, lax.stop_gradient(jnp.where(lead(active, d), d, jnp.zeros_like(d)))
+    return r, stop(jnp.where(lead(active, d), d, jnp.zeros_like(d)))
 
 
 def affine_params(scale: Array | None, bias: Array | None, feature_shape, dtype):

@@ -14,7 +14,8 @@ with the tree the model expects, and names what differs in MABN terms::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

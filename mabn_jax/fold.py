@@ -33,13 +33,14 @@ conv a bias and skips the norms)::
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from mabn_jax import _stats, _state
+from mabn_jax import _state, _stats
 from mabn_jax._mabn import affine_from_ema
 from mabn_jax.linen import center_kernel
 

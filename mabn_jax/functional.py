@@ -13,12 +13,15 @@ Batch Renormalization (Ioffe 2017): ``batch_renorm_train`` and
 in the docstrings of :mod:`mabn_jax._mabn` and :mod:`mabn_jax._brn`.
 """
 
-from mabn_jax._brn import (BatchRenormState, batch_renorm_inference, batch_renorm_train,
-                           clip_schedule)
+from mabn_jax._brn import (
+                           BatchRenormState,
+                           batch_renorm_inference,
+                           batch_renorm_train,
+                           clip_schedule,
+)
 from mabn_jax._brn import init_state as init_batch_renorm_state
 from mabn_jax._config import BatchRenormConfig, MABNConfig
-from mabn_jax._mabn import (inference_affine, mabn_inference, mabn_train,
-                            mabn_train_with_stats)
+from mabn_jax._mabn import inference_affine, mabn_inference, mabn_train, mabn_train_with_stats
 from mabn_jax._record import record_backward_stats
 from mabn_jax._state import MABNState, Probes, init_probes, init_state
 

@@ -26,7 +26,8 @@ have a leading ``[G]`` axis for ghost batches.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ for the ``'mabn_probes'`` collection) and :func:`record_backward_stats`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -19,6 +19,7 @@ import pytest
 from flax.training import train_state
 
 import mabn_jax
+from subprocess_env import PACKAGE_FILE, env_with_this_mabn_jax
 
 T = 12
 # buffer_size=3, warmup_steps=4, renorm_start=7: step 2 is in warm-up, step 5
@@ -60,17 +61,17 @@ def create(buffer_size=3):
 
 @jax.jit
 def train_step(state, x, y):
-    def loss_fn(params, probes):
+    """The nn.BatchNorm train step with mabn_jax.value_and_grad."""
+    def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats, "mabn_probes": probes},
+            {"params": params, "batch_stats": state.batch_stats},
             x, train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-    (loss, updates), (grads, stats) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, mabn_jax.init_probes(state.batch_stats))
+    (loss, updates), grads = mabn_jax.value_and_grad(
+        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
     state = state.apply_gradients(grads=grads)
-    state = state.replace(batch_stats=mabn_jax.record_backward_stats(
-        updates["batch_stats"], stats, previous=state.batch_stats))
+    state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
 
 
@@ -120,7 +121,7 @@ def resume_main(ckpt_dir, out):
         results[f"{s}/losses"] = losses
         for i, leaf in enumerate(leaves(state)):
             results[f"{s}/leaf{i}"] = leaf
-    np.savez(out, **results)
+    np.savez(out, package=os.path.abspath(mabn_jax.__file__), **results)
 
 
 def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
@@ -129,9 +130,11 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
     skipped = [int(layer["skipped"]) for layer in final.batch_stats.values()]
     assert skipped == [0, 0]
     out = str(tmp_path / "resumed.npz")
-    # Same environment, hence the same backend, as this process.
-    subprocess.run([sys.executable, __file__, "resume", ckpt_dir, out], check=True)
+    # Same environment, hence the same backend, as this process, and the same mabn_jax.
+    subprocess.run([sys.executable, __file__, "resume", ckpt_dir, out], check=True,
+                   env=env_with_this_mabn_jax())
     resumed = np.load(out)
+    assert str(resumed["package"]) == PACKAGE_FILE
     want = leaves(final)
     for s in SAVE_AT:
         assert resumed[f"{s}/losses"].tobytes() == losses[s:].tobytes(), s
@@ -163,8 +166,65 @@ def test_checkpoint_of_other_variant_is_refused(tmp_path):
     state = jax.eval_shape(create)
     swapped = {"MABN_0": state.batch_stats["MABN_1"], "MABN_1": state.batch_stats["MABN_0"]}
     with pytest.raises(ValueError, match=r"MABN_0 was saved from a centered=True layer but "
-                                         r"the model's is centered=False"):
+                                         r"this layer has centered=False; build the model "
+                                         r"with the same `centered`"):
         mabn_jax.check_batch_stats(swapped, state.batch_stats)
+
+
+COUNTERS = ("step", "skipped")
+
+
+def with_counters(batch_stats, dtype, skipped):
+    """``batch_stats`` with every MABN layer's counters in ``dtype`` and
+    ``skipped`` set (so that a lost value would show)."""
+    return {name: {k: (jnp.asarray(skipped if k == "skipped" else v, dtype)
+                       if k in COUNTERS else v) for k, v in layer.items()}
+            for name, layer in batch_stats.items()}
+
+
+def test_checkpoint_with_int32_counters_of_mabn_jax_0_1_resumes(tmp_path):
+    # mabn_jax 0.1 stored `step` and `skipped` as int32 scalars; since 0.2 they
+    # are floats. Such a checkpoint passes check_batch_stats, restores into
+    # float counters of the same values, and the run goes on bitwise as if it
+    # had been saved by this version.
+    s = SAVE_AT[1]
+    state, _ = train(create(), s)
+    state = state.replace(batch_stats=with_counters(state.batch_stats, jnp.float32, 2))
+    path = str(tmp_path / "v0.1")
+    save(path, state.replace(batch_stats=with_counters(state.batch_stats, jnp.int32, 2)))
+    stored = ocp.StandardCheckpointer().metadata(path).item_metadata.tree["batch_stats"]
+    assert {str(np.dtype(stored[name][k].dtype)) for name in stored for k in COUNTERS} == {
+        "int32"}  # the checkpoint really has 0.1's counters
+
+    restored = restore(path, jax.eval_shape(create))
+    for name, layer in restored.batch_stats.items():
+        assert layer["step"].dtype == layer["skipped"].dtype == jnp.float32, name
+        assert (float(layer["step"]), float(layer["skipped"])) == (s, 2.0), name
+    for i, (got, want) in enumerate(zip(leaves(restored), leaves(state))):
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), i
+    resumed, resumed_losses = train(restored, T)
+    final, losses = train(state, T)
+    assert resumed_losses.tobytes() == losses.tobytes()
+    for i, (got, want) in enumerate(zip(leaves(resumed), leaves(final))):
+        assert got.tobytes() == want.tobytes(), i
+    assert [int(layer["skipped"]) for layer in resumed.batch_stats.values()] == [2, 2]
+
+
+def test_only_the_counters_may_be_int32():
+    # The int32 → float allowance is for 0.1's counters alone: any other
+    # statistic of another dtype is still refused, by its path.
+    like = jax.eval_shape(create).batch_stats
+    stored = {name: dict(layer) for name, layer in like.items()}
+    stored["MABN_0"]["ema_x2"] = jax.ShapeDtypeStruct(like["MABN_0"]["ema_x2"].shape, jnp.int32)
+    with pytest.raises(ValueError, match=r"batch_stats/MABN_0/ema_x2 has dtype int32 in the "
+                                         r"checkpoint but float32 in the model"):
+        mabn_jax.check_batch_stats(stored, like)
+    # Nor are counters of another float dtype 0.1's.
+    stored = {name: dict(layer) for name, layer in like.items()}
+    stored["MABN_1"]["skipped"] = jax.ShapeDtypeStruct((), jnp.float16)
+    with pytest.raises(ValueError, match=r"MABN_1/skipped has dtype float16 in the "
+                                         r"checkpoint but float32"):
+        mabn_jax.check_batch_stats(stored, like)
 
 
 def test_orbax_alone_also_refuses_a_shape_change(tmp_path):

@@ -44,11 +44,14 @@ def _random_variables(model, x, seed):
 
     Filled with NumPy from the shapes alone (jax.random inside jit compiles
     slowly on CPU); nn.BatchNorm would otherwise keep its statistics in float32.
+    MABN's counters (floats since mabn_jax 0.2) get whole step counts.
     """
     rng = np.random.default_rng(seed)
 
     def fill(path, v):
         name = jax.tree_util.keystr(path[-1:])
+        if name in ("['step']", "['skipped']"):
+            return jnp.full(v.shape, rng.integers(0, 1000), v.dtype)
         if not jnp.issubdtype(v.dtype, jnp.floating):
             return jnp.zeros(v.shape, v.dtype)
         if any(s in name for s in ("var", "x2", "scale")):

@@ -25,7 +25,10 @@ def test_mabn_cnn_trains_on_digits_at_batch_two():
     # Crosses warm-up (t < 50), the window phase and renormalization (t > 600).
     model = qs.CNN(mabn=True, mabn_kwargs=dict(buffer_size=16, warmup_steps=50, renorm_start=600))
     state, losses = qs.train(model, data, batch_size=2, epochs=2, lr=0.02, seed=0)
-    assert int(state.batch_stats["MABN_0"]["step"]) == steps
+    mabn_layers = [v for k, v in state.batch_stats.items() if k.startswith("MABN_")]
+    assert len(mabn_layers) == 3
+    # Every step was recorded (none skipped for non-finite statistics).
+    assert [(int(s["step"]), int(s["skipped"])) for s in mabn_layers] == [(steps, 0)] * 3
     assert losses[-1] < 0.5 * losses[0], losses
     acc = qs.accuracy(state, *data[1])
     assert acc > 0.85, acc  # chance is 0.10
