@@ -67,7 +67,8 @@ def test_removed_skip_nonfinite_option_is_rejected():
 
 
 def test_feature_axis_out_of_range():
-    with pytest.raises(ValueError, match=r"axis=3 is out of range .* rank 2; use an axis in \[-2, 1\]"):
+    with pytest.raises(ValueError,
+                       match=r"axis=3 is out of range .* rank 2; use an axis in \[-2, 1\]"):
         init(MABN(axis=3))
 
 
@@ -78,7 +79,8 @@ def test_input_of_rank_below_two():
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
 def test_non_float_input(dtype):
-    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the input to a float"):
+    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the "
+                                        r"input to a float"):
         init(MABN(), jnp.ones((4, 3), dtype))
 
 
@@ -86,7 +88,8 @@ def test_non_float_input(dtype):
 def test_non_float_input_functional(dtype):
     cfg = F.MABNConfig()
     state = F.init_state((3,), cfg)
-    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the input to a float"):
+    with pytest.raises(TypeError, match=rf"input dtype {jnp.dtype(dtype).name} .* cast the "
+                                        r"input to a float"):
         F.mabn_train(jnp.ones((4, 3), dtype), None, None, state, F.init_probes(state), cfg)
 
 
@@ -105,7 +108,8 @@ def test_empty_batch():
 def test_empty_batch_after_init():
     model = MABN()
     variables = init(model)
-    with pytest.raises(ValueError, match=r"shape \(4, 0, 3\) is an empty batch \(size 0 along axis 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"shape \(4, 0, 3\) is an empty batch \(size 0 along axis 1\)"):
         train_apply(model, variables, jnp.ones((4, 0, 3)))
 
 
@@ -118,7 +122,8 @@ def test_ghost_group_size_that_does_not_divide_the_batch():
 
 def test_state_of_another_buffer_size():
     variables = init(MABN(buffer_size=4))
-    with pytest.raises(ValueError, match=r"buffer_size=2 .* load a checkpoint made with the same buffer_size"):
+    with pytest.raises(ValueError, match=r"buffer_size=2 .* load a checkpoint made with the "
+                                         r"same buffer_size"):
         train_apply(MABN(buffer_size=2), variables)
 
 
@@ -152,10 +157,10 @@ def test_state_without_skip_counter():
 def test_functional_state_of_another_buffer_size():
     state = F.init_state((3,), F.MABNConfig(buffer_size=4))
     cfg = F.MABNConfig(buffer_size=2)
-    with pytest.raises(ValueError, match=r"state window shape \(4, 3\) does not fit buffer_size=2 "
-                                         r"and features \(3,\) \(expected \(2, 3\)\); the state was "
-                                         r"built for another configuration .* "
-                                         r"init_state\(features, config\)"):
+    with pytest.raises(ValueError, match=r"state window shape \(4, 3\) does not fit "
+                                         r"buffer_size=2 and features \(3,\) \(expected "
+                                         r"\(2, 3\)\); the state was built for another "
+                                         r"configuration .* init_state\(features, config\)"):
         F.mabn_train(X, None, None, state, F.init_probes(state), cfg)
 
 

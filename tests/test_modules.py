@@ -52,7 +52,8 @@ def test_accepts_every_batchnorm_attribute_and_paper_defaults():
     # Deliberate departures from nn.BatchNorm's defaults: the paper's momentum, and
     # the two-pass variance (the one-pass form cancels at batches of 1-4).
     assert (m.momentum, m.use_fast_variance) == (0.98, False)
-    bn_defaults = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm) if f.name in bn_fields}
+    bn_defaults = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm)
+                   if f.name in bn_fields}
     for name, default in bn_defaults.items():
         if name not in ("momentum", "use_fast_variance"):
             assert getattr(m, name) == default, name
@@ -95,12 +96,14 @@ def test_inference_is_the_documented_affine_map(centered):
     xs = _inputs(6, (4, 5, 5, 3))
     v = mod.init(jax.random.key(0), xs[0], use_running_average=False)
     params = {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([0.1, -0.2, 0.3])}
-    bs = _train(mod.clone(use_running_average=False), {"params": params, "batch_stats": v["batch_stats"]}, xs)
+    bs = _train(mod.clone(use_running_average=False),
+                {"params": params, "batch_stats": v["batch_stats"]}, xs)
     assert int(bs["step"]) == 6
     x = jax.random.normal(jax.random.key(9), (2, 5, 5, 3))
     y = mod.apply({"params": params, "batch_stats": bs}, x, use_running_average=True)
     if centered:
-        ref = params["scale"] * (x - bs["ema_mean"]) / jnp.sqrt(bs["ema_var"] + 1e-5) + params["bias"]
+        ref = (params["scale"] * (x - bs["ema_mean"]) / jnp.sqrt(bs["ema_var"] + 1e-5)
+               + params["bias"])
     else:
         assert not np.allclose(bs["ema_x2"], 1.0)
         ref = params["scale"] * x / jnp.sqrt(bs["ema_x2"] + 1e-5) + params["bias"]
@@ -115,13 +118,15 @@ def test_feature_axis_channels_first_equals_channels_last():
     v = last.init(jax.random.key(0), xs[0])
     bs_last = _train(last, v, xs)
     bs_first = _train(first, v, [to_nchw(x) for x in xs])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), bs_last, bs_first)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 bs_last, bs_first)
     infer = lambda mod, bs, x: mod.clone(use_running_average=True).apply(
         {"params": v["params"], "batch_stats": bs}, x)
     y_last, y_first = infer(last, bs_last, xs[0]), infer(first, bs_first, to_nchw(xs[0]))
     np.testing.assert_allclose(to_nchw(y_last), y_first, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multiple_feature_axes_and_rank_two_inputs():
     mod = mabn_jax.MABN(use_running_average=False, axis=(-2, -1), buffer_size=3)
     v = mod.init(jax.random.key(0), jnp.ones((4, 2, 3)))
@@ -142,7 +147,8 @@ def test_bfloat16_inputs_keep_float32_statistics_and_state(centered):
     bs = _train(mod, v, xs)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(bs))
     probes = mabn_jax.init_probes(bs)
-    y, _ = mod.apply({**v, "batch_stats": bs, mabn_jax.PROBES: probes}, xs[0], mutable=["batch_stats"])
+    y, _ = mod.apply({**v, "batch_stats": bs, mabn_jax.PROBES: probes}, xs[0],
+                     mutable=["batch_stats"])
     assert y.dtype == jnp.bfloat16
     grads = jax.grad(lambda x: mod.apply({**v, "batch_stats": bs, mabn_jax.PROBES: probes}, x,
                                          mutable=["batch_stats"])[0].astype(jnp.float32).sum())(xs[0])
@@ -165,6 +171,7 @@ def test_without_scale_and_bias():
     np.testing.assert_allclose(y, x / jnp.sqrt(jnp.mean(x * x, 0) + 1e-5), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_probe_helpers_on_a_nested_model_write_the_current_slot():
     class Net(nn.Module):
         @nn.compact
@@ -226,8 +233,10 @@ def test_config_rejects_bad_hyperparameters():
 
 
 @pytest.mark.parametrize("cls,kwargs,shape", [
-    (mabn_jax.CenteredConv, dict(features=6, kernel_size=(3, 3), strides=2, padding="SAME"), (2, 8, 8, 4)),
-    (mabn_jax.CenteredConv, dict(features=6, kernel_size=(3,), feature_group_count=2, use_bias=False, padding="VALID"), (2, 9, 4)),
+    (mabn_jax.CenteredConv, dict(features=6, kernel_size=(3, 3), strides=2, padding="SAME"),
+     (2, 8, 8, 4)),
+    (mabn_jax.CenteredConv, dict(features=6, kernel_size=(3,), feature_group_count=2,
+                                 use_bias=False, padding="VALID"), (2, 9, 4)),
     (mabn_jax.CenteredDense, dict(features=5), (3, 7)),
 ])
 def test_centered_layers_use_zero_mean_kernels_and_match_flax(cls, kwargs, shape):

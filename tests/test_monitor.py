@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mabn_jax
 
@@ -31,6 +32,7 @@ def _probed_loss(module, variables, x, mutable):
     return f
 
 
+@pytest.mark.slow
 def test_monitor_records_forward_and_backward_statistics():
     x = jax.random.normal(jax.random.key(0), (8, 3, 3, 4)) * 3.0
     module = mabn_jax.MABN(norm_batch_size=2, buffer_size=4, warmup_steps=0)

@@ -37,7 +37,7 @@ def batches(n):
     return x, dy
 
 
-@functools.lru_cache(maxsize=None)  # one compilation per configuration
+@functools.cache  # one compilation per configuration
 def make_step(cfg):
     """The functional step: mabn_train, its gradient, record_backward_stats."""
     scale = jnp.array([1.0, 0.5, 2.0])
@@ -190,6 +190,7 @@ def flax_run(xs, ys, weights):
     return state, batch_stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["input", "upstream_gradient"])
 def test_train_step_with_apply_if_finite(where):
     # The recommended step (mabn_jax.value_and_grad) with optax.apply_if_finite:

@@ -19,7 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mabn_jax import functional as F
 
@@ -106,6 +108,7 @@ def run_steps(xs, dys, scale, *, cfg, axis):
     return state, ys[-1], dxs[-1]
 
 
+@pytest.mark.slow
 @given(layout=layouts(), dtype=st.sampled_from(DTYPES), centered=st.booleans(),
        m=st.integers(1, 4), log2_c=st.sampled_from([-2, -1, 1, 2, 3]),
        seed=st.integers(0, 2 ** 16))
@@ -155,6 +158,7 @@ def reference(x, scale, bias, cfg, feature_axes, sdt):
     return (z * b(scale.astype(sdt)) + b(bias.astype(sdt))).astype(x.dtype)
 
 
+@pytest.mark.slow
 @given(layout=layouts(), dtype=st.sampled_from(DTYPES), centered=st.booleans(),
        m=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
 @SETTINGS
@@ -192,7 +196,8 @@ def test_custom_vjp_equals_autodiff_in_the_batch_phase(layout, dtype, centered, 
     x64 = np.asarray(x, np.float64)
     var = (x64 - x64.mean(red, keepdims=True)).var(red) if centered else (x64 ** 2).mean(red)
     b = functools.partial(bcast, ndim=len(shape), feature_axes=feature_axes)
-    terms = np.asarray(dy, np.float64) * b(np.asarray(scale, np.float64) / np.sqrt(var + cfg.epsilon))
+    terms = np.asarray(dy, np.float64) * b(np.asarray(scale, np.float64)
+                                           / np.sqrt(var + cfg.epsilon))
     for name, g, w in zip(("x", "scale", "bias"), got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         size = max(np.linalg.norm(w), np.linalg.norm(terms) if name == "x" else 0.0)
