@@ -33,6 +33,7 @@ ROOT = os.path.dirname(TESTS)
 class Result:
     returncodes: list
     outputs: list  # stdout and stderr of each worker
+    pids: list
     timed_out: bool
     wall_s: float
 
@@ -86,7 +87,8 @@ def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
         log.seek(0)
         outputs.append(log.read().decode(errors="replace"))
         log.close()
-    return Result([p.returncode for p in procs], outputs, timed_out, time.time() - t0)
+    return Result([p.returncode for p in procs], outputs, [p.pid for p in procs], timed_out,
+                  time.time() - t0)
 
 
 def _stop(procs) -> None:
