@@ -80,6 +80,16 @@ def train_step(state, batch, pmean_batch_stats=True):
     return new_state, loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Bookkeeping, not numerics: compile without most XLA optimizations (as Flax's
+    ImageNet train_test does), for this module only."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@functools.lru_cache  # shared by the tests: one compilation per variant
 def p_train_step(pmean_batch_stats=True, state_in=None, state_out=None):
     """Flax's pmap: the state broadcast in and returned unreplicated (``None``), or
     with a leading device axis (``0``)."""
@@ -88,6 +98,7 @@ def p_train_step(pmean_batch_stats=True, state_in=None, state_out=None):
                     devices=DEVICES)
 
 
+@functools.lru_cache  # one apply_fn and tx per model, so the steps' caches are shared
 def create_state(model):
     x = jnp.ones((PER_DEV, 5))
     variables = jax.jit(model.init)(jax.random.key(0), x)
@@ -195,7 +206,7 @@ def test_pmean_after_one_device_skips_a_nonfinite_batch():
     state stays finite, the next step is whole again, a second skip counts, and
     the checkpoint check passes. With synchronized statistics every device skips
     together and the counters stay whole."""
-    data = batches(seed=2, per_device_scale=True)
+    data = batches(seed=2, per_device_scale=True)[:8]
     for t in (3, 5):
         data[t]["x"] = data[t]["x"].copy()
         data[t]["x"][1, 0, 0] = np.nan
@@ -217,9 +228,9 @@ def test_pmean_after_one_device_skips_a_nonfinite_batch():
             steps.append(float(bs["MABN_0"]["step"]))
             skips.append(float(bs["MABN_0"]["skipped"]))
         if axis_name is None:  # round(3.5) = 4: half to even
-            assert steps == [1, 2, 3, 3.5, 5, 5.5, 7, 8, 9, 10], steps
-            assert skips == [0, 0, 0, 0.5, 0.5, 1, 1, 1, 1, 1], skips
+            assert steps == [1, 2, 3, 3.5, 5, 5.5, 7, 8], steps
+            assert skips == [0, 0, 0, 0.5, 0.5, 1, 1, 1], skips
         else:
-            assert steps == [1, 2, 3, 3, 4, 4, 5, 6, 7, 8], steps
-            assert skips == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2], skips
+            assert steps == [1, 2, 3, 3, 4, 4, 5, 6], steps
+            assert skips == [0, 0, 0, 1, 1, 2, 2, 2], skips
         mabn_jax.check_batch_stats(host(state.batch_stats), create_state(Net()).batch_stats)
