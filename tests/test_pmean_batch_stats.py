@@ -84,9 +84,10 @@ def train_step(state, batch, pmean_batch_stats=True):
 def _fast_compiles():
     """Bookkeeping, not numerics: compile without most XLA optimizations (as Flax's
     ImageNet train_test does), for this module only."""
+    before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     yield
-    jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @functools.lru_cache  # shared by the tests: one compilation per variant
