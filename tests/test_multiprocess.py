@@ -14,7 +14,6 @@ environment and a neutral working directory, and leaves no process behind.
   processes, resumes bit for bit.
 """
 
-import os
 import time
 
 import numpy as np
