@@ -169,7 +169,7 @@ class Job:
 
 
 def local(tree):
-    """This process's shards of every leaf: {keystr: [(index, array)]}."""
+    """This process's shards of every leaf: ``{"keystr@index": array}``."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         for s in leaf.addressable_shards:
