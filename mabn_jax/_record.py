@@ -97,10 +97,11 @@ def _one_apply_apart(new: MABNState, previous: MABNState,
     reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1)
     advance = as_count(new.step) - as_count(previous.step)
     advance = jnp.where(advance < 0, advance + wrap_period(m), advance)
-    same_skips = as_count(new.skipped) == as_count(previous.skipped)
-    stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & same_skips
-    skipped = (advance == 0) & (reserved == 0) & (
-        as_count(new.skipped) == as_count(previous.skipped) + 1)
+    # The difference, not the rounded counts: after lax.pmean over devices of which
+    # some skipped, `skipped` is fractional (0.5 + 1 rounds like 2, 0.5 like 0).
+    skips = as_count(new.skipped - previous.skipped)
+    stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & (skips == 0)
+    skipped = (advance == 0) & (reserved == 0) & (skips == 1)
     clean = S.all_finite(*previous[1:], lead_axes=lead)
     untouched = functools.reduce(jnp.logical_and, [
         (a == b).all(axis=tuple(range(lead, a.ndim)))

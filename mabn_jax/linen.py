@@ -141,7 +141,7 @@ class MABN(nn.Module, MABNConfig):
             return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
                                         dtype=self.dtype)
         y, new_state, stats = _mabn.mabn_train_with_stats(
-            x, scale, bias, state, self._probes(state), config, axis=self.axis,
+            x, scale, bias, state, _probes(self, state), config, axis=self.axis,
             dtype=self.dtype, mask=mask)
         if not self.is_initializing():  # init must not advance the state
             for var, value in zip(variables, _state.to_mapping(new_state).values()):
@@ -150,18 +150,33 @@ class MABN(nn.Module, MABNConfig):
                 self.sow("intermediates", name, value)
         return y
 
-    def _probes(self, state: _state.MABNState) -> _state.Probes:
-        """From the ``'mabn_probes'`` collection, or put in ``params`` by
-        :func:`mabn_jax.value_and_grad`."""
-        if self.is_initializing():
-            return _state.init_probes(state)
-        if self.has_variable(PROBES, "psi"):
-            get = lambda n: self.get_variable(PROBES, n) if self.has_variable(PROBES, n) else None
-            return _state.Probes(get("psi"), get("g"), get("loss_scale"))
-        if self.has_variable("params", PROBES):
-            probes = self.get_variable("params", PROBES)
-            return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
-        raise ValueError(_missing_probes(self))
+
+
+def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
+    """From the ``'mabn_probes'`` collection, or put in ``params`` by
+    :func:`mabn_jax.value_and_grad`.
+
+    A function, not a method, so that method interceptors (``nn.intercept_methods``,
+    ``tabulate``) see only ``__call__``, as for ``nn.BatchNorm``. If the caller
+    made ``'mabn_probes'`` mutable (``mutable=True``, or the ``DenyList`` that
+    ``tabulate`` uses to count FLOPs) and passed none, zero probes are created
+    there, as Flax creates any missing variable of a mutable collection; the
+    returned state then has unrecorded slots (its next training output is NaN).
+    """
+    if module.is_initializing():
+        return _state.init_probes(state)
+    if module.has_variable(PROBES, "psi"):
+        get = lambda n: module.get_variable(PROBES, n) if module.has_variable(PROBES, n) else None
+        return _state.Probes(get("psi"), get("g"), get("loss_scale"))
+    if module.has_variable("params", PROBES):
+        probes = module.get_variable("params", PROBES)
+        return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+    if module.is_mutable_collection(PROBES):
+        zeros = _state.init_probes(state)
+        return _state.Probes(*(None if z is None else
+                               module.variable(PROBES, n, lambda z=z: z).value
+                               for n, z in zip(("psi", "g"), zeros)))
+    raise ValueError(_missing_probes(module))
 
 
 def _missing_probes(module: nn.Module) -> str:
@@ -173,7 +188,8 @@ def _missing_probes(module: nn.Module) -> str:
         f"(Low-level API: pass {{'{PROBES}': mabn_jax.init_probes(batch_stats)}} built from "
         "the batch_stats collection, not the whole variables dict, differentiate w.r.t. "
         "them and call mabn_jax.record_backward_stats.) For evaluation use "
-        "use_running_average=True.")
+        "use_running_average=True; to only inspect a training-mode apply (shapes, "
+        f"FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True).")
 
 
 class BatchRenorm(nn.Module, BatchRenormConfig):

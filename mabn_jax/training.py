@@ -153,8 +153,9 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
     ``fun`` is the loss function of an ``nn.BatchNorm`` train step, unchanged:
     it applies the model in training mode to the params it is given (the
-    first argument in ``argnums``) and returns the updated ``batch_stats`` in
-    its aux output (``mutable=['batch_stats']``)::
+    first argument in ``argnums``; it may also be the whole ``variables``
+    dict passed to ``apply``) and returns the updated ``batch_stats`` in its
+    aux output (``mutable=['batch_stats']``)::
 
         grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
                                           batch_stats=state.batch_stats)
@@ -215,16 +216,25 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
 
 def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
-    """``params`` with each MABN layer's probes as its ``'mabn_probes'`` entry."""
+    """``params`` with each MABN layer's probes as its ``'mabn_probes'`` entry,
+    or, for a whole variables dict, as its ``'mabn_probes'`` collection."""
     if not probes:
         return params
     if not isinstance(params, Mapping):
         raise TypeError("mabn_jax.value_and_grad: the first differentiated argument must be "
-                        "the params passed to apply (a mapping), got "
-                        f"{type(params).__name__}.")
+                        "the params (or the whole variables dict) passed to apply (a "
+                        f"mapping), got {type(params).__name__}.")
     tree = _unfreeze(params)
-    for path, probe in probes.items():
-        _node(tree, path, create=True)[PROBES] = probe
+    if "params" in tree or "batch_stats" in tree:  # variables: probes are a collection
+        if PROBES in tree:
+            raise ValueError(f"mabn_jax.value_and_grad: the variables already hold a "
+                             f"{PROBES!r} collection; leave it out, the probes are added "
+                             "here.")
+        tree[PROBES] = _nest({path + (k,): v for path, probe in probes.items()
+                              for k, v in probe.items()}, {})
+    else:
+        for path, probe in probes.items():
+            _node(tree, path, create=True)[PROBES] = probe
     return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
 
 
