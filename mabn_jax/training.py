@@ -99,7 +99,12 @@ def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) 
     return _record(batch_stats, _probe_paths(probe_grads), previous)
 
 
-def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: Tree):
+def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: Tree,
+            skip_unchanged: bool = False):
+    """:func:`record_backward_stats`; with ``skip_unchanged`` (the helper, which
+    knows ``batch_stats`` came from this step's apply), a layer whose entries
+    are ``previous``'s own arrays was not applied in training mode (e.g. frozen
+    with ``use_running_average=True``) and is left as it is."""
     layers, before = _layers(batch_stats), _layers(previous)
     if set(grads) != set(layers) or set(before) != set(layers):
         names = lambda paths: sorted("/".join(p) for p in paths)
@@ -109,6 +114,8 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
             "trees of one model and one step.")
     tree = _unfreeze(batch_stats)
     for path, state in layers.items():
+        if skip_unchanged and all(a is b for a, b in zip(state, before[path])):
+            continue
         g = grads[path]
         new = _record_lib.record_backward_stats(state, _state.Probes(g["psi"], g.get("g")),
                                             before[path])
@@ -247,7 +254,7 @@ def _record_in_aux(aux, probe_grads, previous: Tree):
         if not is_updated_stats(node):
             return node
         found.append(node)
-        return _record(node, probe_grads, previous)
+        return _record(node, probe_grads, previous, skip_unchanged=True)
     new_aux = jax.tree_util.tree_map(record, aux, is_leaf=is_updated_stats)
     if len(found) != 1:
         raise ValueError(
