@@ -202,9 +202,10 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         grads = (grads,) if single else tuple(grads)
         clean = []
         for m, g, prev in zip(models, grads, previous):
-            if isinstance(g, nnx.State):
+            if len(prev):  # the argument has MABN layers
                 record_backward_stats(m, g, prev)
-                g = nnx.split_state(g, Probe, ...)[1]
+                g = jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], g,
+                                 is_leaf=lambda s: isinstance(s, nnx.State))
             clean.append(g)
         return out, clean[0] if single else tuple(clean)
 
