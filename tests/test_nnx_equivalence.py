@@ -117,7 +117,9 @@ def run_both(nnx_norm, linen_norm, kwargs):
     return out
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+# plain and ghost+centered run by default; centered alone is covered by the latter
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "centered"
+                                  else n for n in CONFIGS])
 def test_nnx_mabn_equals_linen_step_by_step(name):
     with jax.enable_x64(True):
         steps = run_both(mnnx.MABN, mabn_jax.MABN, CONFIGS[name])
@@ -129,6 +131,7 @@ def test_nnx_mabn_equals_linen_step_by_step(name):
     assert int(state["skipped"]) == 0 and np.isfinite(state["psi_window"]).all()
 
 
+@pytest.mark.slow
 def test_nnx_batch_renorm_equals_linen_step_by_step():
     kwargs = dict(warmup_steps=2, ramp_steps=3, r_max=1.5, d_max=0.5)
     with jax.enable_x64(True):
@@ -137,7 +140,7 @@ def test_nnx_batch_renorm_equals_linen_step_by_step():
         assert_trees_close(ours, theirs, rtol=0, atol=0, what=f"BatchRenorm step {t}")
 
 
-@pytest.mark.parametrize("fast_variance", [True, False])
+@pytest.mark.parametrize("fast_variance", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_mabn_configured_as_batch_norm_is_nnx_batchnorm(fast_variance):
     """centered, buffer_size=1 (the window is this batch), renormalization off:
     training outputs, gradients, optimizer steps, the EMAs and inference all

@@ -52,7 +52,8 @@ def _run(name, reshape):
     return d, results, compiled
 
 
-@pytest.mark.parametrize("name,reshape", CASES)
+@pytest.mark.parametrize("name,reshape", [CASES[0]] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in CASES[1:]])
 def test_nnx_golden_float64(name, reshape):
     with jax.enable_x64(True):
         d, results, compiled = _run(name, reshape)
