@@ -61,6 +61,13 @@ def test_returns_param_grads_and_records_the_step():
     # the frozen (eval) layer is left exactly as it was; no probe stays attached
     assert_trees_close(after["frozen"], before["frozen"], rtol=0, atol=0)
     assert not any(hasattr(m, "psi_probe") for _, m in nnx.iter_graph(model))
+    # a DiffState filter is respected (and the layers still record)
+    kernels = nnx.DiffState(0, nnx.PathContains("kernel"))
+    _, grads = nnx.jit(mnnx.value_and_grad(loss_fn, argnums=kernels, has_aux=True))(
+        model, X, jnp.ones((4, 2)))
+    paths = [p for p, _ in nnx.to_flat_state(grads)]
+    assert sorted(paths) == [("head", "kernel"), ("linear", "kernel")]
+    assert int(model.norm.step[...]) == 2 and np.isfinite(model.norm.psi_window[...]).all()
 
 
 def test_is_nnx_value_and_grad_for_models_without_mabn():
