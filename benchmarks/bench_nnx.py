@@ -9,9 +9,11 @@ vs ``mabn_jax.nnx.CenteredConv`` + ``mabn_jax.nnx.MABN`` with
 compiled and warmed up first, interleaved rounds in rotating order, median of
 the per-round ratios) in one process.
 
-Two timings of the same step:
+Three timings of the same step:
   nnx.jit   as written in a train loop: ``train_step(model, optimizer, x, y)``
             under ``nnx.jit``, NNX's per-call graph handling included.
+  cached    the same through ``nnx.cached_partial(train_step, model,
+            optimizer)`` (Flax's remedy for that per-call overhead).
   compiled  the same step inside one ``jax.jit`` over ``nnx.split`` state
             (``nnx.merge`` in, ``nnx.state`` out): XLA time only, comparable
             with bench.py's linen ``train`` section.
@@ -112,14 +114,16 @@ def compiled_step(model, optimizer, x, y, step):
 
 
 def bench(batch: int, rounds: int) -> dict:
-    jitted, compiled = {}, {}
+    jitted, cached, compiled = {}, {}, {}
     for kind in ("BN", "MABN"):
         model, optimizer, x, y, step = setup(kind, batch)
         compiled[kind] = compiled_step(model, optimizer, x, y, step)
         fn = nnx.jit(step)
         jax.block_until_ready(fn(model, optimizer, x, y))  # compile
         jitted[kind] = functools.partial(fn, model, optimizer, x, y)
+        cached[kind] = functools.partial(nnx.cached_partial(fn, model, optimizer), x, y)
     return {"nnx.jit": compare(jitted, "BN", rounds),
+            "cached": compare(cached, "BN", rounds),
             "compiled": compare(compiled, "BN", rounds)}
 
 
