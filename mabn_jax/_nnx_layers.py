@@ -162,7 +162,8 @@ class MABN(_Norm):
     skipped``, kept in ``promote_types(param_dtype, float32)``.
 
     Args (as ``nnx.BatchNorm``'s):
-      num_features: the number of features (a tuple for several ``axis``).
+      num_features: the number of features (for several ``axis``, a tuple of
+        their sizes in increasing axis order).
       rngs: the random number generators (``rngs.params`` for scale, bias).
       use_running_average: True for inference (default False: training).
       axis: the feature axis or axes of the input (default last, NHWC).

@@ -2,7 +2,6 @@
 stacked layers, orbax checkpoints of nnx.state with a bitwise resume, and the
 stored names (the linen layers' batch_stats names)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
