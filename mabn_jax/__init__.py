@@ -6,6 +6,7 @@ Layers (``flax.linen``): :class:`MABN`, :class:`BatchRenorm`,
 (a drop-in for ``jax.value_and_grad``), over the low-level :func:`init_probes`
 and :func:`record_backward_stats`. Deployment: :func:`fold_params`.
 Checkpoints: :func:`check_batch_stats`. The math: :mod:`mabn_jax.functional`.
+Flax NNX: :mod:`mabn_jax.nnx` (imported on first use).
 """
 
 from mabn_jax import functional, monitor
@@ -16,6 +17,16 @@ from mabn_jax.linen import MABN, PROBES, BatchRenorm, CenteredConv, CenteredDens
 from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 
 __version__ = "0.2.0"
+
+
+
+def __getattr__(name):
+    """``mabn_jax.nnx`` on first use: importing ``flax.nnx`` costs ~0.5 s."""
+    if name == "nnx":
+        import importlib
+        return importlib.import_module("mabn_jax.nnx")
+    raise AttributeError(f"module 'mabn_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "MABN",

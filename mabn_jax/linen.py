@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from mabn_jax import _brn, _mabn, _state
+from mabn_jax import _brn, _mabn, _shell, _state
 from mabn_jax import _stats as S
 from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
+from mabn_jax._shell import center_kernel
 
 Array = jax.Array
 Dtype = Any
@@ -131,8 +132,7 @@ class MABN(nn.Module, MABNConfig):
             self.variables["batch_stats"], config.centered)
         if error:  # or Flax would silently initialize the missing fields
             raise ValueError(f"MABN layer {'/'.join(self.path)!r}: its batch_stats {error}.")
-        init = _state.to_mapping(_state.init_state(
-            feature_shape, config, jnp.promote_types(self.param_dtype, jnp.float32)))
+        init = _shell.initial_state(feature_shape, config, self.param_dtype)
         variables = _state_variables(self, [k for k, _ in layout], init.values())
         state = _state.from_mapping({k: v.value for (k, _), v in zip(layout, variables)})
         _state.check_state(state, config, feature_shape)  # before params: clearer errors
@@ -180,16 +180,15 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
 
 
 def _missing_probes(module: nn.Module) -> str:
-    return (
-        f"MABN layer {'/'.join(module.path)!r} is applied in training mode without its "
-        "probes, so its backward statistics could not be recorded. Compute the gradient "
-        "with mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats) in "
-        "place of jax.value_and_grad: it passes the probes and records the statistics. "
-        f"(Low-level API: pass {{'{PROBES}': mabn_jax.init_probes(batch_stats)}} built from "
-        "the batch_stats collection, not the whole variables dict, differentiate w.r.t. "
-        "them and call mabn_jax.record_backward_stats.) For evaluation use "
-        "use_running_average=True; to only inspect a training-mode apply (shapes, "
-        f"FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True).")
+    return _shell.missing_probes(
+        "/".join(module.path),
+        helper="mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats)",
+        instead_of="jax.value_and_grad",
+        low_level=f"pass {{'{PROBES}': mabn_jax.init_probes(batch_stats)}} built from the "
+        "batch_stats collection, not the whole variables dict, differentiate w.r.t. them "
+        "and call mabn_jax.record_backward_stats.",
+        evaluation="use_running_average=True; to only inspect a training-mode apply "
+        f"(shapes, FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True)")
 
 
 class BatchRenorm(nn.Module, BatchRenormConfig):
@@ -229,7 +228,7 @@ class BatchRenorm(nn.Module, BatchRenormConfig):
         x = jnp.asarray(x)
         config = _config(self, BatchRenormConfig)
         _, feature_shape = _features(self, x)
-        init = _brn.init_state(feature_shape, jnp.promote_types(self.param_dtype, jnp.float32))
+        init = _brn.init_state(feature_shape, _shell.state_dtype(self.param_dtype))
         variables = _state_variables(self, _brn.BatchRenormState._fields, init)
         state = _brn.BatchRenormState(*(v.value for v in variables))
         scale, bias = _params(self, feature_shape)
@@ -259,11 +258,6 @@ class _CenteredKernel:
     def param(self, name, init_fn, *init_args, **init_kwargs):
         value = super().param(name, init_fn, *init_args, **init_kwargs)
         return center_kernel(value) if name == "kernel" else value
-
-
-def center_kernel(kernel: Array) -> Array:
-    """Subtracts each output unit's fan-in mean (all axes but the last)."""
-    return kernel - kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
 
 
 class CenteredConv(_CenteredKernel, nn.Conv):

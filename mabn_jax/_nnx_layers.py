@@ -1,0 +1,341 @@
+"""Flax NNX modules: MABN, BatchRenorm and weight-centralized Conv/Linear.
+
+Shells over the pure functions of :mod:`mabn_jax.functional`, with
+``nnx.BatchNorm``'s constructor arguments plus the layer's hyper-parameters
+(validated by its config dataclass, their one home). The state lives in
+``nnx.BatchStat`` variables named as the ``flax.linen`` layer's
+``batch_stats`` entries, so checkpoints use the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes, initializers
+
+from mabn_jax import _brn, _mabn, _shell, _state
+from mabn_jax import _stats as S
+from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
+
+Array = jax.Array
+
+__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "Probe", "PROBE_NAMES"]
+
+_EXPLICIT = ("num_features, rngs, use_running_average, axis, dtype, param_dtype, use_bias, "
+             "use_scale, bias_init, scale_init, bias_metadata, scale_metadata")
+
+
+class Probe(nnx.Variable):
+    """A zero, window-shaped variable whose gradient is an MABN layer's Ψ_B (g_B).
+
+    Flax's perturbation convention: :func:`mabn_jax.nnx.value_and_grad` (or
+    :func:`mabn_jax.nnx.attach_probes`) attaches one per statistic to each
+    MABN layer for one step, differentiates w.r.t. it and removes it; it is
+    never part of a checkpoint or of the returned gradient.
+    """
+
+
+#: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
+PROBE_NAMES = ("psi_probe", "g_probe")
+
+
+def _with_config_signature(config_cls: type):
+    """Shows the config's fields (and defaults) as keyword-only parameters of
+    ``__init__`` (``help``, IDEs), which takes them as ``**hyper``."""
+    def decorate(init):
+        sig = inspect.signature(init)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                     annotation=f.type) for f in dataclasses.fields(config_cls)]
+        init.__signature__ = sig.replace(parameters=params)
+        return init
+    return decorate
+
+
+def _feature_shape(layer: str, num_features, axis) -> tuple[int, ...]:
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if len(shape) != len(axes) or not all(isinstance(n, int) and n >= 1 for n in shape):
+        raise ValueError(f"{layer}: num_features={num_features!r} does not fit axis={axis!r}; "
+                         "give one positive int per feature axis (an int for one axis).")
+    return shape
+
+
+class _Norm(nnx.Module):
+    """The shell both norms share: parameters, mode, config, input check."""
+
+    _config_cls: type
+    _state_names: tuple[str, ...]
+
+    def _setup(self, num_features, *, rngs: nnx.Rngs, use_running_average, axis, dtype,
+               param_dtype, use_bias, use_scale, bias_init, scale_init, bias_metadata,
+               scale_metadata, hyper: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
+        layer = type(self).__name__
+        config = _shell.make_config(self._config_cls, hyper, layer, _EXPLICIT)
+        feature_shape = _feature_shape(layer, num_features, axis)
+        self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
+                                **scale_metadata) if use_scale else nnx.data(None))
+        self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
+                               **bias_metadata) if use_bias else nnx.data(None))
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        for f in dataclasses.fields(config):  # canonicalized values
+            setattr(self, f.name, getattr(config, f.name))
+        return config, feature_shape
+
+    def _begin(self, x, use_running_average: bool | None):
+        """(mode, config, x, scale, bias, stored state) of a call."""
+        layer = type(self).__name__
+        use_running_average = first_from(
+            use_running_average, self.use_running_average,
+            error_msg=f"No `use_running_average` was given to {layer}: pass it to the "
+            f"constructor or the call, or use model.train() / model.eval() / nnx.view(model, "
+            "use_running_average=...).")
+        x = jnp.asarray(x)
+        feature_axes = S.canonicalize_axes(x.ndim, self.axis, layer)
+        got = tuple(x.shape[a] for a in feature_axes)
+        want = _feature_shape(layer, self.num_features, self.axis)
+        if got != want:
+            raise ValueError(
+                f"{layer}: input of shape {x.shape} has features {got} along axis={self.axis} "
+                f"but the layer was built with num_features={self.num_features}; build it "
+                f"with num_features={got[0] if len(got) == 1 else got}, or put the features "
+                "on `axis`.")
+        stored = {name: getattr(self, name)[...] for name in self._state_names}
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        return use_running_average, config_of(self._config_cls, self), x, scale, bias, stored
+
+    def _store(self, values: Mapping[str, Array], stats: Mapping[str, Array]) -> None:
+        """Writes the new state (no gradient flows into it, as in linen's mutable
+        collections) and sows ``stats`` inside ``nnx.capture`` only."""
+        for name, value in values.items():
+            getattr(self, name)[...] = jax.lax.stop_gradient(value)
+        if hasattr(self, "__captures__"):
+            for name, value in stats.items():
+                self.sow(nnx.Intermediate, name, value)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Class method used by ``nnx.view``.
+
+        Args:
+          use_running_average: if True, the stored statistics are used
+            (inference); if False, the layer trains.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class MABN(_Norm):
+    """Moving Average Batch Normalization (Yan et al., ICLR 2020) for Flax NNX.
+
+    A drop-in for :class:`flax.nnx.BatchNorm` for small per-device batches;
+    the same math as :class:`mabn_jax.MABN` (linen). Training normalizes with
+    simple moving averages (``buffer_size`` steps) of the forward statistics
+    and injects moving averages of the backward statistics (Ψ_B, g_B) into
+    the gradient (equations in :mod:`mabn_jax.functional`). Inference::
+
+        y = γ · x / sqrt(ema_x2 + ε) + β                   (centered=False)
+        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β      (centered=True)
+
+    The plain layer skips the mean: put it after :class:`CenteredConv` /
+    :class:`CenteredLinear`. Train with :func:`mabn_jax.nnx.value_and_grad`
+    in place of ``nnx.value_and_grad``; a training-mode call outside it
+    raises. ``model.train()``, ``model.eval()`` and ``nnx.view`` switch modes.
+
+    State (``nnx.BatchStat``, the linen layer's ``batch_stats`` names): plain
+    ``step, x2_window, psi_window, ema_x2, skipped``; centered ``step,
+    mean_window, var_window, g_window, psi_window, ema_mean, ema_var,
+    skipped``, kept in ``promote_types(param_dtype, float32)``.
+
+    Args (as ``nnx.BatchNorm``'s):
+      num_features: the number of features (for several ``axis``, a tuple of
+        their sizes in increasing axis order).
+      rngs: the random number generators (``rngs.params`` for scale, bias).
+      use_running_average: True for inference (default False: training).
+      axis: the feature axis or axes of the input (default last, NHWC).
+      dtype: the result's dtype (default: the input's, as the linen layer;
+        ``nnx.BatchNorm`` would promote it with the params').
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      use_bias, use_scale: whether to add ``β`` / multiply by ``γ``.
+      bias_init, scale_init: their initializers (zeros, ones).
+      bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
+      **hyper: the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
+        its defaults: ``momentum`` (0.98), ``epsilon``, ``axis_name``,
+        ``axis_index_groups``, ``use_fast_variance`` (False: two-pass
+        variance, unlike ``nnx.BatchNorm``), ``force_float32_reductions``,
+        ``norm_batch_size``, ``buffer_size``, ``warmup_steps``,
+        ``renorm_start``, ``r_max``, ``centered``, ``d_max``, ``ghost_ema``.
+
+    Inside ``nnx.capture(..., nnx.Intermediate)`` a training call sows the
+    forward statistics (``chi2_B``, ``chi2``, ``ema_x2``, ``r``; centered
+    ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``,
+    ``r``, ``d``).
+    """
+
+    _config_cls = MABNConfig
+
+    @_with_config_signature(MABNConfig)
+    def __init__(self, num_features: int | Sequence[int], *,
+                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True,
+                 bias_init: Callable = initializers.zeros_init(),
+                 scale_init: Callable = initializers.ones_init(), rngs: nnx.Rngs,
+                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
+        config, feature_shape = self._setup(
+            num_features, rngs=rngs, use_running_average=use_running_average, axis=axis,
+            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+            bias_init=bias_init, scale_init=scale_init, bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata, hyper=hyper)
+        init = _shell.initial_state(feature_shape, config, param_dtype)
+        self._state_names = tuple(init)
+        for name, value in init.items():
+            setattr(self, name, nnx.BatchStat(value))
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 mask: Array | None = None) -> Array:
+        """Normalizes ``x``; in training mode also advances the state.
+
+        Args:
+          x: the input, rank >= 2, with features along ``axis``.
+          use_running_average: overrides the attribute of the same name.
+          mask: optional boolean array broadcastable to ``x``: the entries the
+            statistics are computed from (as in ``nnx.BatchNorm``).
+        """
+        inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
+        state = _state.from_mapping(stored)
+        if inference:
+            return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
+                                        dtype=self.dtype)
+        y, new_state, stats = _mabn.mabn_train_with_stats(
+            x, scale, bias, state, self._probes(), config, axis=self.axis, dtype=self.dtype,
+            mask=mask)
+        self._store(_state.to_mapping(new_state), stats)
+        return y
+
+    def _probes(self) -> _state.Probes:
+        """The probes :func:`mabn_jax.nnx.attach_probes` put on this layer."""
+        psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
+        if psi is None:
+            raise ValueError(_shell.missing_probes(
+                f"{type(self).__name__}(num_features={self.num_features})",
+                helper="mabn_jax.nnx.value_and_grad(loss_fn, has_aux=...)",
+                instead_of="nnx.value_and_grad",
+                low_level="previous = mabn_jax.nnx.attach_probes(model); differentiate "
+                "w.r.t. nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe)); then "
+                "mabn_jax.nnx.record_backward_stats(model, grads, previous).",
+                evaluation="model.eval() or use_running_average=True"))
+        return _state.Probes(psi[...], None if g is None else g[...])
+
+
+class BatchRenorm(_Norm):
+    """Batch Renormalization (Ioffe 2017) for Flax NNX: a drop-in for ``nnx.BatchNorm``.
+
+    The same math as :class:`mabn_jax.BatchRenorm` (linen; equations in
+    :mod:`mabn_jax.functional`); trains with a plain ``nnx.value_and_grad``
+    step. State (``nnx.BatchStat``): ``step``, ``mean``, ``var`` (used at
+    inference), ``renorm_mean``, ``renorm_var`` (used for ``r``, ``d``).
+
+    Args: ``nnx.BatchNorm``'s, as for :class:`MABN`, and ``**hyper``: the
+    hyper-parameters of :class:`~mabn_jax.BatchRenormConfig` with its
+    defaults (``momentum`` 0.99, ``epsilon``, ``axis_name``,
+    ``axis_index_groups``, ``use_fast_variance``, ``force_float32_reductions``,
+    ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
+    ``ramp_steps``, ``renorm_momentum``). Inside ``nnx.capture`` a training
+    call sows ``mu_B``, ``sigma2_B``, ``r``, ``d``.
+    """
+
+    _config_cls = BatchRenormConfig
+    _state_names = _brn.BatchRenormState._fields
+
+    @_with_config_signature(BatchRenormConfig)
+    def __init__(self, num_features: int | Sequence[int], *,
+                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True,
+                 bias_init: Callable = initializers.zeros_init(),
+                 scale_init: Callable = initializers.ones_init(), rngs: nnx.Rngs,
+                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
+        _, feature_shape = self._setup(
+            num_features, rngs=rngs, use_running_average=use_running_average, axis=axis,
+            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+            bias_init=bias_init, scale_init=scale_init, bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata, hyper=hyper)
+        init = _brn.init_state(feature_shape, _shell.state_dtype(param_dtype))
+        for name, value in zip(self._state_names, init):
+            setattr(self, name, nnx.BatchStat(value))
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 mask: Array | None = None) -> Array:
+        """Normalizes ``x``; in training mode also advances the state."""
+        inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
+        state = _brn.BatchRenormState(**stored)
+        if inference:
+            return _brn.batch_renorm_inference(x, scale, bias, state, config, axis=self.axis,
+                                               dtype=self.dtype)
+        y, new_state, stats = _brn.batch_renorm_train(x, scale, bias, state, config,
+                                                      axis=self.axis, dtype=self.dtype,
+                                                      mask=mask)
+        self._store(new_state._asdict(), stats)
+        return y
+
+
+@dataclasses.dataclass(frozen=True)
+class _CenteringPromote:
+    """``promote_dtype`` that first centers the kernel (the second array):
+    the hook every ``nnx.Linear`` / ``nnx.Conv`` call passes its kernel through."""
+
+    promote_dtype: Callable
+
+    def __call__(self, arrays, dtype=None):
+        inputs, kernel, *rest = arrays
+        return self.promote_dtype((inputs, _shell.center_kernel(kernel), *rest), dtype=dtype)
+
+
+class CenteredLinear(nnx.Linear):
+    """:class:`flax.nnx.Linear` with a weight-centralized kernel (same arguments).
+
+    The kernel applied is ``W − mean_fan_in(W)`` (each output unit's column
+    minus its mean), as :class:`mabn_jax.CenteredDense`; the stored ``kernel``
+    is ``W``. The centering runs inside ``promote_dtype`` (yours, if given,
+    runs after it).
+    """
+
+    @functools.wraps(nnx.Linear.__init__, assigned=("__signature__",))
+    def __init__(self, *args, promote_dtype: Callable = dtypes.promote_dtype, **kwargs):
+        super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)
+
+
+class CenteredConv(nnx.Conv):
+    """:class:`flax.nnx.Conv` with a weight-centralized kernel (same arguments).
+
+    The kernel applied is ``W − mean(W)`` over the spatial and input-feature
+    axes, per output feature, as :class:`mabn_jax.CenteredConv`. ``mask`` is
+    not supported (centering a masked kernel moves the masked-out weights off
+    zero).
+    """
+
+    @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))
+    def __init__(self, *args, promote_dtype: Callable = dtypes.promote_dtype, mask=None,
+                 **kwargs):
+        if mask is not None:
+            raise ValueError("CenteredConv: mask is not supported: the centered kernel "
+                             "W - mean(W) is nonzero where the mask is zero. Use nnx.Conv "
+                             "with mask, or leave mask=None.")
+        super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)

@@ -1,0 +1,212 @@
+"""Training NNX models with MABN: the one-call gradient, and the probes beneath it.
+
+MABN's gradient needs this step's backward statistics (Ψ_B, g_B), which exist
+only inside the backward pass. :func:`value_and_grad` is ``nnx.value_and_grad``
+plus Flax's perturbation convention (zero variables, differentiated):
+
+1. :func:`attach_probes` puts zero, window-shaped :class:`Probe` variables on
+   each MABN layer of the differentiated models and snapshots their state;
+2. the gradient is taken w.r.t. the parameters and the probes
+   (``nnx.DiffState(i, nnx.Any(filter, Probe))``); the probes' gradients
+   hold Ψ_B (g_B);
+3. :func:`record_backward_stats` writes them into the layers' ``BatchStat``
+   windows (a step whose statistics are not finite is undone, one more
+   ``skipped``) and removes the probes; the returned gradient is
+   ``nnx.value_and_grad``'s, without the probes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.transforms.transforms import resolve_kwargs
+
+from mabn_jax import _record, _state
+from mabn_jax import _stats as S
+from mabn_jax._mabn import as_count
+from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
+
+__all__ = ["value_and_grad", "attach_probes", "record_backward_stats"]
+
+Path = tuple[Any, ...]
+
+
+def _layers(node) -> list[tuple[Path, MABN]]:
+    """Every MABN layer in a graph node, by path (each shared layer once)."""
+    return [(path, m) for path, m in nnx.iter_graph(node) if isinstance(m, MABN)]
+
+
+def _layer_state(layer: MABN) -> _state.MABNState:
+    return _state.from_mapping({k: getattr(layer, k)[...] for k in layer._state_names})
+
+
+def _name(path: Path) -> str:
+    return "/".join(map(str, path)) or "<the model itself>"
+
+
+def attach_probes(model) -> nnx.State:
+    """Attaches zero probes to each MABN layer of ``model`` (low-level API).
+
+    Returns the layers' state before the step (pure arrays, nested by path):
+    pass it as ``previous`` to :func:`record_backward_stats` after taking the
+    gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``.
+    """
+    flat = {}
+    for path, layer in _layers(model):
+        if hasattr(layer, PROBE_NAMES[0]):
+            raise ValueError(
+                f"MABN layer {_name(path)!r} already has probes attached: the previous "
+                "step's record_backward_stats(model, grads, previous) was not called, so its "
+                "backward statistics are missing. Call it once after every gradient, or use "
+                "mabn_jax.nnx.value_and_grad, which does both.")
+        state = _layer_state(layer)
+        for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
+            if value is not None:
+                setattr(layer, name, Probe(value))
+        for key, value in _state.to_mapping(state).items():
+            flat[path + (key,)] = value
+    return nnx.from_flat_state(flat)
+
+
+def _detach(model) -> None:
+    for _, layer in _layers(model):
+        for name in PROBE_NAMES:
+            if hasattr(layer, name):
+                delattr(layer, name)
+
+
+def _at(tree, path: Path, what: str, fix: str):
+    try:
+        for key in path:
+            tree = tree[key]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(f"record_backward_stats: {what} has no entry {_name(path)!r}; "
+                         f"{fix}") from None
+    return tree[...] if isinstance(tree, nnx.Variable) else tree
+
+
+def record_backward_stats(model, grads, previous) -> None:
+    """Writes each MABN layer's Ψ_B (g_B) from ``grads`` into its windows (low-level API).
+
+    Args:
+      model: the model the probes were attached to (after the step: its
+        layers hold the new state, with this step's slots reserved).
+      grads: the gradient w.r.t. the model, including the :class:`Probe`
+        entries (``nnx.DiffState(argnum, (nnx.Param, Probe))``).
+      previous: what :func:`attach_probes` returned for this step.
+
+    A layer whose backward statistics are not finite returns to ``previous``
+    with ``skipped`` one higher; one not applied in training mode this step
+    (e.g. ``eval()``-frozen) is left as it is. The probes are removed.
+    Arguments that are not one step apart raise eagerly; under ``jit`` the
+    layer's statistics become NaN (the next training output is NaN).
+    """
+    grad_fix = ("differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
+                "mabn_jax.nnx.Probe)) so the probes' gradients are in grads.")
+    prev_fix = "pass the State that attach_probes(model) returned before this step."
+    for path, layer in _layers(model):
+        if not hasattr(layer, PROBE_NAMES[0]):
+            raise ValueError(f"record_backward_stats: MABN layer {_name(path)!r} has no probes "
+                             "attached; call attach_probes(model) before each step, and "
+                             "record once per step.")
+        new = _layer_state(layer)
+        before = _state.from_mapping({k: _at(previous, path + (k,), "previous", prev_fix)
+                                      for k in layer._state_names})
+        probe_grads = _state.Probes(*(
+            _at(grads, path + (name,), "grads", grad_fix) if hasattr(layer, name) else None
+            for name in PROBE_NAMES))
+        recorded = _record_layer(new, probe_grads, before)
+        for key, value in _state.to_mapping(recorded).items():
+            getattr(layer, key)[...] = value
+    _detach(model)
+
+
+def _record_layer(new: _state.MABNState, probe_grads: _state.Probes,
+                  before: _state.MABNState) -> _state.MABNState:
+    """The core's record, except for a layer (or stacked index) that did not
+    step: every training call advances ``step`` or ``skipped``, so one with
+    both unchanged was not applied in training mode and keeps its state."""
+    untouched = ((as_count(new.step) == as_count(before.step))
+                 & (as_count(new.skipped) == as_count(before.skipped)))
+    try:
+        if bool(jnp.all(untouched)):
+            return new
+    except jax.errors.ConcretizationTypeError:  # traced: select below
+        pass
+    return S.select(~untouched, _record.record_backward_stats(new, probe_grads, before), new)
+
+
+def _with_probes(argnum):
+    """``argnum`` as a DiffState that also selects the probes."""
+    if isinstance(argnum, nnx.DiffState):
+        return nnx.DiffState(argnum.argnum, nnx.Any(argnum.filter, Probe))
+    return nnx.DiffState(argnum, nnx.Any(nnx.Param, Probe))
+
+
+def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
+                   has_aux: bool = False, **kwargs) -> Callable:
+    """``nnx.value_and_grad`` for models with MABN layers: a drop-in.
+
+    ``f`` is the loss function of an ``nnx.BatchNorm`` train step, unchanged
+    (it calls the model in training mode)::
+
+        grad_fn = mabn_jax.nnx.value_and_grad(loss_fn, has_aux=True)
+        (loss, logits), grads = grad_fn(model, x, y)
+        optimizer.update(model, grads)
+
+    Returns what ``nnx.value_and_grad`` returns: the gradient w.r.t. the
+    ``nnx.Param`` variables (or each ``nnx.DiffState``'s filter), without
+    the probes, so ``nnx.Optimizer(model, tx, wrt=nnx.Param).update`` takes
+    it as it is. The MABN layers of the differentiated models hold this
+    step's full state afterwards, backward statistics included; a layer
+    whose statistics are not finite keeps its previous state (one more
+    ``skipped``). Models without MABN layers get exactly
+    ``nnx.value_and_grad``'s result. Works under ``nnx.jit``; needs graph
+    mode (Flax's default).
+
+    Args:
+      f, argnums, has_aux: as for ``nnx.value_and_grad`` (ints or
+        ``nnx.DiffState``; the MABN layers of every differentiated graph
+        argument are probed).
+      **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
+        ``allow_int``, ``graph``, ``graph_updates``).
+    """
+    if kwargs.get("graph") is False or kwargs.get("graph_updates") is False:
+        raise ValueError("mabn_jax.nnx.value_and_grad: graph=False / graph_updates=False is "
+                         "not supported: the probes are selected with nnx.DiffState, which "
+                         "needs graph mode with graph updates (Flax's default).")
+    single = isinstance(argnums, (int, nnx.DiffState))
+    nums = (argnums,) if single else tuple(argnums)
+    probed = tuple(_with_probes(a) for a in nums)
+    grad_fn = nnx.value_and_grad(f, argnums=probed[0] if single else probed,
+                                 has_aux=has_aux, **kwargs)
+    indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
+
+    @functools.wraps(f)
+    def wrapped(*args, **kw):
+        args = resolve_kwargs(f, args, kw)
+        models = [args[i] for i in indices]
+        previous = []
+        try:
+            for m in models:
+                previous.append(attach_probes(m))
+            out, grads = grad_fn(*args)
+        except BaseException:
+            for m in models:
+                _detach(m)
+            raise
+        grads = (grads,) if single else tuple(grads)
+        clean = []
+        for m, g, prev in zip(models, grads, previous):
+            if len(prev):  # the argument has MABN layers
+                record_backward_stats(m, g, prev)
+                g = jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], g,
+                                 is_leaf=lambda s: isinstance(s, nnx.State))
+            clean.append(g)
+        return out, clean[0] if single else tuple(clean)
+
+    return wrapped

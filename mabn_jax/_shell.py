@@ -1,0 +1,65 @@
+"""What the Flax shells (:mod:`mabn_jax.linen`, :mod:`mabn_jax.nnx`) share.
+
+No math: the state's dtype and initial stored entries, the error for a
+training-mode call without probes, weight centralization, and building a
+config from keyword arguments with errors that name the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mabn_jax import _state
+from mabn_jax._config import MABNConfig
+
+Array = jax.Array
+
+__all__ = ["state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config"]
+
+
+def state_dtype(param_dtype: Any) -> Any:
+    """The state is kept in ``promote_types(param_dtype, float32)``."""
+    return jnp.promote_types(param_dtype, jnp.float32)
+
+
+def initial_state(feature_shape: Sequence[int], config: MABNConfig,
+                  param_dtype: Any) -> dict[str, Array]:
+    """A fresh layer's ``batch_stats`` entries, by stored name (``_state.LAYOUTS``)."""
+    return _state.to_mapping(_state.init_state(feature_shape, config, state_dtype(param_dtype)))
+
+
+def missing_probes(layer: str, *, helper: str, instead_of: str, low_level: str,
+                   evaluation: str) -> str:
+    """The error of an MABN layer applied in training mode without probes."""
+    return (
+        f"MABN layer {layer!r} is applied in training mode without its probes, so its "
+        "backward statistics could not be recorded. Compute the gradient with "
+        f"{helper} in place of {instead_of}: it passes the probes and records the "
+        f"statistics. (Low-level API: {low_level}) For evaluation use {evaluation}.")
+
+
+def center_kernel(kernel: Array) -> Array:
+    """Subtracts each output unit's fan-in mean (all axes but the last).
+
+    ``W'[..., o] = W[..., o] − mean(W[..., o])``: each output is a zero-mean
+    combination of its inputs (weight centralization, which makes the
+    non-centered MABN safe).
+    """
+    return kernel - kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+
+
+def make_config(cls: type, kwargs: Mapping[str, Any], layer: str, takes: str):
+    """``cls(**kwargs)``; an unknown name raises ``TypeError`` listing what the
+    layer takes (``takes`` says besides which arguments), invalid values the
+    config's own ``ValueError``."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"{layer}: unexpected keyword argument {unknown[0]!r}. {layer} takes {takes}, "
+            f"and the hyper-parameters of {cls.__name__}: {', '.join(fields)}.")
+    return cls(**kwargs)

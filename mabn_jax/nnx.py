@@ -1,0 +1,31 @@
+"""MABN and Batch Renormalization for Flax NNX.
+
+Layers: :class:`MABN`, :class:`BatchRenorm` (drop-ins for ``nnx.BatchNorm``),
+:class:`CenteredConv`, :class:`CenteredLinear` (``nnx.Conv`` / ``nnx.Linear``
+with weight-centralized kernels). Training: :func:`value_and_grad`, a drop-in
+for ``nnx.value_and_grad`` that records MABN's backward statistics; beneath
+it :func:`attach_probes`, :class:`Probe` and :func:`record_backward_stats`.
+A standard NNX train step becomes an MABN one by changing the gradient call::
+
+    from flax import nnx
+    import mabn_jax.nnx
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)   # was nnx.value_and_grad
+        optimizer.update(model, grads)
+        return loss
+
+The layers' state (``nnx.BatchStat``) has the names of the linen layers'
+``batch_stats`` entries. See ``docs/nnx.md``.
+"""
+
+from mabn_jax._nnx_layers import MABN, BatchRenorm, CenteredConv, CenteredLinear, Probe
+from mabn_jax._nnx_training import attach_probes, record_backward_stats, value_and_grad
+
+__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "value_and_grad",
+           "attach_probes", "record_backward_stats", "Probe"]
