@@ -18,7 +18,8 @@ plus Flax's perturbation convention (zero variables, differentiated):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -50,9 +50,19 @@ def test_frozen_layer_is_left_as_it_is():
                               variables["batch_stats"]["train"]["psi_window"])
 
 
-def test_low_level_record_of_an_unchanged_tree_still_raises():
-    # Passing the old batch_stats as the new ones is a misuse the low-level
-    # function must keep catching (the skip is the helper's alone).
+def test_low_level_record_of_the_old_tree_with_this_steps_gradients_raises():
+    # Passing the old batch_stats as the new ones, with the gradients of a real
+    # training apply, is a misuse the low-level function keeps catching: only a
+    # layer whose state is unchanged AND whose probes got no gradient is frozen.
     stats = jax.jit(Net().init)(jax.random.key(0), X)["batch_stats"]
+    params = jax.jit(Net().init)(jax.random.key(0), X)["params"]
+
+    def loss(probes):
+        y, _ = Net().apply({"params": params, "batch_stats": stats, mabn_jax.PROBES: probes},
+                           X, mutable=["batch_stats"])
+        return jnp.sum(y ** 2)
+
+    grads = jax.grad(loss)(mabn_jax.init_probes(stats))
+    assert np.abs(grads["train"]["psi"]).max() > 0
     with pytest.raises(ValueError, match="not one training apply apart"):
-        mabn_jax.record_backward_stats(stats, mabn_jax.init_probes(stats), previous=stats)
+        mabn_jax.record_backward_stats(stats, grads, previous=stats)
