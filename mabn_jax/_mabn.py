@@ -242,7 +242,8 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
                             d_max=cfg.d_max, epsilon=cfg.epsilon, active=phase.renorm,
                             stop_gradient=False)  # constants to the VJP, not to 2nd order
 
-    healthy = S.all_finite(*state[1:])  # a poisoned or unrecorded state: NaN output
+    # An unrecorded (reserved) slot or a poisoned state shows in psi_window: NaN output.
+    healthy = S.all_finite(state.psi_window)
     ok = S.all_finite(mean_b, var_b)  # this step's statistics
     bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
     inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))

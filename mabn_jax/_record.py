@@ -102,14 +102,15 @@ def _one_apply_apart(new: MABNState, previous: MABNState,
     skips = as_count(new.skipped - previous.skipped)
     stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & (skips == 0)
     skipped = (advance == 0) & (reserved == 0) & (skips == 1)
-    clean = S.all_finite(*previous[1:], lead_axes=lead)
-    untouched = functools.reduce(jnp.logical_and, [
-        (a == b).all(axis=tuple(range(lead, a.ndim)))
-        for a, b in zip(new, previous) if a is not None])
-    no_grad = functools.reduce(jnp.logical_and, [
-        (g == 0).all(axis=tuple(range(lead, g.ndim)))
-        for g in (probe_grads.psi, probe_grads.g) if g is not None])
-    return clean & (stepped | skipped | (untouched & no_grad))
+    # Only a training step changes the state, so equal counters and no reservation
+    # mean the layer did not step; zero probe gradients tell a frozen layer from
+    # the old tree passed as the new one. Reserved (NaN) slots, and the NaN of a
+    # poisoned state, always show in psi_window: it is the one window checked.
+    untouched = (advance == 0) & (reserved == 0) & (skips == 0) & functools.reduce(
+        jnp.logical_and, [(g == 0).all(axis=tuple(range(lead, g.ndim)))
+                          for g in (probe_grads.psi, probe_grads.g) if g is not None])
+    clean = S.all_finite(previous.psi_window, lead_axes=lead)
+    return clean & (stepped | skipped | untouched)
 
 
 def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:
