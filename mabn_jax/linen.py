@@ -140,6 +140,7 @@ class MABN(nn.Module, MABNConfig):
         if use_running_average:
             return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
                                         dtype=self.dtype)
+        _one_training_call(self)
         y, new_state, stats = _mabn.mabn_train_with_stats(
             x, scale, bias, state, _probes(self, state), config, axis=self.axis,
             dtype=self.dtype, mask=mask)
@@ -177,6 +178,23 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
                                module.variable(PROBES, n, lambda z=z: z).value
                                for n, z in zip(("psi", "g"), zeros)))
     raise ValueError(_missing_probes(module))
+
+
+def _one_training_call(module: nn.Module) -> None:
+    """Each training call is one window step whose Ψ (g) slots the step's
+    record fills once; a second call in the same apply would read the slots the
+    first reserved. Flax gives every apply (and every lifted trace, e.g. an
+    ``nn.scan`` body) its own root scope, where the calls are counted."""
+    if module.is_initializing():
+        return
+    calls = module.scope.root.__dict__.setdefault("_mabn_training_calls", set())
+    if module.path in calls:
+        raise ValueError(
+            f"MABN layer {'/'.join(module.path)!r} is applied in training mode twice in "
+            "one apply. Each training call is a step of its moving-average windows, "
+            "recorded once per step; call each MABN layer once per training step: use "
+            "one layer per call site, or concatenate the inputs into one batch.")
+    calls.add(module.path)
 
 
 def _missing_probes(module: nn.Module) -> str:

@@ -71,15 +71,21 @@ def _probe_dict(probes: _state.Probes) -> dict[str, jax.Array]:
     return {k: v for k, v in probes._asdict().items() if v is not None}
 
 
-def init_probes(batch_stats: Tree) -> Any:
+def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
     """Zero probes for every MABN layer in a ``batch_stats`` tree (low-level API).
 
     Returns a tree with the nesting of the MABN layers (``{'psi': ...}``, plus
     ``'g'`` for centered layers), each shaped like the layer's windows, to pass
     as the ``'mabn_probes'`` collection and to differentiate with respect to.
+    ``loss_scale``: if the loss is multiplied by a factor (dynamic loss
+    scaling, e.g. ``DynamicScale.scale``), pass it, so that the layers scale
+    their stored (unscaled) windows to the incoming gradient; divide the probe
+    gradients by it before :func:`record_backward_stats`.
     """
+    scale = None if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
     return _nest({path + (k,): v for path, state in _layers(batch_stats).items()
-                  for k, v in _probe_dict(_state.init_probes(state)).items()}, batch_stats)
+                  for k, v in _probe_dict(_state.init_probes(state)._replace(
+                      loss_scale=scale)).items()}, batch_stats)
 
 
 def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) -> Any:
@@ -110,7 +116,7 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
             "trees of one model and one step.")
     tree = _unfreeze(batch_stats)
     for path, state in layers.items():
-        g = grads[path]
+        g = grads[path]  # a 'loss_scale' entry's gradient is ignored
         new = _record_lib.record_backward_stats(state, _state.Probes(g["psi"], g.get("g")),
                                             before[path])
         _node(tree, path).update(_state.to_mapping(new))

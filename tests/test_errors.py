@@ -1,6 +1,7 @@
 """Bad arguments and inputs fail at init/trace time with a message that names
 the parameter, the offending value and the fix (one test per case)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +201,26 @@ def test_errors_raise_at_trace_time_under_jit():
 
     with pytest.raises(ValueError, match=r"empty batch"):
         step(jnp.ones((0, 3)))
+
+
+def test_layer_applied_twice_in_one_training_apply_is_an_error():
+    """Each training call is one window step, recorded once: a second call of
+    the same layer in one apply would read the slots the first reserved."""
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            layer = mabn_jax.MABN(use_running_average=False)
+            return layer(layer(x))
+
+    x = jnp.ones((4, 3))
+    variables = Twice().init(jax.random.key(0), x)
+
+    def loss_fn(params):
+        y, updates = Twice().apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                   x, mutable=["batch_stats"])
+        return y.sum(), updates
+
+    with pytest.raises(ValueError, match="twice in one apply.*once per training step"):
+        mabn_jax.value_and_grad(loss_fn, has_aux=True,
+                                batch_stats=variables["batch_stats"])(variables["params"])

@@ -522,6 +522,33 @@ def test_dynamic_scale_trains_as_without_loss_scaling():
     assert book[0][0] == 2.0 ** 10 and book[-1][0] == 2.0 ** 11
 
 
+@jax.jit
+def low_level_scaled_step(state, x, y, scale):
+    """The low-level API with a loss scaled by ``scale``: the probes carry it."""
+    def loss_fn(params, probes):
+        loss, updates = probed_loss(state, params, probes, x, y)
+        return scale * loss, updates
+
+    (_, updates), (grads, probe_grads) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
+        state.params, mabn_jax.init_probes(state.batch_stats, loss_scale=scale))
+    unscale = lambda g: g / scale
+    batch_stats = mabn_jax.record_backward_stats(
+        updates["batch_stats"], jax.tree.map(unscale, probe_grads), previous=state.batch_stats)
+    state = state.apply_gradients(grads=jax.tree.map(unscale, grads))
+    return state.replace(batch_stats=batch_stats)
+
+
+def test_low_level_loss_scale_trains_as_without_loss_scaling():
+    """init_probes(loss_scale=...): the layers scale their stored windows to the
+    scaled gradient, so a changing loss scale trains as no scaling does."""
+    x, y = data(6)
+    state = new_state(Small())
+    for t, (r_params, r_bs, _) in enumerate(small_reference(x, y)):
+        state = low_level_scaled_step(state, x[t], y[t], jnp.float32(2.0 ** (10 + t % 3)))
+        assert_close(state.batch_stats, r_bs, what=f"step {t + 1} batch_stats")
+        assert_close(state.params, r_params, what=f"step {t + 1} params")
+
+
 def test_dynamic_scale_non_finite_step():
     """A NaN batch: is_fin is False, the scale backs off as DynamicScale's,
     the params stay and the statistics roll back (one more skipped)."""
