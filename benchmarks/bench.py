@@ -40,8 +40,9 @@ import optax
 from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mabn_jax  # noqa: E402
 from resnet import ResNet, conv_norm_pairs  # noqa: E402
+
+import mabn_jax  # noqa: E402
 
 STAGES = [(56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048)]
 
@@ -250,8 +251,9 @@ def bench_inference(batch, rounds):
                     jax.random.normal(jax.random.PRNGKey(v.size), v.shape)), stats)
             unfolded = jax.jit(lambda p, s, x, m=model: m.apply(
                 {"params": p, "batch_stats": s}, x, train=False))
-            folded_params = mabn_jax.fold_params(params, stats, conv_norm_pairs(stats),
-                                                 centered_kernel=kind == "MABN")
+            folded_params = mabn_jax.fold_params(
+                model, {"params": params, "batch_stats": stats}, conv_norm_pairs(stats), x,
+                train=False)
             folded = jax.jit(make_model("folded").apply)
             want, got = unfolded(params, stats, x), folded({"params": folded_params}, x)
             checks.append(f"{kind}: max |folded − unfolded| / max |unfolded| = "

@@ -33,8 +33,9 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mabn_jax.nnx as mnnx  # noqa: E402
 from bench import compare, table  # noqa: E402
+
+import mabn_jax.nnx as mnnx  # noqa: E402
 
 
 class ConvNorm(nnx.Module):

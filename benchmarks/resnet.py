@@ -9,7 +9,8 @@ which is what :func:`mabn_jax.fold_params` produces from a trained model.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn

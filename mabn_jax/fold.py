@@ -1,76 +1,77 @@
 """Fold inference-mode normalization into the preceding convolution or dense layer.
 
-At inference MABN (both variants) and ``nn.BatchNorm`` are one per-channel
-affine map ``y = a · h + c`` of the layer output ``h = x ⊛ W + w₀``, so
+At inference MABN (both variants), :class:`~mabn_jax.BatchRenorm` and
+``nn.BatchNorm`` are one per-channel affine map ``y = a · h + c`` of the layer
+output ``h = x ⊛ W + w₀``, so
 
     y = x ⊛ (W · a) + (a · w₀ + c)
 
 is a plain ``nn.Conv`` / ``nn.Dense`` with kernel ``W · a`` (``a`` scales the
 last, output-feature axis of the kernel) and bias ``a · w₀ + c``, and the norm
-layer disappears. For :class:`~mabn_jax.CenteredConv` /
-:class:`~mabn_jax.CenteredDense` the kernel that is applied is the centered
-one, ``W − mean_fan_in(W)``; pass ``centered_kernel=True`` so it is folded.
+layer disappears.
 
-    ================  ====================================  ==================
-    norm              a                                     c
-    ================  ====================================  ==================
-    MABN              γ / sqrt(ema_x2 + ε)                  β
-    MABN centered     γ / sqrt(ema_var + ε)                 β − a · ema_mean
-    nn.BatchNorm      γ / sqrt(var + ε)                     β − a · mean
-    ================  ====================================  ==================
+    =====================  ====================================  ==================
+    norm                   a                                     c
+    =====================  ====================================  ==================
+    MABN                   γ / sqrt(ema_x2 + ε)                  β
+    MABN centered          γ / sqrt(ema_var + ε)                 β − a · ema_mean
+    BatchNorm/BatchRenorm  γ / sqrt(var + ε)                     β − a · mean
+    =====================  ====================================  ==================
 
-Example, a model whose ``norm`` can be switched off (``norm=None`` gives every
-conv a bias and skips the norms)::
+Two things decide the result and are easy to get wrong by hand: whether the
+layer's applied kernel is the stored one or its centered version
+(:class:`~mabn_jax.CenteredConv` / :class:`~mabn_jax.CenteredDense`), and each
+norm's ``epsilon``. :func:`fold_params` reads both from the model itself; the
+lower-level functions require them as keywords, with no defaults::
 
-    train_model = Net(conv=mabn_jax.CenteredConv, norm=mabn_jax.MABN)
-    deploy_model = Net(conv=nn.Conv, norm=None)
-    params = mabn_jax.fold_params(
-        variables['params'], variables['batch_stats'],
-        pairs=[('conv1', 'norm1'), ('block/conv', 'block/norm')],
-        centered_kernel=True)
-    y = deploy_model.apply({'params': params}, x)   # == train_model in eval mode
+    params = mabn_jax.fold_params(model, variables,
+                                  [('conv1', 'norm1'), ('block/conv', 'block/norm')],
+                                  x, train=False)        # an input and apply's kwargs
+    y = deploy_model.apply({'params': params}, x)         # == model in inference mode
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax.core import FrozenDict
 
 from mabn_jax import _state, _stats
 from mabn_jax._mabn import affine_from_ema
-from mabn_jax.linen import center_kernel
+from mabn_jax.linen import MABN, BatchRenorm, _CenteredKernel, center_kernel
 
 __all__ = ["norm_affine", "fold_affine", "fold_norm", "fold_params"]
 
 Array = jax.Array
 Path = str | Sequence[str]
+_NORMS = (MABN, BatchRenorm, nn.BatchNorm)
 
 
-def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array],
-                *, epsilon: float = 1e-5) -> tuple[Array, Array]:
-    """``(a, c)`` with inference ``y = a · h + c`` for an MABN or ``nn.BatchNorm`` layer.
+def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array], *,
+                epsilon: float) -> tuple[Array, Array]:
+    """``(a, c)`` with inference ``y = a · h + c`` for an MABN, BatchRenorm or
+    ``nn.BatchNorm`` layer, recognized from its ``batch_stats`` entries.
 
-    The layer kind is recognized from its ``batch_stats`` entries: ``ema_x2``
-    (MABN), ``ema_mean``/``ema_var`` (centered MABN) or ``mean``/``var``
-    (``nn.BatchNorm``). ``norm_params`` may lack ``scale``/``bias``
-    (``use_scale=False`` / ``use_bias=False``). ``epsilon`` must be the layer's.
+    ``norm_params`` may lack ``scale``/``bias`` (``use_scale=False`` /
+    ``use_bias=False``). ``epsilon`` is the layer's own (required: the
+    default differs between libraries and a wrong one is silently off).
     """
     stats = dict(norm_stats)
     state = _state.from_mapping(stats)
     if state is not None:
         var, mean = state.ema_var, state.ema_mean
-    elif frozenset(stats) == {"mean", "var"}:  # nn.BatchNorm: the centered formula
+    elif {"mean", "var"} <= set(stats):  # nn.BatchNorm, BatchRenorm: the centered formula
         var, mean = stats["var"], stats["mean"]
     else:
         raise ValueError(
             f"fold: norm_stats has keys {sorted(stats)}, which is neither an MABN layer "
             f"({[k for k, _ in _state.LAYOUTS[False]]} or, centered, "
-            f"{[k for k, _ in _state.LAYOUTS[True]]}) nor an nn.BatchNorm ('mean', 'var') "
-            "layer; pass that layer's batch_stats entry.")
+            f"{[k for k, _ in _state.LAYOUTS[True]]}) nor an nn.BatchNorm or BatchRenorm "
+            "layer (with 'mean' and 'var'); pass that layer's batch_stats entry.")
     scale, bias = norm_params.get("scale"), norm_params.get("bias")
     dtype = jnp.result_type(jnp.float32, var, *(p for p in (scale, bias) if p is not None))
     scale, bias = _stats.affine_params(scale, bias, var.shape, dtype)
@@ -78,7 +79,7 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
 
 
 def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
-                centered_kernel: bool = False) -> dict[str, Array]:
+                centered_kernel: bool) -> dict[str, Array]:
     """Kernel and bias of the plain layer computing ``a · layer(x) + c``.
 
     Args:
@@ -86,8 +87,8 @@ def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
         ``nn.Conv``/``nn.Dense`` (or their centered versions); the last kernel
         axis is the output features.
       a, c: per-output-feature multiplier and offset.
-      centered_kernel: True for ``CenteredConv``/``CenteredDense``, whose
-        applied kernel is ``center_kernel(W)``.
+      centered_kernel: whether the layer applies ``center_kernel(W)``
+        (``CenteredConv``/``CenteredDense``) rather than ``W``.
 
     Returns:
       ``{'kernel', 'bias'}`` for the same layer type with ``use_bias=True``, in
@@ -108,16 +109,84 @@ def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
 
 
 def fold_norm(layer_params: Mapping[str, Array], norm_params: Mapping[str, Array],
-              norm_stats: Mapping[str, Array], *, epsilon: float = 1e-5,
-              centered_kernel: bool = False) -> dict[str, Array]:
-    """Folds one inference-mode MABN / ``nn.BatchNorm`` into the layer before it.
-
-    ``layer_params``, ``norm_params`` and ``norm_stats`` are the layer's
-    ``params``, the norm's ``params`` and the norm's ``batch_stats`` entries.
-    Returns ``{'kernel', 'bias'}`` of a plain layer with ``use_bias=True``.
-    """
+              norm_stats: Mapping[str, Array], *, epsilon: float,
+              centered_kernel: bool) -> dict[str, Array]:
+    """Folds one inference-mode norm into the layer before it (see :func:`norm_affine`
+    and :func:`fold_affine`; both keywords are required)."""
     a, c = norm_affine(norm_params, norm_stats, epsilon=epsilon)
     return fold_affine(layer_params, a, c, centered_kernel=centered_kernel)
+
+
+def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path, Path]],
+                *args, **kwargs) -> dict:
+    """Folds every ``(layer, norm)`` pair of a trained model's variables.
+
+    The model is traced once, abstractly (nothing is computed), on ``args`` and
+    ``kwargs`` as for ``model.apply(variables, *args, **kwargs)`` in inference
+    mode, to read which class each layer is (a centered kernel or not) and each
+    norm's ``epsilon`` and feature ``axis``.
+
+    Args:
+      model: the trained model.
+      variables: its ``{'params': ..., 'batch_stats': ...}``.
+      pairs: ``(layer_path, norm_path)`` for each norm to fold, as
+        ``'block/conv'`` strings or key tuples (module paths).
+      *args, **kwargs: an input (any values of the right shape) and the
+        keyword arguments of an inference-mode apply, e.g. ``train=False``.
+
+    Returns:
+      A new ``params`` dict for the deployment model: each layer holds the
+      folded ``kernel`` and ``bias``, the norms' parameters are gone, all other
+      parameters are unchanged.
+    """
+    modules = _modules(model, variables, args, kwargs)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    out = _unfreeze(params)
+    for layer_path, norm_path in pairs:
+        lp, np_ = _split(layer_path), _split(norm_path)
+        layer, norm = _module(modules, lp, "layer"), _module(modules, np_, "norm")
+        _check_pair(layer, norm, lp, np_)
+        folded = fold_norm(_get(params, lp, "params"),
+                           _get(params, np_, "params", default={}, required=False),
+                           _get(stats, np_, "batch_stats"),
+                           epsilon=norm.epsilon, centered_kernel=isinstance(layer, _CenteredKernel))
+        _set(out, lp, folded)
+        if _get(out, np_, "params", required=False) is not None:
+            _delete(out, np_)
+    return FrozenDict(out) if isinstance(params, FrozenDict) else out
+
+
+def _modules(model, variables, args, kwargs) -> dict[tuple[str, ...], nn.Module]:
+    """Every module the apply calls, by path (an abstract trace)."""
+    found = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if context.method_name == "__call__":
+            found[tuple(context.module.path)] = context.module
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, *a: model.apply(v, *a, **kwargs), variables, *args)
+    return found
+
+
+def _module(modules, path, what):
+    if path not in modules:
+        raise KeyError(f"fold: the model calls no module at {'/'.join(path)!r} (the {what} "
+                       f"of a pair); its modules are {sorted('/'.join(p) for p in modules)}.")
+    return modules[path]
+
+
+def _check_pair(layer, norm, lp, np_) -> None:
+    if not isinstance(layer, (nn.Conv, nn.Dense)):
+        raise TypeError(f"fold: {'/'.join(lp)!r} is a {type(layer).__name__}; only nn.Conv, "
+                        "nn.Dense and their centered versions can absorb a norm.")
+    if not isinstance(norm, _NORMS):
+        raise TypeError(f"fold: {'/'.join(np_)!r} is a {type(norm).__name__}, not MABN, "
+                        "BatchRenorm or nn.BatchNorm.")
+    if norm.axis not in (-1, (-1,)):
+        raise ValueError(f"fold: the norm {'/'.join(np_)!r} has axis={norm.axis!r}; folding "
+                         "needs the features on the last axis, as the kernel has them.")
 
 
 def _split(path: Path) -> tuple[str, ...]:
@@ -156,38 +225,3 @@ def _delete(tree: dict, path: tuple[str, ...]) -> None:
         if node[key]:
             break
         del node[key]  # drop containers the norm leaves empty
-
-
-def fold_params(params: Mapping, batch_stats: Mapping, pairs: Sequence[tuple[Path, Path]],
-                *, epsilon: float = 1e-5,
-                centered_kernel: bool | Collection[str] = False) -> dict:
-    """Folds every ``(layer, norm)`` pair of a model's variables.
-
-    Args:
-      params: the trained model's ``params`` collection.
-      batch_stats: its ``batch_stats`` collection.
-      pairs: ``(layer_path, norm_path)`` for each norm to fold, paths given as
-        ``'block/conv'`` strings or key tuples into ``params``/``batch_stats``.
-      epsilon: the norms' ``epsilon`` (1e-5 for both MABN and ``nn.BatchNorm``
-        by default).
-      centered_kernel: True if every layer is a ``CenteredConv``/``CenteredDense``,
-        or the collection of layer paths (strings) that are.
-
-    Returns:
-      A new ``params`` dict for the deployment model: each layer holds the
-      folded ``kernel`` and ``bias``, the norms' parameters are gone, all other
-      parameters are unchanged.
-    """
-    out = _unfreeze(params)
-    for layer_path, norm_path in pairs:
-        lp, np_ = _split(layer_path), _split(norm_path)
-        centered = (centered_kernel if isinstance(centered_kernel, bool)
-                    else "/".join(lp) in centered_kernel)
-        folded = fold_norm(_get(params, lp, "params"),
-                           _get(params, np_, "params", default={}, required=False),
-                           _get(batch_stats, np_, "batch_stats"),
-                           epsilon=epsilon, centered_kernel=centered)
-        _set(out, lp, folded)
-        if _get(out, np_, "params", required=False) is not None:
-            _delete(out, np_)
-    return FrozenDict(out) if isinstance(params, FrozenDict) else out
