@@ -13,6 +13,8 @@ import numbers
 import operator
 from typing import Any
 
+import numpy as np
+
 __all__ = ["MABNConfig", "BatchRenormConfig", "config_of"]
 
 # Counters are floats (so `jax.grad` over a whole variables dict and
@@ -33,7 +35,7 @@ def check_int(layer: str, name: str, value: Any, minimum: int, maximum: int | No
     want = f"an int >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     if allow_none:
         want += ", or None"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         _fail(layer, name, value, f"{want} (got a {type(value).__name__})")
     value = operator.index(value)
     if value < minimum or (maximum is not None and value > maximum):
@@ -49,7 +51,7 @@ def check_float(layer: str, name: str, value: Any, low: float, high: float | Non
         return None
     lo, hi = ("(" if low_open else "["), ("" if high is None else (")" if high_open else "]"))
     want = f"a float in {lo}{low}, {'inf)' if high is None else f'{high}{hi}'}" + hint
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         _fail(layer, name, value, f"{want} (got a {type(value).__name__})")
     value = float(value)
     below = value <= low if low_open else value < low
@@ -60,7 +62,7 @@ def check_float(layer: str, name: str, value: Any, low: float, high: float | Non
 
 
 def check_bool(layer: str, name: str, value: Any) -> bool:
-    if not isinstance(value, (bool,)) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         _fail(layer, name, value, f"True or False (got a {type(value).__name__})")
     return bool(value)
 
