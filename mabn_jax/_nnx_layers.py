@@ -241,6 +241,7 @@ class MABN(_Norm):
                 "w.r.t. nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe)); then "
                 "mabn_jax.nnx.record_backward_stats(model, grads, previous).",
                 evaluation="model.eval() or use_running_average=True"))
+        _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
         return _state.Probes(psi[...], None if g is None else g[...])
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.transforms.transforms import resolve_kwargs
 
-from mabn_jax import _record, _state
+from mabn_jax import _record, _shell, _state
 from mabn_jax import _stats as S
 from mabn_jax._mabn import as_count
 from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
@@ -183,7 +183,12 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
     single = isinstance(argnums, (int, nnx.DiffState))
     nums = (argnums,) if single else tuple(argnums)
     probed = tuple(_with_probes(a) for a in nums)
-    grad_fn = nnx.value_and_grad(f, argnums=probed[0] if single else probed,
+    @functools.wraps(f)
+    def scoped(*args, **kw):  # each probe consumed once: one training call per layer
+        with _shell.probe_scope():
+            return f(*args, **kw)
+
+    grad_fn = nnx.value_and_grad(scoped, argnums=probed[0] if single else probed,
                                  has_aux=has_aux, **kwargs)
     indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
 

@@ -7,6 +7,8 @@ config from keyword arguments with errors that name the argument.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +21,7 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config"]
+__all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config"]
 
 
 def state_dtype(param_dtype: Any) -> Any:
@@ -64,3 +66,37 @@ def make_config(cls: type, kwargs: Mapping[str, Any], layer: str, takes: str):
             f"{layer}: unexpected keyword argument {unknown[0]!r}. {layer} takes {takes}, "
             f"and the hyper-parameters of {cls.__name__}: {', '.join(fields)}.")
     return cls(**kwargs)
+
+
+# The probes consumed while a value_and_grad helper's loss function runs, by id
+# (the objects are kept too, so that no id is reused by a freed tracer): each
+# must be consumed once (one training call per layer and step).
+_CONSUMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "mabn_probes_consumed", default=None)
+
+
+@contextlib.contextmanager
+def probe_scope():
+    """The loss function's call inside a value_and_grad helper."""
+    token = _CONSUMED.set({})
+    try:
+        yield
+    finally:
+        _CONSUMED.reset(token)
+
+
+def consume_probe(probe, layer: str) -> None:
+    """Raises if this probe was already used in this helper call: two training
+    applies of the same batch_stats in one loss would sum their backward
+    statistics into one slot."""
+    used = _CONSUMED.get()
+    if used is None:
+        return
+    if id(probe) in used:
+        raise ValueError(
+            f"MABN layer {layer!r} is applied in training mode twice in one loss (two "
+            "training applies of the model with the same batch_stats, e.g. for two views "
+            "of a batch): their backward statistics would be added into one window slot. "
+            "Apply the model once per step, on the views concatenated into one batch (or "
+            "give each apply its own layers).")
+    used[id(probe)] = probe

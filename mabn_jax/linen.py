@@ -171,6 +171,7 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.Probes(get("psi"), get("g"), get("loss_scale"))
     if module.has_variable("params", PROBES):
         probes = module.get_variable("params", PROBES)
+        _shell.consume_probe(probes["psi"], "/".join(module.path))
         return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)

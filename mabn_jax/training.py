@@ -29,7 +29,7 @@ from flax.training.dynamic_scale import DynamicScaleResult
 from jax import lax
 
 from mabn_jax import _record as _record_lib
-from mabn_jax import _state
+from mabn_jax import _shell, _state
 from mabn_jax.linen import PROBES
 
 __all__ = ["value_and_grad", "init_probes", "record_backward_stats"]
@@ -200,7 +200,8 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
             for i, a in zip(nums, diff_args):
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
-            out = fun(*call_args)
+            with _shell.probe_scope():
+                out = fun(*call_args)
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
 

@@ -224,3 +224,27 @@ def test_layer_applied_twice_in_one_training_apply_is_an_error():
     with pytest.raises(ValueError, match="twice in one apply.*once per training step"):
         mabn_jax.value_and_grad(loss_fn, has_aux=True,
                                 batch_stats=variables["batch_stats"])(variables["params"])
+
+
+def test_two_training_applies_in_one_loss_are_an_error():
+    """Two applies of the model with the same batch_stats (say, two views of a
+    batch) would add their backward statistics into one slot, silently."""
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return mabn_jax.MABN(use_running_average=False)(x)
+
+    x = jnp.ones((4, 3))
+    variables = One().init(jax.random.key(0), x)
+    bs = variables["batch_stats"]
+
+    def loss_fn(params):
+        y1, updates = One().apply({"params": params, "batch_stats": bs}, x,
+                                  mutable=["batch_stats"])
+        y2, _ = One().apply({"params": params, "batch_stats": bs}, 2 * x,
+                            mutable=["batch_stats"])
+        return (y1 + y2).sum(), updates
+
+    with pytest.raises(ValueError, match="twice in one loss.*concatenated into one batch"):
+        mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(variables["params"])

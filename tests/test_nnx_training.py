@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tree_assert import assert_trees_close
 
 import mabn_jax
 import mabn_jax.nnx as mnnx
-from tree_assert import assert_trees_close
 
 
 class Net(nnx.Module):
@@ -211,3 +211,15 @@ def test_centered_layers_apply_the_centered_kernel():
     np.testing.assert_allclose(conv_y, plain_y, rtol=1e-5, atol=1e-6)
     # a constant input meets a zero-mean kernel: zero away from the padding
     np.testing.assert_allclose(const_y[:, 1:5, 1:5], 0.0, atol=1e-5)
+
+
+def test_a_layer_called_twice_in_one_loss_is_an_error():
+    """Its second call would read the slots the first reserved, and both calls'
+    backward statistics would add into one slot."""
+    layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0))
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="twice in one loss"):
+        mabn_jax.nnx.value_and_grad(lambda m: (m(x) + m(2 * x)).sum())(layer)
+    # the failed call left no probes behind: the next, correct step works
+    loss, _ = mabn_jax.nnx.value_and_grad(lambda m: m(x).sum())(layer)
+    assert np.isfinite(loss)
