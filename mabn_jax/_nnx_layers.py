@@ -34,6 +34,9 @@ _EXPLICIT = ("num_features, rngs, use_running_average, axis, dtype, param_dtype,
              "use_scale, bias_init, scale_init, bias_metadata, scale_metadata")
 
 
+_ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # nnx.BatchNorm's
+
+
 class Probe(nnx.Variable):
     """A zero, window-shaped variable whose gradient is an MABN layer's Ψ_B (g_B).
 
@@ -194,8 +197,8 @@ class MABN(_Norm):
                  use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
                  dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
                  use_scale: bool = True,
-                 bias_init: Callable = initializers.zeros_init(),
-                 scale_init: Callable = initializers.ones_init(), rngs: nnx.Rngs,
+                 bias_init: Callable = _ZEROS,
+                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
                  bias_metadata: Mapping[str, Any] = MappingProxyType({}),
                  scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
         config, feature_shape = self._setup(
@@ -270,8 +273,8 @@ class BatchRenorm(_Norm):
                  use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
                  dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
                  use_scale: bool = True,
-                 bias_init: Callable = initializers.zeros_init(),
-                 scale_init: Callable = initializers.ones_init(), rngs: nnx.Rngs,
+                 bias_init: Callable = _ZEROS,
+                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
                  bias_metadata: Mapping[str, Any] = MappingProxyType({}),
                  scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
         _, feature_shape = self._setup(

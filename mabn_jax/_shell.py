@@ -21,7 +21,8 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config"]
+__all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes",
+           "center_kernel", "make_config"]
 
 
 def state_dtype(param_dtype: Any) -> Any:
