@@ -63,7 +63,11 @@ def clip_schedule(step: Array, config: BatchRenormConfig) -> tuple[Array, Array]
         frac = jnp.clip((step - config.warmup_steps + 1) / config.ramp_steps, 0.0, 1.0)
     else:
         frac = (step >= config.warmup_steps).astype(jnp.float32)
-    return 1.0 + (config.r_max - 1.0) * frac, config.d_max * frac
+    # An infinite limit (no clipping, Keras' default) times frac = 0 would be
+    # NaN: before the ramp the clips are exactly 1 and 0.
+    started = frac > 0
+    return (jnp.where(started, 1.0 + (config.r_max - 1.0) * frac, 1.0),
+            jnp.where(started, config.d_max * frac, 0.0))
 
 
 def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,

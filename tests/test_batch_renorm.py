@@ -133,3 +133,35 @@ def test_bad_attributes_raise_naming_them():
     with pytest.raises(ValueError, match="BatchRenorm: ramp_steps=True is invalid"):
         F.BatchRenormConfig(ramp_steps=True)
     assert mabn_jax.BatchRenormConfig is F.BatchRenormConfig
+
+
+@pytest.mark.parametrize("ramp_steps", [0, 3])
+def test_infinite_clips_mean_no_clipping_and_no_nan(ramp_steps):
+    """r_max = d_max = inf (Keras' default: no clipping) in warm-up, ramp and after:
+    r = 1, d = 0 before the ramp, the unclipped factors once it has started."""
+    inf = float("inf")
+    config = F.BatchRenormConfig(r_max=inf, d_max=inf, warmup_steps=2, ramp_steps=ramp_steps,
+                                 momentum=0.5)
+    r_max, d_max = F.clip_schedule(jnp.arange(6.0), config)
+    np.testing.assert_array_equal(r_max, [1, 1, inf, inf, inf, inf])
+    np.testing.assert_array_equal(d_max, [0, 0, inf, inf, inf, inf])
+    x, _ = _data(6, seed=2)
+    # Jumps in scale and shift, far outside the paper's clips [1/3, 3] and [-5, 5].
+    scale = jnp.array([1.0, 2.0, 30.0, 0.01, 1.0, 50.0])[:, None, None, None, None]
+    x = x * scale + jnp.array([3.0, 3.0, 80.0, -80.0, 3.0, 3.0])[:, None, None, None, None]
+    unclipped = []
+    step = jax.jit(lambda x, s: F.batch_renorm_train(x, None, None, s, config))
+    state = F.init_batch_renorm_state((5,))
+    for t in range(6):
+        y, new_state, stats = step(x[t], state)
+        assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(v)) for v in new_state)
+        sigma = np.sqrt(np.asarray(state.renorm_var) + config.epsilon)
+        raw_r = np.sqrt(np.asarray(stats["sigma2_B"]) + config.epsilon) / sigma
+        raw_d = (np.asarray(stats["mu_B"]) - np.asarray(state.renorm_mean)) / sigma
+        want_r, want_d = (raw_r, raw_d) if t >= 2 else (np.ones(5), np.zeros(5))
+        np.testing.assert_allclose(stats["r"], want_r, rtol=1e-6)
+        np.testing.assert_allclose(stats["d"], want_d, rtol=1e-6, atol=1e-7)
+        if t >= 2:
+            unclipped.append((raw_r.max() > 3, raw_r.min() < 1 / 3, np.abs(raw_d).max() > 5))
+        state = new_state
+    assert np.all(np.any(unclipped, axis=0))  # each clip would have acted
