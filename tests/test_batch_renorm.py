@@ -87,12 +87,31 @@ def test_default_variance_is_two_pass():
 def test_clip_schedule_ramps_from_batchnorm_to_the_limits():
     steps = jnp.arange(8.0)
     config = F.BatchRenormConfig(r_max=3.0, d_max=5.0, warmup_steps=2, ramp_steps=4)
-    r, d = F.clip_schedule(steps, config)
-    np.testing.assert_allclose(r, [1, 1, 1.5, 2, 2.5, 3, 3, 3])
-    np.testing.assert_allclose(d, [0, 0, 1.25, 2.5, 3.75, 5, 5, 5])
-    r, d = F.clip_schedule(steps, F.BatchRenormConfig(r_max=3.0, d_max=5.0, warmup_steps=2))
-    np.testing.assert_allclose(r, [1, 1, 3, 3, 3, 3, 3, 3])
-    np.testing.assert_allclose(d, [0, 0, 5, 5, 5, 5, 5, 5])
+    clips = F.clip_schedule(steps, config)
+    np.testing.assert_allclose(clips.r_max, [1, 1, 1.5, 2, 2.5, 3, 3, 3])
+    np.testing.assert_allclose(clips.r_min, 1 / clips.r_max)
+    np.testing.assert_allclose(clips.d_max, [0, 0, 1.25, 2.5, 3.75, 5, 5, 5])
+    clips = F.clip_schedule(steps, F.BatchRenormConfig(r_max=3.0, d_max=5.0, warmup_steps=2))
+    np.testing.assert_allclose(clips.r_max, [1, 1, 3, 3, 3, 3, 3, 3])
+    np.testing.assert_allclose(clips.d_max, [0, 0, 5, 5, 5, 5, 5, 5])
+    # Separate ramps for r and d, and a lower clip of r other than 1/r_max.
+    clips = F.clip_schedule(steps, F.BatchRenormConfig(
+        r_max=3.0, d_max=5.0, r_min=0.0, warmup_steps=2, ramp_steps=4, d_ramp_steps=2))
+    np.testing.assert_allclose(clips.r_max, [1, 1, 1.5, 2, 2.5, 3, 3, 3])
+    np.testing.assert_allclose(clips.r_min, [1, 1, 0.75, 0.5, 0.25, 0, 0, 0])
+    np.testing.assert_allclose(clips.d_max, [0, 0, 2.5, 5, 5, 5, 5, 5])
+
+
+def test_the_papers_schedule():
+    """Ioffe 2017, §4: batch norm for the first 5000 steps, then r_max reaches 3
+    at step 40k and d_max reaches 5 at step 25k (1-based step counts)."""
+    config = F.BatchRenormConfig(warmup_steps=5000, ramp_steps=35_000, d_ramp_steps=20_000)
+    # clip_schedule(k) is for the (k + 1)-th training step.
+    clips = F.clip_schedule(jnp.array([4999.0, 5000, 24_998, 24_999, 39_998, 39_999]), config)
+    np.testing.assert_allclose(clips.r_max, [1, 1 + 2 / 35_000, 1 + 2 * 19_999 / 35_000,
+                                             1 + 2 * 20_000 / 35_000, 3 - 2 / 35_000, 3],
+                               rtol=1e-6)
+    np.testing.assert_allclose(clips.d_max, [0, 5 / 20_000, 5 - 5 / 20_000, 5, 5, 5], rtol=1e-6)
 
 
 def test_r_and_d_are_clipped_and_receive_no_gradient():
@@ -132,7 +151,30 @@ def test_bad_attributes_raise_naming_them():
         mabn_jax.BatchRenorm(r_max=0.5)
     with pytest.raises(ValueError, match="BatchRenorm: ramp_steps=True is invalid"):
         F.BatchRenormConfig(ramp_steps=True)
+    with pytest.raises(ValueError, match="BatchRenorm: r_min=1.5 is invalid"):
+        mabn_jax.BatchRenorm(r_min=1.5)
+    with pytest.raises(ValueError, match="BatchRenorm: d_ramp_steps=-1 is invalid"):
+        F.BatchRenormConfig(d_ramp_steps=-1)
+    with pytest.raises(ValueError, match="BatchRenorm: average_stddev='yes' is invalid"):
+        mabn_jax.BatchRenorm(average_stddev="yes")
     assert mabn_jax.BatchRenormConfig is F.BatchRenormConfig
+
+
+def test_r_min_sets_the_lower_clip_of_r():
+    """Keras' renorm_clipping without 'rmin' is r_min=0: no lower clip."""
+    x = jnp.asarray(np.random.default_rng(5).normal(2.0, 0.01, (8, 3)), jnp.float32)
+    rs = {}
+    for r_min in (None, 0.0, 0.5):
+        module = mabn_jax.BatchRenorm(r_max=3.0, d_max=float("inf"), r_min=r_min)
+        variables = module.init(jax.random.key(0), x, use_running_average=False)
+        _, state = module.apply(variables, x, use_running_average=False,
+                                mutable=["batch_stats", "intermediates"])
+        rs[r_min] = np.asarray(state["intermediates"]["r"][0])
+    raw = np.sqrt(np.var(np.asarray(x, np.float64), 0) + 1e-5) / np.sqrt(1 + 1e-5)
+    assert np.all(raw < 0.1)
+    np.testing.assert_allclose(rs[None], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(rs[0.0], raw, rtol=1e-4)
+    np.testing.assert_allclose(rs[0.5], 0.5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("ramp_steps", [0, 3])
@@ -142,9 +184,10 @@ def test_infinite_clips_mean_no_clipping_and_no_nan(ramp_steps):
     inf = float("inf")
     config = F.BatchRenormConfig(r_max=inf, d_max=inf, warmup_steps=2, ramp_steps=ramp_steps,
                                  momentum=0.5)
-    r_max, d_max = F.clip_schedule(jnp.arange(6.0), config)
-    np.testing.assert_array_equal(r_max, [1, 1, inf, inf, inf, inf])
-    np.testing.assert_array_equal(d_max, [0, 0, inf, inf, inf, inf])
+    clips = F.clip_schedule(jnp.arange(6.0), config)
+    np.testing.assert_array_equal(clips.r_max, [1, 1, inf, inf, inf, inf])
+    np.testing.assert_array_equal(clips.r_min, [1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(clips.d_max, [0, 0, inf, inf, inf, inf])
     x, _ = _data(6, seed=2)
     # Jumps in scale and shift, far outside the paper's clips [1/3, 3] and [-5, 5].
     scale = jnp.array([1.0, 2.0, 30.0, 0.01, 1.0, 50.0])[:, None, None, None, None]
@@ -165,3 +208,121 @@ def test_infinite_clips_mean_no_clipping_and_no_nan(ramp_steps):
             unclipped.append((raw_r.max() > 3, raw_r.min() < 1 / 3, np.abs(raw_d).max() > 5))
         state = new_state
     assert np.all(np.any(unclipped, axis=0))  # each clip would have acted
+
+
+# ----------------------------------------------------------------------------- Ioffe 2017
+
+def _ioffe_algorithm1(xs, dys, gamma, beta, mu, sigma, *, alpha, eps, warmup, r_ramp, d_ramp,
+                      r_final=3.0, d_final=5.0, average_stddev=True):
+    """Batch Renormalization as Ioffe (2017) writes it, in float64 NumPy, per
+    feature over a mini-batch of ``m`` rows. Algorithm 1 (training), the
+    gradients of §3 (r and d are constants), and the schedule of §4: r_max = 1,
+    d_max = 0 for the first ``warmup`` steps, then relaxed linearly, r_max
+    reaching ``r_final`` after ``r_ramp`` more steps and d_max reaching ``d_final``
+    after ``d_ramp``. ``average_stddev=False`` replaces the update of σ by the
+    one deviation from the paper that mabn_jax makes by default: the moving
+    average follows the variance σ_B² − ε, and σ is its square root plus ε."""
+    out = []
+    for k, (x, dy) in enumerate(zip(xs, dys)):  # k steps done: this is step k + 1
+        relaxed = lambda n: min(max(k + 1 - warmup, 0) / n, 1.0)
+        r_max, d_max = 1.0 + (r_final - 1.0) * relaxed(r_ramp), d_final * relaxed(d_ramp)
+        m = x.shape[0]
+        mu_b = x.sum(0) / m
+        sigma_b = np.sqrt(eps + ((x - mu_b) ** 2).sum(0) / m)
+        r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+        d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
+        x_hat = (x - mu_b) / sigma_b * r + d
+        y = gamma * x_hat + beta
+        # Backpropagation through the transform (r, d treated as constants).
+        dx_hat = dy * gamma
+        dsigma_b = (dx_hat * (x - mu_b) * (-r / sigma_b**2)).sum(0)
+        dmu_b = (dx_hat * (-r / sigma_b)).sum(0)
+        dx = dx_hat * r / sigma_b + dsigma_b * (x - mu_b) / (m * sigma_b) + dmu_b / m
+        dgamma, dbeta = (dy * x_hat).sum(0), dy.sum(0)
+        mu = mu + alpha * (mu_b - mu)
+        if average_stddev:
+            sigma = sigma + alpha * (sigma_b - sigma)
+        else:
+            var = sigma**2 - eps
+            sigma = np.sqrt(var + alpha * (sigma_b**2 - eps - var) + eps)
+        out.append(dict(y=y, dx=dx, dscale=dgamma, dbias=dbeta, r=r, d=d, r_max=r_max,
+                        d_max=d_max, mu=mu, sigma=sigma))
+    return out
+
+
+def _crossing_trajectory(steps=18, n=(4, 3), features=6, seed=1):
+    """Batches whose scale and shift jump, so that r and d hit both ends of their clips."""
+    rng = np.random.default_rng(seed)
+    scale = np.exp(1.6 * rng.standard_normal((steps, 1, 1, features)))
+    shift = 6.0 * rng.standard_normal((steps, 1, 1, features))
+    x = shift + scale * rng.standard_normal((steps,) + n + (features,))
+    return x, rng.standard_normal(x.shape)
+
+
+@pytest.mark.parametrize("average_stddev", [True, False])
+def test_matches_ioffe_algorithm_1_through_every_phase(average_stddev):
+    """float64: warm-up (r = 1, d = 0), both ramps (of different lengths), and
+    the final clips, with r and d each clipped above and below."""
+    alpha, eps, warmup, r_ramp, d_ramp = 0.3, 1e-3, 3, 8, 5
+    xs, dys = _crossing_trajectory()
+    c = xs.shape[-1]
+    rng = np.random.default_rng(7)
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(0.0, 1.0, c)
+    mu0, sigma0 = rng.normal(0.0, 1.0, c), rng.uniform(0.5, 2.0, c)
+    ref = _ioffe_algorithm1(xs.reshape(len(xs), -1, c), dys.reshape(len(xs), -1, c), gamma,
+                            beta, mu0, sigma0, alpha=alpha, eps=eps, warmup=warmup,
+                            r_ramp=r_ramp, d_ramp=d_ramp, average_stddev=average_stddev)
+    # Every phase and every clip is crossed (else this test would prove less).
+    cases = set()
+    for k, s in enumerate(ref):
+        if k < warmup:
+            np.testing.assert_array_equal(s["r"], 1.0)
+            np.testing.assert_array_equal(s["d"], 0.0)
+            continue
+        r_phase = "ramp" if k + 1 < warmup + r_ramp else "final"
+        d_phase = "ramp" if k + 1 < warmup + d_ramp else "final"
+        r, d, r_max, d_max = s["r"], s["d"], s["r_max"], s["d_max"]
+        for phase, name, hit in (
+                (r_phase, "r_hi", r == r_max), (r_phase, "r_lo", r == 1 / r_max),
+                (r_phase, "r_inside", (r < r_max) & (r > 1 / r_max) & (np.abs(r - 1) > 0.01)),
+                (d_phase, "d_hi", d == d_max), (d_phase, "d_lo", d == -d_max),
+                (d_phase, "d_inside", (np.abs(d) < d_max) & (np.abs(d) > 0.01))):
+            if np.any(hit):
+                cases.add((phase, name))
+    assert cases == {(p, w) for p in ("ramp", "final") for w in (
+        "r_hi", "r_lo", "r_inside", "d_hi", "d_lo", "d_inside")}, cases
+
+    config = F.BatchRenormConfig(momentum=1 - alpha, epsilon=eps, r_max=3.0, d_max=5.0,
+                                 warmup_steps=warmup, ramp_steps=r_ramp, d_ramp_steps=d_ramp,
+                                 average_stddev=average_stddev)
+    with jax.enable_x64(True):
+        var0 = jnp.asarray(sigma0**2 - eps)
+        state = F.BatchRenormState(jnp.zeros(()), jnp.asarray(mu0), var0, jnp.asarray(mu0),
+                                   var0)
+
+        @jax.jit
+        def step(state, x, dy):
+            def f(x, scale, bias):
+                y, new, stats = F.batch_renorm_train(x, scale, bias, state, config)
+                return y, (new, stats)
+            y, vjp, (new, stats) = jax.vjp(f, x, jnp.asarray(gamma), jnp.asarray(beta),
+                                           has_aux=True)
+            return y, vjp(dy), new, stats
+
+        for k, (x, dy) in enumerate(zip(xs, dys)):
+            y, (dx, dscale, dbias), state, stats = step(state, jnp.asarray(x), jnp.asarray(dy))
+            want = ref[k]
+            check = lambda got, key, shape=None: np.testing.assert_allclose(
+                np.asarray(got).reshape(want[key].shape), want[key], rtol=1e-10, atol=1e-12,
+                err_msg=f"{key} at step {k + 1}")
+            for key, got in (("y", y), ("dx", dx), ("dscale", dscale), ("dbias", dbias),
+                             ("r", stats["r"]), ("d", stats["d"]), ("mu", state.mean),
+                             ("mu", state.renorm_mean)):
+                check(got, key)
+            for var in (state.var, state.renorm_var):
+                check(jnp.sqrt(var + eps), "sigma")
+        # Inference: y = γ (x − μ) / σ + β with the final moving averages.
+        y = F.batch_renorm_inference(jnp.asarray(xs[0]), jnp.asarray(gamma), jnp.asarray(beta),
+                                     state, config)
+        np.testing.assert_allclose(y, gamma * (xs[0] - ref[-1]["mu"]) / ref[-1]["sigma"] + beta,
+                                   rtol=1e-10, atol=1e-12)
