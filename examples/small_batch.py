@@ -191,7 +191,7 @@ def ema_momentum(examples_per_update: int) -> float:
     return 1.0 - examples_per_update / EMA_EXAMPLES
 
 
-def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
+def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) -> nn.Module:
     """The model of a setup.
 
     Schedules that the paper gives in ImageNet iterations are scaled to the run:
@@ -200,7 +200,8 @@ def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
     then relaxes r_max 1 → 3 until 40 % and d_max 0 → 5 until 25 % of them (the
     paper: 5k, 40k and 25k iterations). Running averages span about 320
     examples for every layer (:func:`ema_momentum`); MABN's ``'step'`` rule
-    updates once per call of ``grad_batch`` examples.
+    updates once per call of ``grad_batch`` examples. ``overrides``: keyword
+    arguments that replace these for MABN (``examples/centered_ablation.py``).
     """
     ghost = setup.norm_batch if setup.groups > 1 else None
     mabn_steps = steps * setup.groups
@@ -225,10 +226,11 @@ def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
         if not centered:
             conv, dense = mabn_jax.CenteredConv, mabn_jax.CenteredDense
         per_update = setup.grad_batch if ghost and setup.ghost_ema == "step" else setup.norm_batch
-        norm = lambda: mabn_jax.MABN(
-            centered=centered, buffer_size=m, momentum=ema_momentum(per_update),
-            warmup_steps=max(m, int(0.02 * mabn_steps)), renorm_start=int(0.1 * mabn_steps),
-            norm_batch_size=ghost, ghost_ema=setup.ghost_ema)
+        kwargs = dict(centered=centered, buffer_size=m, momentum=ema_momentum(per_update),
+                      warmup_steps=max(m, int(0.02 * mabn_steps)),
+                      renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost,
+                      ghost_ema=setup.ghost_ema)
+        norm = lambda: mabn_jax.MABN(**{**kwargs, **(overrides or {})})
     if setup.model == "MLP":
         return MLP(norm, dense, width=32 if quick else 256)
     return ResNet(norm, conv, widths=(4, 8, 8) if quick else (8, 16, 32))
@@ -237,7 +239,7 @@ def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
 # ----------------------------------------------------------------------------- training
 
 def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
-                       progress=None) -> np.ndarray:
+                       progress=None, overrides: dict | None = None) -> np.ndarray:
     """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
 
     Each seed draws its own initialization and its own shuffling every epoch.
@@ -245,7 +247,7 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
     xtr, ytr, xte, yte = data
     steps_per_epoch = len(xtr) // setup.grad_batch
     steps = steps_per_epoch * epochs
-    model = build(setup, steps, quick)
+    model = build(setup, steps, quick, overrides)
     lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
     tx = optax.chain(optax.add_decayed_weights(5e-4),
                      optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
