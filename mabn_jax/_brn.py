@@ -73,7 +73,8 @@ def _ramp(step: Array, warmup: int, ramp: int) -> Array:
     """The fraction of the way from batch norm to the final clips, in [0, 1]."""
     if ramp > 0:
         return jnp.clip((step - warmup + 1) / ramp, 0.0, 1.0)
-    return (step >= warmup).astype(jnp.float32)
+    # In the counter's precision (float64 under x64): 1/r_max is then exact too.
+    return (step >= warmup).astype(jnp.result_type(step, jnp.float32))
 
 
 def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:

@@ -326,3 +326,14 @@ def test_matches_ioffe_algorithm_1_through_every_phase(average_stddev):
                                      state, config)
         np.testing.assert_allclose(y, gamma * (xs[0] - ref[-1]["mu"]) / ref[-1]["sigma"] + beta,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_clip_schedule_keeps_the_counters_precision():
+    """Under x64 the clips are float64 with or without a ramp (1/3 exactly, not
+    float32's 0.33333334, which moved clipped outputs by 1e-8)."""
+    with jax.enable_x64(True):
+        for ramp in (0, 2):
+            clips = F.clip_schedule(jnp.asarray(5.0, jnp.float64),
+                                    F.BatchRenormConfig(warmup_steps=1, ramp_steps=ramp))
+            assert clips.r_min.dtype == jnp.float64
+            assert float(clips.r_min) == 1 / 3 and float(clips.r_max) == 3.0
