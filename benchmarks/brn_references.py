@@ -21,7 +21,7 @@ warm-up (y is about unit scale: γ = 1, β = 0), the largest |Δ ∂L/∂x| afte
 warm-up relative to the largest |∂L/∂x|, and the largest |Δy| at inference
 after the run.
 
-Run: ``python benchmarks/brn_references.py`` (about 20 s on 2 CPU cores).
+Run: ``python benchmarks/brn_references.py`` (about 25 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -180,6 +180,10 @@ def cases():
             Case(f"Keras 3, clipping rmax 3, rmin 1/3, dmax 5, batch {batch}", "keras",
                  tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
                  F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg), batch, 1.0),
+            Case(f"  same, Keras' stddevs started at sqrt(1 + eps), batch {batch}", "keras",
+                 tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
+                 F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg), batch, 1.0,
+                 std0=math.sqrt(1 + 1e-3)),
         ]
     sbx = lambda eps: F.BatchRenormConfig(momentum=0.99, epsilon=eps, r_max=3.0, d_max=5.0,
                                           warmup_steps=50, use_fast_variance=True)
