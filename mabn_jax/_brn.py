@@ -13,12 +13,12 @@ averages by two per-channel constants (no gradient)::
 
 With ``average_stddev`` the variances are averaged as standard deviations,
 ``sqrt(var_new + ε) = momentum·sqrt(var + ε) + (1 − momentum)·sqrt(σ²_B + ε)``
-(the paper's ``σ := σ + α(σ_B − σ)`` with ``α = 1 − momentum``; Keras 3). Inference is ``nn.BatchNorm``'s:
-``y = γ · (x − mean) / sqrt(var + ε) + β``. With ``r = 1, d = 0`` (during
-warm-up) the layer *is* ``nn.BatchNorm``. The clips are 1 and 0 for
-``warmup_steps`` steps, then move linearly to their limits over ``ramp_steps``
-(``r``) and ``d_ramp_steps`` (``d``) steps (0: at once); see
-:class:`~mabn_jax.BatchRenormConfig` for each reference's settings.
+(the paper's ``σ := σ + α(σ_B − σ)`` with ``α = 1 − momentum``; Keras 3).
+Inference is ``nn.BatchNorm``'s: ``y = γ · (x − mean) / sqrt(var + ε) + β``.
+With ``r = 1, d = 0`` (during warm-up) the layer *is* ``nn.BatchNorm``. The
+clips are 1 and 0 for ``warmup_steps`` steps, then move linearly to their
+limits over ``ramp_steps`` (``r``) and ``d_ramp_steps`` (``d``) steps (0: at
+once); docs/batch_renorm.md gives the settings of the paper, Keras 3 and sbx.
 """
 
 from __future__ import annotations
