@@ -398,3 +398,42 @@ def test_trains_stably_at_true_batch_2_on_digits():
     # BatchRenorm this test gets 21.0 % (23.3, 18.9, 20.8), BatchRenorm 7.7 %.
     assert errors.mean() < 15, errors
     assert errors.max() <= 1.5 * errors.mean(), errors
+
+
+@pytest.mark.parametrize("average_stddev", [False, True])
+def test_synchronized_statistics_equal_one_device_on_the_global_batch(average_stddev):
+    """axis_name: 8 devices x 2 examples normalize, renormalize and update the
+    moving averages as one device with all 16 (r and d active and clipped)."""
+    n_dev = jax.local_device_count()
+    assert n_dev == 8, "tests/conftest.py asks for 8 CPU devices"
+    kw = dict(momentum=0.8, epsilon=1e-3, r_max=1.5, d_max=0.5, average_stddev=average_stddev)
+    rng = np.random.default_rng(11)
+    loc, spread = np.array([0.1, -0.2, 2.0, -2.0, 0.3]), np.array([1.0, 3.0, 1.0, 0.2, 1.0])
+    x = jnp.asarray(rng.normal(loc, spread, (n_dev * 2, 5)), jnp.float32)
+    dy = jnp.asarray(rng.normal(0.0, 1.0, x.shape), jnp.float32)
+    scale = jnp.linspace(0.5, 1.5, 5)
+    state = F.init_batch_renorm_state((5,))._replace(step=jnp.asarray(3.0))
+
+    def step(x, dy, config):
+        def f(x, scale):
+            y, new, stats = F.batch_renorm_train(x, scale, None, state, config)
+            return jnp.sum(y * dy), (y, new, stats)
+        (_, (y, new, stats)), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(x, scale)
+        return y, new, stats, grads
+
+    sync = F.BatchRenormConfig(axis_name="d", **kw)
+    y_s, new_s, stats_s, (dx_s, ds_s) = jax.pmap(
+        lambda x, dy: step(x, dy, sync), axis_name="d")(x.reshape(n_dev, 2, 5),
+                                                         dy.reshape(n_dev, 2, 5))
+    y, new, stats, (dx, ds) = jax.jit(lambda x, dy: step(x, dy, F.BatchRenormConfig(**kw)))(x, dy)
+    d, r = np.abs(stats["d"]), np.asarray(stats["r"])
+    assert np.any(d == 0.5) and np.any(d < 0.5) and np.any(r == 1.5) and np.any(r < 1.5)
+    tol = dict(rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(y_s.reshape(x.shape), y, **tol)
+    # Each device's dx is the global batch's; its dscale is its own share.
+    np.testing.assert_allclose(dx_s.reshape(x.shape), dx, **tol)
+    np.testing.assert_allclose(ds_s.sum(0), ds, **tol)
+    for name in ("r", "d"):
+        np.testing.assert_allclose(stats_s[name], np.broadcast_to(stats[name], (n_dev, 5)), **tol)
+    for a, b in zip(new_s, new):
+        np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), **tol)
