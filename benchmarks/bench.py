@@ -7,14 +7,23 @@ compiled and warmed up first, then timed in interleaved rounds (each round
 times every variant once, in rotating order, so background load hits all of
 them alike); the ratio is the median over rounds of the per-round ratios.
 
+What is compared with what: "BN" is ``nn.BatchNorm`` with Flax's defaults,
+whose variance is one pass, E[x²] − E[x]²; "BN two-pass" is
+``nn.BatchNorm(use_fast_variance=False)``, E[(x − μ)²], the variance that
+BatchRenorm and the centered MABN compute by default (exact at small batches;
+``MABNConfig.use_fast_variance``). So MABN-centered is like for like with "BN
+two-pass". The plain MABN computes no variance at all: it normalizes by E[x²]
+(one reduction), which is its design, not a shortcut in the measurement.
+
 Sections:
   layer   fwd+bwd of one norm layer on the NHWC shapes of the ResNet-50 stages,
           as a train step runs it: y, grads w.r.t. x and params, the state
           update (MABN: through mabn_jax.value_and_grad, which also records
           the backward statistics).
   train   a jitted SGD train step of ResNet10 (benchmarks/resnet.py) with
-          MABN + CenteredConv vs nn.BatchNorm + nn.Conv; the MABN step is the
-          BN step with mabn_jax.value_and_grad in place of jax.value_and_grad.
+          MABN + CenteredConv vs nn.BatchNorm + nn.Conv (Flax's defaults: the
+          plain MABN has no variance to compute either way); the MABN step is
+          the BN step with mabn_jax.value_and_grad in place of jax.value_and_grad.
   infer   ResNet10 inference: MABN folded into the convs (mabn_jax.fold_params)
           vs BN folded vs GroupNorm vs LayerNorm (unfolded, they cannot fold).
   memory  bytes of residuals saved for the backward pass (leaves of jax.vjp's
@@ -134,6 +143,7 @@ def layer_step(module, x, dy):
 def layer_modules(dtype, channels):
     return {
         "BN": nn.BatchNorm(dtype=dtype),
+        "BN two-pass": nn.BatchNorm(use_fast_variance=False, dtype=dtype),
         "MABN": mabn_jax.MABN(dtype=dtype),
         "MABN-centered": mabn_jax.MABN(centered=True, dtype=dtype),
         "GroupNorm(32)": nn.GroupNorm(num_groups=min(32, channels), dtype=dtype),
@@ -311,10 +321,11 @@ def bench_memory(train_mem, batch):
     print("\n### Memory: residuals saved for the backward pass, and XLA temp buffers\n")
     rows = []
     x = jnp.ones((2, 56, 56, 256))
-    for name, m in (("BN", nn.BatchNorm()), ("MABN", mabn_jax.MABN()),
-                    ("MABN-centered", mabn_jax.MABN(centered=True))):
-        rows.append([f"{name} layer (2,56,56,256) f32", f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB",
-                     "", ""])
+    for name, m in (("BN", nn.BatchNorm()),
+                    ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
+                    ("MABN", mabn_jax.MABN()), ("MABN-centered", mabn_jax.MABN(centered=True))):
+        rows.append([f"{name} layer (2,56,56,256) f32",
+                     f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB", "", ""])
     for kind in ("BN", "MABN"):
         mem = train_mem[kind]
         rows.append([f"ResNet10 {kind} train step, batch {batch}",
@@ -353,7 +364,9 @@ def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
     size = math.prod(shape)
     x = jnp.ones(shape, dtype)
     rows = []
-    for name, m in (("BN", nn.BatchNorm(dtype=dtype)), ("MABN", mabn_jax.MABN(dtype=dtype)),
+    for name, m in (("BN", nn.BatchNorm(dtype=dtype)),
+                    ("BN two-pass", nn.BatchNorm(use_fast_variance=False, dtype=dtype)),
+                    ("MABN", mabn_jax.MABN(dtype=dtype)),
                     ("MABN-centered", mabn_jax.MABN(centered=True, dtype=dtype))):
         f, args = layer_step(m, x, x)
         instrs = list(_instructions(f.lower(*args).compile().as_text()))

@@ -11,8 +11,8 @@ computes exactly ``nn.BatchNorm`` and exposes all four statistics. A third run
 at batch 2 is the paper's MABN (``CenteredDense`` + ``MABN``, m = 16) and plots
 the statistics it actually uses: χ̃² (its σ², the SMA of the second moment) and
 Ψ̃ (the SMA of Ψ_B); it has no μ or g. (The centered variant, all four
-statistics moving-averaged, diverges on this MLP at batch 2 with this learning
-rate: see the README.)
+statistics moving-averaged, is not drawn; what it needs at batch 2 on this
+MLP is in docs/centered.md.)
 
 Run: ``python examples/batch_statistics.py`` (about a minute on 2 CPU cores);
 writes ``out/batch_statistics.png``.

@@ -30,7 +30,6 @@ import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
@@ -53,8 +52,11 @@ class CNN(nn.Module):
         axis_name = AXIS if self.sync else None
         if self.norm == "bn":
             conv = nn.Conv
+            # Two-pass variance, as careful at 2 examples per device; the same
+            # momentum (decay) 0.98 as MABN, i.e. PyTorch's momentum=0.02.
             norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                     momentum=0.98, axis_name=axis_name)
+                                     momentum=0.98, use_fast_variance=False,
+                                     axis_name=axis_name)
         else:
             conv = mabn_jax.CenteredConv
             norm = functools.partial(mabn_jax.MABN, use_running_average=not train,

@@ -4,25 +4,32 @@ Reproduces, at laptop scale, the comparison of the MABN paper (Yan et al.,
 ICLR 2020, Table 1 / Figure 1): the same models trained with
 
 * ``nn.BatchNorm`` at normalization batch 32 (the reference) and at 2,
-* ``mabn_jax.BatchRenorm`` at 2,
+* ``mabn_jax.BatchRenorm`` at 2 (Ioffe's schedule: batch norm, then r and d relaxed),
 * ``nn.GroupNorm`` (batch independent),
 * ``mabn_jax.MABN`` at 2 after ``CenteredConv``/``CenteredDense`` (the paper's MABN),
 * ``mabn_jax.MABN(centered=True)`` at 2 after plain Conv/Dense,
 
-in two regimes:
+in three regimes:
 
 * **true small batch**: gradient batch = normalization batch = 2, learning rate
-  scaled linearly (lr · 2/32), the same number of epochs;
+  scaled linearly (lr · 2/32, for every normalization), the same number of epochs;
 * **simulated**: gradient batch 32 split into ghost batches of 2
   (``norm_batch_size=2``; the paper's ImageNet protocol). Ghost BN is
-  ``BatchRenorm`` with ``r_max=1, d_max=0``, which *is* BN per group.
+  ``BatchRenorm`` with ``r_max=1, d_max=0``, which *is* BN per group. MABN runs
+  with both ghost-batch EMA rules (``ghost_ema='step'``, the authors' layer,
+  and ``'group'``);
+* **true batch 1** (gradient batch 1, lr · 1/32).
 
-Two models: a small NHWC ResNet (stages at 8×8, 4×4, 2×2 for digits, so the last
-stage normalizes 2·2·2 = 8 values per channel at batch 2) and an MLP (dense
-features: at batch 2 BN normalizes 2 values per feature, i.e. outputs ±1).
-Every cell is the mean ± std test error over seeds (vmapped: one compilation
-per cell). The plot is test error against normalization batch size (1 … 32) in
-the simulated regime on the MLP, like the paper's Figure 1.
+Every baseline is set up as a careful user would: batch norm computes its
+variance in two passes (``use_fast_variance=False``; Flax's one-pass default
+cancels at small batches), and every running average spans about 320 examples
+(see :func:`ema_momentum`). Two models: a small NHWC ResNet (stages at 8×8, 4×4,
+2×2 for digits, so the last stage normalizes 2·2·2 = 8 values per channel at
+batch 2) and an MLP (dense features: at batch 2 BN normalizes 2 values per
+feature, i.e. outputs ±1; at batch 1 it outputs β whatever the input). Every
+cell is the mean ± std test error over seeds (vmapped: one compilation per
+cell). The plot is test error against normalization batch size (1 … 32) in the
+simulated regime on the MLP, like the paper's Figure 1.
 
 Run: ``python examples/small_batch.py`` (default: scikit-learn digits, no
 network), ``--quick`` for a smoke test, ``--dataset mnist`` (any
@@ -37,7 +44,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +61,7 @@ jax.config.update("jax_default_prng_impl", "rbg")
 
 REFERENCE_BATCH = 32  # the "large" normalization batch and the simulated gradient batch
 LR_AT_32 = 0.1
+EMA_EXAMPLES = 320  # every running average (BN, BRN, MABN) spans about this many examples
 NORMS = ("BN", "BRN", "GN", "MABN", "MABN-centered")
 LABELS = {"BN": "BatchNorm", "BRN": "BatchRenorm", "GN": "GroupNorm",
           "MABN": "MABN", "MABN-centered": "MABN (centered)"}
@@ -160,47 +169,68 @@ class Setup:
     norm: str  # one of NORMS
     norm_batch: int  # examples per normalization group (ignored by GN)
     grad_batch: int  # examples per optimizer step
+    ghost_ema: str = "step"  # MABN with ghost batches: one EMA update per call or per group
 
     @property
     def groups(self) -> int:
         return 1 if self.norm == "GN" else self.grad_batch // self.norm_batch
 
+    @property
+    def key(self) -> str:
+        rule = "/ghost_ema=group" if self.ghost_ema != "step" else ""
+        return f"{self.model}/{self.norm}@{self.norm_batch}/batch{self.grad_batch}{rule}"
 
-def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
+
+def ema_momentum(examples_per_update: int) -> float:
+    """The decay of a running average that spans about ``EMA_EXAMPLES`` examples.
+
+    Flax's and Keras' convention (``avg ← decay·avg + (1 − decay)·batch``);
+    PyTorch's ``momentum`` is ``1 − decay``: 0.9 at 32 examples per update is
+    PyTorch's default 0.1, and 0.99375 at 2 is ``momentum=0.00625``.
+    """
+    return 1.0 - examples_per_update / EMA_EXAMPLES
+
+
+def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) -> nn.Module:
     """The model of a setup.
 
     Schedules that the paper gives in ImageNet iterations are scaled to the run:
     MABN warms up for 2 % and starts renormalizing at 10 % of its steps (a
-    ghost batch is one MABN step); BRN keeps r = 1, d = 0 for 5 % of the steps
-    and then ramps r_max 1 → 3 and d_max 0 → 5 over the next 25 % (the paper:
-    5k, then 40k/25k iterations); the BN-type running averages span about 320
-    examples (momentum 1 − norm_batch/320: 0.9 at 32).
+    ghost batch is one MABN step); BRN keeps r = 1, d = 0 for 5 % of the steps,
+    then relaxes r_max 1 → 3 until 40 % and d_max 0 → 5 until 25 % of them (the
+    paper: 5k, 40k and 25k iterations). Running averages span about 320
+    examples for every layer (:func:`ema_momentum`); MABN's ``'step'`` rule
+    updates once per call of ``grad_batch`` examples. ``overrides``: keyword
+    arguments that replace these for MABN (``examples/centered_ablation.py``).
     """
     ghost = setup.norm_batch if setup.groups > 1 else None
     mabn_steps = steps * setup.groups
     m = max(1, REFERENCE_BATCH // setup.norm_batch)  # the paper's m = 32 / norm batch
-    bn_momentum = 1.0 - setup.norm_batch / 320.0
+    momentum = ema_momentum(setup.norm_batch)
     conv, dense = nn.Conv, nn.Dense
     if setup.norm == "BN":
-        if ghost is None:
-            norm = lambda: nn.BatchNorm(momentum=bn_momentum)
-        else:  # ghost BN: BatchRenorm with r = 1, d = 0 is BN per group
-            norm = lambda: mabn_jax.BatchRenorm(momentum=bn_momentum, r_max=1.0, d_max=0.0,
+        if ghost is None:  # two passes: the one-pass default cancels at small batches
+            norm = lambda: nn.BatchNorm(momentum=momentum, use_fast_variance=False)
+        else:  # ghost BN: BatchRenorm with r = 1, d = 0 is BN per group (two-pass too)
+            norm = lambda: mabn_jax.BatchRenorm(momentum=momentum, r_max=1.0, d_max=0.0,
                                                 norm_batch_size=ghost)
     elif setup.norm == "BRN":
         norm = lambda: mabn_jax.BatchRenorm(
-            momentum=bn_momentum, r_max=3.0, d_max=5.0, warmup_steps=int(0.05 * steps),
-            ramp_steps=int(0.25 * steps), norm_batch_size=ghost)
+            momentum=momentum, r_max=3.0, d_max=5.0, warmup_steps=round(0.05 * steps),
+            ramp_steps=round(0.35 * steps), d_ramp_steps=round(0.20 * steps),
+            norm_batch_size=ghost)
     elif setup.norm == "GN":
         norm = _BatchFree
     else:
         centered = setup.norm == "MABN-centered"
         if not centered:
             conv, dense = mabn_jax.CenteredConv, mabn_jax.CenteredDense
-        norm = lambda: mabn_jax.MABN(
-            centered=centered, buffer_size=m, momentum=0.98,
-            warmup_steps=max(m, int(0.02 * mabn_steps)),
-            renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost)
+        per_update = setup.grad_batch if ghost and setup.ghost_ema == "step" else setup.norm_batch
+        kwargs = dict(centered=centered, buffer_size=m, momentum=ema_momentum(per_update),
+                      warmup_steps=max(m, int(0.02 * mabn_steps)),
+                      renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost,
+                      ghost_ema=setup.ghost_ema)
+        norm = lambda: mabn_jax.MABN(**{**kwargs, **(overrides or {})})
     if setup.model == "MLP":
         return MLP(norm, dense, width=32 if quick else 256)
     return ResNet(norm, conv, widths=(4, 8, 8) if quick else (8, 16, 32))
@@ -209,7 +239,7 @@ def build(setup: Setup, steps: int, quick: bool) -> nn.Module:
 # ----------------------------------------------------------------------------- training
 
 def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
-                       progress=None) -> np.ndarray:
+                       progress=None, overrides: dict | None = None) -> np.ndarray:
     """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
 
     Each seed draws its own initialization and its own shuffling every epoch.
@@ -217,7 +247,7 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
     xtr, ytr, xte, yte = data
     steps_per_epoch = len(xtr) // setup.grad_batch
     steps = steps_per_epoch * epochs
-    model = build(setup, steps, quick)
+    model = build(setup, steps, quick, overrides)
     lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
     tx = optax.chain(optax.add_decayed_weights(5e-4),
                      optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
@@ -271,16 +301,21 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
 
 # ----------------------------------------------------------------------------- main
 
-TABLE_ROWS = (("BN", REFERENCE_BATCH), ("BN", 2), ("BRN", 2), ("GN", 2), ("MABN", 2),
-              ("MABN-centered", 2))
-QUICK_ROWS = (("BN", REFERENCE_BATCH), ("BN", 2), ("MABN", 2))
-REGIMES = ("true", "simulated")
+# (regime, normalization batch, gradient batch): the table's columns.
+COLUMNS = {"true": ("true batch 2", 2, 2), "simulated": ("simulated: ghost 2 in batch 32", 2, 32),
+           "true1": ("true batch 1", 1, 1)}
+TABLE_NORMS = ("BN", "BRN", "GN", "MABN", "MABN-centered")
+QUICK_NORMS = ("BN", "MABN")
 
 
-def table_setup(model: str, regime: str, norm: str, norm_batch: int) -> Setup:
-    """True small batch: gradient batch = normalization batch; simulated: 32."""
-    grad_batch = norm_batch if regime == "true" else REFERENCE_BATCH
-    return Setup(model, norm, norm_batch, grad_batch)
+def cell(errors) -> str:
+    return f"{errors.mean():5.2f} ± {errors.std():4.2f}"
+
+
+def gap_closed(bn_ref: float, bn_n: float, err: float) -> float | None:
+    """(err BN@n − err X@n) / (err BN@n − err BN@32); None if no real gap (≤ 1 point)."""
+    gap = bn_n - bn_ref
+    return (bn_n - err) / gap if gap > 1.0 else None
 
 
 def main(argv=None):
@@ -289,8 +324,10 @@ def main(argv=None):
                    help="digits (bundled with scikit-learn, default) or a tensorflow-datasets name")
     p.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 2)")
-    p.add_argument("--max-train", type=int, default=None, help="use only this many training examples")
-    p.add_argument("--models", default=None, help="comma-separated, default ResNet,MLP (quick: MLP)")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="use only this many training examples")
+    p.add_argument("--models", default=None,
+                   help="comma-separated, default ResNet,MLP (quick: MLP)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test (< 1 minute): MLP, BN@32/BN@2/MABN@2, small data")
     p.add_argument("--out", default="out", help="folder for small_batch.json and small_batch.png")
@@ -299,105 +336,139 @@ def main(argv=None):
     seeds = args.seeds or (2 if args.quick else 3)
     max_train = args.max_train or (256 if args.quick else None)
     models = tuple((args.models or ("MLP" if args.quick else "ResNet,MLP")).split(","))
-    rows = QUICK_ROWS if args.quick else TABLE_ROWS
+    norms = QUICK_NORMS if args.quick else TABLE_NORMS
+    columns = ("true", "simulated") if args.quick else tuple(COLUMNS)
     sweep_sizes = (2, 32) if args.quick else (1, 2, 4, 8, 16, 32)
-    sweep_norms = ("BN", "MABN") if args.quick else ("BN", "BRN", "GN", "MABN")
+    sweep_norms = ("BN", "MABN") if args.quick else ("BN", "BRN", "GN", "MABN", "MABN-centered")
     sweep_model = models[-1]
+    mabn_norms = [n for n in norms if n.startswith("MABN")]
 
     from tqdm import tqdm
     t0, c0 = time.time(), time.process_time()
     data = load_data(args.dataset, max_train)
-    table = {(m, r, n, nb): table_setup(m, r, n, nb)
-             for m in models for r in REGIMES for n, nb in rows}
-    sweep = [Setup(sweep_model, n, nb, REFERENCE_BATCH)
-             for n in sweep_norms for nb in (sweep_sizes if n != "GN" else (2,))]
-    unique = list(dict.fromkeys(list(table.values()) + sweep))
+    ref = {m: Setup(m, "BN", REFERENCE_BATCH, REFERENCE_BATCH) for m in models}
+    table = {(m, c, n): Setup(m, n, COLUMNS[c][1], COLUMNS[c][2])
+             for m in models for c in columns for n in norms}
+    group_rule = ({} if args.quick else
+                  {(m, n): Setup(m, n, 2, REFERENCE_BATCH, "group")
+                   for m in models for n in mabn_norms})
+    sweep = {(n, nb): Setup(sweep_model, n, 2 if n == "GN" else nb, REFERENCE_BATCH)
+             for n in sweep_norms for nb in sweep_sizes}
+    unique = list(dict.fromkeys([*ref.values(), *table.values(), *group_rule.values(),
+                                 *sweep.values()]))
     results = {}
     with tqdm(total=len(unique), desc="training", unit="setup") as bar:
         for setup in unique:
-            bar.set_postfix_str(f"{setup.model} {setup.norm}@{setup.norm_batch} "
-                                f"batch {setup.grad_batch}")
+            bar.set_postfix_str(setup.key)
             results[setup] = train_and_evaluate(setup, data, seeds, epochs, args.quick, bar)
     minutes, cpu_minutes = (time.time() - t0) / 60, (time.process_time() - c0) / 60
-
-    def cell(setup):
-        e = results[setup]
-        return f"{e.mean():5.2f} ± {e.std():4.2f}"
+    err = lambda setup: float(results[setup].mean())
 
     print(f"\nTest error (%) on {args.dataset}, mean ± std over {seeds} seeds, {epochs} epochs; "
           f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
-          f"jax {jax.__version__} ({jax.default_backend()})\n")
-    cols = [(m, r) for m in models for r in REGIMES]
-    header = "| normalization | norm batch |" + "".join(
-        f" {m}, {'true small batch' if r == 'true' else 'simulated (batch 32)'} |" for m, r in cols)
-    print(header)
-    print("|" + " --- |" * (header.count("|") - 1))
-    for norm, nb in rows:
-        cells = [cell(table[(m, r, norm, nb)]) for m, r in cols]
-        print(f"| {LABELS[norm]} | {'-' if norm == 'GN' else nb} | " + " | ".join(cells) + " |")
+          f"jax {jax.__version__} ({jax.default_backend()})")
+    for model in models:
+        print(f"\n{model}:\n")
+        print("| normalization |" + "".join(f" {COLUMNS[c][0]} |" for c in columns))
+        print("|" + " --- |" * (len(columns) + 1))
+        print("| BatchNorm at 32 (reference) |" + f" {cell(results[ref[model]])} |" * len(columns))
+        for norm in norms:
+            print(f"| {LABELS[norm]} | " + " | ".join(
+                cell(results[table[(model, c, norm)]]) for c in columns) + " |")
+
+    summary = {}
+    print("\nGap closed, (err BN@n − err X@n) / (err BN@n − err BN@32), against the BatchNorm "
+          "above (two-pass variance); '-' where BN@n is within 1 point of BN@32 (no gap):\n")
+    others = [n for n in norms if n != "BN"]
+    print("| model, regime | BN@32 | BN@n |" + "".join(f" {LABELS[n]} |" for n in others))
+    print("|" + " --- |" * (len(others) + 3))
+    for model in models:
+        for c in columns:
+            bn_ref, bn_n = err(ref[model]), err(table[(model, c, "BN")])
+            row = []
+            for norm in others:
+                e = err(table[(model, c, norm)])
+                closed = gap_closed(bn_ref, bn_n, e)
+                summary[f"{model}/{c}/{norm}"] = dict(bn32=bn_ref, bn_n=bn_n, err=e,
+                                                      gap=bn_n - bn_ref, closed=closed)
+                row.append("-" if closed is None else f"{100 * closed:.0f} %")
+            print(f"| {model}, {COLUMNS[c][0]} | {bn_ref:.2f} | {bn_n:.2f} | "
+                  + " | ".join(row) + " |")
+    print("\nThe paper (ResNet-50, ImageNet, top-1 error %): "
+          + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
+          + f" -> MABN closes {100 * (35.22 - 23.67) / (35.22 - 23.41):.0f} % of the gap.")
+
+    if group_rule:
+        print("\nSimulated regime (ghost batches of 2 in batch 32), MABN's two ghost-batch EMA "
+              "rules: ghost_ema='step' (one update per call, the authors' layer; the table "
+              "above) and 'group' (one per ghost batch):\n")
+        print("| normalization |" + "".join(f" {m}, '{r}' |" for m in models
+                                           for r in ("step", "group")))
+        print("|" + " --- |" * (2 * len(models) + 1))
+        for norm in mabn_norms:
+            print(f"| {LABELS[norm]} | " + " | ".join(
+                cell(results[s]) for m in models
+                for s in (table[(m, "simulated", norm)], group_rule[(m, norm)])) + " |")
 
     print(f"\nTest error (%) against normalization batch size, {sweep_model}, gradient batch "
           f"{REFERENCE_BATCH} (the plot):\n")
     print("| normalization |" + "".join(f" {nb} |" for nb in sweep_sizes))
     print("|" + " --- |" * (len(sweep_sizes) + 1))
     for norm in sweep_norms:
-        sizes = sweep_sizes if norm != "GN" else (2,) * len(sweep_sizes)
         print(f"| {LABELS[norm]} | " + " | ".join(
-            cell(Setup(sweep_model, norm, nb, REFERENCE_BATCH)) for nb in sizes) + " |")
-
-    summary = {}
-    print("\nGap closed by MABN at 2 in the true-small-batch regime, "
-          "(err BN@2 − err MABN@2) / (err BN@2 − err BN@32):")
-    for model in models:
-        err = lambda n, nb: float(results[table[(model, "true", n, nb)]].mean())
-        bn32, bn2 = err("BN", REFERENCE_BATCH), err("BN", 2)
-        for norm in ("MABN", "MABN-centered"):
-            if (norm, 2) not in rows:
-                continue
-            gap = bn2 - bn32
-            closed = (bn2 - err(norm, 2)) / gap if gap > 0 else float("nan")
-            summary[f"{model}/{norm}"] = dict(bn32=bn32, bn2=bn2, mabn2=err(norm, 2),
-                                              gap=gap, closed=closed)
-            verdict = ("no real gap: BN@2 is about as good as BN@32" if gap <= 1.0 else
-                       f"closes {100 * closed:.0f} % of a {gap:.1f}-point gap")
-            print(f"  {model:6s} {LABELS[norm]:16s}: BN@32 {bn32:.2f}, BN@2 {bn2:.2f}, "
-                  f"{LABELS[norm]}@2 {err(norm, 2):.2f} -> {verdict}")
-    print("\nThe paper (ResNet-50, ImageNet, top-1 error %): "
-          + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
-          + f" -> MABN closes {100 * (35.22 - 23.67) / (35.22 - 23.41):.0f} % of the gap.")
+            cell(results[sweep[(norm, nb)]]) for nb in sweep_sizes) + " |")
+    if "true1" in columns:
+        print("\nBatchNorm at batch 1 normalizes each feature over one example: dense "
+              "features (the MLP) become β whatever the input (chance level); conv "
+              "features (the ResNet) are normalized over one image's positions in "
+              "training, but with running averages at test.")
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "small_batch.json"), "w") as f:
         json.dump(dict(args=vars(args), epochs=epochs, seeds=seeds, minutes=minutes,
                        cpu_minutes=cpu_minutes,
-                       results={f"{s.model}/{s.norm}@{s.norm_batch}/batch{s.grad_batch}":
-                                [float(e) for e in results[s]] for s in unique},
+                       results={s.key: [float(e) for e in results[s]] for s in unique},
                        summary=summary), f, indent=1)
-    plot(results, sweep_model, sweep_norms, sweep_sizes,
+    plot({n: [results[sweep[(n, nb)]] for nb in sweep_sizes] for n in sweep_norms},
+         results[ref[sweep_model]], sweep_model, sweep_sizes,
          os.path.join(args.out, "small_batch.png"), args.dataset)
     print(f"\nwrote {args.out}/small_batch.json and {args.out}/small_batch.png")
     return results, summary
 
 
-def plot(results, model, norms, sizes, path, dataset):
+STYLES = {"BN": ("o", "-"), "BRN": ("s", "--"), "GN": ("", ":"), "MABN": ("^", "-"),
+          "MABN-centered": ("v", "-.")}
+
+
+def plot(curves, reference, model, sizes, path, dataset):
+    """Error against normalization batch, log-scale error axis (2-6 % readable)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for norm in norms:
+    from matplotlib.ticker import FixedLocator, NullLocator
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (norm, es) in enumerate(curves.items()):
+        marker, ls = STYLES[norm]
         if norm == "GN":  # batch independent: one run, drawn as a line
-            e = results[Setup(model, "GN", 2, REFERENCE_BATCH)]
-            ax.axhline(e.mean(), ls="--", color="gray", label=LABELS[norm])
+            ax.axhline(es[0].mean(), ls=ls, color="gray", label=LABELS[norm])
             continue
-        es = [results[Setup(model, norm, nb, REFERENCE_BATCH)] for nb in sizes]
-        ax.errorbar(sizes, [e.mean() for e in es], yerr=[e.std() for e in es], marker="o",
-                    capsize=3, label=LABELS[norm])
+        dodge = 2 ** (0.05 * (i - len(curves) / 2))  # error bars side by side, not on top
+        ax.errorbar([s * dodge for s in sizes], [e.mean() for e in es],
+                    yerr=[e.std() for e in es], marker=marker, ls=ls, capsize=3,
+                    label=LABELS[norm])
+    ax.axhline(reference.mean(), ls=(0, (1, 3)), color="black", lw=1,
+               label="BatchNorm at 32 (reference)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_yscale("log")
+    ticks = [1, 2, 3, 4, 5, 6, 8, 10, 20, 30, 50, 100]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_yticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("normalization batch size (gradient batch 32)")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel("test error (%, log scale)")
     ax.set_title(f"{model} on {dataset}: test error vs normalization batch")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

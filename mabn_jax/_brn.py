@@ -4,17 +4,21 @@ Training normalizes with the batch statistics, corrected towards moving
 averages by two per-channel constants (no gradient)::
 
     μ_B = mean(x),   σ²_B = var(x),   σ = sqrt(renorm_var + ε)
-    r = clip(sqrt(σ²_B + ε) / σ, 1/r_max(t), r_max(t))
+    r = clip(sqrt(σ²_B + ε) / σ, r_min(t), r_max(t))          r_min = 1/r_max by default
     d = clip((μ_B − renorm_mean) / σ, −d_max(t), d_max(t))
     y = γ · ((x − μ_B) / sqrt(σ²_B + ε) · r + d) + β
 
     mean ← momentum·mean + (1 − momentum)·μ_B        var likewise (as nn.BatchNorm)
     renorm_mean, renorm_var: the same with ``renorm_momentum``
 
+With ``average_stddev`` the variances are averaged as standard deviations,
+``sqrt(var_new + ε) = momentum·sqrt(var + ε) + (1 − momentum)·sqrt(σ²_B + ε)``
+(the paper's ``σ := σ + α(σ_B − σ)`` with ``α = 1 − momentum``; Keras 3).
 Inference is ``nn.BatchNorm``'s: ``y = γ · (x − mean) / sqrt(var + ε) + β``.
 With ``r = 1, d = 0`` (during warm-up) the layer *is* ``nn.BatchNorm``. The
-clips are 1 and 0 for ``warmup_steps`` steps, then grow linearly to
-``r_max``/``d_max`` over ``ramp_steps`` steps (``ramp_steps = 0``: at once).
+clips are 1 and 0 for ``warmup_steps`` steps, then move linearly to their
+limits over ``ramp_steps`` (``r``) and ``d_ramp_steps`` (``d``) steps (0: at
+once); docs/batch_renorm.md gives the settings of the paper, Keras 3 and sbx.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from mabn_jax._config import BatchRenormConfig
 Array = jax.Array
 _LAYER = "BatchRenorm"
 
-__all__ = ["BatchRenormState", "init_state", "clip_schedule", "batch_renorm_train",
+__all__ = ["BatchRenormState", "Clips", "init_state", "clip_schedule", "batch_renorm_train",
            "batch_renorm_inference"]
 
 
@@ -57,13 +61,38 @@ def init_state(feature_shape, dtype=jnp.float32) -> BatchRenormState:
     return BatchRenormState(jnp.zeros((), dtype), zeros, ones, zeros, ones)
 
 
-def clip_schedule(step: Array, config: BatchRenormConfig) -> tuple[Array, Array]:
-    """``(r_max(t), d_max(t))`` after ``step`` completed training steps."""
-    if config.ramp_steps > 0:
-        frac = jnp.clip((step - config.warmup_steps + 1) / config.ramp_steps, 0.0, 1.0)
-    else:
-        frac = (step >= config.warmup_steps).astype(jnp.float32)
-    return 1.0 + (config.r_max - 1.0) * frac, config.d_max * frac
+class Clips(NamedTuple):
+    """The clips of one step: ``r ∈ [r_min, r_max]``, ``d ∈ [−d_max, d_max]``."""
+
+    r_min: Array
+    r_max: Array
+    d_max: Array
+
+
+def _ramp(step: Array, warmup: int, ramp: int) -> Array:
+    """The fraction of the way from batch norm to the final clips, in [0, 1]."""
+    if ramp > 0:
+        return jnp.clip((step - warmup + 1) / ramp, 0.0, 1.0)
+    # In the counter's precision (float64 under x64): 1/r_max is then exact too.
+    return (step >= warmup).astype(jnp.result_type(step, jnp.float32))
+
+
+def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:
+    """The clips used by the training step after ``step`` completed steps.
+
+    ``1, 1, 0`` during warm-up; then ``r_max`` (and ``r_min``, if set) move
+    linearly from 1 over ``ramp_steps`` and ``d_max`` from 0 over
+    ``d_ramp_steps``. ``r_min=None`` is ``1/r_max(t)``.
+    """
+    d_ramp = config.ramp_steps if config.d_ramp_steps is None else config.d_ramp_steps
+    fr = _ramp(step, config.warmup_steps, config.ramp_steps)
+    fd = _ramp(step, config.warmup_steps, d_ramp)
+    # An infinite limit (no clipping, Keras' default) times a fraction of 0
+    # would be NaN: before its ramp starts each clip is exactly 1 or 0.
+    r_max = jnp.where(fr > 0, 1.0 + (config.r_max - 1.0) * fr, 1.0)
+    d_max = jnp.where(fd > 0, config.d_max * fd, 0.0)
+    r_min = 1.0 / r_max if config.r_min is None else 1.0 - (1.0 - config.r_min) * fr
+    return Clips(r_min, r_max, d_max)
 
 
 def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
@@ -89,13 +118,25 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
 
     renorm_momentum = cfg.momentum if cfg.renorm_momentum is None else cfg.renorm_momentum
+    if cfg.average_stddev:  # average std = sqrt(σ² + ε); store std² − ε as the variance
+        to_avg = lambda v: jnp.sqrt(v + cfg.epsilon)
+        from_avg = lambda s: jnp.maximum(s * s - cfg.epsilon, 0.0)
+    else:
+        to_avg = from_avg = lambda v: v
+
+    def follow(old, new, momentum):
+        """(the variance after the call, the variance before each group)."""
+        after, before = S.ema_per_group(to_avg(old), to_avg(new), momentum, grouped)
+        return from_avg(after).astype(old.dtype), from_avg(before)
+
     rmean, rmean_used = S.ema_per_group(state.renorm_mean, mean_b, renorm_momentum, grouped)
-    rvar, rvar_used = S.ema_per_group(state.renorm_var, var_b, renorm_momentum, grouped)
-    r_max, d_max = clip_schedule(state.step, cfg)
-    r, d = S.renorm_factors(var_b, rvar_used, mean_b, rmean_used, r_max=r_max, d_max=d_max,
-                            epsilon=cfg.epsilon, active=jnp.asarray(True))
+    rvar, rvar_used = follow(state.renorm_var, var_b, renorm_momentum)
+    clips = clip_schedule(state.step, cfg)
+    r, d = S.renorm_factors(var_b, rvar_used, mean_b, rmean_used, r_max=clips.r_max,
+                            r_min=clips.r_min, d_max=clips.d_max, epsilon=cfg.epsilon,
+                            active=jnp.asarray(True))
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
-    var, _ = S.ema_per_group(state.var, var_b, cfg.momentum, grouped)
+    var, _ = follow(state.var, var_b, cfg.momentum)
     new_state = BatchRenormState(state.step + 1, mean, var, rmean, rvar)
 
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)

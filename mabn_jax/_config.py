@@ -189,20 +189,43 @@ class BatchRenormConfig(_NormConfig):
     """Hyper-parameters of Batch Renormalization (Ioffe 2017).
 
     Attributes (besides :class:`_NormConfig`'s):
-      r_max: final clip of ``r`` to ``[1/r_max, r_max]`` (the paper: 3).
-      d_max: final clip of ``d`` to ``[−d_max, d_max]`` (the paper: 5).
+      r_max: final upper clip of ``r`` (the paper: 3); ``inf``: no upper clip.
+      d_max: final clip of ``d`` to ``[−d_max, d_max]`` (the paper: 5); ``inf``:
+        no clip.
+      r_min: final lower clip of ``r``, in ``[0, 1]``; ``None`` (default):
+        ``1/r_max``, the paper's symmetric clip. Keras' ``renorm_clipping``
+        without ``'rmin'`` is ``r_min=0.0``.
       warmup_steps: training steps with ``r = 1, d = 0`` (plain batch norm).
-      ramp_steps: steps over which the clips then grow linearly from 1 and 0
-        to ``r_max`` and ``d_max`` (0: at once).
+      ramp_steps: steps over which the clips of ``r`` then move linearly from
+        1 to ``r_max`` (and ``r_min``); 0: at once. The ``t``-th step after
+        warm-up (``t = 1, 2, …``) uses the fraction ``min(t / ramp_steps, 1)``.
+      d_ramp_steps: the same for ``d``'s clip (0 → ``d_max``); ``None``:
+        ``ramp_steps``. The paper relaxes ``r`` and ``d`` at different rates:
+        ``warmup_steps=5000, ramp_steps=35000, d_ramp_steps=20000`` (``r_max``
+        reached at step 40k, ``d_max`` at 25k). An infinite limit is reached
+        at the ramp's first step.
       renorm_momentum: decay of the moving averages ``r`` and ``d`` are
-        measured against; ``None`` uses ``momentum``.
+        measured against; ``None`` uses ``momentum`` (one set of averages, as
+        in the paper and sbx; Keras' default is a separate 0.99).
+      average_stddev: ``False``: the moving averages follow the batch
+        variance ``σ²_B`` (as ``nn.BatchNorm`` and sbx). ``True``: they follow
+        the standard deviation ``sqrt(σ²_B + ε)``, as the paper's Algorithm 1
+        and Keras 3 do; ``var`` and ``renorm_var`` then hold ``std² − ε``
+        (clipped at 0), so inference ``(x − mean) / sqrt(var + ε)`` divides by
+        the averaged ``std``.
+
+    Momentum conventions: ``momentum`` is a decay (``0.99`` here is
+    PyTorch's ``momentum=0.01`` and Keras' ``momentum=0.99``).
     """
 
     r_max: float = 3.0
     d_max: float = 5.0
+    r_min: float | None = None
     warmup_steps: int = 0
     ramp_steps: int = 0
+    d_ramp_steps: int | None = None
     renorm_momentum: float | None = None
+    average_stddev: bool = False
 
     def __post_init__(self):
         self._validate()
@@ -211,13 +234,18 @@ class BatchRenormConfig(_NormConfig):
         values = self._check_common(layer)
         values.update(
             r_max=check_float(layer, "r_max", self.r_max, 1.0,
-                              hint=" (r is clipped to [1/r_max, r_max])"),
+                              hint=" (r is clipped to [r_min or 1/r_max, r_max]; inf: no clip)"),
             d_max=check_float(layer, "d_max", self.d_max, 0.0,
-                              hint=" (d is clipped to [-d_max, d_max])"),
+                              hint=" (d is clipped to [-d_max, d_max]; inf: no clip)"),
+            r_min=check_float(layer, "r_min", self.r_min, 0.0, 1.0, allow_none=True,
+                              hint=" (the lower clip of r; None: 1/r_max)"),
             warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0,
                                    MAX_SCHEDULE_STEP),
             ramp_steps=check_int(layer, "ramp_steps", self.ramp_steps, 0, MAX_SCHEDULE_STEP),
+            d_ramp_steps=check_int(layer, "d_ramp_steps", self.d_ramp_steps, 0,
+                                   MAX_SCHEDULE_STEP, allow_none=True),
             renorm_momentum=check_float(layer, "renorm_momentum", self.renorm_momentum, 0.0,
-                                        1.0, high_open=True, allow_none=True))
+                                        1.0, high_open=True, allow_none=True),
+            average_stddev=check_bool(layer, "average_stddev", self.average_stddev))
         for name, value in values.items():
             object.__setattr__(self, name, value)

@@ -182,11 +182,12 @@ def lead(mask: Array, like: Array) -> Array:
 
 
 def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Array | None,
-                   *, r_max, d_max, epsilon: float, active: Array,
+                   *, r_max, d_max, epsilon: float, active: Array, r_min=None,
                    stop_gradient: bool = True) -> tuple[Array, Array | None]:
     """Batch Renormalization's ``(r, d)``, clipped, and ``(1, 0)`` where not ``active``.
 
-    ``r = clip(sqrt(var + ε) / sqrt(ema_var + ε), 1/r_max, r_max)`` and
+    ``r = clip(sqrt(var + ε) / sqrt(ema_var + ε), r_min, r_max)`` (``r_min``
+    defaults to ``1/r_max``) and
     ``d = clip((mean − ema_mean) / sqrt(ema_var + ε), −d_max, d_max)``; ``d``
     is ``None`` without a mean. They are constants of the step (no gradient);
     ``stop_gradient=False`` leaves that to the caller (MABN's custom VJP, whose
@@ -194,7 +195,8 @@ def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Arr
     """
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
-    r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max, r_max)
+    r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min,
+                 r_max)
     r = stop(jnp.where(lead(active, r), r, jnp.ones_like(r)))
     if mean is None:
         return r, None

@@ -15,6 +15,7 @@ in the docstrings of :mod:`mabn_jax._mabn` and :mod:`mabn_jax._brn`.
 
 from mabn_jax._brn import (
                            BatchRenormState,
+                           Clips,
                            batch_renorm_inference,
                            batch_renorm_train,
                            clip_schedule,
@@ -29,5 +30,5 @@ __all__ = [
     "MABNConfig", "MABNState", "Probes", "init_state", "init_probes", "mabn_train",
     "mabn_train_with_stats", "mabn_inference", "inference_affine", "record_backward_stats",
     "BatchRenormConfig", "BatchRenormState", "init_batch_renorm_state", "clip_schedule",
-    "batch_renorm_train", "batch_renorm_inference",
+    "Clips", "batch_renorm_train", "batch_renorm_inference",
 ]

@@ -214,7 +214,7 @@ class BatchRenorm(nn.Module, BatchRenormConfig):
     """Batch Renormalization (Ioffe 2017): a drop-in for :class:`flax.linen.BatchNorm`.
 
     Equations in :mod:`mabn_jax.functional` (``batch_renorm_train``). ``r``
-    and ``d`` are clipped to the schedule's ``[1/r_max(t), r_max(t)]`` and
+    and ``d`` are clipped to the schedule's ``[r_min(t), r_max(t)]`` and
     ``[−d_max(t), d_max(t)]`` and receive no gradient. Needs no special train
     step. State (``batch_stats``): ``step``, ``mean``, ``var`` (used at
     inference), ``renorm_mean``, ``renorm_var`` (used for ``r``, ``d``).

@@ -139,9 +139,10 @@ def test_probes_have_the_window_shape_whatever_the_groups():
         F.mabn_train(x, None, None, state, per_group, config)
 
 
-def test_batch_renorm_ghost_batches_match_loop_over_groups():
+@pytest.mark.parametrize("average_stddev", [False, True])
+def test_batch_renorm_ghost_batches_match_loop_over_groups(average_stddev):
     kw = dict(momentum=0.8, renorm_momentum=0.7, r_max=1.5, d_max=0.5,
-              warmup_steps=1, ramp_steps=2)
+              warmup_steps=1, ramp_steps=2, average_stddev=average_stddev)
     n, groups = 2, N // 2
     x, dy = _inputs(2, 4, N)
     scale = jnp.asarray([1.5, 0.7, -1.0], jnp.float32)

@@ -24,13 +24,13 @@ def test_mabn_cnn_trains_on_digits_at_batch_two():
     steps = 2 * (len(data[0][0]) // 2)
     # Crosses warm-up (t < 50), the window phase and renormalization (t > 600).
     model = qs.CNN(mabn=True, mabn_kwargs=dict(buffer_size=16, warmup_steps=50, renorm_start=600))
-    state, losses = qs.train(model, data, batch_size=2, epochs=2, lr=0.02, seed=0)
-    mabn_layers = [v for k, v in state.batch_stats.items() if k.startswith("MABN_")]
+    states, losses = qs.train(model, data, seeds=1, batch_size=2, epochs=2, lr=0.02)
+    assert losses.shape == (1, 2)
+    mabn_layers = [v for k, v in states.batch_stats.items() if k.startswith("MABN_")]
     assert len(mabn_layers) == 3
     # Every step was recorded (none skipped for non-finite statistics).
-    assert [(int(s["step"]), int(s["skipped"])) for s in mabn_layers] == [(steps, 0)] * 3
-    assert losses[-1] < 0.5 * losses[0], losses
-    acc = qs.accuracy(state, *data[1])
-    assert acc > 0.85, acc  # chance is 0.10
-    assert qs.train_step._cache_size() == 1
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.batch_stats))
+    assert [(int(s["step"][0]), int(s["skipped"][0])) for s in mabn_layers] == [(steps, 0)] * 3
+    assert losses[0, -1] < 0.5 * losses[0, 0], losses
+    acc = qs.accuracy(states, *data[1])
+    assert acc.shape == (1,) and acc[0] > 0.85, acc  # chance is 0.10
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(states.batch_stats))
