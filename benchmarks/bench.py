@@ -248,7 +248,8 @@ def bench_train(batch, rounds):
 
 
 def bench_inference(batch, rounds):
-    print(f"\n### ResNet10 inference, batch {batch}, 32x32x3, float32 (median of {rounds} rounds)\n")
+    print(f"\n### ResNet10 inference, batch {batch}, 32x32x3, float32 "
+          f"(median of {rounds} rounds)\n")
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3))
     fns, checks = {}, []
     for kind in ("BN", "MABN", "GN", "LN"):
@@ -283,8 +284,8 @@ def bench_inference(batch, rounds):
 
 
 def _nbytes(tree):
-    return sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(tree)
-               if hasattr(l, "dtype"))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)
+               if hasattr(leaf, "dtype"))
 
 
 def residual_bytes_train(kind, batch):
@@ -372,7 +373,7 @@ def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
         instrs = list(_instructions(f.lower(*args).compile().as_text()))
         fulls = {n for n, out, op, _ in instrs if _x_sized(out, size) and op != "tuple"}
         passes = reads = writes = reductions = 0
-        for n, out, op, operands in instrs:
+        for _, out, op, operands in instrs:
             if op in ("parameter", "tuple", "bitcast", "get-tuple-element", "constant"):
                 continue
             n_in = sum(o in fulls for o in operands)
@@ -393,7 +394,8 @@ def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="more rounds; batch 32 train step")
     p.add_argument("--only", default="layer,train,infer,memory,hlo",
                    help="comma-separated sections to run")

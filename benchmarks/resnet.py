@@ -25,7 +25,8 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         def conv_norm(h, feats, kernel, strides, name):
-            h = self.conv(feats, kernel, strides, use_bias=self.norm is None, name=f"{name}_conv")(h)
+            h = self.conv(feats, kernel, strides, use_bias=self.norm is None,
+                          name=f"{name}_conv")(h)
             if self.norm is not None:
                 h = self.norm(use_running_average=not train, name=f"{name}_norm")(h)
             return h

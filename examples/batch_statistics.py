@@ -87,7 +87,8 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
         return (optax.apply_updates(params, delta), new_stats, opt), mabn_jax.monitor.l2_norms(out)
 
     rng = np.random.default_rng(0)
-    order = np.concatenate([rng.permutation(len(xtr)) for _ in range(steps * batch // len(xtr) + 1)])
+    epochs = steps * batch // len(xtr) + 1
+    order = np.concatenate([rng.permutation(len(xtr)) for _ in range(epochs)])
     order = order[:steps * batch].reshape(steps, batch)
     _, norms = jax.jit(lambda c, o: jax.lax.scan(step, c, o))(carry, jnp.asarray(order))
     return {k: np.asarray(v) for k, v in norms.items()}

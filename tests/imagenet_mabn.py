@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
-from flax.training import checkpoints, common_utils
+from flax.training import checkpoints, common_utils, train_state
 from flax.training import dynamic_scale as dynamic_scale_lib
-from flax.training import train_state
 from jax import lax
 
 import mabn_jax  # MABN

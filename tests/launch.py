@@ -16,6 +16,7 @@ retries with a new port if the coordinator's port was taken in between.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -64,7 +65,7 @@ def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
     t0 = time.time()
     try:
         for extra in envs:
-            log = tempfile.TemporaryFile()
+            log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
             logs.append(log)
             procs.append(subprocess.Popen(
                 [sys.executable, script], env=clean_env(extra), cwd=cwd, stdout=log,
@@ -105,10 +106,8 @@ def _stop(procs) -> None:
 
 
 def _signal_group(p, sig) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(p.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def free_port() -> int:

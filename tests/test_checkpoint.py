@@ -17,9 +17,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.training import train_state
+from subprocess_env import PACKAGE_FILE, env_with_this_mabn_jax
 
 import mabn_jax
-from subprocess_env import PACKAGE_FILE, env_with_this_mabn_jax
 
 T = 12
 # buffer_size=3, warmup_steps=4, renorm_start=7: step 2 is in warm-up, step 5
@@ -232,8 +232,8 @@ def test_orbax_alone_also_refuses_a_shape_change(tmp_path):
     # truncate the windows (the message is orbax's, in shapes only).
     path = str(tmp_path / "m4")
     save(path, zero_state(buffer_size=4))
-    with pytest.raises(ValueError, match=r"not compatible with the stored shape"):
-        with ocp.StandardCheckpointer() as ckptr:
+    with pytest.raises(ValueError, match=r"not compatible with the stored shape"), \
+            ocp.StandardCheckpointer() as ckptr:
             ckptr.restore(path, jax.eval_shape(create))
 
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tree_assert import assert_trees_close
 
 import mabn_jax
-from tree_assert import assert_trees_close
 
 # buffer_size=1: the window is this step's statistics (from step 2 on it is the
 # window path that runs, not the batch path); renorm_start at its maximum: r = 1,

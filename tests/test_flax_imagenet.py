@@ -13,14 +13,14 @@ with jax_disable_most_optimizations.
 
 import functools
 
+import imagenet_mabn as train
 import jax
 import numpy as np
 import pytest
 from flax.training.dynamic_scale import DynamicScale
-
-import imagenet_mabn as train
-import mabn_jax
 from launch import TESTS, launch
+
+import mabn_jax
 
 N_DEV, PER_DEV, IMAGE, STEPS = 2, 2, 16, 5
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_step import layer_step
 
 import mabn_jax
-from layer_step import layer_step
 
 DATA = pathlib.Path(__file__).parent / "data"
 

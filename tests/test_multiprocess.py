@@ -16,10 +16,9 @@ environment and a neutral working directory, and leaves no process behind.
 
 import time
 
+import mp_mabn as mp
 import numpy as np
 import pytest
-
-import mp_mabn as mp
 from launch import launch, launch_distributed
 from tree_assert import assert_trees_close
 

@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tree_assert import assert_trees_close
 
 import mabn_jax
 import mabn_jax.nnx as mnnx
-from tree_assert import assert_trees_close
 
 STEPS = 9
 # m=3, warm-up 4, renormalization after step 6: all phases within STEPS.

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_golden import CASES, KEYS, _load
 
 import mabn_jax.nnx as mnnx
-from test_golden import CASES, KEYS, _load
 
 
 def _layer(cfg, features):

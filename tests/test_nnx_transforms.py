@@ -9,10 +9,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from tree_assert import assert_trees_close
 
 import mabn_jax
 import mabn_jax.nnx as mnnx
-from tree_assert import assert_trees_close
 
 LAYERS = 3
 KW = dict(buffer_size=2, warmup_steps=0, renorm_start=2, r_max=1.5, d_max=0.5)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from subprocess_env import env_with_this_mabn_jax
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
