@@ -65,7 +65,7 @@ def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
     t0 = time.time()
     try:
         for extra in envs:
-            log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
+            log = tempfile.TemporaryFile()  # noqa: SIM115 (read and closed below)
             logs.append(log)
             procs.append(subprocess.Popen(
                 [sys.executable, script], env=clean_env(extra), cwd=cwd, stdout=log,
