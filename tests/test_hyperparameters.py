@@ -44,9 +44,12 @@ BRN_RULES = {
     "warmup_steps": ("int", 0, 2**22, False, False),
     "ramp_steps": ("int", 0, 2**22, False, False),
     "renorm_momentum": ("float?", 0.0, 1.0, False, True),
+    "r_min": ("float?", 0.0, 1.0, False, False),
+    "d_ramp_steps": ("int?", 0, 2**22, False, False),
     "norm_batch_size": ("int?", 1, INF, False, False),
     "use_fast_variance": ("bool",),
     "force_float32_reductions": ("bool",),
+    "average_stddev": ("bool",),
 }
 
 VALUES = st.one_of(
