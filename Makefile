@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,examples]'
 	touch $(STAMP)
 
+# Lint, then every test (slow and multi-process ones included) on two workers.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.
 bench: $(STAMP)
