@@ -26,8 +26,11 @@ Sections:
           the BN step with mabn_jax.value_and_grad in place of jax.value_and_grad.
   infer   ResNet10 inference: MABN folded into the convs (mabn_jax.fold_params)
           vs BN folded vs GroupNorm vs LayerNorm (unfolded, they cannot fold).
-  memory  bytes of residuals saved for the backward pass (leaves of jax.vjp's
-          closure) and XLA's temp buffer size of the compiled train step.
+  memory  bytes of residuals saved for the backward pass (leaves of an eager
+          jax.vjp's closure: each primitive's own buffers, so an array kept
+          twice counts twice) and XLA's temp buffer size of the compiled layer
+          step and train step (what a jitted step allocates beyond its
+          arguments and outputs).
   hlo     full-size (input-sized) fusions in the compiled layer fwd+bwd.
 """
 
@@ -325,8 +328,12 @@ def bench_memory(train_mem, batch):
     for name, m in (("BN", nn.BatchNorm()),
                     ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
                     ("MABN", mabn_jax.MABN()), ("MABN-centered", mabn_jax.MABN(centered=True))):
+        f, args = layer_step(m, x, x)
+        mem = f.lower(*args).compile().memory_analysis()
         rows.append([f"{name} layer (2,56,56,256) f32",
-                     f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB", "", ""])
+                     f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB",
+                     f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
+                     f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB"])
     for kind in ("BN", "MABN"):
         mem = train_mem[kind]
         rows.append([f"ResNet10 {kind} train step, batch {batch}",
