@@ -51,17 +51,19 @@ class Probe(nnx.Variable):
 PROBE_NAMES = ("psi_probe", "g_probe")
 
 
-def _with_config_signature(config_cls: type):
-    """Shows the config's fields (and defaults) as keyword-only parameters of
-    ``__init__`` (``help``, IDEs), which takes them as ``**hyper``."""
-    def decorate(init):
-        sig = inspect.signature(init)
-        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                     annotation=f.type) for f in dataclasses.fields(config_cls)]
-        init.__signature__ = sig.replace(parameters=params)
-        return init
-    return decorate
+def _with_config_signature(init: Callable, config_cls: type) -> Callable:
+    """``init`` with the config's fields (and defaults) shown as keyword-only
+    parameters (``help``, IDEs); it takes them as ``**hyper``."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for f in dataclasses.fields(config_cls)]
+    __init__.__signature__ = sig.replace(parameters=params)
+    return __init__
 
 
 def _feature_shape(layer: str, num_features, axis) -> tuple[int, ...]:
@@ -77,11 +79,15 @@ class _Norm(nnx.Module):
     """The shell both norms share: parameters, mode, config, input check."""
 
     _config_cls: type
-    _state_names: tuple[str, ...]
 
-    def _setup(self, num_features, *, rngs: nnx.Rngs, use_running_average, axis, dtype,
-               param_dtype, use_bias, use_scale, bias_init, scale_init, bias_metadata,
-               scale_metadata, hyper: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
+    def __init__(self, num_features: int | Sequence[int], *,
+                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True,
+                 bias_init: Callable = _ZEROS,
+                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
+                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
         layer = type(self).__name__
         config = _shell.make_config(self._config_cls, hyper, layer, _EXPLICIT)
         feature_shape = _feature_shape(layer, num_features, axis)
@@ -98,7 +104,15 @@ class _Norm(nnx.Module):
         self.use_scale = use_scale
         for f in dataclasses.fields(config):  # canonicalized values
             setattr(self, f.name, getattr(config, f.name))
-        return config, feature_shape
+        init = self._initial_state(feature_shape, config, param_dtype)
+        self._state_names = tuple(init)
+        for name, value in init.items():
+            setattr(self, name, nnx.BatchStat(value))
+
+    @staticmethod
+    def _initial_state(feature_shape, config, param_dtype) -> Mapping[str, Array]:
+        """A fresh layer's state entries, by stored name."""
+        raise NotImplementedError
 
     def _begin(self, x, use_running_average: bool | None):
         """(mode, config, x, scale, bias, stored state) of a call."""
@@ -191,25 +205,8 @@ class MABN(_Norm):
     """
 
     _config_cls = MABNConfig
-
-    @_with_config_signature(MABNConfig)
-    def __init__(self, num_features: int | Sequence[int], *,
-                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
-                 use_scale: bool = True,
-                 bias_init: Callable = _ZEROS,
-                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
-                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
-        config, feature_shape = self._setup(
-            num_features, rngs=rngs, use_running_average=use_running_average, axis=axis,
-            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
-            bias_init=bias_init, scale_init=scale_init, bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata, hyper=hyper)
-        init = _shell.initial_state(feature_shape, config, param_dtype)
-        self._state_names = tuple(init)
-        for name, value in init.items():
-            setattr(self, name, nnx.BatchStat(value))
+    __init__ = _with_config_signature(_Norm.__init__, MABNConfig)
+    _initial_state = staticmethod(_shell.initial_state)
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
@@ -266,25 +263,11 @@ class BatchRenorm(_Norm):
     """
 
     _config_cls = BatchRenormConfig
-    _state_names = _brn.BatchRenormState._fields
+    __init__ = _with_config_signature(_Norm.__init__, BatchRenormConfig)
 
-    @_with_config_signature(BatchRenormConfig)
-    def __init__(self, num_features: int | Sequence[int], *,
-                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
-                 use_scale: bool = True,
-                 bias_init: Callable = _ZEROS,
-                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
-                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
-        _, feature_shape = self._setup(
-            num_features, rngs=rngs, use_running_average=use_running_average, axis=axis,
-            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
-            bias_init=bias_init, scale_init=scale_init, bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata, hyper=hyper)
-        init = _brn.init_state(feature_shape, _shell.state_dtype(param_dtype))
-        for name, value in zip(self._state_names, init):
-            setattr(self, name, nnx.BatchStat(value))
+    @staticmethod
+    def _initial_state(feature_shape, config, param_dtype) -> Mapping[str, Array]:
+        return _brn.init_state(feature_shape, _shell.state_dtype(param_dtype))._asdict()
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
