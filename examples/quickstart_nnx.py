@@ -17,6 +17,8 @@ model without MABN layers it is exactly ``nnx.value_and_grad``).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax.numpy as jnp
@@ -26,17 +28,8 @@ from flax import nnx
 
 import mabn_jax.nnx
 
-
-def load_digits(seed: int = 0, n_test: int = 500):
-    """Digits as NHWC float32 images in [0, 1]; a fixed random train/test split."""
-    from sklearn.datasets import load_digits as _load
-
-    data = _load()
-    x = (data.images / 16.0).astype(np.float32)[..., None]
-    y = data.target.astype(np.int32)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    test, train = perm[:n_test], perm[n_test:]
-    return (x[train], y[train]), (x[test], y[test])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quickstart import load_digits  # noqa: E402  (the same data and split as the linen one)
 
 
 class CNN(nnx.Module):
