@@ -7,10 +7,9 @@ every step to <= 1e-9 relative in float64, with one compilation of the
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
-from test_golden import CASES, KEYS, _load
+from test_golden import CASES, _load, assert_float64_trajectory
 
 import mabn_jax.nnx as mnnx
 
@@ -58,9 +57,4 @@ def test_nnx_golden_float64(name, reshape):
     with jax.enable_x64(True):
         d, results, compiled = _run(name, reshape)
     assert compiled == 1, "the nnx.jit step must compile once for every phase"
-    for i, ours in enumerate(results):
-        assert int(ours["step"]) == i + 1
-        for k in KEYS:
-            ref = d[k][i]
-            np.testing.assert_allclose(ours[k].reshape(ref.shape), ref, rtol=1e-9, atol=0,
-                                       err_msg=f"{name} step t={i + 1} {k}")
+    assert_float64_trajectory(name, d, results)
