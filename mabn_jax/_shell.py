@@ -1,8 +1,9 @@
 """What the Flax shells (:mod:`mabn_jax.linen`, :mod:`mabn_jax.nnx`) share.
 
 No math: the state's dtype and initial stored entries, the error for a
-training-mode call without probes, weight centralization, and building a
-config from keyword arguments with errors that name the argument.
+training-mode call without probes, weight centralization, building a
+config from keyword arguments with errors that name the argument, and
+mutable copies of variable trees.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mabn_jax._config import MABNConfig
 Array = jax.Array
 
 __all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes",
-           "center_kernel", "make_config"]
+           "center_kernel", "make_config", "to_dicts"]
 
 
 def state_dtype(param_dtype: Any) -> Any:
@@ -101,3 +102,9 @@ def consume_probe(probe, layer: str) -> None:
             "Apply the model once per step, on the views concatenated into one batch (or "
             "give each apply its own layers).")
     used[id(probe)] = probe
+
+
+def to_dicts(tree: Any) -> Any:
+    """A copy of a nest of mappings (``FrozenDict`` included) as plain dicts;
+    leaves are shared."""
+    return {k: to_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree

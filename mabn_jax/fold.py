@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
-from mabn_jax import _state, _stats
+from mabn_jax import _shell, _state, _stats
 from mabn_jax._mabn import affine_from_ema
 from mabn_jax.linen import MABN, BatchRenorm, _CenteredKernel, center_kernel
 
@@ -141,7 +141,7 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
     """
     modules = _modules(model, variables, args, kwargs)
     params, stats = variables["params"], variables.get("batch_stats", {})
-    out = _unfreeze(params)
+    out = _shell.to_dicts(params)
     for layer_path, norm_path in pairs:
         lp, np_ = _split(layer_path), _split(norm_path)
         layer, norm = _module(modules, lp, "layer"), _module(modules, np_, "norm")
@@ -202,12 +202,6 @@ def _get(tree: Mapping, path: tuple[str, ...], what: str, default: Any = None, r
             raise KeyError(f"fold: {what} has no entry {'/'.join(path)!r}.")
         node = node[key]
     return node
-
-
-def _unfreeze(tree):
-    if isinstance(tree, Mapping):
-        return {k: _unfreeze(v) for k, v in tree.items()}
-    return tree
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

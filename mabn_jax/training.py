@@ -49,16 +49,22 @@ def _layers(batch_stats: Tree) -> dict[tuple[str, ...], _state.MABNState]:
             f"mabn_jax: the tree given as batch_stats has a top-level {bad[0]!r} entry: it "
             "is a whole variables dict. Pass variables['batch_stats'] (or "
             "state.batch_stats) instead.")
+    return _find(batch_stats, _state.from_mapping)
+
+
+def _find(tree: Tree, match: Callable[[Any], Any]) -> dict[tuple[str, ...], Any]:
+    """``{path: match(node)}`` for the nodes where ``match`` is not None; the
+    walk goes into the other mappings."""
     out = {}
 
     def walk(node, path):
-        state = _state.from_mapping(node)
-        if state is not None:
-            out[path] = state
+        found = match(node)
+        if found is not None:
+            out[path] = found
         elif isinstance(node, Mapping):
             for key, child in node.items():
                 walk(child, path + (key,))
-    walk(batch_stats, ())
+    walk(tree, ())
     return out
 
 
@@ -67,8 +73,12 @@ def _nest(flat: dict[tuple[str, ...], Any], like: Tree):
     return FrozenDict(tree) if isinstance(like, FrozenDict) else tree
 
 
-def _probe_dict(probes: _state.Probes) -> dict[str, jax.Array]:
-    return {k: v for k, v in probes._asdict().items() if v is not None}
+def _zero_probes(batch_stats: Tree, loss_scale) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """``{layer path: {'psi': zeros, ('g': zeros,) ('loss_scale': ...)}}``."""
+    scale = None if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
+    return {path: {k: v for k, v in _state.init_probes(state)._replace(
+                loss_scale=scale)._asdict().items() if v is not None}
+            for path, state in _layers(batch_stats).items()}
 
 
 def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
@@ -82,10 +92,8 @@ def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
     their stored (unscaled) windows to the incoming gradient; divide the probe
     gradients by it before :func:`record_backward_stats`.
     """
-    scale = None if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
-    return _nest({path + (k,): v for path, state in _layers(batch_stats).items()
-                  for k, v in _probe_dict(_state.init_probes(state)._replace(
-                      loss_scale=scale)).items()}, batch_stats)
+    return _nest({path + (k,): v for path, probe in _zero_probes(batch_stats, loss_scale).items()
+                  for k, v in probe.items()}, batch_stats)
 
 
 def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) -> Any:
@@ -114,7 +122,7 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
             "record_backward_stats: batch_stats, probe_grads and previous hold different "
             f"MABN layers ({names(layers)}, {names(grads)}, {names(before)}); pass the "
             "trees of one model and one step.")
-    tree = _unfreeze(batch_stats)
+    tree = _shell.to_dicts(batch_stats)
     for path, state in layers.items():
         g = grads[path]  # a 'loss_scale' entry's gradient is ignored
         new = _record_lib.record_backward_stats(state, _state.Probes(g["psi"], g.get("g")),
@@ -125,20 +133,9 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
 
 def _probe_paths(tree: Tree) -> dict[tuple[str, ...], Mapping]:
     """``{layer path: {'psi': ..., 'g': ...}}`` from a probe (or probe-gradient) tree."""
-    out = {}
-
-    def walk(node, path):
-        if isinstance(node, Mapping) and "psi" in node and not isinstance(node["psi"], Mapping):
-            out[path] = node
-        elif isinstance(node, Mapping):
-            for key, child in node.items():
-                walk(child, path + (key,))
-    walk(tree, ())
-    return out
-
-
-def _unfreeze(tree):
-    return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+    is_probe = lambda node: (isinstance(node, Mapping) and "psi" in node
+                             and not isinstance(node["psi"], Mapping))
+    return _find(tree, lambda node: node if is_probe(node) else None)
 
 
 def _node(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
@@ -190,10 +187,8 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
     def wrapped(*args):
-        layers = _layers(batch_stats)
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
-        probes = {path: _probe_dict(_state.init_probes(s)._replace(loss_scale=scale))
-                  for path, s in layers.items()}
+        probes = _zero_probes(batch_stats, scale)
 
         def probed(probe_tree, *diff_args):
             call_args = list(args)
@@ -212,7 +207,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
             value, grads, probe_grads = (value / scale, jax.tree.map(unscale, grads),
                                          jax.tree.map(unscale, probe_grads))
-        if layers:
+        if probes:
             aux = _record_in_aux(aux, probe_grads, batch_stats)
         out = (value, aux) if has_aux else value
         if dynamic_scale is None:
@@ -231,7 +226,7 @@ def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
         raise TypeError("mabn_jax.value_and_grad: the first differentiated argument must be "
                         "the params (or the whole variables dict) passed to apply (a "
                         f"mapping), got {type(params).__name__}.")
-    tree = _unfreeze(params)
+    tree = _shell.to_dicts(params)
     if "params" in tree or "batch_stats" in tree:  # variables: probes are a collection
         if PROBES in tree:
             raise ValueError(f"mabn_jax.value_and_grad: the variables already hold a "
@@ -253,13 +248,13 @@ def _record_in_aux(aux, probe_grads, previous: Tree):
     If the only such subtree holds ``previous``'s own arrays, no MABN layer was
     applied in training mode (all frozen): recording it leaves it as it is.
     """
-    want = jax.tree.map(jnp.shape, _unfreeze(previous))
+    want = jax.tree.map(jnp.shape, _shell.to_dicts(previous))
     old_leaves = jax.tree_util.tree_leaves(previous)
 
     def has_layout(node) -> bool:
         if not isinstance(node, Mapping) or any(k in node for k in _TOP_LEVEL):
             return False
-        return jax.tree.map(jnp.shape, _unfreeze(node)) == want
+        return jax.tree.map(jnp.shape, _shell.to_dicts(node)) == want
 
     def is_old(node) -> bool:
         return all(a is b for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
