@@ -22,13 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.transforms.transforms import resolve_kwargs
 
 from mabn_jax import _record, _shell, _state
-from mabn_jax import _stats as S
-from mabn_jax._mabn import as_count
 from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
 
 __all__ = ["value_and_grad", "attach_probes", "record_backward_stats"]
@@ -120,25 +117,10 @@ def record_backward_stats(model, grads, previous) -> None:
         probe_grads = _state.Probes(*(
             _at(grads, path + (name,), "grads", grad_fix) if hasattr(layer, name) else None
             for name in PROBE_NAMES))
-        recorded = _record_layer(new, probe_grads, before)
+        recorded = _record.record_backward_stats(new, probe_grads, before)
         for key, value in _state.to_mapping(recorded).items():
             getattr(layer, key)[...] = value
     _detach(model)
-
-
-def _record_layer(new: _state.MABNState, probe_grads: _state.Probes,
-                  before: _state.MABNState) -> _state.MABNState:
-    """The core's record, except for a layer (or stacked index) that did not
-    step: every training call advances ``step`` or ``skipped``, so one with
-    both unchanged was not applied in training mode and keeps its state."""
-    untouched = ((as_count(new.step) == as_count(before.step))
-                 & (as_count(new.skipped) == as_count(before.skipped)))
-    try:
-        if bool(jnp.all(untouched)):
-            return new
-    except jax.errors.ConcretizationTypeError:  # traced: select below
-        pass
-    return S.select(~untouched, _record.record_backward_stats(new, probe_grads, before), new)
 
 
 def _with_probes(argnum):
