@@ -40,7 +40,7 @@ from jax import lax
 from mabn_jax import _stats as S
 from mabn_jax._config import MABNConfig
 from mabn_jax._sharding import check_probes_vary, probe_cotangent, vary_like, varying_axes
-from mabn_jax._state import MABNState, Probes, check_state
+from mabn_jax._state import MABNState, Probes, check_state, init_probes
 
 Array = jax.Array
 _LAYER = "MABN"
@@ -54,6 +54,17 @@ _FORWARD_MODE = (
     "(jax.jvp, jax.jacfwd) of the layer itself is undefined: its gradient uses moving "
     "averages of the backward statistics (a custom VJP), which no forward derivative "
     "matches. Use use_running_average=True (inference mode) for forward-mode derivatives.")
+
+
+_UNRECORDED = (
+    "MABN: a training-mode call without probes is being differentiated. Its gradient "
+    "would use this step's backward statistics (Psi_B, g_B), but without probes they "
+    "cannot leave the backward pass, so the layer's windows would never hold them. "
+    "Differentiate with mabn_jax.nnx.value_and_grad / mabn_jax.nnx.grad (NNX) or "
+    "mabn_jax.value_and_grad (linen), which attach the probes and record the statistics; "
+    "with the low-level NNX API, call mabn_jax.nnx.attach_probes(model) before the model "
+    "is split (nnx.split / nnx.unpack) and differentiate w.r.t. (nnx.Param, "
+    "mabn_jax.nnx.Probe). A training-mode call that nothing differentiates is fine.")
 
 
 class _Phase(NamedTuple):
@@ -154,6 +165,7 @@ class _Spec(NamedTuple):
     feature_axes: tuple[int, ...]  # axis 0 (the groups) first
     out_dtype: Any
     config: MABNConfig
+    recorded: bool = True  # probes given: the backward statistics can leave the VJP
 
 
 class _Ctx(NamedTuple):
@@ -174,7 +186,7 @@ class _Ctx(NamedTuple):
 
 
 def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-               probes: Probes, config: MABNConfig, *, axis=-1, dtype: Any = None,
+               probes: Probes | None, config: MABNConfig, *, axis=-1, dtype: Any = None,
                mask: Array | None = None) -> tuple[Array, MABNState]:
     """One MABN training step: returns ``(y, new_state)``.
 
@@ -197,7 +209,11 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
       x: input of rank >= 2, any float dtype.
       scale, bias: ``γ`` and ``β`` of shape ``[*features]``, or ``None``.
       state: from :func:`init_state` or a previous step.
-      probes: from :func:`init_probes`; differentiate w.r.t. them.
+      probes: from :func:`init_probes`; differentiate w.r.t. them. ``None``: a
+        step that nothing differentiates (a plain forward): the forward
+        statistics advance, the Ψ (g) slots take the window's mean before the
+        step (its own estimate) instead of being reserved, and differentiating
+        the output raises at trace time.
       config: the layer's hyper-parameters.
       axis: the feature axis or axes (default last, NHWC).
       dtype: output dtype (default: the input's).
@@ -209,7 +225,7 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
     return y, new_state
 
 
-def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
+def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | None,
                           config: MABNConfig, *, axis=-1, dtype=None, mask=None):
     """:func:`mabn_train` that also returns the step's forward statistics.
 
@@ -224,7 +240,11 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     check_state(state, config, feature_shape)
-    _check_probes(probes, state)
+    recorded = probes is not None
+    if recorded:
+        _check_probes(probes, state)
+    else:  # nothing can record this step's Ψ_B: see _UNRECORDED
+        probes = init_probes(state)
     cfg = config
     split = S.split_groups(x, feature_axes, cfg.norm_batch_size, _LAYER, mask)
     ghost = split.groups > 1
@@ -248,7 +268,10 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
     bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
     inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
     written = sl.last.any(0)
-    reserve = lambda w: None if w is None else jnp.where(S.lead(written, w), jnp.nan, w)
+    # The slots this step's Ψ_B (g_B) will fill are reserved (NaN). Without probes
+    # they take the window's own estimate instead: its mean before the step.
+    fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
+    reserve = lambda w: None if w is None else jnp.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
         _advance(state.step, split.groups, cfg.buffer_size), var_w, reserve(state.psi_window),
         ema_var, state.skipped, mean_w, reserve(state.g_window), ema_mean)
@@ -260,7 +283,8 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes,
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     x_axes = varying_axes(x)
     scale, bias = vary_like(scale, x_axes), vary_like(bias, x_axes)
-    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg)
+    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg,
+                 recorded)
     try:
         y = _normalize(spec, split.x, scale, bias, probes, ctx)
     except TypeError as e:
@@ -318,6 +342,8 @@ def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
 
 
 def _normalize_bwd(spec: _Spec, res, dy):
+    if not spec.recorded:
+        raise ValueError(_UNRECORDED)
     x, scale, bias, probes, ctx = res
     dtype, cfg = ctx.inv.dtype, spec.config
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)

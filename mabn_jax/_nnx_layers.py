@@ -229,18 +229,12 @@ class MABN(_Norm):
         self._store(_state.to_mapping(new_state), stats)
         return y
 
-    def _probes(self) -> _state.Probes:
-        """The probes :func:`mabn_jax.nnx.attach_probes` put on this layer."""
+    def _probes(self) -> _state.Probes | None:
+        """The probes :func:`mabn_jax.nnx.value_and_grad` put on this layer, or
+        None outside it (a step nothing differentiates: see the class doc)."""
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
         if psi is None:
-            raise ValueError(_shell.missing_probes(
-                f"{type(self).__name__}(num_features={self.num_features})",
-                helper="mabn_jax.nnx.value_and_grad(loss_fn, has_aux=...)",
-                instead_of="nnx.value_and_grad",
-                low_level="previous = mabn_jax.nnx.attach_probes(model); differentiate "
-                "w.r.t. nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe)); then "
-                "mabn_jax.nnx.record_backward_stats(model, grads, previous).",
-                evaluation="model.eval() or use_running_average=True"))
+            return None
         _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
         return _state.Probes(psi[...], None if g is None else g[...])
 
