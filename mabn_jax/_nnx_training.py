@@ -28,7 +28,7 @@ from flax.nnx.transforms.transforms import resolve_kwargs
 from mabn_jax import _record, _shell, _state
 from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
 
-__all__ = ["value_and_grad", "attach_probes", "record_backward_stats"]
+__all__ = ["value_and_grad", "grad", "attach_probes", "record_backward_stats"]
 
 Path = tuple[Any, ...]
 
@@ -80,11 +80,16 @@ def _detach(model) -> None:
 def _at(tree, path: Path, what: str, fix: str):
     try:
         for key in path:
-            tree = tree[key]
-    except (KeyError, TypeError, IndexError):
+            tree = _step_into(tree, key)
+    except (KeyError, TypeError, IndexError, AttributeError):
         raise ValueError(f"record_backward_stats: {what} has no entry {_name(path)!r}; "
                          f"{fix}") from None
     return tree[...] if isinstance(tree, nnx.Variable) else tree
+
+
+def _step_into(tree, key):
+    """``tree[key]``; a gradient in tree mode (graph=False) is module-shaped."""
+    return getattr(tree, key) if isinstance(tree, nnx.Module) else tree[key]
 
 
 def record_backward_stats(model, grads, previous) -> None:
@@ -123,6 +128,16 @@ def record_backward_stats(model, grads, previous) -> None:
     _detach(model)
 
 
+def _without_probes(grads):
+    """The gradient without the probes' entries (a State, or in tree mode a
+    module-shaped copy of the model)."""
+    if isinstance(grads, nnx.Module):
+        _detach(grads)
+        return grads
+    return jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], grads,
+                        is_leaf=lambda s: isinstance(s, nnx.State))
+
+
 def _with_probes(argnum):
     """``argnum`` as a DiffState that also selects the probes."""
     if isinstance(argnum, nnx.DiffState):
@@ -158,13 +173,15 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
       **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
         ``allow_int``, ``graph``, ``graph_updates``).
     """
-    if kwargs.get("graph") is False or kwargs.get("graph_updates") is False:
-        raise ValueError("mabn_jax.nnx.value_and_grad: graph=False / graph_updates=False is "
-                         "not supported: the probes are selected with nnx.DiffState, which "
-                         "needs graph mode with graph updates (Flax's default).")
+    tree_mode = kwargs.get("graph") is False
+    if not tree_mode and kwargs.get("graph_updates") is False:
+        raise ValueError("mabn_jax.nnx.value_and_grad: graph_updates=False is not supported "
+                         "in graph mode: the probes are selected with nnx.DiffState, which "
+                         "needs graph updates (Flax's default), or tree mode (graph=False).")
     single = isinstance(argnums, (int, nnx.DiffState))
     nums = (argnums,) if single else tuple(argnums)
-    probed = tuple(_with_probes(a) for a in nums)
+    # Tree mode differentiates every leaf of an argument, the probes included.
+    probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
     @functools.wraps(f)
     def scoped(*args, **kw):  # each probe consumed once: one training call per layer
         with _shell.probe_scope():
@@ -192,9 +209,22 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         for m, g, prev in zip(models, grads, previous):
             if len(prev):  # the argument has MABN layers
                 record_backward_stats(m, g, prev)
-                g = jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], g,
-                                 is_leaf=lambda s: isinstance(s, nnx.State))
+                g = _without_probes(g)
             clean.append(g)
         return out, clean[0] if single else tuple(clean)
+
+    return wrapped
+
+
+def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False,
+         **kwargs) -> Callable:
+    """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
+    the value (``(grads, aux)`` with ``has_aux``)."""
+    value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kw):
+        out, grads = value_and_grad_fn(*args, **kw)
+        return (grads, out[1]) if has_aux else grads
 
     return wrapped

@@ -159,9 +159,9 @@ def test_low_level_forgetting_to_record_gives_nan_then_refuses():
         mnnx.attach_probes(model)
 
 
-def test_graph_false_is_refused():
-    with pytest.raises(ValueError, match="graph=False"):
-        mnnx.value_and_grad(loss_fn, graph=False)
+def test_graph_updates_false_is_refused_in_graph_mode():
+    with pytest.raises(ValueError, match="graph_updates=False"):
+        mnnx.value_and_grad(loss_fn, graph_updates=False)
 
 
 def test_constructor_errors_name_the_argument():
@@ -200,12 +200,14 @@ def test_modes_eval_train_view_and_capture():
     np.testing.assert_allclose(norm(view.norm), want, rtol=1e-6, atol=1e-6)
 
     def captured(model, x, dy):
-        (loss, _), inter = nnx.capture(loss_fn, nnx.Intermediate)(model, x, dy)
-        return loss, inter
+        (loss, _), inter, stats = nnx.capture(loss_fn, nnx.Intermediate, mnnx.Statistic)(
+            model, x, dy)
+        return loss, (inter, stats)
     grad_fn = nnx.jit(mnnx.value_and_grad(captured, has_aux=True))
-    (_, inter), _ = grad_fn(model, X, jnp.ones((4, 2)))
-    assert set(inter["norm"]) == {"mu_B", "sigma2_B", "mu", "sigma2", "ema_mean", "ema_var",
+    (_, (inter, stats)), _ = grad_fn(model, X, jnp.ones((4, 2)))
+    assert set(stats["norm"]) == {"mu_B", "sigma2_B", "mu", "sigma2", "ema_mean", "ema_var",
                                   "r", "d"}
+    assert not nnx.to_flat_state(inter)  # a user's Intermediate capture holds only theirs
     assert int(model.norm.step[...]) == 1
 
 
