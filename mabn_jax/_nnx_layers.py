@@ -9,6 +9,7 @@ Shells over the pure functions of :mod:`mabn_jax.functional`, with
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -38,13 +39,15 @@ _EXPLICIT = ("num_features, rngs, use_running_average, axis, dtype, param_dtype,
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # nnx.BatchNorm's
 
 
-class Probe(nnx.Variable):
+class Probe(nnx.BatchStat):
     """A zero, window-shaped variable whose gradient is an MABN layer's Ψ_B (g_B).
 
     Flax's perturbation convention: :func:`mabn_jax.nnx.value_and_grad` (or
     :func:`mabn_jax.nnx.attach_probes`) attaches one per statistic to each
     MABN layer for one step, differentiates w.r.t. it and removes it; it is
-    never part of a checkpoint or of the returned gradient.
+    never part of a checkpoint or of the returned gradient. It is a kind of
+    ``nnx.BatchStat``, so transforms' axes for the state (``nnx.StateAxes``,
+    ``nnx.prefix`` filters) give the probes the state's axes.
     """
 
 
@@ -60,6 +63,14 @@ def keep_dtypes(arrays, dtype=None):
     ``nnx.BatchNorm``'s (input promoted with the parameters)."""
     del dtype
     return arrays
+
+
+#: The metadata key of a probe's identity (it survives nnx transforms' split/merge).
+PROBE_TOKEN = "mabn_probe_token"
+
+# The probe tokens of the layers applied in training mode inside the NNX helper.
+_TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar("mabn_nnx_trained",
+                                                                      default=None)
 
 
 #: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
@@ -271,6 +282,9 @@ class MABN(_Norm):
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
         if psi is None:
             return None
+        trained = _TRAINED.get()
+        if trained is not None:  # the helper checks that this step's state arrives
+            trained.add(psi.get_metadata().get(PROBE_TOKEN))
         _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
         return _state.Probes(psi[...], None if g is None else g[...])
 

@@ -26,7 +26,7 @@ from flax import nnx
 from flax.nnx.transforms.transforms import resolve_kwargs
 
 from mabn_jax import _record, _shell, _state
-from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
+from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, Probe
 
 __all__ = ["value_and_grad", "grad", "attach_probes", "record_backward_stats"]
 
@@ -64,7 +64,7 @@ def attach_probes(model) -> nnx.State:
         state = _layer_state(layer)
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
-                setattr(layer, name, Probe(value))
+                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _name(path)}))
         for key, value in _state.to_mapping(state).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
@@ -138,6 +138,17 @@ def _without_probes(grads):
                         is_leaf=lambda s: isinstance(s, nnx.State))
 
 
+_BROADCAST_STATE = (
+    "MABN layer {name!r} was applied in training mode, but its new state never reached "
+    "the model: a transform inside the loss (nnx.scan / nnx.vmap with its nnx.BatchStat "
+    "broadcast, e.g. nnx.StateAxes({{nnx.Param: 0, ...: None}})) shares one state among "
+    "its applications and drops their updates, and their backward statistics would be "
+    "summed into one window slot. Give the layer's state the axis of its parameters, "
+    "e.g. nnx.StateAxes({{(nnx.Param, nnx.BatchStat): 0, ...: None}}) (mabn_jax.nnx.Probe "
+    "is an nnx.BatchStat), so that each application has its own layer; or apply a shared "
+    "layer once per step.")
+
+
 def _with_probes(argnum):
     """``argnum`` as a DiffState that also selects the probes."""
     if isinstance(argnum, nnx.DiffState):
@@ -187,6 +198,22 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         with _shell.probe_scope():
             return f(*args, **kw)
 
+    def checked_grad_fn(models, *args):
+        """``grad_fn``, and a layer applied in training mode whose new state
+        never arrived (a transform broadcast it) raises here, at trace time."""
+        before = [{path: layer.step[...] for path, layer in _layers(m)} for m in models]
+        token = _TRAINED.set(set())
+        try:
+            result = grad_fn(*args)
+            trained = _TRAINED.get()
+        finally:
+            _TRAINED.reset(token)
+        for m, steps in zip(models, before):
+            for path, layer in _layers(m):
+                if _name(path) in trained and layer.step[...] is steps[path]:
+                    raise ValueError(_BROADCAST_STATE.format(name=_name(path)))
+        return result
+
     grad_fn = nnx.value_and_grad(scoped, argnums=probed[0] if single else probed,
                                  has_aux=has_aux, **kwargs)
     indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
@@ -199,7 +226,7 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         try:
             for m in models:
                 previous.append(attach_probes(m))
-            out, grads = grad_fn(*args)
+            out, grads = checked_grad_fn(models, *args)
         except BaseException:
             for m in models:
                 _detach(m)
