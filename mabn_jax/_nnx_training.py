@@ -138,6 +138,21 @@ def _without_probes(grads):
                         is_leaf=lambda s: isinstance(s, nnx.State))
 
 
+_STALE_AXES = (
+    "mabn_jax.nnx.value_and_grad: a transform's axes inside the loss do not fit the model "
+    "(see the error above). If they were built from the model before the step (nnx.prefix, "
+    "an explicit pytree of axes), they lack the probes this helper attaches to each MABN "
+    "layer for the step (a layer's mabn_jax.nnx.Probe variables psi_probe, g_probe: the "
+    "backward statistics leave the gradient through them). Build them inside the loss "
+    "function, e.g. axes = nnx.prefix(model, {...}) there, or use filters, e.g. "
+    "nnx.StateAxes({nnx.BatchStat: 0, ...: None}) (a Probe is an nnx.BatchStat, so it "
+    "gets the state's axes).")
+
+
+def _is_prefix_mismatch(error: Exception) -> bool:
+    return "tree prefix" in str(error) or "GetAttrKey" in str(error)
+
+
 _BROADCAST_STATE = (
     "MABN layer {name!r} was applied in training mode, but its new state never reached "
     "the model: a transform inside the loss (nnx.scan / nnx.vmap with its nnx.BatchStat "
@@ -206,6 +221,12 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         try:
             result = grad_fn(*args)
             trained = _TRAINED.get()
+        except (ValueError, AttributeError) as e:
+            # In tree mode JAX's own message for a prefix mismatch fails to format
+            # (an AttributeError about GetAttrKey): the same mistake.
+            if not _is_prefix_mismatch(e) or not any(_layers(m) for m in models):
+                raise
+            raise ValueError(_STALE_AXES) from e
         finally:
             _TRAINED.reset(token)
         for m, steps in zip(models, before):
