@@ -447,7 +447,11 @@ def _enter(spec: _Spec, x, scale, probes, ctx, probe_weight):
 
 
 def _enter_fwd(spec: _Spec, x, scale, probes, ctx, probe_weight):
-    zeros = jnp.zeros((2,) + ctx.inv.shape, ctx.inv.dtype)
+    # Zeros that vary (are batched) like x: their pmean then transposes to the mean
+    # of the per-instance sums, not to their total.
+    first = lax.stop_gradient(x.reshape(-1)[0])
+    zeros = jnp.zeros((2,) + ctx.inv.shape, ctx.inv.dtype) + jnp.where(
+        first == first, 0.0, 0.0).astype(ctx.inv.dtype)
     out = (x.astype(_carry_dtype(spec, x)), vary_like(zeros, varying_axes(x)))
     return out, (x, scale, probes, ctx, probe_weight)
 
