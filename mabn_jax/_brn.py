@@ -116,6 +116,10 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     xs = split.x.astype(sdt)
     mean_b, var_b = S.moments(xs, split, use_mean=True, use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    var_b, empty = S.fill_empty(split, var_b, state.var)
+    mean_b, _ = S.fill_empty(split, mean_b, state.mean)
+    # A batch with non-finite (or no) statistics never enters the state, as in MABN.
+    ok = S.all_finite(mean_b, var_b) & ~empty
 
     renorm_momentum = cfg.momentum if cfg.renorm_momentum is None else cfg.renorm_momentum
     if cfg.average_stddev:  # average std = sqrt(σ² + ε); store std² − ε as the variance
@@ -137,7 +141,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
                             active=jnp.asarray(True))
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
     var, _ = follow(state.var, var_b, cfg.momentum)
-    new_state = BatchRenormState(state.step + 1, mean, var, rmean, rvar)
+    new_state = S.select(ok, BatchRenormState(state.step + 1, mean, var, rmean, rvar), state)
 
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     b = functools.partial(S.bshape, ndim=xs.ndim, feature_axes=split.feature_axes)

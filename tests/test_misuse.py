@@ -1,0 +1,139 @@
+"""Round 3 of "no silent wrong answers" (issue 19): each case an adversarial
+user tried on 0.2.0 either works now or fails loudly naming the fix.
+
+One section per case, in the order of docs/reliability.md's misuse table.
+Models are tiny (a Dense and a norm): each distinct program is a compilation.
+"""
+
+import dataclasses
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mabn_jax
+import mabn_jax.nnx as mnnx
+
+C = 3
+KW = dict(buffer_size=2, warmup_steps=2, renorm_start=3)
+
+
+def batch(n=4, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, C)) * 2.0 + 0.5
+
+
+def assert_trees_equal(got, want):
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+# --- 4. a bad or fully masked batch never enters the state -----------------------
+
+
+def brn_apply(variables, x, mask=None):
+    return mabn_jax.BatchRenorm(warmup_steps=1).apply(
+        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+
+
+def brn_variables():
+    """A BatchRenorm after two steps (renormalizing: r, d are in use)."""
+    variables = mabn_jax.BatchRenorm(warmup_steps=1).init(
+        jax.random.key(0), batch(), use_running_average=False)
+    for seed in (1, 2):
+        _, upd = brn_apply(variables, batch(seed=seed))
+        variables = {**variables, **upd}
+    return variables
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_batch_renorm_keeps_its_state_on_a_nan_batch(wrap):
+    variables = brn_variables()
+    y, upd = wrap(brn_apply)(variables, batch(seed=3).at[1, 0].set(jnp.nan))
+    assert_trees_equal(upd["batch_stats"], variables["batch_stats"])
+    assert bool(jnp.isnan(y).any())  # loss guards see the step
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_batch_renorm_fully_masked_batch_keeps_state_and_gives_finite_outputs(wrap):
+    variables, x = brn_variables(), batch(seed=3)
+    mask = jnp.zeros((4, 1), bool)
+
+    def masked_loss(params):
+        y, upd = brn_apply({**variables, "params": params}, x, mask)
+        return jnp.sum(y * mask), (y, upd)
+
+    (loss, (y, upd)), grads = wrap(jax.value_and_grad(masked_loss, has_aux=True))(
+        variables["params"])
+    assert_trees_equal(upd["batch_stats"], variables["batch_stats"])
+    assert bool(jnp.isfinite(y).all()) and float(loss) == 0.0
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+class DenseNorm(nn.Module):
+    centered: bool = False
+    norm_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x = nn.Dense(C)(x)
+        return mabn_jax.MABN(use_running_average=False, centered=self.centered,
+                             norm_batch_size=self.norm_batch_size, **KW)(x, mask=mask)
+
+
+def mabn_step(model, variables, x, mask):
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                             x, mask, mutable=["batch_stats"])
+        return jnp.sum(y * mask), (y, upd)
+
+    return mabn_jax.value_and_grad(loss_fn, has_aux=True,
+                                   batch_stats=variables["batch_stats"])(variables["params"])
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("ghost", [False, True], ids=["batch", "one-ghost-group-empty"])
+def test_mabn_fully_masked_batch_keeps_state_and_gives_finite_outputs(centered, ghost):
+    model = DenseNorm(centered, 2 if ghost else None)
+    x = batch()
+    variables = model.init(jax.random.key(0), x)
+    full = jnp.ones((4, 1), bool)
+    for seed in (1, 2, 3):  # into the window phase
+        (_, (_, upd)), _ = jax.jit(mabn_step, static_argnums=0)(
+            model, variables, batch(seed=seed), full)
+        variables = {**variables, **upd}
+    mask = jnp.zeros((4, 1), bool).at[2:].set(ghost)  # ghost: only the first group empty
+    (loss, (y, upd)), grads = jax.jit(mabn_step, static_argnums=0)(
+        model, variables, batch(seed=4), mask)
+    before, after = variables["batch_stats"]["MABN_0"], upd["batch_stats"]["MABN_0"]
+    assert float(after["skipped"]) == float(before["skipped"]) + 1
+    assert_trees_equal({k: v for k, v in after.items() if k != "skipped"},
+                       {k: v for k, v in before.items() if k != "skipped"})
+    assert bool(jnp.isfinite(y).all()) and bool(jnp.isfinite(loss))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("layer", ["MABN", "BatchRenorm"])
+def test_nnx_fully_masked_and_nan_batches_keep_the_state(layer):
+    cls = getattr(mnnx, layer)
+    model = cls(C, rngs=nnx.Rngs(0), **(KW if layer == "MABN" else {}))
+
+    def loss_fn(model, x, mask):
+        return jnp.sum(model(x, mask=mask) * mask)
+
+    grad = mnnx.value_and_grad if layer == "MABN" else nnx.value_and_grad
+    full = jnp.ones((4, 1), bool)
+    for seed in (1, 2, 3):
+        grad(loss_fn)(model, batch(seed=seed), full)
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
+    counted = lambda s: {k: v for k, v in nnx.to_pure_dict(s).items() if k != "skipped"}
+    loss, grads = grad(loss_fn)(model, batch(seed=4), jnp.zeros((4, 1), bool))
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert_trees_equal(counted(nnx.state(model, nnx.BatchStat)), counted(before))
+    loss, _ = grad(loss_fn)(model, batch(seed=5).at[0, 1].set(jnp.nan), full)
+    assert bool(jnp.isnan(loss))
+    assert_trees_equal(counted(nnx.state(model, nnx.BatchStat)), counted(before))
