@@ -9,6 +9,8 @@ inherits its hyper-parameters from its config dataclass
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any
 
 import jax
@@ -60,7 +62,53 @@ def _state_variables(module, names, init_values):
             for name, v in zip(names, init_values)]
 
 
-class MABN(nn.Module, MABNConfig):
+#: ``nn.BatchNorm``'s positional order; the norms here take their positional
+#: arguments in it (the config mixin would otherwise put its fields first).
+_BATCHNORM_POSITIONAL = ("use_running_average", "axis", "momentum", "epsilon", "dtype",
+                        "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init",
+                        "axis_name", "axis_index_groups", "use_fast_variance",
+                        "force_float32_reductions", "parent", "name")
+
+
+class _BatchNormPositional:
+    """Mixin: positional arguments in ``nn.BatchNorm``'s order.
+
+    The dataclass ``__init__`` Flax generates lists the module's own fields
+    first and the config's as keyword-only, so ``MABN(False, -1, 0.9)`` would
+    set ``dtype=0.9``. Wrapping it (after Flax's transform, also for
+    subclasses) maps positional arguments to ``nn.BatchNorm``'s names.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        sig = inspect.signature(init)
+        own = [p for p in sig.parameters.values()
+               if p.name not in _BATCHNORM_POSITIONAL and p.name != "self"]
+        order = _BATCHNORM_POSITIONAL[:-2] + tuple(
+            p.name for p in own if p.kind is p.POSITIONAL_OR_KEYWORD) + ("parent", "name")
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            if len(args) > len(order):
+                raise TypeError(f"{cls.__name__} takes at most {len(order)} positional "
+                                f"arguments (nn.BatchNorm's order: {', '.join(order)}), got "
+                                f"{len(args)}; pass the others by keyword.")
+            for name, value in zip(order, args):
+                if name in kwargs:
+                    raise TypeError(f"{cls.__name__}: got multiple values for argument "
+                                    f"{name!r}.")
+                kwargs[name] = value
+            init(self, **kwargs)
+
+        params = dict(sig.parameters)
+        __init__.__signature__ = sig.replace(parameters=[params["self"]] + [
+            params[n].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in order] + [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in order])
+        cls.__init__ = __init__
+
+
+class MABN(_BatchNormPositional, nn.Module, MABNConfig):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020).
 
     A drop-in for :class:`flax.linen.BatchNorm` for small per-device batches.
@@ -210,7 +258,7 @@ def _missing_probes(module: nn.Module) -> str:
         f"(shapes, FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True)")
 
 
-class BatchRenorm(nn.Module, BatchRenormConfig):
+class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     """Batch Renormalization (Ioffe 2017): a drop-in for :class:`flax.linen.BatchNorm`.
 
     Equations in :mod:`mabn_jax.functional` (``batch_renorm_train``). ``r``

@@ -137,3 +137,33 @@ def test_nnx_fully_masked_and_nan_batches_keep_the_state(layer):
     loss, _ = grad(loss_fn)(model, batch(seed=5).at[0, 1].set(jnp.nan), full)
     assert bool(jnp.isnan(loss))
     assert_trees_equal(counted(nnx.state(model, nnx.BatchStat)), counted(before))
+
+
+# --- 5. positional arguments in nn.BatchNorm's order -----------------------------
+
+
+def positional(sig):
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds and p.name != "self"]
+
+
+@pytest.mark.parametrize("cls", [mabn_jax.MABN, mabn_jax.BatchRenorm])
+def test_positional_arguments_follow_batchnorm(cls):
+    assert positional(inspect.signature(cls)) == positional(inspect.signature(nn.BatchNorm))
+    bn, ours = nn.BatchNorm(False, -1, 0.9, 1e-3, jnp.bfloat16), cls(False, -1, 0.9, 1e-3,
+                                                                    jnp.bfloat16)
+    for name in ("use_running_average", "axis", "momentum", "epsilon", "dtype"):
+        assert getattr(ours, name) == getattr(bn, name), name
+    assert cls(True, -1, momentum=0.5).momentum == 0.5
+    with pytest.raises(TypeError, match="multiple values for argument 'momentum'"):
+        cls(True, -1, 0.9, momentum=0.5)
+    with pytest.raises(TypeError, match="at most 16 positional arguments.*by keyword"):
+        cls(*([None] * 17))
+
+
+@pytest.mark.parametrize("name", ["MABN", "BatchRenorm"])
+def test_nnx_positional_arguments_are_nnx_batchnorms(name):
+    ours = inspect.signature(getattr(mnnx, name).__init__)
+    assert positional(ours) == positional(inspect.signature(nnx.BatchNorm.__init__))
+    with pytest.raises(TypeError, match="positional"):
+        getattr(mnnx, name)(C, False, rngs=nnx.Rngs(0))
