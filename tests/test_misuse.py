@@ -167,3 +167,32 @@ def test_nnx_positional_arguments_are_nnx_batchnorms(name):
     assert positional(ours) == positional(inspect.signature(nnx.BatchNorm.__init__))
     with pytest.raises(TypeError, match="positional"):
         getattr(mnnx, name)(C, False, rngs=nnx.Rngs(0))
+
+
+# --- 3. fold_params folds only a layer and the norm applied to its output --------
+
+
+class Between(nn.Module):
+    """conv → (relu | + x | nothing) → norm, and a norm → conv pair."""
+
+    between: str
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(C, (3, 3), padding="SAME", name="conv")(x)
+        h = {"relu": nn.relu, "residual": lambda h: h + x, "none": lambda h: h}[
+            self.between](h)
+        h = mabn_jax.MABN(use_running_average=True, name="norm")(h)
+        return nn.Conv(C, (1, 1), name="after")(h)
+
+
+@pytest.mark.parametrize("between, pair", [
+    ("relu", ("conv", "norm")), ("residual", ("conv", "norm")), ("none", ("after", "norm"))])
+def test_fold_refuses_a_pair_with_something_in_between(between, pair):
+    x = jnp.ones((2, 4, 4, C))
+    variables = Between(between).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="not applied to the output of.*directly"):
+        mabn_jax.fold_params(Between(between), variables, [pair], x)
+    if between == "none":  # the real pair still folds
+        params = mabn_jax.fold_params(Between(between), variables, [("conv", "norm")], x)
+        assert "norm" not in params
