@@ -95,6 +95,16 @@ def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:
     return Clips(r_min, r_max, d_max)
 
 
+def _check_state_dtype(state: BatchRenormState) -> None:
+    low = sorted({str(v.dtype) for v in state if jnp.finfo(v.dtype).bits < 32})
+    if low:
+        raise ValueError(
+            f"{_LAYER}: the state (batch_stats) is {', '.join(low)}; it must be float32 or "
+            "wider (in bfloat16 the step counter stops at 256). It was cast with the "
+            "params: cast only the params and inputs, keep batch_stats as model.init made "
+            "them.")
+
+
 def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
                        state: BatchRenormState, config: BatchRenormConfig, *, axis=-1,
                        dtype: Any = None, mask: Array | None = None):
@@ -107,6 +117,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     ``mu_B``, ``sigma2_B``, ``r``, ``d`` (``[G, *features]`` with ghost batches).
     """
     x = jnp.asarray(x)
+    _check_state_dtype(state)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
     feature_shape = tuple(x.shape[a] for a in feature_axes)

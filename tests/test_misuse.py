@@ -196,3 +196,24 @@ def test_fold_refuses_a_pair_with_something_in_between(between, pair):
     if between == "none":  # the real pair still folds
         params = mabn_jax.fold_params(Between(between), variables, [("conv", "norm")], x)
         assert "norm" not in params
+
+
+# --- 8. a state cast below float32 is refused at trace time ----------------------
+
+
+@pytest.mark.parametrize("cls", [mabn_jax.MABN, mabn_jax.BatchRenorm])
+def test_low_precision_state_is_refused_naming_the_cast(cls):
+    model = cls(use_running_average=False)
+    x = batch()
+    variables = model.init(jax.random.key(0), x)
+    bs = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables["batch_stats"])
+
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": bs}, x,
+                             mutable=["batch_stats"])
+        return y.sum(), upd
+
+    grad = (mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)
+            if cls is mabn_jax.MABN else jax.value_and_grad(loss_fn, has_aux=True))
+    with pytest.raises(ValueError, match="bfloat16; it must be float32.*cast only the params"):
+        jax.jit(grad)(variables["params"])
