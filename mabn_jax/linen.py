@@ -219,7 +219,8 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.Probes(get("psi"), get("g"), get("loss_scale"))
     if module.has_variable("params", PROBES):
         probes = module.get_variable("params", PROBES)
-        _shell.consume_probe(probes["psi"], "/".join(module.path))
+        _check_helper_probes(module, probes, state)
+        _shell.consume_probe(probes["psi"], "/".join(module.path), state.psi_window)
         return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
@@ -227,6 +228,23 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
                                module.variable(PROBES, n, lambda z=z: z).value
                                for n, z in zip(("psi", "g"), zeros)))
     raise ValueError(_missing_probes(module))
+
+
+def _check_helper_probes(module: nn.Module, probes, state: _state.MABNState) -> None:
+    """Probes that value_and_grad built from a batch_stats tree other than the
+    one this layer is applied with (another configuration) are named as such."""
+    def shape(a):
+        return None if a is None else tuple(a.shape)
+    got = (shape(probes.get("psi")), shape(probes.get("g")))
+    want = (shape(state.psi_window), shape(state.g_window))
+    lifted = got[0] and len(got[0]) > len(want[0]) and got[0][-len(want[0]):] == want[0]
+    if got != want and not lifted:  # leading scan/vmap axes: _mabn's message
+        raise ValueError(
+            f"MABN layer {'/'.join(module.path)!r}: the batch_stats given to "
+            "mabn_jax.value_and_grad(..., batch_stats=...) hold this layer with windows "
+            f"{got}, but it is applied with windows {want} (another configuration: "
+            "buffer_size, centered or the features). Pass the batch_stats the model is "
+            "applied with.")
 
 
 def _one_training_call(module: nn.Module) -> None:

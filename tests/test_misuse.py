@@ -217,3 +217,45 @@ def test_low_precision_state_is_refused_naming_the_cast(cls):
             if cls is mabn_jax.MABN else jax.value_and_grad(loss_fn, has_aux=True))
     with pytest.raises(ValueError, match="bfloat16; it must be float32.*cast only the params"):
         jax.jit(grad)(variables["params"])
+
+
+# --- 9. batch_stats of another configuration ------------------------------------
+
+
+def test_value_and_grad_with_batch_stats_of_another_configuration():
+    x = batch()
+    model, other = DenseNorm(), DenseNorm(centered=True)
+    variables = model.init(jax.random.key(0), x)
+    wrong = other.init(jax.random.key(0), x)["batch_stats"]
+
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                             mutable=["batch_stats"])
+        return y.sum(), upd
+
+    with pytest.raises(ValueError, match="MABN_0.*Pass the batch_stats the model is applied"):
+        mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=wrong)(variables["params"])
+
+
+# --- 2. two training applies with params cast per apply --------------------------
+
+
+def test_two_training_applies_with_params_cast_per_apply_are_an_error():
+    x = batch()
+    model = DenseNorm()
+    variables = model.init(jax.random.key(0), x)
+    bs = variables["batch_stats"]
+
+    def apply(params, x):  # what a mixed-precision wrapper does
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        return model.apply({"params": params, "batch_stats": bs}, x, mutable=["batch_stats"])
+
+    def loss_fn(params):
+        y1, upd = apply(params, x)
+        y2, _ = apply(params, 2 * x)
+        return (y1 + y2).astype(jnp.float32).sum(), upd
+
+    with pytest.raises(ValueError, match="twice in one loss.*concatenated into one batch"):
+        jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
+            variables["params"])
+
