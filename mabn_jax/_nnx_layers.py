@@ -232,6 +232,14 @@ class MABN(_Norm):
     def _probes(self) -> _state.Probes:
         """The probes :func:`mabn_jax.nnx.attach_probes` put on this layer."""
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
+        if psi is None and _shell.in_helper():
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) is applied in "
+                "training mode inside mabn_jax.nnx.value_and_grad, but its model is not a "
+                "differentiated argument (e.g. a GAN's discriminator in the generator's "
+                "loss), so its backward statistics cannot be recorded. Put that model in "
+                "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
+                "or differentiate w.r.t. it too (argnums=(0, 1)).")
         if psi is None:
             raise ValueError(_shell.missing_probes(
                 f"{type(self).__name__}(num_features={self.num_features})",

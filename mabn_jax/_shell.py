@@ -22,7 +22,7 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes",
+__all__ = ["probe_scope", "in_helper", "consume_probe", "state_dtype", "initial_state", "missing_probes",
            "center_kernel", "make_config", "to_dicts"]
 
 
@@ -85,6 +85,11 @@ def probe_scope():
         yield
     finally:
         _CONSUMED.reset(token)
+
+
+def in_helper() -> bool:
+    """Whether a value_and_grad helper's loss function is running."""
+    return _CONSUMED.get() is not None
 
 
 def consume_probe(probe, layer: str, state=None) -> None:

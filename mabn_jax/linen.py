@@ -227,6 +227,8 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.Probes(*(None if z is None else
                                module.variable(PROBES, n, lambda z=z: z).value
                                for n, z in zip(("psi", "g"), zeros)))
+    if _shell.in_helper():
+        raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
 
 
@@ -262,6 +264,25 @@ def _one_training_call(module: nn.Module) -> None:
             "recorded once per step; call each MABN layer once per training step: use "
             "one layer per call site, or concatenate the inputs into one batch.")
     calls.add(module.path)
+
+
+def _full_name(module: nn.Module) -> str:
+    """``Root/path/to/layer``: the path alone (``MABN_0``) may exist in two networks."""
+    root = module
+    while isinstance(root.parent, nn.Module):
+        root = root.parent
+    return "/".join((type(root).__name__,) + tuple(module.path))
+
+
+def _not_differentiated(module: nn.Module) -> str:
+    return (
+        f"MABN layer {_full_name(module)!r} is applied in training mode inside "
+        "mabn_jax.value_and_grad, but its batch_stats were not passed as value_and_grad's "
+        "batch_stats= (or its params are not the differentiated argument), so its "
+        "backward statistics cannot be recorded. This happens with a second network "
+        "(e.g. a GAN's discriminator in the generator's loss). Either apply that network "
+        "with use_running_average=True there (it is frozen in this step), or put both "
+        "networks' params and batch_stats in one tree and pass that tree's batch_stats.")
 
 
 def _missing_probes(module: nn.Module) -> str:

@@ -259,3 +259,45 @@ def test_two_training_applies_with_params_cast_per_apply_are_an_error():
         jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
             variables["params"])
 
+
+
+# --- 7. a second network in training mode inside the helper (GAN) ---------------
+
+
+def test_gan_discriminator_in_training_mode_names_the_layer_and_the_fixes():
+    class Generator(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return mabn_jax.MABN(use_running_average=False)(nn.Dense(C)(z))
+
+    class Discriminator(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(mabn_jax.MABN(use_running_average=False)(nn.Dense(C)(x)))
+
+    z = batch()
+    g_vars = Generator().init(jax.random.key(0), z)
+    d_vars = Discriminator().init(jax.random.key(1), z)
+
+    def g_loss(g_params):
+        fake, upd = Generator().apply({"params": g_params, "batch_stats": g_vars["batch_stats"]},
+                                      z, mutable=["batch_stats"])
+        score, _ = Discriminator().apply(d_vars, fake, mutable=["batch_stats"])
+        return score.mean(), upd
+
+    with pytest.raises(ValueError, match=r"'Discriminator/MABN_0'.*batch_stats were not "
+                       r"passed.*use_running_average=True"):
+        mabn_jax.value_and_grad(g_loss, has_aux=True, batch_stats=g_vars["batch_stats"])(
+            g_vars["params"])
+
+
+def test_nnx_gan_discriminator_in_training_mode_names_the_fixes():
+    gen = nnx.Sequential(nnx.Linear(C, C, rngs=nnx.Rngs(0)), mnnx.MABN(C, rngs=nnx.Rngs(0)))
+    disc = nnx.Sequential(nnx.Linear(C, 5, rngs=nnx.Rngs(1)), mnnx.MABN(5, rngs=nnx.Rngs(1)))
+
+    def g_loss(gen, disc):
+        return disc(gen(batch())).mean()
+
+    with pytest.raises(ValueError, match=r"MABN\(num_features=5\).*not a differentiated "
+                       r"argument.*model.eval\(\).*argnums=\(0, 1\)"):
+        mnnx.value_and_grad(g_loss)(gen, disc)
