@@ -22,8 +22,8 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "in_helper", "consume_probe", "state_dtype", "initial_state", "missing_probes",
-           "center_kernel", "make_config", "to_dicts"]
+__all__ = ["probe_scope", "in_helper", "consume_probe", "state_dtype", "initial_state",
+           "missing_probes", "center_kernel", "make_config", "to_dicts"]
 
 
 def state_dtype(param_dtype: Any) -> Any:

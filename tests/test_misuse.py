@@ -5,14 +5,12 @@ One section per case, in the order of docs/reliability.md's misuse table.
 Models are tiny (a Dense and a norm): each distinct program is a compilation.
 """
 
-import dataclasses
 import inspect
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
