@@ -253,6 +253,8 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
     mean_b, var_b = S.moments(split.x.astype(sdt), split, use_mean=cfg.centered,
                               use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    var_b, empty = S.fill_empty(split, var_b, state.ema_var)
+    mean_b, _ = S.fill_empty(split, mean_b, state.ema_mean)
     phase = jax.vmap(_phase, (0, None))(
         as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
     sl = _slide(phase.slot_mask)
@@ -264,7 +266,7 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
 
     # An unrecorded (reserved) slot or a poisoned state shows in psi_window: NaN output.
     healthy = S.all_finite(state.psi_window)
-    ok = S.all_finite(mean_b, var_b)  # this step's statistics
+    ok = S.all_finite(mean_b, var_b) & ~empty  # this step's statistics
     bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
     inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
     written = sl.last.any(0)
@@ -278,7 +280,7 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
     new_state = S.select(ok, new_state, state._replace(skipped=state.skipped + 1))
 
     ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
-               phase.use_batch, jnp.asarray(S.count(split), sdt), split.mask)
+               phase.use_batch, _count(split, sdt), split.mask)
     check_probes_vary(probes.psi, inv, cfg.axis_name)
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     x_axes = varying_axes(x)
@@ -299,6 +301,13 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
     else:
         stats = dict(chi2_B=var_b, chi2=var, ema_x2=ema_var_used, r=r)
     return y.reshape(x.shape), new_state, {k: squeeze(v) for k, v in stats.items()}
+
+
+def _count(split: S.Split, dtype) -> Array:
+    """Examples per statistic; at least 1, so that a fully masked (skipped)
+    batch divides its zero backward sums by 1, not 0."""
+    n = S.count(split)
+    return jnp.asarray(n if split.mask is None else jnp.maximum(n, 1), dtype)
 
 
 def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):

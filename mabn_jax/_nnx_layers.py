@@ -280,6 +280,14 @@ class MABN(_Norm):
         """The probes :func:`mabn_jax.nnx.value_and_grad` put on this layer, or
         None outside it (a step nothing differentiates: see the class doc)."""
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
+        if psi is None and _shell.in_helper():
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) is applied in "
+                "training mode inside mabn_jax.nnx.value_and_grad, but its model is not a "
+                "differentiated argument (e.g. a GAN's discriminator in the generator's "
+                "loss), so its backward statistics cannot be recorded. Put that model in "
+                "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
+                "or differentiate w.r.t. it too (argnums=(0, 1)).")
         if psi is None:
             return None
         trained = _TRAINED.get()
