@@ -179,7 +179,9 @@ class MABN(_Norm):
     mean_window, var_window, g_window, psi_window, ema_mean, ema_var,
     skipped``, kept in ``promote_types(param_dtype, float32)``.
 
-    Args (as ``nnx.BatchNorm``'s):
+    The arguments are ``nnx.BatchNorm``'s, plus the hyper-parameters.
+
+    Args:
       num_features: the number of features (for several ``axis``, a tuple of
         their sizes in increasing axis order).
       rngs: the random number generators (``rngs.params`` for scale, bias).
@@ -191,7 +193,7 @@ class MABN(_Norm):
       use_bias, use_scale: whether to add ``β`` / multiply by ``γ``.
       bias_init, scale_init: their initializers (zeros, ones).
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
-      **hyper: the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
+      hyper: (keywords) the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
         its defaults: ``momentum`` (0.98), ``epsilon``, ``axis_name``,
         ``axis_index_groups``, ``use_fast_variance`` (False: two-pass
         variance, unlike ``nnx.BatchNorm``), ``force_float32_reductions``,

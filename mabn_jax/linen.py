@@ -78,12 +78,14 @@ class MABN(nn.Module, MABNConfig):
     :func:`mabn_jax.value_and_grad` in place of ``jax.value_and_grad``; it
     records the backward statistics (Ψ_B, g_B) that only the backward pass sees.
 
-    Attributes: the hyper-parameters of :class:`~mabn_jax.MABNConfig`
+    The hyper-parameters are those of :class:`~mabn_jax.MABNConfig`
     (``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups``,
     ``use_fast_variance``, ``force_float32_reductions``, ``norm_batch_size``,
     ``buffer_size``, ``warmup_steps``, ``renorm_start``, ``r_max``,
-    ``centered``, ``d_max``, ``ghost_ema``), and as in ``nn.BatchNorm``:
+    ``centered``, ``d_max``, ``ghost_ema``); the other attributes are
+    ``nn.BatchNorm``'s.
 
+    Attributes:
       use_running_average: if True, use the stored EMA statistics (inference).
       axis: the feature axis or axes of the input (default last, NHWC).
       dtype: the dtype of the result (default: the input's dtype).
