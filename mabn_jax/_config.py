@@ -153,6 +153,15 @@ class MABNConfig(_NormConfig):
 
     Steps ``t`` count window steps: one per call, or one per group with ghost
     batches. ``warmup_steps`` and ``renorm_start`` must be at most 2**22.
+
+    Example:
+      >>> import mabn_jax
+      >>> mabn_jax.MABNConfig(buffer_size=4).momentum
+      0.98
+      >>> mabn_jax.MABNConfig(buffer_size=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: MABN: buffer_size=0 ...
     """
 
     momentum: float = 0.98

@@ -98,6 +98,18 @@ class MABN(nn.Module, MABNConfig):
     ``chi2``, ``ema_x2``, ``r``; centered: ``mu_B``, ``sigma2_B``, ``mu``,
     ``sigma2``, ``ema_mean``, ``ema_var``, ``r``, ``d``) into
     ``'intermediates'`` (a no-op unless that collection is mutable).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
+      >>> x = jnp.ones((2, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> sorted(variables['batch_stats'])
+      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
+      >>> variables['batch_stats']['x2_window'].shape
+      (4, 3)
+      >>> layer.apply(variables, x).shape
+      (2, 3)
     """
 
     use_running_average: bool | None = None
