@@ -23,9 +23,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# API reference + docs/*.md pages into docs/_build/html; any warning fails.
+# API reference + docs/*.md pages into docs/_build/html; any warning (nitpicky: any
+# unresolved reference to a mabn_jax name) fails.
 docs: $(DOCS_STAMP)
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -q -b html docs docs/_build/html
 
 # Build sdist and wheel, install the wheel in a fresh venv, run a train step from it.
 wheel-check: $(DOCS_STAMP)

@@ -216,7 +216,9 @@ class MABN(_Norm):
     mean_window, var_window, g_window, psi_window, ema_mean, ema_var,
     skipped``, kept in ``promote_types(param_dtype, float32)``.
 
-    Args (as ``nnx.BatchNorm``'s):
+    The arguments are ``nnx.BatchNorm``'s, plus the hyper-parameters.
+
+    Args:
       num_features: the number of features (for several ``axis``, a tuple of
         their sizes in increasing axis order).
       rngs: the random number generators (``rngs.params`` for scale, bias).
@@ -233,7 +235,7 @@ class MABN(_Norm):
         EMAs; its promoted statistics are unused, the state keeps its dtype).
         Default: no promotion; ``flax.nnx.nn.dtypes.promote_dtype`` promotes
         as ``nnx.BatchNorm`` does.
-      **hyper: the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
+      hyper: (keywords) the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
         its defaults: ``momentum`` (0.98), ``epsilon``, ``axis_name``,
         ``axis_index_groups``, ``use_fast_variance`` (False: two-pass
         variance, unlike ``nnx.BatchNorm``), ``force_float32_reductions``,

@@ -131,8 +131,9 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
       variables: its ``{'params': ..., 'batch_stats': ...}``.
       pairs: ``(layer_path, norm_path)`` for each norm to fold, as
         ``'block/conv'`` strings or key tuples (module paths).
-      *args, **kwargs: an input (any values of the right shape) and the
-        keyword arguments of an inference-mode apply, e.g. ``train=False``.
+      args: an input (any values of the right shape), as for ``apply``.
+      kwargs: the keyword arguments of an inference-mode apply, e.g.
+        ``train=False``.
 
     Returns:
       A new ``params`` dict for the deployment model: each layer holds the

@@ -126,12 +126,14 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
     :func:`mabn_jax.value_and_grad` in place of ``jax.value_and_grad``; it
     records the backward statistics (Ψ_B, g_B) that only the backward pass sees.
 
-    Attributes: the hyper-parameters of :class:`~mabn_jax.MABNConfig`
+    The hyper-parameters are those of :class:`~mabn_jax.MABNConfig`
     (``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups``,
     ``use_fast_variance``, ``force_float32_reductions``, ``norm_batch_size``,
     ``buffer_size``, ``warmup_steps``, ``renorm_start``, ``r_max``,
-    ``centered``, ``d_max``, ``ghost_ema``), and as in ``nn.BatchNorm``:
+    ``centered``, ``d_max``, ``ghost_ema``); the other attributes are
+    ``nn.BatchNorm``'s.
 
+    Attributes:
       use_running_average: if True, use the stored EMA statistics (inference).
       axis: the feature axis or axes of the input (default last, NHWC).
       dtype: the dtype of the result (default: the input's dtype).
@@ -144,6 +146,18 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
     ``chi2``, ``ema_x2``, ``r``; centered: ``mu_B``, ``sigma2_B``, ``mu``,
     ``sigma2``, ``ema_mean``, ``ema_var``, ``r``, ``d``) into
     ``'intermediates'`` (a no-op unless that collection is mutable).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
+      >>> x = jnp.ones((2, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> sorted(variables['batch_stats'])
+      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
+      >>> variables['batch_stats']['x2_window'].shape
+      (4, 3)
+      >>> layer.apply(variables, x).shape
+      (2, 3)
     """
 
     use_running_average: bool | None = None
