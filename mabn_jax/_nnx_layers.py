@@ -289,7 +289,10 @@ class MABN(_Norm):
                 "differentiated argument (e.g. a GAN's discriminator in the generator's "
                 "loss), so its backward statistics cannot be recorded. Put that model in "
                 "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
-                "or differentiate w.r.t. it too (argnums=(0, 1)).")
+                "or differentiate w.r.t. it too (argnums=(0, 1)). If the model was split "
+                "before the gradient and is merged inside the loss, the helper cannot reach "
+                "its layers: call mabn_jax.nnx.attach_probes(model) before the model is "
+                "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md).")
         if psi is None:
             return None
         trained = _TRAINED.get()
