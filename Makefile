@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench aot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ test: $(STAMP)
 # Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+AOT_STAMP := $(VENV)/.installed-aot
+$(AOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[aot]'
+	touch $(AOT_STAMP)
+
+# What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
+# AOT_ARGS=--quick: two shapes.
+aot: $(AOT_STAMP)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py
