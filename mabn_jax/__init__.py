@@ -16,7 +16,7 @@ from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
 from mabn_jax.linen import MABN, PROBES, BatchRenorm, CenteredConv, CenteredDense, center_kernel
 from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the single source: pyproject.toml reads it (dynamic version)
 
 
 
