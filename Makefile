@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: test docs wheel-check demo bench clean
+.PHONY: test docs wheel-check demo bench aot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ wheel-check: $(DOCS_STAMP)
 # Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+AOT_STAMP := $(VENV)/.installed-aot
+$(AOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[aot]'
+	touch $(AOT_STAMP)
+
+# What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
+# AOT_ARGS=--quick: two shapes.
+aot: $(AOT_STAMP)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py
