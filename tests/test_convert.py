@@ -50,6 +50,7 @@ def test_every_batchnorm_becomes_a_centered_mabn_under_its_path():
     assert stats["BatchNorm_0"]["var_window"].shape == (4, 4)
 
 
+@pytest.mark.slow
 def test_converted_model_equals_batchnorm_model_in_inference_and_trains():
     x, v = pretrained()
     model = mabn_jax.replace_batchnorm(Net(), buffer_size=4, warmup_steps=2, renorm_start=3)
