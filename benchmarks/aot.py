@@ -28,11 +28,11 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import STAGES, layer_step, table  # noqa: E402
+from bench import layer_modules as bench_layer_modules  # noqa: E402
 
 import mabn_jax  # noqa: E402
 
@@ -45,14 +45,11 @@ def tpu_device(topology="v5e:2x2"):
 
 
 def layer_modules(dtype, channels):
-    return {
-        "BN": nn.BatchNorm(dtype=dtype),
-        "BN two-pass": nn.BatchNorm(use_fast_variance=False, dtype=dtype),
-        "MABN": mabn_jax.MABN(dtype=dtype),
-        "MABN-centered": mabn_jax.MABN(centered=True, dtype=dtype),
-        "BatchRenorm": mabn_jax.BatchRenorm(dtype=dtype),
-        "GroupNorm(32)": nn.GroupNorm(num_groups=min(32, channels), dtype=dtype),
-    }
+    """bench.py's layers (less LayerNorm), plus BatchRenorm before GroupNorm."""
+    mods = bench_layer_modules(dtype, channels)
+    mods.pop("LayerNorm")
+    gn = mods.pop("GroupNorm(32)")
+    return {**mods, "BatchRenorm": mabn_jax.BatchRenorm(dtype=dtype), "GroupNorm(32)": gn}
 
 
 def compile_layer(module, x, device):
