@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,examples]'
 	touch $(STAMP)
 
-# Lint, then every test (slow and multi-process ones included) on two workers.
+# Lint, type-check the package (this checkout's, whatever mabn_jax the venv has
+# installed), then every test (slow and multi-process ones included) on two workers.
 test: $(STAMP)
 	$(PY) -m ruff check .
+	MYPYPATH=$(CURDIR) $(PY) -m mypy -p mabn_jax
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.

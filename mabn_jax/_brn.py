@@ -116,6 +116,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     xs = split.x.astype(sdt)
     mean_b, var_b = S.moments(xs, split, use_mean=True, use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    assert mean_b is not None  # use_mean=True
 
     renorm_momentum = cfg.momentum if cfg.renorm_momentum is None else cfg.renorm_momentum
     if cfg.average_stddev:  # average std = sqrt(σ² + ε); store std² − ε as the variance
@@ -135,6 +136,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     r, d = S.renorm_factors(var_b, rvar_used, mean_b, rmean_used, r_max=clips.r_max,
                             r_min=clips.r_min, d_max=clips.d_max, epsilon=cfg.epsilon,
                             active=jnp.asarray(True))
+    assert d is not None  # a mean was given
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
     var, _ = follow(state.var, var_b, cfg.momentum)
     new_state = BatchRenormState(state.step + 1, mean, var, rmean, rvar)
