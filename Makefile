@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: test demo bench clean
+.PHONY: test docs wheel-check demo bench aot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,examples]'
 	touch $(STAMP)
+
+# Sphinx, MyST and build (the docs and build extras).
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs,build]'
+	touch $(DOCS_STAMP)
 
 # Lint, type-check the package (this checkout's, whatever mabn_jax the venv has
 # installed), then every test (slow and multi-process ones included) on two workers.
@@ -19,12 +25,31 @@ test: $(STAMP)
 	MYPYPATH=$(CURDIR) $(PY) -m mypy -p mabn_jax
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# API reference + docs/*.md pages into docs/_build/html; any warning (nitpicky: any
+# unresolved reference to a mabn_jax name) fails.
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -n -W --keep-going -q -b html docs docs/_build/html
+
+# Build sdist and wheel, install the wheel in a fresh venv, run a train step from it.
+wheel-check: $(DOCS_STAMP)
+	PY=$(PY) bash .ci/check_wheel
+
 # Speed/memory ratios vs nn.BatchNorm (CPU: ~5 min). BENCH_ARGS=--full for more rounds.
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+AOT_STAMP := $(VENV)/.installed-aot
+$(AOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[aot]'
+	touch $(AOT_STAMP)
+
+# What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
+# AOT_ARGS=--quick: two shapes.
+aot: $(AOT_STAMP)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist docs/_build *.egg-info

@@ -121,7 +121,8 @@ def layer_step(module, x, dy):
     in place of ``jax.value_and_grad``.
     """
     is_mabn = isinstance(module, mabn_jax.MABN)
-    kw = {"use_running_average": False} if is_mabn or isinstance(module, nn.BatchNorm) else {}
+    kw = ({"use_running_average": False}
+          if isinstance(module, (mabn_jax.MABN, mabn_jax.BatchRenorm, nn.BatchNorm)) else {})
     variables = module.init(jax.random.PRNGKey(0), x, **kw)
     params = variables["params"]
     stats = variables.get("batch_stats", {})

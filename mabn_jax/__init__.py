@@ -12,11 +12,12 @@ Flax NNX: :mod:`mabn_jax.nnx` (imported on first use).
 from mabn_jax import functional, monitor
 from mabn_jax._config import BatchRenormConfig, MABNConfig
 from mabn_jax.checkpoint import check_batch_stats
+from mabn_jax.convert import convert_batchnorm_variables, replace_batchnorm
 from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
 from mabn_jax.linen import MABN, PROBES, BatchRenorm, CenteredConv, CenteredDense, center_kernel
 from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the single source: pyproject.toml reads it (dynamic version)
 
 
 
@@ -41,6 +42,8 @@ __all__ = [
     "record_backward_stats",
     "PROBES",
     "check_batch_stats",
+    "replace_batchnorm",
+    "convert_batchnorm_variables",
     "fold_params",
     "fold_norm",
     "fold_affine",

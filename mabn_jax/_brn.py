@@ -95,6 +95,16 @@ def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:
     return Clips(r_min, r_max, d_max)
 
 
+def _check_state_dtype(state: BatchRenormState) -> None:
+    low = sorted({str(v.dtype) for v in state if jnp.finfo(v.dtype).bits < 32})
+    if low:
+        raise ValueError(
+            f"{_LAYER}: the state (batch_stats) is {', '.join(low)}; it must be float32 or "
+            "wider (in bfloat16 the step counter stops at 256). It was cast with the "
+            "params: cast only the params and inputs, keep batch_stats as model.init made "
+            "them.")
+
+
 def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
                        state: BatchRenormState, config: BatchRenormConfig, *, axis=-1,
                        dtype: Any = None, mask: Array | None = None):
@@ -107,6 +117,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     ``mu_B``, ``sigma2_B``, ``r``, ``d`` (``[G, *features]`` with ghost batches).
     """
     x = jnp.asarray(x)
+    _check_state_dtype(state)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -117,6 +128,10 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     mean_b, var_b = S.moments(xs, split, use_mean=True, use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     assert mean_b is not None  # use_mean=True
+    var_b, empty = S.fill_empty(split, var_b, state.var)
+    mean_b, _ = S.fill_empty(split, mean_b, state.mean)
+    # A batch with non-finite (or no) statistics never enters the state, as in MABN.
+    ok = S.all_finite(mean_b, var_b) & ~empty
 
     renorm_momentum = cfg.momentum if cfg.renorm_momentum is None else cfg.renorm_momentum
     if cfg.average_stddev:  # average std = sqrt(σ² + ε); store std² − ε as the variance
@@ -139,7 +154,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     assert d is not None  # a mean was given
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
     var, _ = follow(state.var, var_b, cfg.momentum)
-    new_state = BatchRenormState(state.step + 1, mean, var, rmean, rvar)
+    new_state = S.select(ok, BatchRenormState(state.step + 1, mean, var, rmean, rvar), state)
 
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     b = functools.partial(S.bshape, ndim=xs.ndim, feature_axes=split.feature_axes)

@@ -128,7 +128,12 @@ class _NormConfig:
 class MABNConfig(_NormConfig):
     """Hyper-parameters of one MABN layer (static: changing one recompiles).
 
-    Attributes (besides :class:`_NormConfig`'s, with ``momentum=0.98``, the paper's):
+    Besides the attributes every norm shares (``momentum``, here 0.98, the
+    paper's; ``epsilon``, ``axis_name``, ``axis_index_groups``,
+    ``use_fast_variance``, ``force_float32_reductions``, ``norm_batch_size``;
+    as in ``nn.BatchNorm``):
+
+    Attributes:
       buffer_size: ``m``, the steps in the simple-moving-average windows
         (the paper: real batch / normalization batch, 16 for ImageNet).
       warmup_steps: while ``t < warmup_steps`` the batch statistics are used.
@@ -148,6 +153,15 @@ class MABNConfig(_NormConfig):
 
     Steps ``t`` count window steps: one per call, or one per group with ghost
     batches. ``warmup_steps`` and ``renorm_start`` must be at most 2**22.
+
+    Example:
+      >>> import mabn_jax
+      >>> mabn_jax.MABNConfig(buffer_size=4).momentum
+      0.98
+      >>> mabn_jax.MABNConfig(buffer_size=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: MABN: buffer_size=0 ...
     """
 
     momentum: float = 0.98
@@ -188,7 +202,11 @@ class MABNConfig(_NormConfig):
 class BatchRenormConfig(_NormConfig):
     """Hyper-parameters of Batch Renormalization (Ioffe 2017).
 
-    Attributes (besides :class:`_NormConfig`'s):
+    Besides the attributes every norm shares (``momentum``, ``epsilon``,
+    ``axis_name``, ``axis_index_groups``, ``use_fast_variance``,
+    ``force_float32_reductions``, ``norm_batch_size``; as in ``nn.BatchNorm``):
+
+    Attributes:
       r_max: final upper clip of ``r`` (the paper: 3); ``inf``: no upper clip.
       d_max: final clip of ``d`` to ``[−d_max, d_max]`` (the paper: 5); ``inf``:
         no clip.

@@ -42,7 +42,7 @@ from mabn_jax import _stats as S
 from mabn_jax import _upstream
 from mabn_jax._config import MABNConfig
 from mabn_jax._sharding import check_probes_vary, probe_cotangent, vary_like, varying_axes
-from mabn_jax._state import MABNState, Probes, check_state
+from mabn_jax._state import MABNState, Probes, check_state, init_probes
 
 Array = jax.Array
 _LAYER = "MABN"
@@ -56,6 +56,17 @@ _FORWARD_MODE = (
     "(jax.jvp, jax.jacfwd) of the layer itself is undefined: its gradient uses moving "
     "averages of the backward statistics (a custom VJP), which no forward derivative "
     "matches. Use use_running_average=True (inference mode) for forward-mode derivatives.")
+
+
+_UNRECORDED = (
+    "MABN: a training-mode call without probes is being differentiated. Its gradient "
+    "would use this step's backward statistics (Psi_B, g_B), but without probes they "
+    "cannot leave the backward pass, so the layer's windows would never hold them. "
+    "Differentiate with mabn_jax.nnx.value_and_grad / mabn_jax.nnx.grad (NNX) or "
+    "mabn_jax.value_and_grad (linen), which attach the probes and record the statistics; "
+    "with the low-level NNX API, call mabn_jax.nnx.attach_probes(model) before the model "
+    "is split (nnx.split / nnx.unpack) and differentiate w.r.t. (nnx.Param, "
+    "mabn_jax.nnx.Probe). A training-mode call that nothing differentiates is fine.")
 
 
 class _Phase(NamedTuple):
@@ -156,6 +167,7 @@ class _Spec(NamedTuple):
     feature_axes: tuple[int, ...]  # axis 0 (the groups) first
     out_dtype: Any
     config: MABNConfig
+    recorded: bool = True  # probes given: the backward statistics can leave the VJP
 
 
 class _Ctx(NamedTuple):
@@ -176,7 +188,7 @@ class _Ctx(NamedTuple):
 
 
 def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-               probes: Probes, config: MABNConfig, *, axis: int | Sequence[int] = -1,
+               probes: Probes | None, config: MABNConfig, *, axis: int | Sequence[int] = -1,
                dtype: Any = None, mask: Array | None = None) -> tuple[Array, MABNState]:
     """One MABN training step: returns ``(y, new_state)``.
 
@@ -199,7 +211,11 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
       x: input of rank >= 2, any float dtype.
       scale, bias: ``γ`` and ``β`` of shape ``[*features]``, or ``None``.
       state: from :func:`init_state` or a previous step.
-      probes: from :func:`init_probes`; differentiate w.r.t. them.
+      probes: from :func:`init_probes`; differentiate w.r.t. them. ``None``: a
+        step that nothing differentiates (a plain forward): the forward
+        statistics advance, the Ψ (g) slots take the window's mean before the
+        step (its own estimate) instead of being reserved, and differentiating
+        the output raises at trace time.
       config: the layer's hyper-parameters.
       axis: the feature axis or axes (default last, NHWC).
       dtype: output dtype (default: the input's).
@@ -212,7 +228,7 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
 
 
 def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
-                          state: MABNState, probes: Probes, config: MABNConfig, *,
+                          state: MABNState, probes: Probes | None, config: MABNConfig, *,
                           axis: int | Sequence[int] = -1, dtype: Any = None,
                           mask: Array | None = None
                           ) -> tuple[Array, MABNState, dict[str, Array]]:
@@ -229,7 +245,11 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     check_state(state, config, feature_shape)
-    _check_probes(probes, state)
+    recorded = probes is not None
+    if probes is not None:
+        _check_probes(probes, state)
+    else:  # nothing can record this step's Ψ_B: see _UNRECORDED
+        probes = init_probes(state)
     cfg = config
     split = S.split_groups(x, feature_axes, cfg.norm_batch_size, _LAYER, mask)
     ghost = split.groups > 1
@@ -238,6 +258,8 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     mean_b, var_b = S.moments(split.x.astype(sdt), split, use_mean=cfg.centered,
                               use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    var_b, empty = S.fill_empty(split, var_b, state.ema_var)
+    mean_b, _ = S.fill_empty(split, mean_b, state.ema_mean)
     phase = jax.vmap(_phase, (0, None))(
         as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
     sl = _slide(phase.slot_mask)
@@ -249,11 +271,14 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
 
     # An unrecorded (reserved) slot or a poisoned state shows in psi_window: NaN output.
     healthy = S.all_finite(state.psi_window)
-    ok = S.all_finite(mean_b, var_b)  # this step's statistics
+    ok = S.all_finite(mean_b, var_b) & ~empty  # this step's statistics
     bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
     inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
     written = sl.last.any(0)
-    reserve = lambda w: jnp.where(S.lead(written, w), jnp.nan, w)
+    # The slots this step's Ψ_B (g_B) will fill are reserved (NaN). Without probes
+    # they take the window's own estimate instead: its mean before the step.
+    fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
+    reserve = lambda w: jnp.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
         _advance(state.step, split.groups, cfg.buffer_size), var_w, reserve(state.psi_window),
         ema_var, state.skipped, mean_w,
@@ -261,14 +286,16 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     new_state = S.select(ok, new_state, state._replace(skipped=state.skipped + 1))
 
     ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
-               phase.use_batch, jnp.asarray(S.count(split), sdt), split.mask)
+               phase.use_batch, _count(split, sdt), split.mask)
     check_probes_vary(probes.psi, inv, cfg.axis_name)
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     x_axes = varying_axes(x)
     scale, bias = vary_like(scale, x_axes), vary_like(bias, x_axes)
-    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg)
+    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg,
+                 recorded)
     try:
-        y = _normalize(spec, split.x, scale, bias, probes, ctx)
+        normalize = _normalize if cfg.axis_name is None else _normalize_named
+        y = normalize(spec, split.x, scale, bias, probes, ctx)
     except TypeError as e:
         if not _upstream.is_forward_mode_error(e):
             raise
@@ -281,6 +308,13 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     else:
         stats = dict(chi2_B=var_b, chi2=var, ema_x2=ema_var_used, r=r)
     return y.reshape(x.shape), new_state, {k: squeeze(v) for k, v in stats.items()}
+
+
+def _count(split: S.Split, dtype) -> Array:
+    """Examples per statistic; at least 1, so that a fully masked (skipped)
+    batch divides its zero backward sums by 1, not 0."""
+    n = S.count(split)
+    return jnp.asarray(n if split.mask is None else jnp.maximum(n, 1), dtype)
 
 
 def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
@@ -326,11 +360,20 @@ def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
 
 def _normalize_bwd(spec: _Spec, res, dy):
     x, scale, bias, probes, ctx = res
-    dtype, cfg = ctx.inv.dtype, spec.config
+    sums, dscale, dbias = _local_sums(spec, res, dy)
+    sync = functools.partial(S.pmean, axis_name=spec.config.axis_name,
+                             axis_index_groups=spec.config.axis_index_groups)
+    dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sync(sums))
+    return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
+
+
+def _local_sums(spec: _Spec, res, dy):
+    """(``a·Σdy·z`` and ``a·Σdy`` of this device's batch, stacked; dγ; dβ)."""
+    if not spec.recorded:
+        raise ValueError(_UNRECORDED)
+    x, scale, bias, probes, ctx = res
+    dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
-    sync = functools.partial(S.pmean, axis_name=cfg.axis_name,
-                             axis_index_groups=cfg.axis_index_groups)
-    z = _z(x, ctx, spec, dtype)
     dy = dy.astype(dtype)
     sum_dy = dy.sum(spec.reduction_axes)
     # Σ dy·z = inv · Σ dy·(x − μ̃): scaling after the reduction lets XLA fuse it
@@ -341,37 +384,147 @@ def _normalize_bwd(spec: _Spec, res, dy):
           else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean)))
     sum_dyz = (dy * xc).sum(spec.reduction_axes) * ctx.inv
     a = scale * ctx.r  # ĝ = dy · a
-    keep = (lambda v: v) if ctx.mask is None else (lambda v: jnp.where(ctx.mask, v, 0.0))
+    dscale = ctx.r * sum_dyz
+    if ctx.d is not None:
+        dscale = dscale + ctx.d * sum_dy
+    dscale, dbias = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
+    return (jnp.stack([a * sum_dyz, a * sum_dy]), dscale.astype(scale.dtype),
+            dbias.astype(bias.dtype))
 
+
+def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
+    """(dx, probe cotangents) from the synchronized sums of :func:`_local_sums`."""
+    dtype = ctx.inv.dtype
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    z = _z(x, ctx, spec, dtype)
+    dy = dy.astype(dtype)
+    a = scale * ctx.r
+    keep = (lambda v: v) if ctx.mask is None else (lambda v: jnp.where(ctx.mask, v, 0.0))
     sl = _slide(ctx.slot_mask)
+    weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
     def windowed(window, total):
         """(the step's statistic in use, the probe cotangent)."""
-        value = sync(a * total) / ctx.count  # Ψ_B or g_B (times the loss scale)
+        value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
         used = jnp.where(S.lead(ctx.use_batch, value), value, _window_mean(sl, window, value))
-        return used, _final_window(sl, jnp.zeros_like(window), value)
+        return used, weight(_final_window(sl, jnp.zeros_like(window), replicate(value)))
 
-    psi, psi_cot = windowed(ctx.psi_window, sum_dyz)
+    def replicate(value):
+        # Two-stage (named axis): under shard_map the averaged sums arrive typed as
+        # varying over the synchronized axes, though equal across them; a state
+        # (probe) replicated over those axes takes them back as replicated.
+        extra = tuple(sorted(varying_axes(value) - varying_axes(probes.psi)))
+        return lax.pmean(value, extra) if probe_weight is not None and extra else value
+
+    psi, psi_cot = windowed(ctx.psi_window, sums[0])
     dxs = dy * b(a) - keep(z * b(psi))
     g_cot = None
     if ctx.g_window is not None:
-        g, g_cot = windowed(ctx.g_window, sum_dy)
+        g, g_cot = windowed(ctx.g_window, sums[1])
         dxs = dxs - keep(b(g))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
     dprobes = Probes(probe_cotangent(psi_cot, probes.psi),
                      None if g_cot is None else probe_cotangent(g_cot, probes.g),
                      None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale))
-    dscale = ctx.r * sum_dyz
-    if ctx.d is not None:
-        dscale = dscale + ctx.d * sum_dy
-    dscale, sum_dy = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
-    return (dx, dscale.astype(scale.dtype), sum_dy.astype(bias.dtype), dprobes,
-            jax.tree_util.tree_map(lambda _: None, ctx))
+    return dx, dprobes
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# With a named axis the synchronized backward sums must come from a collective
+# that is bound wherever the forward's is: under jax.vmap / nnx.vmap with the
+# gradient taken outside the vmap, a lax.pmean inside a custom VJP's backward
+# runs after the vmap's axis is gone. So the step is split in two custom VJPs
+# around a forward pmean of zeros, whose transpose is the pmean of the backward
+# sums (the way nn.BatchNorm's own backward reductions arise):
+#   x ─ _enter ─→ (x, 0) ─→ (x, pmean(0)) ─ _normalize_synced ─→ y
+# _normalize_synced's backward returns this device's sums as the cotangent of
+# pmean(0) and passes dy on as x's; _enter's backward receives them averaged.
+
+
+def _normalize_named(spec: _Spec, x, scale, bias, probes, ctx):
+    cfg = spec.config
+    axes = varying_axes(x)
+    x1, zeros = _enter(spec, x, scale, probes, ctx, _probe_weight(x, probes.psi))
+    synced = vary_like(S.pmean(zeros, cfg.axis_name, cfg.axis_index_groups), axes)
+    return _normalize_synced(spec, x1, scale, bias, ctx, synced)
+
+
+def _carry_dtype(spec: _Spec, x):
+    return jnp.promote_types(x.dtype, spec.out_dtype)  # dy travels as x's cotangent
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _enter(spec: _Spec, x, scale, probes, ctx, probe_weight):
+    return _enter_fwd(spec, x, scale, probes, ctx, probe_weight)[0]
+
+
+def _enter_fwd(spec: _Spec, x, scale, probes, ctx, probe_weight):
+    # Zeros that vary (are batched) like x: their pmean then transposes to the mean
+    # of the per-instance sums, not to their total.
+    first = lax.stop_gradient(x.reshape(-1)[0])
+    zeros = jnp.zeros((2,) + ctx.inv.shape, ctx.inv.dtype) + jnp.where(
+        first == first, 0.0, 0.0).astype(ctx.inv.dtype)
+    out = (x.astype(_carry_dtype(spec, x)), vary_like(zeros, varying_axes(x)))
+    return out, (x, scale, probes, ctx, probe_weight)
+
+
+def _enter_bwd(spec: _Spec, res, cts):
+    x, scale, probes, ctx, probe_weight = res
+    dy, sums = cts
+    dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sums, probe_weight)
+    # γ's gradient comes from _normalize_synced (it is an input here only for ĝ).
+    return (dx, jnp.zeros_like(scale), dprobes, jax.tree_util.tree_map(lambda _: None, ctx),
+            None)
+
+
+_enter.defvjp(_enter_fwd, _enter_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _normalize_synced(spec: _Spec, x, scale, bias, ctx, synced):
+    return _normalize_fwd(spec, x, scale, bias, None, ctx)[0]
+
+
+def _normalize_synced_fwd(spec: _Spec, x, scale, bias, ctx, synced):
+    y, res = _normalize_fwd(spec, x, scale, bias, None, ctx)
+    return y, res
+
+
+def _normalize_synced_bwd(spec: _Spec, res, dy):
+    x, scale, bias, _, ctx = res
+    sums, dscale, dbias = _local_sums(spec, res, dy)
+    return (dy.astype(x.dtype), dscale, dbias, jax.tree_util.tree_map(lambda _: None, ctx),
+            sums)
+
+
+_normalize_synced.defvjp(_normalize_synced_fwd, _normalize_synced_bwd)
+
+
+@jax.custom_batching.custom_vmap
+def _shared_weight(x, probe):
+    return jnp.ones((), probe.dtype)
+
+
+@_shared_weight.def_vmap
+def _shared_weight_vmap(axis_size, in_batched, x, probe):
+    x_batched, probe_batched = in_batched
+    w = _shared_weight(x[0] if x_batched else x, probe[0] if probe_batched else probe)
+    if x_batched and not probe_batched:
+        w = w / axis_size
+    return w, False
+
+
+def _probe_weight(x, probe):
+    """What each vmapped instance's probe cotangent is weighted by: 1, or
+    1/axis_size where one probe (one layer state) is shared by the instances of
+    a vmap over the input (nnx.vmap(in_axes=(None, 0)), nn.vmap with broadcast
+    batch_stats): autodiff sums the instances' cotangents of a shared input,
+    and each already holds the synchronized statistic."""
+    return _shared_weight(lax.stop_gradient(x), lax.stop_gradient(probe))
 
 
 def _check_probes(probes: Probes, state: MABNState) -> None:

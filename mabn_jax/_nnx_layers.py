@@ -9,6 +9,7 @@ Shells over the pure functions of :mod:`mabn_jax.functional`, with
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -29,23 +30,48 @@ from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 Array = jax.Array
 _Arrays = TypeVar("_Arrays", bound=tuple)  # flax.typing.PromoteDtypeFn's TupleArg
 
-__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "Probe", "PROBE_NAMES"]
+__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "Probe", "Statistic",
+           "PROBE_NAMES"]
 
 _EXPLICIT = ("num_features, rngs, use_running_average, axis, dtype, param_dtype, use_bias, "
-             "use_scale, bias_init, scale_init, bias_metadata, scale_metadata")
+             "use_scale, bias_init, scale_init, bias_metadata, scale_metadata, promote_dtype")
 
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # nnx.BatchNorm's
 
 
-class Probe(nnx.Variable):
+class Probe(nnx.BatchStat):
     """A zero, window-shaped variable whose gradient is an MABN layer's Ψ_B (g_B).
 
     Flax's perturbation convention: :func:`mabn_jax.nnx.value_and_grad` (or
     :func:`mabn_jax.nnx.attach_probes`) attaches one per statistic to each
     MABN layer for one step, differentiates w.r.t. it and removes it; it is
-    never part of a checkpoint or of the returned gradient.
+    never part of a checkpoint or of the returned gradient. It is a kind of
+    ``nnx.BatchStat``, so transforms' axes for the state (``nnx.StateAxes``,
+    ``nnx.prefix`` filters) give the probes the state's axes.
     """
+
+
+class Statistic(nnx.Variable):
+    """The kind of the forward statistics a training call sows: captured with
+    ``nnx.capture(f, mabn_jax.nnx.Statistic)``, and only then (a user's
+    ``nnx.capture(f, nnx.Intermediate)`` holds only the user's own values)."""
+
+
+def keep_dtypes(arrays, dtype=None):
+    """The default ``promote_dtype``: no promotion (the result has the input's
+    dtype, or ``dtype``). ``flax.nnx.nn.dtypes.promote_dtype`` gives
+    ``nnx.BatchNorm``'s (input promoted with the parameters)."""
+    del dtype
+    return arrays
+
+
+#: The metadata key of a probe's identity (it survives nnx transforms' split/merge).
+PROBE_TOKEN = "mabn_probe_token"
+
+# The probe tokens of the layers applied in training mode inside the NNX helper.
+_TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar("mabn_nnx_trained",
+                                                                      default=None)
 
 
 #: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
@@ -88,7 +114,8 @@ class _Norm(nnx.Module):
                  bias_init: Callable = _ZEROS,
                  scale_init: Callable = _ONES, rngs: nnx.Rngs,
                  bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 scale_metadata: Mapping[str, Any] = MappingProxyType({}), **hyper):
+                 scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+                 promote_dtype: Callable = keep_dtypes, **hyper):
         layer = type(self).__name__
         config = _shell.make_config(self._config_cls, hyper, layer, _EXPLICIT)
         feature_shape = _feature_shape(layer, num_features, axis)
@@ -103,6 +130,7 @@ class _Norm(nnx.Module):
         self.param_dtype = param_dtype
         self.use_bias = use_bias
         self.use_scale = use_scale
+        self.promote_dtype = promote_dtype
         for f in dataclasses.fields(config):  # canonicalized values
             setattr(self, f.name, getattr(config, f.name))
         init = self._initial_state(feature_shape, config, param_dtype)
@@ -135,9 +163,15 @@ class _Norm(nnx.Module):
                 f"but the layer was built with num_features={self.num_features}; build it "
                 f"with num_features={got[0] if len(got) == 1 else got}, or put the features "
                 "on `axis`.")
-        stored = {name: getattr(self, name)[...] for name in self._state_names}
+        # The incoming state is not a parameter: no gradient flows into it (as for
+        # nnx.BatchNorm, whose training output does not depend on its state).
+        stored = {name: jax.lax.stop_gradient(getattr(self, name)[...])
+                  for name in self._state_names}
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
+        # nnx.BatchNorm's hook, called as it calls it; the state keeps its dtype.
+        mean, var = (stored.get(k) for k in self._inference_names)  # type: ignore[attr-defined]
+        x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         return use_running_average, config_of(self._config_cls, self), x, scale, bias, stored
 
     def _store(self, values: Mapping[str, Array], stats: Mapping[str, Array]) -> None:
@@ -147,7 +181,7 @@ class _Norm(nnx.Module):
             getattr(self, name)[...] = jax.lax.stop_gradient(value)
         if _upstream.in_nnx_capture(self):
             for name, value in stats.items():
-                self.sow(nnx.Intermediate, name, value)
+                self.sow(Statistic, name, value)
 
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view``.
@@ -174,15 +208,20 @@ class MABN(_Norm):
 
     The plain layer skips the mean: put it after :class:`CenteredConv` /
     :class:`CenteredLinear`. Train with :func:`mabn_jax.nnx.value_and_grad`
-    in place of ``nnx.value_and_grad``; a training-mode call outside it
-    raises. ``model.train()``, ``model.eval()`` and ``nnx.view`` switch modes.
+    in place of ``nnx.value_and_grad``; differentiating a training-mode call
+    outside it raises at trace time; a training call that nothing differentiates (a plain
+    forward, ``nnx.tabulate``) advances the forward statistics and fills this
+    step's Ψ (g) slots with the window's mean before the step.
+    ``model.train()``, ``model.eval()`` and ``nnx.view`` switch modes.
 
     State (``nnx.BatchStat``, the linen layer's ``batch_stats`` names): plain
     ``step, x2_window, psi_window, ema_x2, skipped``; centered ``step,
     mean_window, var_window, g_window, psi_window, ema_mean, ema_var,
     skipped``, kept in ``promote_types(param_dtype, float32)``.
 
-    Args (as ``nnx.BatchNorm``'s):
+    The arguments are ``nnx.BatchNorm``'s, plus the hyper-parameters.
+
+    Args:
       num_features: the number of features (for several ``axis``, a tuple of
         their sizes in increasing axis order).
       rngs: the random number generators (``rngs.params`` for scale, bias).
@@ -194,14 +233,19 @@ class MABN(_Norm):
       use_bias, use_scale: whether to add ``β`` / multiply by ``γ``.
       bias_init, scale_init: their initializers (zeros, ones).
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
-      **hyper: the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
+      promote_dtype: ``nnx.BatchNorm``'s hook, called on ``(x, mean, var,
+        scale, bias)`` with ``dtype=dtype`` (``mean``, ``var``: the inference
+        EMAs; its promoted statistics are unused, the state keeps its dtype).
+        Default: no promotion; ``flax.nnx.nn.dtypes.promote_dtype`` promotes
+        as ``nnx.BatchNorm`` does.
+      hyper: (keywords) the hyper-parameters of :class:`~mabn_jax.MABNConfig`, with
         its defaults: ``momentum`` (0.98), ``epsilon``, ``axis_name``,
         ``axis_index_groups``, ``use_fast_variance`` (False: two-pass
         variance, unlike ``nnx.BatchNorm``), ``force_float32_reductions``,
         ``norm_batch_size``, ``buffer_size``, ``warmup_steps``,
         ``renorm_start``, ``r_max``, ``centered``, ``d_max``, ``ghost_ema``.
 
-    Inside ``nnx.capture(..., nnx.Intermediate)`` a training call sows the
+    Inside ``nnx.capture(..., mabn_jax.nnx.Statistic)`` a training call sows the
     forward statistics (``chi2_B``, ``chi2``, ``ema_x2``, ``r``; centered
     ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``,
     ``r``, ``d``).
@@ -210,6 +254,12 @@ class MABN(_Norm):
     _config_cls = MABNConfig
     __init__ = _with_config_signature(_Norm.__init__, MABNConfig)
     _initial_state = staticmethod(_shell.initial_state)
+
+    @property
+    def _inference_names(self) -> tuple[str, str]:
+        """The state entries inference uses, as (mean, variance)."""
+        centered = self.centered  # type: ignore[attr-defined]  # set from the config
+        return ("ema_mean", "ema_var") if centered else ("ema_mean", "ema_x2")
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
@@ -232,18 +282,26 @@ class MABN(_Norm):
         self._store(_state.to_mapping(new_state), stats)
         return y
 
-    def _probes(self) -> _state.Probes:
-        """The probes :func:`mabn_jax.nnx.attach_probes` put on this layer."""
+    def _probes(self) -> _state.Probes | None:
+        """The probes :func:`mabn_jax.nnx.value_and_grad` put on this layer, or
+        None outside it (a step nothing differentiates: see the class doc)."""
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
+        if psi is None and _shell.in_helper():
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) is applied in "
+                "training mode inside mabn_jax.nnx.value_and_grad, but its model is not a "
+                "differentiated argument (e.g. a GAN's discriminator in the generator's "
+                "loss), so its backward statistics cannot be recorded. Put that model in "
+                "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
+                "or differentiate w.r.t. it too (argnums=(0, 1)). If the model was split "
+                "before the gradient and is merged inside the loss, the helper cannot reach "
+                "its layers: call mabn_jax.nnx.attach_probes(model) before the model is "
+                "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md).")
         if psi is None:
-            raise ValueError(_shell.missing_probes(
-                f"{type(self).__name__}(num_features={self.num_features})",
-                helper="mabn_jax.nnx.value_and_grad(loss_fn, has_aux=...)",
-                instead_of="nnx.value_and_grad",
-                low_level="previous = mabn_jax.nnx.attach_probes(model); differentiate "
-                "w.r.t. nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe)); then "
-                "mabn_jax.nnx.record_backward_stats(model, grads, previous).",
-                evaluation="model.eval() or use_running_average=True"))
+            return None
+        trained = _TRAINED.get()
+        if trained is not None:  # the helper checks that this step's state arrives
+            trained.add(psi.get_metadata().get(PROBE_TOKEN))
         _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
         return _state.Probes(psi[...], None if g is None else g[...])
 
@@ -262,10 +320,11 @@ class BatchRenorm(_Norm):
     ``axis_index_groups``, ``use_fast_variance``, ``force_float32_reductions``,
     ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
     ``ramp_steps``, ``renorm_momentum``). Inside ``nnx.capture`` a training
-    call sows ``mu_B``, ``sigma2_B``, ``r``, ``d``.
+    call sows ``mu_B``, ``sigma2_B``, ``r``, ``d`` (as :class:`Statistic`).
     """
 
     _config_cls = BatchRenormConfig
+    _inference_names = ("mean", "var")
     __init__ = _with_config_signature(_Norm.__init__, BatchRenormConfig)
 
     @staticmethod

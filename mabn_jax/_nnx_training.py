@@ -26,9 +26,9 @@ import jax
 from flax import nnx
 
 from mabn_jax import _record, _shell, _state
-from mabn_jax._nnx_layers import MABN, PROBE_NAMES, Probe
+from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, Probe
 
-__all__ = ["value_and_grad", "attach_probes", "record_backward_stats"]
+__all__ = ["value_and_grad", "grad", "attach_probes", "record_backward_stats"]
 
 Path = tuple[Any, ...]
 
@@ -64,7 +64,7 @@ def attach_probes(model) -> nnx.State:
         state = _layer_state(layer)
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
-                setattr(layer, name, Probe(value))
+                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _name(path)}))  # type: ignore[arg-type]
         for key, value in _state.to_mapping(state).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
@@ -80,11 +80,16 @@ def _detach(model) -> None:
 def _at(tree, path: Path, what: str, fix: str):
     try:
         for key in path:
-            tree = tree[key]
-    except (KeyError, TypeError, IndexError):
+            tree = _step_into(tree, key)
+    except (KeyError, TypeError, IndexError, AttributeError):
         raise ValueError(f"record_backward_stats: {what} has no entry {_name(path)!r}; "
                          f"{fix}") from None
     return tree[...] if isinstance(tree, nnx.Variable) else tree
+
+
+def _step_into(tree, key):
+    """``tree[key]``; a gradient in tree mode (graph=False) is module-shaped."""
+    return getattr(tree, key) if isinstance(tree, nnx.Module) else tree[key]
 
 
 def record_backward_stats(model, grads, previous) -> None:
@@ -137,6 +142,42 @@ def _positional(f: Callable, args: tuple, kw: dict[str, Any]) -> tuple:
     return bound.args
 
 
+def _without_probes(grads):
+    """The gradient without the probes' entries (a State, or in tree mode a
+    module-shaped copy of the model)."""
+    if isinstance(grads, nnx.Module):
+        _detach(grads)
+        return grads
+    return jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], grads,
+                        is_leaf=lambda s: isinstance(s, nnx.State))
+
+
+_STALE_AXES = (
+    "mabn_jax.nnx.value_and_grad: a transform's axes inside the loss do not fit the model "
+    "(see the error above). If they were built from the model before the step (nnx.prefix, "
+    "an explicit pytree of axes), they lack the probes this helper attaches to each MABN "
+    "layer for the step (a layer's mabn_jax.nnx.Probe variables psi_probe, g_probe: the "
+    "backward statistics leave the gradient through them). Build them inside the loss "
+    "function, e.g. axes = nnx.prefix(model, {...}) there, or use filters, e.g. "
+    "nnx.StateAxes({nnx.BatchStat: 0, ...: None}) (a Probe is an nnx.BatchStat, so it "
+    "gets the state's axes).")
+
+
+def _is_prefix_mismatch(error: Exception) -> bool:
+    return "tree prefix" in str(error) or "GetAttrKey" in str(error)
+
+
+_BROADCAST_STATE = (
+    "MABN layer {name!r} was applied in training mode, but its new state never reached "
+    "the model: a transform inside the loss (nnx.scan / nnx.vmap with its nnx.BatchStat "
+    "broadcast, e.g. nnx.StateAxes({{nnx.Param: 0, ...: None}})) shares one state among "
+    "its applications and drops their updates, and their backward statistics would be "
+    "summed into one window slot. Give the layer's state the axis of its parameters, "
+    "e.g. nnx.StateAxes({{(nnx.Param, nnx.BatchStat): 0, ...: None}}) (mabn_jax.nnx.Probe "
+    "is an nnx.BatchStat), so that each application has its own layer; or apply a shared "
+    "layer once per step.")
+
+
 def _with_probes(argnum):
     """``argnum`` as a DiffState that also selects the probes."""
     if isinstance(argnum, nnx.DiffState):
@@ -172,17 +213,41 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
       **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
         ``allow_int``, ``graph``, ``graph_updates``).
     """
-    if kwargs.get("graph") is False or kwargs.get("graph_updates") is False:
-        raise ValueError("mabn_jax.nnx.value_and_grad: graph=False / graph_updates=False is "
-                         "not supported: the probes are selected with nnx.DiffState, which "
-                         "needs graph mode with graph updates (Flax's default).")
+    tree_mode = kwargs.get("graph") is False
+    if not tree_mode and kwargs.get("graph_updates") is False:
+        raise ValueError("mabn_jax.nnx.value_and_grad: graph_updates=False is not supported "
+                         "in graph mode: the probes are selected with nnx.DiffState, which "
+                         "needs graph updates (Flax's default), or tree mode (graph=False).")
     single = isinstance(argnums, (int, nnx.DiffState))
     nums = (argnums,) if isinstance(argnums, (int, nnx.DiffState)) else tuple(argnums)
-    probed = tuple(_with_probes(a) for a in nums)
+    # Tree mode differentiates every leaf of an argument, the probes included.
+    probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
     @functools.wraps(f)
     def scoped(*args, **kw):  # each probe consumed once: one training call per layer
         with _shell.probe_scope():
             return f(*args, **kw)
+
+    def checked_grad_fn(models, *args):
+        """``grad_fn``, and a layer applied in training mode whose new state
+        never arrived (a transform broadcast it) raises here, at trace time."""
+        before = [{path: layer.step[...] for path, layer in _layers(m)} for m in models]
+        token = _TRAINED.set(set())
+        try:
+            result = grad_fn(*args)
+            trained = _TRAINED.get()
+        except (ValueError, AttributeError) as e:
+            # In tree mode JAX's own message for a prefix mismatch fails to format
+            # (an AttributeError about GetAttrKey): the same mistake.
+            if not _is_prefix_mismatch(e) or not any(_layers(m) for m in models):
+                raise
+            raise ValueError(_STALE_AXES) from e
+        finally:
+            _TRAINED.reset(token)
+        for m, steps in zip(models, before):
+            for path, layer in _layers(m):
+                if _name(path) in trained and layer.step[...] is steps[path]:
+                    raise ValueError(_BROADCAST_STATE.format(name=_name(path)))
+        return result
 
     grad_fn = nnx.value_and_grad(scoped, argnums=probed[0] if single else probed,
                                  has_aux=has_aux, **kwargs)
@@ -196,7 +261,7 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         try:
             for m in models:
                 previous.append(attach_probes(m))
-            out, grads = grad_fn(*args)
+            out, grads = checked_grad_fn(models, *args)
         except BaseException:
             for m in models:
                 _detach(m)
@@ -206,9 +271,22 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         for m, g, prev in zip(models, grads, previous):
             if len(prev):  # the argument has MABN layers
                 record_backward_stats(m, g, prev)
-                g = jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], g,
-                                 is_leaf=lambda s: isinstance(s, nnx.State))
+                g = _without_probes(g)
             clean.append(g)
         return out, clean[0] if single else tuple(clean)
+
+    return wrapped
+
+
+def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False,
+         **kwargs) -> Callable:
+    """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
+    the value (``(grads, aux)`` with ``has_aux``)."""
+    value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kw):
+        out, grads = value_and_grad_fn(*args, **kw)
+        return (grads, out[1]) if has_aux else grads
 
     return wrapped

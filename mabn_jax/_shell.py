@@ -22,8 +22,8 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "consume_probe", "state_dtype", "initial_state", "missing_probes",
-           "center_kernel", "make_config", "to_dicts"]
+__all__ = ["probe_scope", "in_helper", "consume_probe", "state_dtype", "initial_state",
+           "missing_probes", "center_kernel", "make_config", "to_dicts"]
 
 
 def state_dtype(param_dtype: Any) -> Any:
@@ -87,14 +87,21 @@ def probe_scope():
         _CONSUMED.reset(token)
 
 
-def consume_probe(probe, layer: str) -> None:
-    """Raises if this probe was already used in this helper call: two training
-    applies of the same batch_stats in one loss would sum their backward
-    statistics into one slot."""
+def in_helper() -> bool:
+    """Whether a value_and_grad helper's loss function is running."""
+    return _CONSUMED.get() is not None
+
+
+def consume_probe(probe, layer: str, state=None) -> None:
+    """Raises if this probe, or this layer state, was already used in this helper
+    call: two training applies of the same batch_stats in one loss would sum
+    their backward statistics into one slot. The state is checked too because
+    params cast per apply (a mixed-precision wrapper) make new probe objects;
+    the state arrays an apply reads are the ones the loss passed in."""
     used = _CONSUMED.get()
     if used is None:
         return
-    if id(probe) in used:
+    if id(probe) in used or (state is not None and id(state) in used):
         raise ValueError(
             f"MABN layer {layer!r} is applied in training mode twice in one loss (two "
             "training applies of the model with the same batch_stats, e.g. for two views "
@@ -102,6 +109,8 @@ def consume_probe(probe, layer: str) -> None:
             "Apply the model once per step, on the views concatenated into one batch (or "
             "give each apply its own layers).")
     used[id(probe)] = probe
+    if state is not None:
+        used[id(state)] = state
 
 
 def to_dicts(tree: Any) -> Any:

@@ -151,6 +151,15 @@ def init_probes(state: MABNState) -> Probes:
 def check_state(state: MABNState, config: MABNConfig, feature_shape: tuple[int, ...],
                 layer: str = "MABN") -> None:
     """The state must be this layer's: variant and window shape (trace time)."""
+    low = sorted({str(v.dtype) for v in state if v is not None
+                  and jnp.issubdtype(v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32})
+    if low:
+        raise ValueError(
+            f"{layer}: the state (batch_stats) is {', '.join(low)}; it must be float32 or "
+            "wider (in bfloat16 the step counter stops at 256 and the windows lose their "
+            "precision). It was cast with the params: cast only the params and inputs "
+            "(e.g. jax.tree.map over variables['params']), keep batch_stats as model.init "
+            "made them.")
     if state.centered != config.centered:
         raise ValueError(
             f"{layer}: config.centered={config.centered} but the state is a "

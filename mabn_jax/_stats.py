@@ -153,6 +153,21 @@ def count(split: Split) -> Array | int:
     return split.mask.sum(split.reduction_axes)
 
 
+def fill_empty(split: Split, stats: Array | None, stored: Array | None):
+    """``(stats with the running value where no entry is unmasked, any empty)``.
+
+    A fully masked batch (or ghost group, or channel) has no statistics; its
+    0/0 would make the output NaN, also at the masked positions a masked loss
+    multiplies by zero (``NaN · 0 = NaN``). There the layer normalizes with
+    its running statistics instead, and the step leaves the state alone.
+    """
+    if split.mask is None or stats is None or stored is None:  # (None: both, plain layer)
+        return stats, jnp.asarray(False)
+    empty = count(split) == 0
+    return (jnp.where(empty, stored.astype(stats.dtype), stats),
+            jnp.asarray(empty).any())
+
+
 def ema(old: Array, new: Array, momentum: float) -> Array:
     """``momentum · old + (1 − momentum) · new``, in the state's dtype."""
     return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)

@@ -131,21 +131,23 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
       variables: its ``{'params': ..., 'batch_stats': ...}``.
       pairs: ``(layer_path, norm_path)`` for each norm to fold, as
         ``'block/conv'`` strings or key tuples (module paths).
-      *args, **kwargs: an input (any values of the right shape) and the
-        keyword arguments of an inference-mode apply, e.g. ``train=False``.
+      args: an input (any values of the right shape), as for ``apply``.
+      kwargs: the keyword arguments of an inference-mode apply, e.g.
+        ``train=False``.
 
     Returns:
       A new ``params`` dict for the deployment model: each layer holds the
       folded ``kernel`` and ``bias``, the norms' parameters are gone, all other
       parameters are unchanged.
     """
-    modules = _modules(model, variables, args, kwargs)
+    modules, calls = _modules(model, variables, args, kwargs)
     params, stats = variables["params"], variables.get("batch_stats", {})
     out = _shell.to_dicts(params)
     for layer_path, norm_path in pairs:
         lp, np_ = _split(layer_path), _split(norm_path)
         layer, norm = _module(modules, lp, "layer"), _module(modules, np_, "norm")
         _check_pair(layer, norm, lp, np_)
+        _check_consumes(calls, lp, np_)
         folded = fold_norm(_get(params, lp, "params"),
                            _get(params, np_, "params", default={}, required=False),
                            _get(stats, np_, "batch_stats"),
@@ -156,18 +158,36 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
     return FrozenDict(out) if isinstance(params, FrozenDict) else out
 
 
-def _modules(model, variables, args, kwargs) -> dict[tuple[str, ...], nn.Module]:
-    """Every module the apply calls, by path (an abstract trace)."""
-    found = {}
+def _modules(model, variables, args, kwargs):
+    """Every module the apply calls, by path, and each call's ``(input, output)``
+    (an abstract trace; the arrays are the trace's own objects)."""
+    found, calls = {}, {}
 
     def record(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
         if context.method_name == "__call__":
-            found[tuple(context.module.path)] = context.module
-        return next_fun(*call_args, **call_kwargs)
+            path = tuple(context.module.path)
+            found[path] = context.module
+            calls.setdefault(path, []).append((call_args[0] if call_args else None, out))
+        return out
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, *a: model.apply(v, *a, **kwargs), variables, *args)
-    return found
+    return found, calls
+
+
+def _check_consumes(calls, lp, np_) -> None:
+    """Folding is exact only if the norm is applied to the layer's output itself:
+    an activation, a residual sum or a reversed pair in between would fold silently
+    into a different function."""
+    outputs = [out for _, out in calls[lp]]
+    if not all(any(x is out for out in outputs) for x, _ in calls[np_]):
+        raise ValueError(
+            f"fold: the norm {'/'.join(np_)!r} is not applied to the output of "
+            f"{'/'.join(lp)!r} directly (something is computed in between, e.g. an "
+            "activation or a residual sum, or the pair is reversed), so it cannot be "
+            "folded into that layer. Pair each norm with the Conv/Dense whose output it "
+            "normalizes, or leave it unfolded.")
 
 
 def _module(modules, path, what):

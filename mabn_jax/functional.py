@@ -10,7 +10,8 @@ MABN (Yan et al., ICLR 2020)::
 
 Batch Renormalization (Ioffe 2017): ``batch_renorm_train`` and
 ``batch_renorm_inference`` with a :class:`BatchRenormState`. The equations are
-in the docstrings of :mod:`mabn_jax._mabn` and :mod:`mabn_jax._brn`.
+in ``docs/design.md`` and in the docstrings of the private modules that
+implement them, ``mabn_jax._mabn`` and ``mabn_jax._brn``.
 """
 
 from mabn_jax._brn import (

@@ -9,6 +9,8 @@ inherits its hyper-parameters from its config dataclass
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +63,53 @@ def _state_variables(module, names, init_values):
             for name, v in zip(names, init_values)]
 
 
-class MABN(nn.Module, MABNConfig):
+#: ``nn.BatchNorm``'s positional order; the norms here take their positional
+#: arguments in it (the config mixin would otherwise put its fields first).
+_BATCHNORM_POSITIONAL = ("use_running_average", "axis", "momentum", "epsilon", "dtype",
+                        "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init",
+                        "axis_name", "axis_index_groups", "use_fast_variance",
+                        "force_float32_reductions", "parent", "name")
+
+
+class _BatchNormPositional:
+    """Mixin: positional arguments in ``nn.BatchNorm``'s order.
+
+    The dataclass ``__init__`` Flax generates lists the module's own fields
+    first and the config's as keyword-only, so ``MABN(False, -1, 0.9)`` would
+    set ``dtype=0.9``. Wrapping it (after Flax's transform, also for
+    subclasses) maps positional arguments to ``nn.BatchNorm``'s names.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        sig = inspect.signature(init)
+        own = [p for p in sig.parameters.values()
+               if p.name not in _BATCHNORM_POSITIONAL and p.name != "self"]
+        order = _BATCHNORM_POSITIONAL[:-2] + tuple(
+            p.name for p in own if p.kind is p.POSITIONAL_OR_KEYWORD) + ("parent", "name")
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            if len(args) > len(order):
+                raise TypeError(f"{cls.__name__} takes at most {len(order)} positional "
+                                f"arguments (nn.BatchNorm's order: {', '.join(order)}), got "
+                                f"{len(args)}; pass the others by keyword.")
+            for name, value in zip(order, args):
+                if name in kwargs:
+                    raise TypeError(f"{cls.__name__}: got multiple values for argument "
+                                    f"{name!r}.")
+                kwargs[name] = value
+            init(self, **kwargs)
+
+        params = dict(sig.parameters)
+        __init__.__signature__ = sig.replace(parameters=[params["self"]] + [
+            params[n].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in order] + [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in order])
+        cls.__init__ = __init__
+
+
+class MABN(_BatchNormPositional, nn.Module, MABNConfig):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020).
 
     A drop-in for :class:`flax.linen.BatchNorm` for small per-device batches.
@@ -79,12 +127,14 @@ class MABN(nn.Module, MABNConfig):
     :func:`mabn_jax.value_and_grad` in place of ``jax.value_and_grad``; it
     records the backward statistics (Ψ_B, g_B) that only the backward pass sees.
 
-    Attributes: the hyper-parameters of :class:`~mabn_jax.MABNConfig`
+    The hyper-parameters are those of :class:`~mabn_jax.MABNConfig`
     (``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups``,
     ``use_fast_variance``, ``force_float32_reductions``, ``norm_batch_size``,
     ``buffer_size``, ``warmup_steps``, ``renorm_start``, ``r_max``,
-    ``centered``, ``d_max``, ``ghost_ema``), and as in ``nn.BatchNorm``:
+    ``centered``, ``d_max``, ``ghost_ema``); the other attributes are
+    ``nn.BatchNorm``'s.
 
+    Attributes:
       use_running_average: if True, use the stored EMA statistics (inference).
       axis: the feature axis or axes of the input (default last, NHWC).
       dtype: the dtype of the result (default: the input's dtype).
@@ -97,6 +147,18 @@ class MABN(nn.Module, MABNConfig):
     ``chi2``, ``ema_x2``, ``r``; centered: ``mu_B``, ``sigma2_B``, ``mu``,
     ``sigma2``, ``ema_mean``, ``ema_var``, ``r``, ``d``) into
     ``'intermediates'`` (a no-op unless that collection is mutable).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
+      >>> x = jnp.ones((2, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> sorted(variables['batch_stats'])
+      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
+      >>> variables['batch_stats']['x2_window'].shape
+      (4, 3)
+      >>> layer.apply(variables, x).shape
+      (2, 3)
     """
 
     use_running_average: bool | None = None
@@ -172,14 +234,34 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.Probes(module.get_variable(PROBES, "psi"), get("g"), get("loss_scale"))
     if module.has_variable("params", PROBES):
         probes: Mapping[str, Array] = module.get_variable("params", PROBES)
-        _shell.consume_probe(probes["psi"], "/".join(module.path))
+        _check_helper_probes(module, probes, state)
+        _shell.consume_probe(probes["psi"], "/".join(module.path), state.psi_window)
         return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
         create = lambda name, z: module.variable(PROBES, name, lambda: z).value
         return _state.Probes(create("psi", zeros.psi),
                              None if zeros.g is None else create("g", zeros.g))
+    if _shell.in_helper():
+        raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
+
+
+def _check_helper_probes(module: nn.Module, probes, state: _state.MABNState) -> None:
+    """Probes that value_and_grad built from a batch_stats tree other than the
+    one this layer is applied with (another configuration) are named as such."""
+    def shape(a):
+        return None if a is None else tuple(a.shape)
+    got = (shape(probes.get("psi")), shape(probes.get("g")))
+    want = (shape(state.psi_window), shape(state.g_window))
+    lifted = got[0] and len(got[0]) > len(want[0]) and got[0][-len(want[0]):] == want[0]
+    if got != want and not lifted:  # leading scan/vmap axes: _mabn's message
+        raise ValueError(
+            f"MABN layer {'/'.join(module.path)!r}: the batch_stats given to "
+            "mabn_jax.value_and_grad(..., batch_stats=...) hold this layer with windows "
+            f"{got}, but it is applied with windows {want} (another configuration: "
+            "buffer_size, centered or the features). Pass the batch_stats the model is "
+            "applied with.")
 
 
 def _one_training_call(module: nn.Module) -> None:
@@ -199,6 +281,25 @@ def _one_training_call(module: nn.Module) -> None:
     calls.add(module.path)
 
 
+def _full_name(module: nn.Module) -> str:
+    """``Root/path/to/layer``: the path alone (``MABN_0``) may exist in two networks."""
+    root = module
+    while isinstance(root.parent, nn.Module):
+        root = root.parent
+    return "/".join((type(root).__name__,) + tuple(module.path))
+
+
+def _not_differentiated(module: nn.Module) -> str:
+    return (
+        f"MABN layer {_full_name(module)!r} is applied in training mode inside "
+        "mabn_jax.value_and_grad, but its batch_stats were not passed as value_and_grad's "
+        "batch_stats= (or its params are not the differentiated argument), so its "
+        "backward statistics cannot be recorded. This happens with a second network "
+        "(e.g. a GAN's discriminator in the generator's loss). Either apply that network "
+        "with use_running_average=True there (it is frozen in this step), or put both "
+        "networks' params and batch_stats in one tree and pass that tree's batch_stats.")
+
+
 def _missing_probes(module: nn.Module) -> str:
     return _shell.missing_probes(
         "/".join(module.path),
@@ -211,7 +312,7 @@ def _missing_probes(module: nn.Module) -> str:
         f"(shapes, FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True)")
 
 
-class BatchRenorm(nn.Module, BatchRenormConfig):
+class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     """Batch Renormalization (Ioffe 2017): a drop-in for :class:`flax.linen.BatchNorm`.
 
     Equations in :mod:`mabn_jax.functional` (``batch_renorm_train``). ``r``

@@ -24,8 +24,8 @@ The layers' state (``nnx.BatchStat``) has the names of the linen layers'
 ``batch_stats`` entries. See ``docs/nnx.md``.
 """
 
-from mabn_jax._nnx_layers import MABN, BatchRenorm, CenteredConv, CenteredLinear, Probe
-from mabn_jax._nnx_training import attach_probes, record_backward_stats, value_and_grad
+from mabn_jax._nnx_layers import MABN, BatchRenorm, CenteredConv, CenteredLinear, Probe, Statistic
+from mabn_jax._nnx_training import attach_probes, grad, record_backward_stats, value_and_grad
 
-__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "value_and_grad",
-           "attach_probes", "record_backward_stats", "Probe"]
+__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "value_and_grad", "grad",
+           "attach_probes", "record_backward_stats", "Probe", "Statistic"]

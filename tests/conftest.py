@@ -8,6 +8,11 @@ code still runs on device 0 and is not slowed down.
 
 import os
 
+# The suite runs on the CPU. `make aot` installs libtpu into the same venv; without
+# this JAX would try (and fail, with a lock a second xdist worker trips on) to start
+# a TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

@@ -117,11 +117,28 @@ def test_backward_non_finite_step_is_undone():
 
 def test_plain_nnx_value_and_grad_raises_naming_the_helper():
     model = Net(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"without its probes.*mabn_jax\.nnx\.value_and_grad"
-                                         r".*in place of nnx\.value_and_grad.*model\.eval\(\)"):
+    with pytest.raises(ValueError, match=r"without probes is being differentiated.*"
+                                         r"mabn_jax\.nnx\.value_and_grad"):
         nnx.value_and_grad(loss_fn, has_aux=True)(model, X, jnp.ones((4, 2)))
-    with pytest.raises(ValueError, match="without its probes"):
-        model(X)  # a training-mode call outside any gradient
+    assert int(model.norm.step[...]) == 0  # the failed step changed nothing
+
+
+def test_training_call_that_nothing_differentiates_advances_the_forward_statistics():
+    """A plain forward in training mode (warming up statistics, shape checks,
+    nnx.tabulate) works as nnx.BatchNorm's: the forward windows and EMAs
+    advance, and each Ψ slot the step owns takes the window's mean before the
+    step, so the state stays finite and the next differentiated step is normal."""
+    model = Net(nnx.Rngs(0), buffer_size=2, warmup_steps=0)
+    model.norm.psi_window[...] = jnp.asarray([[1.0] * 6, [3.0] * 6])
+    before = _bstats(model)["norm"]
+    y = nnx.jit(lambda m, x: m(x))(model, X)
+    after = _bstats(model)["norm"]
+    assert y.shape == (4, 2) and np.isfinite(y).all()
+    assert int(after["step"]) == 1 and not (after["x2_window"] == before["x2_window"]).all()
+    np.testing.assert_array_equal(after["psi_window"], [[1.0] * 6, [2.0] * 6])  # slot 1
+    assert not (after["ema_x2"] == before["ema_x2"]).all()
+    (loss, _), _ = step(model, X, jnp.ones((4, 2)))
+    assert np.isfinite(loss) and int(model.norm.step[...]) == 2
 
 
 def test_low_level_forgetting_to_record_gives_nan_then_refuses():
@@ -142,9 +159,9 @@ def test_low_level_forgetting_to_record_gives_nan_then_refuses():
         mnnx.attach_probes(model)
 
 
-def test_graph_false_is_refused():
-    with pytest.raises(ValueError, match="graph=False"):
-        mnnx.value_and_grad(loss_fn, graph=False)
+def test_graph_updates_false_is_refused_in_graph_mode():
+    with pytest.raises(ValueError, match="graph_updates=False"):
+        mnnx.value_and_grad(loss_fn, graph_updates=False)
 
 
 def test_constructor_errors_name_the_argument():
@@ -183,12 +200,14 @@ def test_modes_eval_train_view_and_capture():
     np.testing.assert_allclose(norm(view.norm), want, rtol=1e-6, atol=1e-6)
 
     def captured(model, x, dy):
-        (loss, _), inter = nnx.capture(loss_fn, nnx.Intermediate)(model, x, dy)
-        return loss, inter
+        (loss, _), inter, stats = nnx.capture(loss_fn, nnx.Intermediate, mnnx.Statistic)(
+            model, x, dy)
+        return loss, (inter, stats)
     grad_fn = nnx.jit(mnnx.value_and_grad(captured, has_aux=True))
-    (_, inter), _ = grad_fn(model, X, jnp.ones((4, 2)))
-    assert set(inter["norm"]) == {"mu_B", "sigma2_B", "mu", "sigma2", "ema_mean", "ema_var",
+    (_, (inter, stats)), _ = grad_fn(model, X, jnp.ones((4, 2)))
+    assert set(stats["norm"]) == {"mu_B", "sigma2_B", "mu", "sigma2", "ema_mean", "ema_var",
                                   "r", "d"}
+    assert not nnx.to_flat_state(inter)  # a user's Intermediate capture holds only theirs
     assert int(model.norm.step[...]) == 1
 
 

@@ -1,0 +1,301 @@
+"""Round 3 of "no silent wrong answers" (issue 19): each case an adversarial
+user tried on 0.2.0 either works now or fails loudly naming the fix.
+
+One section per case, in the order of docs/reliability.md's misuse table.
+Models are tiny (a Dense and a norm): each distinct program is a compilation.
+"""
+
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mabn_jax
+import mabn_jax.nnx as mnnx
+
+C = 3
+KW = dict(buffer_size=2, warmup_steps=2, renorm_start=3)
+
+
+def batch(n=4, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, C)) * 2.0 + 0.5
+
+
+def assert_trees_equal(got, want):
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+# --- 4. a bad or fully masked batch never enters the state -----------------------
+
+
+def brn_apply(variables, x, mask=None):
+    return mabn_jax.BatchRenorm(warmup_steps=1).apply(
+        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+
+
+def brn_variables():
+    """A BatchRenorm after two steps (renormalizing: r, d are in use)."""
+    variables = mabn_jax.BatchRenorm(warmup_steps=1).init(
+        jax.random.key(0), batch(), use_running_average=False)
+    for seed in (1, 2):
+        _, upd = brn_apply(variables, batch(seed=seed))
+        variables = {**variables, **upd}
+    return variables
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_batch_renorm_keeps_its_state_on_a_nan_batch(wrap):
+    variables = brn_variables()
+    y, upd = wrap(brn_apply)(variables, batch(seed=3).at[1, 0].set(jnp.nan))
+    assert_trees_equal(upd["batch_stats"], variables["batch_stats"])
+    assert bool(jnp.isnan(y).any())  # loss guards see the step
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_batch_renorm_fully_masked_batch_keeps_state_and_gives_finite_outputs(wrap):
+    variables, x = brn_variables(), batch(seed=3)
+    mask = jnp.zeros((4, 1), bool)
+
+    def masked_loss(params):
+        y, upd = brn_apply({**variables, "params": params}, x, mask)
+        return jnp.sum(y * mask), (y, upd)
+
+    (loss, (y, upd)), grads = wrap(jax.value_and_grad(masked_loss, has_aux=True))(
+        variables["params"])
+    assert_trees_equal(upd["batch_stats"], variables["batch_stats"])
+    assert bool(jnp.isfinite(y).all()) and float(loss) == 0.0
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+class DenseNorm(nn.Module):
+    centered: bool = False
+    norm_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x = nn.Dense(C)(x)
+        return mabn_jax.MABN(use_running_average=False, centered=self.centered,
+                             norm_batch_size=self.norm_batch_size, **KW)(x, mask=mask)
+
+
+def mabn_step(model, variables, x, mask):
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                             x, mask, mutable=["batch_stats"])
+        return jnp.sum(y * mask), (y, upd)
+
+    return mabn_jax.value_and_grad(loss_fn, has_aux=True,
+                                   batch_stats=variables["batch_stats"])(variables["params"])
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("ghost", [False, True], ids=["batch", "one-ghost-group-empty"])
+def test_mabn_fully_masked_batch_keeps_state_and_gives_finite_outputs(centered, ghost):
+    model = DenseNorm(centered, 2 if ghost else None)
+    x = batch()
+    variables = model.init(jax.random.key(0), x)
+    full = jnp.ones((4, 1), bool)
+    for seed in (1, 2, 3):  # into the window phase
+        (_, (_, upd)), _ = jax.jit(mabn_step, static_argnums=0)(
+            model, variables, batch(seed=seed), full)
+        variables = {**variables, **upd}
+    mask = jnp.zeros((4, 1), bool).at[2:].set(ghost)  # ghost: only the first group empty
+    (loss, (y, upd)), grads = jax.jit(mabn_step, static_argnums=0)(
+        model, variables, batch(seed=4), mask)
+    before, after = variables["batch_stats"]["MABN_0"], upd["batch_stats"]["MABN_0"]
+    assert float(after["skipped"]) == float(before["skipped"]) + 1
+    assert_trees_equal({k: v for k, v in after.items() if k != "skipped"},
+                       {k: v for k, v in before.items() if k != "skipped"})
+    assert bool(jnp.isfinite(y).all()) and bool(jnp.isfinite(loss))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("layer", ["MABN", "BatchRenorm"])
+def test_nnx_fully_masked_and_nan_batches_keep_the_state(layer):
+    cls = getattr(mnnx, layer)
+    model = cls(C, rngs=nnx.Rngs(0), **(KW if layer == "MABN" else {}))
+
+    def loss_fn(model, x, mask):
+        return jnp.sum(model(x, mask=mask) * mask)
+
+    grad = mnnx.value_and_grad if layer == "MABN" else nnx.value_and_grad
+    full = jnp.ones((4, 1), bool)
+    for seed in (1, 2, 3):
+        grad(loss_fn)(model, batch(seed=seed), full)
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
+    counted = lambda s: {k: v for k, v in nnx.to_pure_dict(s).items() if k != "skipped"}
+    loss, grads = grad(loss_fn)(model, batch(seed=4), jnp.zeros((4, 1), bool))
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert_trees_equal(counted(nnx.state(model, nnx.BatchStat)), counted(before))
+    loss, _ = grad(loss_fn)(model, batch(seed=5).at[0, 1].set(jnp.nan), full)
+    assert bool(jnp.isnan(loss))
+    assert_trees_equal(counted(nnx.state(model, nnx.BatchStat)), counted(before))
+
+
+# --- 5. positional arguments in nn.BatchNorm's order -----------------------------
+
+
+def positional(sig):
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds and p.name != "self"]
+
+
+@pytest.mark.parametrize("cls", [mabn_jax.MABN, mabn_jax.BatchRenorm])
+def test_positional_arguments_follow_batchnorm(cls):
+    assert positional(inspect.signature(cls)) == positional(inspect.signature(nn.BatchNorm))
+    bn, ours = nn.BatchNorm(False, -1, 0.9, 1e-3, jnp.bfloat16), cls(False, -1, 0.9, 1e-3,
+                                                                    jnp.bfloat16)
+    for name in ("use_running_average", "axis", "momentum", "epsilon", "dtype"):
+        assert getattr(ours, name) == getattr(bn, name), name
+    assert cls(True, -1, momentum=0.5).momentum == 0.5
+    with pytest.raises(TypeError, match="multiple values for argument 'momentum'"):
+        cls(True, -1, 0.9, momentum=0.5)
+    with pytest.raises(TypeError, match="at most 16 positional arguments.*by keyword"):
+        cls(*([None] * 17))
+
+
+@pytest.mark.parametrize("name", ["MABN", "BatchRenorm"])
+def test_nnx_positional_arguments_are_nnx_batchnorms(name):
+    ours = inspect.signature(getattr(mnnx, name).__init__)
+    assert positional(ours) == positional(inspect.signature(nnx.BatchNorm.__init__))
+    with pytest.raises(TypeError, match="positional"):
+        getattr(mnnx, name)(C, False, rngs=nnx.Rngs(0))
+
+
+# --- 3. fold_params folds only a layer and the norm applied to its output --------
+
+
+class Between(nn.Module):
+    """conv → (relu | + x | nothing) → norm, and a norm → conv pair."""
+
+    between: str
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(C, (3, 3), padding="SAME", name="conv")(x)
+        h = {"relu": nn.relu, "residual": lambda h: h + x, "none": lambda h: h}[
+            self.between](h)
+        h = mabn_jax.MABN(use_running_average=True, name="norm")(h)
+        return nn.Conv(C, (1, 1), name="after")(h)
+
+
+@pytest.mark.parametrize("between, pair", [
+    ("relu", ("conv", "norm")), ("residual", ("conv", "norm")), ("none", ("after", "norm"))])
+def test_fold_refuses_a_pair_with_something_in_between(between, pair):
+    x = jnp.ones((2, 4, 4, C))
+    variables = Between(between).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="not applied to the output of.*directly"):
+        mabn_jax.fold_params(Between(between), variables, [pair], x)
+    if between == "none":  # the real pair still folds
+        params = mabn_jax.fold_params(Between(between), variables, [("conv", "norm")], x)
+        assert "norm" not in params
+
+
+# --- 8. a state cast below float32 is refused at trace time ----------------------
+
+
+@pytest.mark.parametrize("cls", [mabn_jax.MABN, mabn_jax.BatchRenorm])
+def test_low_precision_state_is_refused_naming_the_cast(cls):
+    model = cls(use_running_average=False)
+    x = batch()
+    variables = model.init(jax.random.key(0), x)
+    bs = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables["batch_stats"])
+
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": bs}, x,
+                             mutable=["batch_stats"])
+        return y.sum(), upd
+
+    grad = (mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)
+            if cls is mabn_jax.MABN else jax.value_and_grad(loss_fn, has_aux=True))
+    with pytest.raises(ValueError, match="bfloat16; it must be float32.*cast only the params"):
+        jax.jit(grad)(variables["params"])
+
+
+# --- 9. batch_stats of another configuration ------------------------------------
+
+
+def test_value_and_grad_with_batch_stats_of_another_configuration():
+    x = batch()
+    model, other = DenseNorm(), DenseNorm(centered=True)
+    variables = model.init(jax.random.key(0), x)
+    wrong = other.init(jax.random.key(0), x)["batch_stats"]
+
+    def loss_fn(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                             mutable=["batch_stats"])
+        return y.sum(), upd
+
+    with pytest.raises(ValueError, match="MABN_0.*Pass the batch_stats the model is applied"):
+        mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=wrong)(variables["params"])
+
+
+# --- 2. two training applies with params cast per apply --------------------------
+
+
+def test_two_training_applies_with_params_cast_per_apply_are_an_error():
+    x = batch()
+    model = DenseNorm()
+    variables = model.init(jax.random.key(0), x)
+    bs = variables["batch_stats"]
+
+    def apply(params, x):  # what a mixed-precision wrapper does
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        return model.apply({"params": params, "batch_stats": bs}, x, mutable=["batch_stats"])
+
+    def loss_fn(params):
+        y1, upd = apply(params, x)
+        y2, _ = apply(params, 2 * x)
+        return (y1 + y2).astype(jnp.float32).sum(), upd
+
+    with pytest.raises(ValueError, match="twice in one loss.*concatenated into one batch"):
+        jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
+            variables["params"])
+
+
+
+# --- 7. a second network in training mode inside the helper (GAN) ---------------
+
+
+def test_gan_discriminator_in_training_mode_names_the_layer_and_the_fixes():
+    class Generator(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return mabn_jax.MABN(use_running_average=False)(nn.Dense(C)(z))
+
+    class Discriminator(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(mabn_jax.MABN(use_running_average=False)(nn.Dense(C)(x)))
+
+    z = batch()
+    g_vars = Generator().init(jax.random.key(0), z)
+    d_vars = Discriminator().init(jax.random.key(1), z)
+
+    def g_loss(g_params):
+        fake, upd = Generator().apply({"params": g_params, "batch_stats": g_vars["batch_stats"]},
+                                      z, mutable=["batch_stats"])
+        score, _ = Discriminator().apply(d_vars, fake, mutable=["batch_stats"])
+        return score.mean(), upd
+
+    with pytest.raises(ValueError, match=r"'Discriminator/MABN_0'.*batch_stats were not "
+                       r"passed.*use_running_average=True"):
+        mabn_jax.value_and_grad(g_loss, has_aux=True, batch_stats=g_vars["batch_stats"])(
+            g_vars["params"])
+
+
+def test_nnx_gan_discriminator_in_training_mode_names_the_fixes():
+    gen = nnx.Sequential(nnx.Linear(C, C, rngs=nnx.Rngs(0)), mnnx.MABN(C, rngs=nnx.Rngs(0)))
+    disc = nnx.Sequential(nnx.Linear(C, 5, rngs=nnx.Rngs(1)), mnnx.MABN(5, rngs=nnx.Rngs(1)))
+
+    def g_loss(gen, disc):
+        return disc(gen(batch())).mean()
+
+    with pytest.raises(ValueError, match=r"MABN\(num_features=5\).*not a differentiated "
+                       r"argument.*model.eval\(\).*argnums=\(0, 1\)"):
+        mnnx.value_and_grad(g_loss)(gen, disc)
