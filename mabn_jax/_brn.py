@@ -127,6 +127,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     xs = split.x.astype(sdt)
     mean_b, var_b = S.moments(xs, split, use_mean=True, use_fast_variance=cfg.use_fast_variance,
                               axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    assert mean_b is not None  # use_mean=True
     var_b, empty = S.fill_empty(split, var_b, state.var)
     mean_b, _ = S.fill_empty(split, mean_b, state.mean)
     # A batch with non-finite (or no) statistics never enters the state, as in MABN.
@@ -150,6 +151,7 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     r, d = S.renorm_factors(var_b, rvar_used, mean_b, rmean_used, r_max=clips.r_max,
                             r_min=clips.r_min, d_max=clips.d_max, epsilon=cfg.epsilon,
                             active=jnp.asarray(True))
+    assert d is not None  # a mean was given
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
     var, _ = follow(state.var, var_b, cfg.momentum)
     new_state = S.select(ok, BatchRenormState(state.step + 1, mean, var, rmean, rvar), state)

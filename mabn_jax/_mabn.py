@@ -31,6 +31,7 @@ whose slots were never filled makes the next training output NaN.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax import _stats as S
+from mabn_jax import _upstream
 from mabn_jax._config import MABNConfig
 from mabn_jax._sharding import check_probes_vary, probe_cotangent, vary_like, varying_axes
 from mabn_jax._state import MABNState, Probes, check_state, init_probes
@@ -145,7 +147,7 @@ def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
     ub = lambda v: S.lead(use_batch, v)
     var_w = _final_window(sl, state.var_window, var_b)
     var_win = _window_mean(sl, state.var_window, var_b)
-    if mean_b is None:
+    if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
         return None, var_w, None, jnp.where(ub(var_b), var_b, var_win)
     m = state.mean_window.shape[0]
     mean_w = _final_window(sl, state.mean_window, mean_b)
@@ -181,13 +183,13 @@ class _Ctx(NamedTuple):
     g_window: Array | None
     slot_mask: Array  # [G, m]
     use_batch: Array  # [G]
-    count: Array  # examples per statistic
+    count: Array  # type: ignore[assignment]  # examples per statistic (shadows tuple.count)
     mask: Array | None
 
 
 def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-               probes: Probes | None, config: MABNConfig, *, axis=-1, dtype: Any = None,
-               mask: Array | None = None) -> tuple[Array, MABNState]:
+               probes: Probes | None, config: MABNConfig, *, axis: int | Sequence[int] = -1,
+               dtype: Any = None, mask: Array | None = None) -> tuple[Array, MABNState]:
     """One MABN training step: returns ``(y, new_state)``.
 
     ``new_state`` holds the advanced step, the forward windows and the EMAs,
@@ -225,8 +227,11 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
     return y, new_state
 
 
-def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | None,
-                          config: MABNConfig, *, axis=-1, dtype=None, mask=None):
+def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
+                          state: MABNState, probes: Probes | None, config: MABNConfig, *,
+                          axis: int | Sequence[int] = -1, dtype: Any = None,
+                          mask: Array | None = None
+                          ) -> tuple[Array, MABNState, dict[str, Array]]:
     """:func:`mabn_train` that also returns the step's forward statistics.
 
     ``stats`` maps names to per-channel arrays (a leading ``[G]`` axis with
@@ -241,7 +246,7 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     check_state(state, config, feature_shape)
     recorded = probes is not None
-    if recorded:
+    if probes is not None:
         _check_probes(probes, state)
     else:  # nothing can record this step's Ψ_B: see _UNRECORDED
         probes = init_probes(state)
@@ -273,10 +278,11 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
     # The slots this step's Ψ_B (g_B) will fill are reserved (NaN). Without probes
     # they take the window's own estimate instead: its mean before the step.
     fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
-    reserve = lambda w: None if w is None else jnp.where(S.lead(written, w), fill(w), w)
+    reserve = lambda w: jnp.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
         _advance(state.step, split.groups, cfg.buffer_size), var_w, reserve(state.psi_window),
-        ema_var, state.skipped, mean_w, reserve(state.g_window), ema_mean)
+        ema_var, state.skipped, mean_w,
+        None if state.g_window is None else reserve(state.g_window), ema_mean)
     new_state = S.select(ok, new_state, state._replace(skipped=state.skipped + 1))
 
     ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
@@ -291,10 +297,11 @@ def mabn_train_with_stats(x, scale, bias, state: MABNState, probes: Probes | Non
         normalize = _normalize if cfg.axis_name is None else _normalize_named
         y = normalize(spec, split.x, scale, bias, probes, ctx)
     except TypeError as e:
-        if "forward-mode" not in str(e):
+        if not _upstream.is_forward_mode_error(e):
             raise
         raise TypeError(_FORWARD_MODE) from None
-    squeeze = (lambda v: v) if ghost else (lambda v: None if v is None else v[0])
+    squeeze = (lambda v: v) if ghost else (lambda v: v[0])
+    stats: dict[str, Any]  # Arrays (mean_b, mean, d are not None when centered)
     if cfg.centered:
         stats = dict(mu_B=mean_b, sigma2_B=var_b, mu=mean, sigma2=var,
                      ema_mean=ema_mean_used, ema_var=ema_var_used, r=r, d=d)
@@ -524,7 +531,8 @@ def _check_probes(probes: Probes, state: MABNState) -> None:
     for name, probe, window in (("psi", probes.psi, state.psi_window),
                                 ("g", probes.g, state.g_window)):
         if (probe is None) != (window is None) or (
-                probe is not None and tuple(probe.shape) != tuple(window.shape)):
+                probe is not None and window is not None
+                and tuple(probe.shape) != tuple(window.shape)):
             got = None if probe is None else tuple(probe.shape)
             want = None if window is None else tuple(window.shape)
             lifted = got and want and len(got) > len(want) and got[-len(want):] == want
@@ -538,7 +546,8 @@ def _check_probes(probes: Probes, state: MABNState) -> None:
                              f"is {want}; {fix}.")
 
 
-def inference_affine(scale: Array, bias: Array, state: MABNState, epsilon: float):
+def inference_affine(scale: Array, bias: Array, state: MABNState,
+                     epsilon: float) -> tuple[Array, Array]:
     """``(a, c)`` such that inference is ``y = a · x + c`` per channel."""
     return affine_from_ema(scale, bias, state.ema_var, state.ema_mean, epsilon)
 
@@ -553,7 +562,8 @@ def affine_from_ema(scale: Array, bias: Array, ema_var: Array, ema_mean: Array |
 
 
 def mabn_inference(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-                   config: MABNConfig, *, axis=-1, dtype: Any = None) -> Array:
+                   config: MABNConfig, *, axis: int | Sequence[int] = -1,
+                   dtype: Any = None) -> Array:
     """The inference map: ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``
     (``ema_mean = 0`` for the plain layer), one per-channel affine function."""
     x = jnp.asarray(x)

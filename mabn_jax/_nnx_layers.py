@@ -15,19 +15,20 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
+from flax.typing import PromoteDtypeFn
 
-from mabn_jax import _brn, _mabn, _shell, _state
+from mabn_jax import _brn, _mabn, _shell, _state, _upstream
 from mabn_jax import _stats as S
 from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 
 Array = jax.Array
+_Arrays = TypeVar("_Arrays", bound=tuple)  # flax.typing.PromoteDtypeFn's TupleArg
 
 __all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "Probe", "Statistic",
            "PROBE_NAMES"]
@@ -88,7 +89,7 @@ def _with_config_signature(init: Callable, config_cls: type) -> Callable:
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                                  annotation=f.type) for f in dataclasses.fields(config_cls)]
-    __init__.__signature__ = sig.replace(parameters=params)
+    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return __init__
 
 
@@ -145,11 +146,13 @@ class _Norm(nnx.Module):
     def _begin(self, x, use_running_average: bool | None):
         """(mode, config, x, scale, bias, stored state) of a call."""
         layer = type(self).__name__
-        use_running_average = first_from(
-            use_running_average, self.use_running_average,
-            error_msg=f"No `use_running_average` was given to {layer}: pass it to the "
-            f"constructor or the call, or use model.train() / model.eval() / nnx.view(model, "
-            "use_running_average=...).")
+        if use_running_average is None:  # the call's argument overrides the attribute
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                f"No `use_running_average` was given to {layer}: pass it to the constructor "
+                "or the call, or use model.train() / model.eval() / nnx.view(model, "
+                "use_running_average=...).")
         x = jnp.asarray(x)
         feature_axes = S.canonicalize_axes(x.ndim, self.axis, layer)
         got = tuple(x.shape[a] for a in feature_axes)
@@ -167,7 +170,7 @@ class _Norm(nnx.Module):
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         # nnx.BatchNorm's hook, called as it calls it; the state keeps its dtype.
-        mean, var = (stored.get(k) for k in self._inference_names)
+        mean, var = (stored.get(k) for k in self._inference_names)  # type: ignore[attr-defined]
         x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         return use_running_average, config_of(self._config_cls, self), x, scale, bias, stored
 
@@ -176,7 +179,7 @@ class _Norm(nnx.Module):
         collections) and sows ``stats`` inside ``nnx.capture`` only."""
         for name, value in values.items():
             getattr(self, name)[...] = jax.lax.stop_gradient(value)
-        if hasattr(self, "__captures__"):
+        if _upstream.in_nnx_capture(self):
             for name, value in stats.items():
                 self.sow(Statistic, name, value)
 
@@ -255,7 +258,8 @@ class MABN(_Norm):
     @property
     def _inference_names(self) -> tuple[str, str]:
         """The state entries inference uses, as (mean, variance)."""
-        return ("ema_mean", "ema_var") if self.centered else ("ema_mean", "ema_x2")
+        centered = self.centered  # type: ignore[attr-defined]  # set from the config
+        return ("ema_mean", "ema_var") if centered else ("ema_mean", "ema_x2")
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
@@ -268,7 +272,7 @@ class MABN(_Norm):
             statistics are computed from (as in ``nnx.BatchNorm``).
         """
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
-        state = _state.from_mapping(stored)
+        state = _state.as_state(stored)
         if inference:
             return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
                                         dtype=self.dtype)
@@ -347,11 +351,12 @@ class _CenteringPromote:
     """``promote_dtype`` that first centers the kernel (the second array):
     the hook every ``nnx.Linear`` / ``nnx.Conv`` call passes its kernel through."""
 
-    promote_dtype: Callable
+    promote_dtype: PromoteDtypeFn
 
-    def __call__(self, arrays, dtype=None):
-        inputs, kernel, *rest = arrays
-        return self.promote_dtype((inputs, _shell.center_kernel(kernel), *rest), dtype=dtype)
+    def __call__(self, args: _Arrays, /, *, dtype: Any = None, inexact: bool = True) -> _Arrays:
+        inputs, kernel, *rest = args
+        centered = (inputs, _shell.center_kernel(kernel), *rest)
+        return self.promote_dtype(centered, dtype=dtype, inexact=inexact)  # type: ignore[return-value]
 
 
 class CenteredLinear(nnx.Linear):
@@ -363,8 +368,8 @@ class CenteredLinear(nnx.Linear):
     runs after it).
     """
 
-    @functools.wraps(nnx.Linear.__init__, assigned=("__signature__",))
-    def __init__(self, *args, promote_dtype: Callable = dtypes.promote_dtype, **kwargs):
+    @functools.wraps(nnx.Linear.__init__, assigned=("__signature__",))  # type: ignore[misc]
+    def __init__(self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, **kwargs):
         super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)
 
 
@@ -377,8 +382,8 @@ class CenteredConv(nnx.Conv):
     zero).
     """
 
-    @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))
-    def __init__(self, *args, promote_dtype: Callable = dtypes.promote_dtype, mask=None,
+    @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))  # type: ignore[misc]
+    def __init__(self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, mask=None,
                  **kwargs):
         if mask is not None:
             raise ValueError("CenteredConv: mask is not supported: the centered kernel "

@@ -18,12 +18,12 @@ plus Flax's perturbation convention (zero variables, differentiated):
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
-from flax.nnx.transforms.transforms import resolve_kwargs
 
 from mabn_jax import _record, _shell, _state
 from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, Probe
@@ -39,7 +39,7 @@ def _layers(node) -> list[tuple[Path, MABN]]:
 
 
 def _layer_state(layer: MABN) -> _state.MABNState:
-    return _state.from_mapping({k: getattr(layer, k)[...] for k in layer._state_names})
+    return _state.as_state({k: getattr(layer, k)[...] for k in layer._state_names})
 
 
 def _name(path: Path) -> str:
@@ -64,7 +64,7 @@ def attach_probes(model) -> nnx.State:
         state = _layer_state(layer)
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
-                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _name(path)}))
+                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _name(path)}))  # type: ignore[arg-type]
         for key, value in _state.to_mapping(state).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
@@ -117,15 +117,29 @@ def record_backward_stats(model, grads, previous) -> None:
                              "attached; call attach_probes(model) before each step, and "
                              "record once per step.")
         new = _layer_state(layer)
-        before = _state.from_mapping({k: _at(previous, path + (k,), "previous", prev_fix)
-                                      for k in layer._state_names})
-        probe_grads = _state.Probes(*(
-            _at(grads, path + (name,), "grads", grad_fix) if hasattr(layer, name) else None
-            for name in PROBE_NAMES))
+        before = _state.as_state({k: _at(previous, path + (k,), "previous", prev_fix)
+                                  for k in layer._state_names})
+        grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
+        psi, g = PROBE_NAMES
+        probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None)
         recorded = _record.record_backward_stats(new, probe_grads, before)
         for key, value in _state.to_mapping(recorded).items():
             getattr(layer, key)[...] = value
     _detach(model)
+
+
+def _positional(f: Callable, args: tuple, kw: dict[str, Any]) -> tuple:
+    """``f``'s arguments as positions (``nnx.value_and_grad`` selects the
+    differentiated ones by position), defaults filled in."""
+    if not kw:
+        return args
+    bound = inspect.signature(f).bind(*args, **kw)
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise TypeError(f"mabn_jax.nnx.value_and_grad: {getattr(f, '__name__', f)!r} got "
+                        f"keyword-only arguments {sorted(bound.kwargs)}; make them "
+                        "positional: the gradient selects its arguments by position.")
+    return bound.args
 
 
 def _without_probes(grads):
@@ -205,7 +219,7 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
                          "in graph mode: the probes are selected with nnx.DiffState, which "
                          "needs graph updates (Flax's default), or tree mode (graph=False).")
     single = isinstance(argnums, (int, nnx.DiffState))
-    nums = (argnums,) if single else tuple(argnums)
+    nums = (argnums,) if isinstance(argnums, (int, nnx.DiffState)) else tuple(argnums)
     # Tree mode differentiates every leaf of an argument, the probes included.
     probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
     @functools.wraps(f)
@@ -241,7 +255,7 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
 
     @functools.wraps(f)
     def wrapped(*args, **kw):
-        args = resolve_kwargs(f, args, kw)
+        args = _positional(f, args, kw)
         models = [args[i] for i in indices]
         previous = []
         try:

@@ -123,7 +123,7 @@ def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState)
     if state.centered != previous.centered or state.centered != (probe_grads.g is not None):
         raise ValueError("record_backward_stats: state, previous and probe_grads mix centered "
                          "and plain layers; pass the three trees of one layer and one step.")
-    if state.centered:
+    if probe_grads.g is not None and state.g_window is not None:  # centered (checked above)
         pairs.append(("probe_grads.g", probe_grads.g, state.g_window))
     for name, got, want in pairs:
         if tuple(got.shape) != tuple(want.shape):

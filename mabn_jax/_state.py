@@ -9,7 +9,7 @@ format) are in :data:`LAYOUTS`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +20,7 @@ from mabn_jax._config import MABNConfig
 Array = jax.Array
 
 __all__ = ["MABNState", "Probes", "LAYOUTS", "init_state", "init_probes", "to_mapping",
-           "from_mapping", "layout_error", "check_state"]
+           "from_mapping", "as_state", "layout_error", "check_state"]
 
 
 class MABNState(NamedTuple):
@@ -97,12 +97,23 @@ def from_mapping(node: Any) -> MABNState | None:
     return None
 
 
-def layout_error(keys: Sequence[str], centered: bool) -> str | None:
-    """Why stored ``keys`` are not this layer's layout (None if they are).
+def as_state(node: Mapping[str, Any]) -> MABNState:
+    """The state in a layer's own ``batch_stats`` entry (its layout already checked)."""
+    state = from_mapping(node)
+    if state is None:
+        raise ValueError(f"mabn_jax: an MABN layer's state has fields {sorted(node)}, "
+                         f"expected those of {[k for k, _ in LAYOUTS[True]]} (centered) or "
+                         f"{[k for k, _ in LAYOUTS[False]]}; re-initialize the model.")
+    return state
+
+
+def layout_error(stored: Iterable[str], centered: bool) -> str | None:
+    """Why the ``stored`` names (a ``batch_stats`` entry or its keys) are not
+    this layer's layout (None if they are).
 
     Names the older layouts this version refuses and how to move them over.
     """
-    keys, want = frozenset(keys), _KEYS[centered]
+    keys, want = frozenset(stored), _KEYS[centered]
     if keys == want:
         return None
     if keys | {"skipped"} == want:

@@ -112,8 +112,8 @@ def with_group_axis(split: Split) -> Split:
     one code path serves plain and ghost batches."""
     if split.groups > 1:
         return split
-    add = lambda a: None if a is None else a[None]
-    return Split(add(split.x), add(split.mask), 1, (0,) + tuple(a + 1 for a in split.feature_axes),
+    mask = None if split.mask is None else split.mask[None]
+    return Split(split.x[None], mask, 1, (0,) + tuple(a + 1 for a in split.feature_axes),
                  tuple(a + 1 for a in split.reduction_axes))
 
 
@@ -161,7 +161,7 @@ def fill_empty(split: Split, stats: Array | None, stored: Array | None):
     multiplies by zero (``NaN · 0 = NaN``). There the layer normalizes with
     its running statistics instead, and the step leaves the state alone.
     """
-    if split.mask is None or stats is None:
+    if split.mask is None or stats is None or stored is None:  # (None: both, plain layer)
         return stats, jnp.asarray(False)
     empty = count(split) == 0
     return (jnp.where(empty, stored.astype(stats.dtype), stats),
@@ -213,13 +213,14 @@ def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Arr
     r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min,
                  r_max)
     r = stop(jnp.where(lead(active, r), r, jnp.ones_like(r)))
-    if mean is None:
+    if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
     d = jnp.clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
     return r, stop(jnp.where(lead(active, d), d, jnp.zeros_like(d)))
 
 
-def affine_params(scale: Array | None, bias: Array | None, feature_shape, dtype):
+def affine_params(scale: Array | None, bias: Array | None, feature_shape: Sequence[int],
+                  dtype: Any) -> tuple[Array, Array]:
     """``γ``, ``β`` in ``dtype``; ones and zeros where the layer has none."""
     scale = jnp.ones(feature_shape, dtype) if scale is None else jnp.asarray(scale)
     bias = jnp.zeros(feature_shape, dtype) if bias is None else jnp.asarray(bias)

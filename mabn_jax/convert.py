@@ -56,7 +56,7 @@ __all__ = ["replace_batchnorm", "convert_batchnorm_variables", "ReplacedBatchNor
 # the method of every real BatchNorm call (a subclass's super() call and the
 # inner call of a lifted nn.scan/nn.vmap class included), but not the outer
 # call of a lifted class, whose method is the transform's wrapper.
-_BN_CALL = nn.BatchNorm.__call__.__wrapped__
+_BN_CALL = nn.BatchNorm.__call__.__wrapped__  # type: ignore[attr-defined]
 
 # Taken from each BatchNorm as it is.
 _FROM_BN = ("use_running_average", "axis", "epsilon", "param_dtype", "use_bias", "use_scale",

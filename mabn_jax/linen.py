@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from mabn_jax import _brn, _mabn, _shell, _state
+from mabn_jax import _brn, _mabn, _shell, _state, _upstream
 from mabn_jax import _stats as S
 from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 from mabn_jax._shell import center_kernel
@@ -196,7 +197,7 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
             raise ValueError(f"MABN layer {'/'.join(self.path)!r}: its batch_stats {error}.")
         init = _shell.initial_state(feature_shape, config, self.param_dtype)
         variables = _state_variables(self, [k for k, _ in layout], init.values())
-        state = _state.from_mapping({k: v.value for (k, _), v in zip(layout, variables)})
+        state = _state.as_state({k: v.value for (k, _), v in zip(layout, variables)})
         _state.check_state(state, config, feature_shape)  # before params: clearer errors
         scale, bias = _params(self, feature_shape)
         if use_running_average:
@@ -230,17 +231,17 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.init_probes(state)
     if module.has_variable(PROBES, "psi"):
         get = lambda n: module.get_variable(PROBES, n) if module.has_variable(PROBES, n) else None
-        return _state.Probes(get("psi"), get("g"), get("loss_scale"))
+        return _state.Probes(module.get_variable(PROBES, "psi"), get("g"), get("loss_scale"))
     if module.has_variable("params", PROBES):
-        probes = module.get_variable("params", PROBES)
+        probes: Mapping[str, Array] = module.get_variable("params", PROBES)
         _check_helper_probes(module, probes, state)
         _shell.consume_probe(probes["psi"], "/".join(module.path), state.psi_window)
         return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
-        return _state.Probes(*(None if z is None else
-                               module.variable(PROBES, n, lambda z=z: z).value
-                               for n, z in zip(("psi", "g"), zeros)))
+        create = lambda name, z: module.variable(PROBES, name, lambda: z).value
+        return _state.Probes(create("psi", zeros.psi),
+                             None if zeros.g is None else create("g", zeros.g))
     if _shell.in_helper():
         raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
@@ -270,7 +271,7 @@ def _one_training_call(module: nn.Module) -> None:
     ``nn.scan`` body) its own root scope, where the calls are counted."""
     if module.is_initializing():
         return
-    calls = module.scope.root.__dict__.setdefault("_mabn_training_calls", set())
+    calls = _upstream.per_apply_registry(module, "_mabn_training_calls")
     if module.path in calls:
         raise ValueError(
             f"MABN layer {'/'.join(module.path)!r} is applied in training mode twice in "

@@ -19,17 +19,17 @@ for the ``'mabn_probes'`` collection) and :func:`record_backward_stats`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict
-from flax.training.dynamic_scale import DynamicScaleResult
+from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 from jax import lax
 
+from mabn_jax import _aux, _shell, _state
 from mabn_jax import _record as _record_lib
-from mabn_jax import _shell, _state
 from mabn_jax.linen import PROBES
 
 __all__ = ["value_and_grad", "init_probes", "record_backward_stats"]
@@ -150,8 +150,20 @@ def _node(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
     return tree
 
 
-def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                   *, batch_stats: Tree, dynamic_scale=None, axis_name: str | None = None):
+@overload
+def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False, *, batch_stats: Tree, dynamic_scale: None = None,
+                   axis_name: str | None = None, aux_batch_stats: _aux.AuxSelector | None = None
+                   ) -> Callable[..., tuple[Any, Any]]: ...
+@overload
+def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False, *, batch_stats: Tree, dynamic_scale: DynamicScale,
+                   axis_name: str | None = None, aux_batch_stats: _aux.AuxSelector | None = None
+                   ) -> Callable[..., DynamicScaleResult]: ...
+def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False, *, batch_stats: Tree,
+                   dynamic_scale: DynamicScale | None = None, axis_name: str | None = None,
+                   aux_batch_stats: _aux.AuxSelector | None = None) -> Callable[..., Any]:
     """``jax.value_and_grad`` for models with MABN layers: a drop-in.
 
     ``fun`` is the loss function of an ``nn.BatchNorm`` train step, unchanged:
@@ -166,11 +178,24 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         state = state.apply_gradients(grads=grads)
         state = state.replace(batch_stats=updates['batch_stats'])
 
-    The returned aux is ``fun``'s, except that its ``batch_stats`` tree (found
-    as the one subtree with the layout of ``batch_stats``) holds this step's
-    backward statistics; a layer whose statistics are not finite keeps its
-    ``batch_stats`` entry (one more ``skipped``). The gradient has the
-    structure of the params: the probes are dropped.
+    The returned aux is ``fun``'s, except that its updated ``batch_stats``
+    tree holds this step's backward statistics; a layer whose statistics are
+    not finite keeps its ``batch_stats`` entry (one more ``skipped``). The
+    gradient has the structure of the params: the probes are dropped.
+
+    How the updated tree is found in aux (unless ``aux_batch_stats`` says):
+    the candidates are the mappings anywhere in aux (through dicts,
+    FrozenDicts, tuples, lists, NamedTuples) with exactly the layout of
+    ``batch_stats`` (the same nested keys and array shapes) and no top-level
+    ``'params'``, ``'batch_stats'`` or ``'mabn_probes'`` key, so an
+    ``updates`` dict is searched into. A candidate whose arrays are all the
+    very objects of ``batch_stats`` (by identity: passed through unchanged)
+    is the old tree; exactly one other candidate must exist, and it is the
+    one recorded. If there is none, the old tree is taken only when it is
+    the sole candidate and no MABN layer trained (all frozen). Otherwise a
+    ``ValueError`` says what was found (none: aux's containers and keys; several:
+    their paths) and what to return. Models without MABN layers leave aux
+    untouched.
 
     Args:
       fun, argnums, has_aux: as for ``jax.value_and_grad``.
@@ -183,6 +208,14 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
       axis_name: with ``dynamic_scale``: average the gradient over this axis
         (as ``DynamicScale.value_and_grad`` does; the backward statistics are
         the layers' own business and are never averaged here).
+      aux_batch_stats: where the updated ``batch_stats`` is in aux, for the
+        cases the search cannot decide (e.g. aux holding two trees of that
+        layout): a path of dict keys, sequence indices and attribute names
+        (``(1, 'batch_stats')`` for ``aux = (logits, updates)``; a path
+        ending at an ``updates`` dict takes its ``'batch_stats'``), or a
+        function of aux returning that subtree itself (not a copy), e.g.
+        ``lambda aux: aux.student``. It must have the layout of
+        ``batch_stats``.
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
@@ -208,7 +241,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
             value, grads, probe_grads = (value / scale, jax.tree.map(unscale, grads),
                                          jax.tree.map(unscale, probe_grads))
         if probes:
-            aux = _record_in_aux(aux, probe_grads, batch_stats)
+            aux = _record_in_aux(aux, probe_grads, batch_stats, has_aux, aux_batch_stats)
         out = (value, aux) if has_aux else value
         if dynamic_scale is None:
             return out, grads
@@ -240,46 +273,13 @@ def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
     return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
 
 
-def _record_in_aux(aux, probe_grads, previous: Tree):
-    """``aux`` with its updated ``batch_stats`` (the one subtree holding the same
-    MABN layers and shapes as ``previous``, other than ``previous`` itself)
-    recorded.
-
-    If the only such subtree holds ``previous``'s own arrays, no MABN layer was
-    applied in training mode (all frozen): recording it leaves it as it is.
-    """
-    want = jax.tree.map(jnp.shape, _shell.to_dicts(previous))
-    old_leaves = jax.tree_util.tree_leaves(previous)
-
-    def has_layout(node) -> bool:
-        if not isinstance(node, Mapping) or any(k in node for k in _TOP_LEVEL):
-            return False
-        return jax.tree.map(jnp.shape, _shell.to_dicts(node)) == want
-
-    def is_old(node) -> bool:
-        return all(a is b for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
-
-    found = [n for n in jax.tree_util.tree_leaves(aux, is_leaf=has_layout) if has_layout(n)]
-    updated = [n for n in found if not is_old(n)]
-    if len(updated) == 1:
-        target = updated[0]
-    elif not updated and len(found) == 1:
-        target = found[0]
-        if _trained(probe_grads):
-            raise ValueError(
-                "mabn_jax.value_and_grad: fun returned the batch_stats it was given, "
-                "unchanged, although MABN layers were applied in training mode; return the "
-                "updated batch_stats (the second output of apply with "
-                "mutable=['batch_stats']) in its aux output.")
-    else:
-        raise ValueError(
-            "mabn_jax.value_and_grad: fun must return the updated batch_stats in its aux "
-            "output exactly once (apply the model with mutable=['batch_stats'], return the "
-            f"updates and set has_aux=True); found {len(updated)} trees with the layout of "
-            "batch_stats.")
-    return jax.tree_util.tree_map(
-        lambda n: _record(n, probe_grads, previous) if n is target else n, aux,
-        is_leaf=lambda n: n is target)
+def _record_in_aux(aux, probe_grads, previous: Tree, has_aux: bool,
+                   select: _aux.AuxSelector | None):
+    """``aux`` with its updated ``batch_stats`` (found as :mod:`mabn_jax._aux`
+    says, or where ``select`` points) recorded."""
+    target = _aux.find_batch_stats(aux, previous, has_aux=has_aux, select=select,
+                                   trained=lambda: _trained(probe_grads))
+    return _aux.replace(aux, target, _record(target, probe_grads, previous))
 
 
 def _trained(probe_grads) -> bool:

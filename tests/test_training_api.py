@@ -885,7 +885,7 @@ def test_training_apply_without_probes_or_helper_names_the_helper():
         jax.eval_shape(bn_train_step, new_state(), x[0], y[0])
 
 
-def _helper_with_aux(make_aux, has_aux=True):
+def _helper_with_aux(make_aux, has_aux=True, **kw):
     """The helper on Small, with ``fun``'s aux built by ``make_aux``."""
     state = new_state(Small())
     x, y = data(1)
@@ -897,19 +897,77 @@ def _helper_with_aux(make_aux, has_aux=True):
         return (loss, make_aux(logits, updates, state.batch_stats)) if has_aux else loss
 
     return jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=has_aux,
-                                           batch_stats=state.batch_stats))
+                                           batch_stats=state.batch_stats, **kw))
 
 
-@pytest.mark.parametrize("make_aux, has_aux, found", [
-    (lambda logits, updates, old: logits, True, 0),  # the updates dropped
-    (lambda logits, updates, old: None, False, 0),  # has_aux=False
-    (lambda logits, updates, old: (updates, updates["batch_stats"]), True, 2),  # twice
+def _helper_aux_error(make_aux, has_aux=True, **kw):
+    with pytest.raises(ValueError) as info:
+        jax.eval_shape(_helper_with_aux(make_aux, has_aux, **kw), new_state(Small()).params)
+    return str(info.value)
+
+
+def test_aux_without_the_updated_batch_stats_says_what_it_found():
+    """(f) No tree of batch_stats' layout in aux: the message lists what aux
+    holds and the layers expected, and says what to return."""
+    message = _helper_aux_error(lambda logits, updates, old: {"logits": logits})
+    for phrase in ("found no tree with the layout of batch_stats", "'MABN_0'",
+                   "a dict (aux['logits']: an array of shape (", "mutable=['batch_stats']",
+                   "has_aux=True", "aux_batch_stats="):
+        assert phrase in message, message
+    # a tree of another layout (one layer dropped) is not taken for it
+    message = _helper_aux_error(lambda logits, updates, old: {
+        k: v for k, v in updates["batch_stats"].items() if k != "MABN_0"})
+    assert "found no tree with the layout of batch_stats" in message, message
+
+
+def test_aux_with_has_aux_false_names_has_aux():
+    message = _helper_aux_error(lambda *_: None, has_aux=False)
+    assert "has_aux=False" in message and "set has_aux=True" in message, message
+
+
+def test_aux_with_two_updated_trees_lists_them_and_names_aux_batch_stats():
+    """(f) Two trees of the layout, neither the given one: ambiguous; the
+    message gives both paths and a ready aux_batch_stats value."""
+    message = _helper_aux_error(lambda logits, updates, old: (updates, updates["batch_stats"]))
+    for phrase in ("holds 2 trees with the layout of batch_stats",
+                   "aux[0]['batch_stats'], aux[1]", "aux_batch_stats=(0, 'batch_stats')"):
+        assert phrase in message, message
+
+
+def _doubled(updates):
+    """A second tree of batch_stats' layout (e.g. an EMA teacher's): not the update."""
+    return jax.tree.map(lambda v: v * 1.0, updates["batch_stats"])
+
+
+@pytest.mark.parametrize("select", [
+    (1, "batch_stats"),  # a path
+    (1,),  # a path to the updates dict: its 'batch_stats'
+    lambda aux: aux[1]["batch_stats"],  # a function of aux
 ])
-def test_aux_without_the_updated_batch_stats_exactly_once(make_aux, has_aux, found):
-    """(f) The helper must find the updated batch_stats in aux exactly once."""
-    with pytest.raises(ValueError, match=rf"fun must return the updated batch_stats in its "
-                                         rf"aux output exactly once .* found {found} trees"):
-        jax.eval_shape(_helper_with_aux(make_aux, has_aux), new_state(Small()).params)
+def test_aux_batch_stats_points_at_the_update(select):
+    """(f) The explicit route: with two candidates, aux_batch_stats picks the
+    updated tree; the result is the one the search records when unambiguous."""
+    state = new_state(Small())
+    make = lambda logits, updates, old: (_doubled(updates), updates)
+    (loss, (other, updates)), grads = _helper_with_aux(make, aux_batch_stats=select)(
+        state.params)
+    (r_loss, (_, r_updates)), r_grads = _helper_with_aux(
+        lambda logits, updates, old: (None, updates))(state.params)
+    assert_same((loss, updates, grads), (r_loss, r_updates, r_grads))
+    unrecorded = other["MABN_0"]["psi_window"]  # reserved slots stay NaN: not recorded
+    assert np.isnan(unrecorded).any() and not np.isnan(updates["batch_stats"]["MABN_0"][
+        "psi_window"]).any()
+
+
+@pytest.mark.parametrize("select, phrase", [
+    ((2,), "aux has no entry 2; it is a tuple (aux[0]: an array of shape ("),
+    ((0,), "aux[0], which is not a batch_stats tree of this model (found "),
+    (lambda aux: dict(aux[1]["batch_stats"]), "not part of aux (a copy or a new dict)"),
+])
+def test_aux_batch_stats_pointing_elsewhere_says_where(select, phrase):
+    message = _helper_aux_error(lambda logits, updates, old: (logits, updates),
+                                aux_batch_stats=select)
+    assert phrase in message, message
 
 
 def test_aux_with_only_the_old_batch_stats():

@@ -1,0 +1,101 @@
+"""The jax/flax behaviour mabn_jax relies on beyond public API (``mabn_jax._upstream``).
+
+Each test checks one assumption directly against the installed jax/flax, so an
+upgrade that breaks it fails here, naming the ``_upstream`` function to fix,
+before a layer misbehaves in some other test.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import mabn_jax
+from mabn_jax import _upstream
+
+
+def _broke(function: str, what: str) -> str:
+    return (f"mabn_jax._upstream.{function}: {what} with jax {jax.__version__}, flax "
+            f"{__import__('flax').__version__} (tested with {_upstream.TESTED_WITH}); "
+            "adapt that function to the new behaviour.")
+
+
+def test_per_apply_registry_is_private_to_each_apply_and_each_lifted_trace():
+    seen = []
+
+    class Leaf(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            registry = _upstream.per_apply_registry(self, "_test_registry")
+            seen.append(registry)
+            registry.add(self.path)
+            return x
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = Leaf()(x)
+            x = Leaf()(x)
+            body = nn.scan(lambda mdl, c, _: (Leaf()(c), None), variable_broadcast=False,
+                           split_rngs={}, length=2)
+            return body(self, x, None)[0]
+
+    model = Model()
+    x = jnp.ones((2, 3))
+    model.apply({}, x)
+    first = seen[:]
+    assert len(first) == 4  # two Leafs, then the scan body traced (and run) once more
+    assert first[0] is first[1], _broke("per_apply_registry",
+                                        "two modules of one apply got different root scopes")
+    assert first[0] == {("Leaf_0",), ("Leaf_1",)}, _broke(
+        "per_apply_registry", "the registry did not keep entries within one apply")
+    assert all(r is not first[0] for r in first[2:]), _broke(
+        "per_apply_registry", "an nn.scan body shares the outer apply's root scope")
+    seen.clear()
+    model.apply({}, x)
+    assert seen[0] is not first[0] and len(seen[0]) == 2, _broke(
+        "per_apply_registry", "a second apply sees the first apply's registry")
+
+
+def test_forward_mode_through_custom_vjp_is_recognized():
+    @jax.custom_vjp
+    def f(x):
+        return x
+
+    f.defvjp(lambda x: (x, None), lambda _, g: (g,))
+    with pytest.raises(TypeError) as info:
+        jax.jvp(f, (1.0,), (1.0,))
+    assert _upstream.is_forward_mode_error(info.value), _broke(
+        "is_forward_mode_error", f"JAX's forward-mode error reads {str(info.value)!r}")
+    assert not _upstream.is_forward_mode_error(TypeError("unsupported operand"))
+
+
+def test_in_nnx_capture_is_true_exactly_inside_nnx_capture():
+    seen = []
+
+    class Probe(nnx.Module):
+        def __call__(self, x):
+            seen.append(_upstream.in_nnx_capture(self))
+            return x
+
+    model = Probe()
+    model(1.0)
+    nnx.capture(model, nnx.Intermediate)(1.0)
+    assert seen == [False, True], _broke(
+        "in_nnx_capture", f"outside / inside nnx.capture it read {seen}")
+
+
+def test_the_layers_use_no_private_flax_module():
+    """The package imports public Flax modules only (private ones are reached
+    through ``_upstream`` alone)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(mabn_jax.__file__).parent
+    imports = {p.name: re.findall(r"^\s*(?:from|import) (flax[\w.]*)", p.read_text(), re.M)
+               for p in root.glob("*.py")}
+    public = {"flax", "flax.core", "flax.linen", "flax.nnx", "flax.training.dynamic_scale",
+              "flax.linen.initializers", "flax.typing", "flax.traverse_util", "flax.nnx.nn"}
+    private = {f: sorted(set(m) - public) for f, m in imports.items() if set(m) - public}
+    assert not private, private
