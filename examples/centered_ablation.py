@@ -31,6 +31,10 @@ import os
 import sys
 import time
 
+import jax
+from flax import linen as nn
+
+import mabn_jax
 from mabn_jax import _mabn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +60,26 @@ VARIANTS = [
     ("plain: momentum 0.98 per update (paper)", "MABN", {"momentum": 0.98}, ()),
 ]
 REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
+
+# The convnet at library defaults (issue 19): (label, norm, MABN keyword overrides).
+# "BN" is nn.BatchNorm with the two-pass variance; every MABN row starts from
+# MABN()'s own defaults (m = 16, warm-up 100, renorm from 1000, momentum 0.98,
+# r_max = d_max = 5) and changes what its label says.
+CONV_VARIANTS = {
+    "BN": ("BatchNorm, two-pass variance", "BN", {}),
+    "plain": ("plain MABN (after CenteredConv), defaults", "MABN", {}),
+    "centered": ("centered MABN, defaults", "MABN-centered", {}),
+    "d0": ("centered: no shift d (d_max = 0)", "MABN-centered", {"d_max": 0.0}),
+    "d1": ("centered: d_max = 1", "MABN-centered", {"d_max": 1.0}),
+    "norenorm": ("centered: no renormalization", "MABN-centered",
+                 {"renorm_start": NO_RENORM}),
+    "warm16": ("centered: warm-up m = 16 steps", "MABN-centered", {"warmup_steps": 16}),
+    "warm500": ("centered: warm-up 500 steps", "MABN-centered", {"warmup_steps": 500}),
+    "m32": ("centered: window m = 32", "MABN-centered", {"buffer_size": 32}),
+    "m64": ("centered: window m = 64", "MABN-centered", {"buffer_size": 64}),
+    "mom99": ("centered: momentum 0.99", "MABN-centered", {"momentum": 0.99}),
+    "rmax2": ("centered: r_max = 2", "MABN-centered", {"r_max": 2.0}),
+}
 
 _window_mean = _mabn._window_mean
 _normalize_bwd = _mabn._normalize_bwd
@@ -103,12 +127,54 @@ def overrides_for(setup: sb.Setup, data, epochs: int, raw: dict) -> dict:
     return out
 
 
+def upsample(data, size: int):
+    """The digits' 8×8 images resized (bilinear) to ``size``×``size``."""
+    if size == 8:
+        return data
+    resize = lambda x: jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
+    xtr, ytr, xte, yte = data
+    return resize(xtr), ytr, resize(xte), yte
+
+
+def convnet_main(args):
+    """The convnet at library defaults, true batch 2 (issue 19), one row per variant."""
+    data = upsample(sb.load_data("digits", None), args.size)
+    steps = len(data[0]) // 2 * args.epochs
+    print(f"ResNet 16-32-64 (3x3 stem, stride 2) on digits at {args.size}x{args.size}, true "
+          f"batch 2, SGD momentum 0.9, cosine from lr {args.lr}, weight decay 5e-4, "
+          f"{args.epochs} epochs = {steps} steps, {args.seeds} seeds; test error (%)\n")
+    print("| variant | mean | min | max | per seed |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in args.variants.split(","):
+        label, norm, raw = CONV_VARIANTS[name]
+        if norm == "BN":
+            layer = lambda: nn.BatchNorm(use_fast_variance=False)
+        else:
+            layer = lambda raw=raw, norm=norm: mabn_jax.MABN(
+                centered=norm == "MABN-centered", **raw)
+        conv = mabn_jax.CenteredConv if norm == "MABN" else nn.Conv
+        model = sb.ResNet(layer, conv, (16, 32, 64), stem_stride=2)
+        t0 = time.time()
+        e = sb.train_and_evaluate(sb.Setup("ResNet", norm, 2, 2), data, args.seeds,
+                                  args.epochs, False, model=model, lr=args.lr)
+        print(f"| {label} | {e.mean():.2f} | {e.min():.2f} | {e.max():.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in e)} |  ({time.time() - t0:.0f} s)", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--regimes", default="true,simulated")
+    p.add_argument("--model", default="MLP", choices=("MLP", "convnet"),
+                   help="convnet: the ResNet at library defaults (issue 19)")
+    p.add_argument("--variants", default=",".join(CONV_VARIANTS),
+                   help="convnet: comma-separated rows of CONV_VARIANTS")
+    p.add_argument("--size", type=int, default=16, help="convnet: image size (upsampled)")
+    p.add_argument("--lr", type=float, default=0.1 * 2 / 32, help="convnet: peak learning rate")
     args = p.parse_args(argv)
+    if args.model == "convnet":
+        return convnet_main(args)
     regimes = args.regimes.split(",")
     data = sb.load_data("digits", None)
     t0 = time.time()

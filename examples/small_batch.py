@@ -151,10 +151,11 @@ class ResNet(nn.Module):
     norm: Callable[[], nn.Module]
     conv: Any = nn.Conv
     widths: tuple[int, ...] = (16, 32, 64)
+    stem_stride: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = self.conv(self.widths[0], (3, 3), use_bias=False)(x)
+        x = self.conv(self.widths[0], (3, 3), (self.stem_stride,) * 2, use_bias=False)(x)
         x = nn.relu(self.norm()(x, use_running_average=not train))
         for i, w in enumerate(self.widths):
             x = Block(w, 1 if i == 0 else 2, self.norm, self.conv)(x, train)
@@ -239,16 +240,22 @@ def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) 
 # ----------------------------------------------------------------------------- training
 
 def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
-                       progress=None, overrides: dict | None = None) -> np.ndarray:
+                       progress=None, overrides: dict | None = None,
+                       model: nn.Module | None = None,
+                       lr: float | None = None) -> np.ndarray:
     """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
 
     Each seed draws its own initialization and its own shuffling every epoch.
+    ``model``: train this one instead of ``build``'s (``centered_ablation.py``);
+    ``lr``: the peak learning rate (default: 0.1 scaled linearly from batch 32).
     """
     xtr, ytr, xte, yte = data
     steps_per_epoch = len(xtr) // setup.grad_batch
     steps = steps_per_epoch * epochs
-    model = build(setup, steps, quick, overrides)
-    lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
+    if model is None:
+        model = build(setup, steps, quick, overrides)
+    if lr is None:
+        lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
     tx = optax.chain(optax.add_decayed_weights(5e-4),
                      optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
 
