@@ -75,6 +75,7 @@ CONV_VARIANTS = {
                  {"renorm_start": NO_RENORM}),
     "warm16": ("centered: warm-up m = 16 steps", "MABN-centered", {"warmup_steps": 16}),
     "warm500": ("centered: warm-up 500 steps", "MABN-centered", {"warmup_steps": 500}),
+    "m4": ("centered: window m = 4", "MABN-centered", {"buffer_size": 4}),
     "m32": ("centered: window m = 32", "MABN-centered", {"buffer_size": 32}),
     "m64": ("centered: window m = 64", "MABN-centered", {"buffer_size": 64}),
     "mom99": ("centered: momentum 0.99", "MABN-centered", {"momentum": 0.99}),
