@@ -64,7 +64,7 @@ LABELS = {"BN": "BatchNorm, trainable (train mode)",
           "MABN": "MABN through the converter",
           "BN@32": "BatchNorm, trainable, at batch 32 (reference)"}
 FROZEN = ("BN-frozen", "BN-frozen-affine")  # norms in inference mode while fine-tuning
-LR_GRID = (0.01, 0.03, 0.1)  # fine-tuning learning rates at batch 32 (scaled linearly)
+LR_GRID = (0.01, 0.03, 0.1, 0.3)  # fine-tuning learning rates at batch 32 (scaled linearly)
 PRETRAIN_LR = 0.1  # at batch 32, the demo's
 PRETRAIN_CLASSES = 5  # digits 0-4 pretrain; 5-9 fine-tune
 CHANCE = 80.0  # a diverged run counts as chance level on 5 classes, never dropped
@@ -103,13 +103,15 @@ def bn_resnet(batch: int, widths) -> nn.Module:
 def finetune_model(method: str, batch: int, widths) -> nn.Module:
     if method == "GN":
         return sb.ResNet(sb._BatchFree, widths=widths)
-    model = bn_resnet(batch, widths)
     if method == "MABN":
-        # The two lines of docs/finetune.md: MABN wherever the model calls
-        # nn.BatchNorm (each BN's momentum, epsilon, axis kept), the paper's
-        # window of m = 32 / batch steps.
-        return mabn_jax.replace_batchnorm(model, buffer_size=sb.REFERENCE_BATCH // batch)
-    return model
+        # The pretrained model as it is: MABN wherever it calls nn.BatchNorm
+        # (each BN's epsilon, axis, ... kept), the paper's window of m = 32 / batch
+        # steps, and the fine-tuning batch's EMA horizon in place of the BNs'
+        # momentum (0.9 at batch 32 would average only 10 steps at batch 1).
+        return mabn_jax.replace_batchnorm(bn_resnet(sb.REFERENCE_BATCH, widths),
+                                          buffer_size=sb.REFERENCE_BATCH // batch,
+                                          momentum=sb.ema_momentum(batch))
+    return bn_resnet(batch, widths)
 
 
 def gn_params_from_bn(gn_params, bn_params):
