@@ -178,7 +178,9 @@ def collectives(hlo_text):
         if op in COLLECTIVES and not m.group(2).endswith("-done"):
             c, b = found.get(op, (0, 0))
             rtype = m.group(1)
-            if m.group(2).endswith("-start"):  # (operands, results) tuple: count the results
+            if m.group(2).endswith("-start") and op != "all-reduce":
+                # all-gather-start / collective-permute-start return (operands, results):
+                # count the results; all-reduce-start's shape is its result's
                 rtype = rtype[len(rtype) // 2:]
             found[op] = (c + 1, b + _result_bytes(rtype))
     return found
