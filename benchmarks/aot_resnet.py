@@ -277,7 +277,7 @@ def main(argv=None):
     p.add_argument("--only", default="train,infer", help="comma-separated: train, infer")
     p.add_argument("--gens", default="v5e,v6e", help="comma-separated of: " + ",".join(TOPOLOGIES))
     p.add_argument("--chips", default="16,256", help="comma-separated of: 16, 256")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated of: " + ",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated of: spmd, sync, local")
     args = p.parse_args(argv)
     gens, chips = args.gens.split(","), [int(c) for c in args.chips.split(",")]
     if args.quick:
