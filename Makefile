@@ -43,10 +43,13 @@ $(AOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[aot]'
 	touch $(AOT_STAMP)
 
-# What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
-# AOT_ARGS=--quick: two shapes.
+# What the TPU compiler makes of the layers and of a ResNet-50 pod train step and
+# folded inference, deviceless (no TPU needed). AOT_ARGS=--quick: two layer shapes
+# and the ResNet-50 step on 16 v5e chips only. RESNET_ARGS goes to aot_resnet.py
+# alone (e.g. RESNET_ARGS='--gens v5e --chips 256 --modes spmd').
 aot: $(AOT_STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_resnet.py $(AOT_ARGS) $(RESNET_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py
