@@ -222,19 +222,28 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
     def wrapped(*args):
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
         probes = _zero_probes(batch_stats, scale)
+        # A second set, given to the layers directly: what a user does to the params
+        # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
+        # serves where a lifted transform (nn.scan, nn.vmap) slices it.
+        direct = _zero_probes(batch_stats, scale)
 
-        def probed(probe_tree, *diff_args):
+        def probed(probe_tree, direct_tree, *diff_args):
             call_args = list(args)
             for i, a in zip(nums, diff_args):
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
-            with _shell.probe_scope():
+            with _shell.probe_scope({path: _state.Probes(p["psi"], p.get("g"),
+                                                         p.get("loss_scale"))
+                                     for path, p in direct_tree.items()}):
                 out = fun(*call_args)
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
 
-        (value, aux), (probe_grads, *grads) = jax.value_and_grad(
-            probed, tuple(range(len(nums) + 1)), has_aux=True)(probes, *(args[i] for i in nums))
+        (value, aux), (probe_grads, direct_grads, *grads) = jax.value_and_grad(
+            probed, tuple(range(len(nums) + 2)), has_aux=True)(
+                probes, direct, *(args[i] for i in nums))
+        # Each layer read one of the two sets; the other's gradient is zero.
+        probe_grads = jax.tree.map(jnp.add, probe_grads, direct_grads)
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
