@@ -6,7 +6,10 @@ only inside the backward pass. :func:`value_and_grad` handles that: it is
 works (zero variables, differentiated):
 
 1. it adds a zero *probe* per MABN layer to the differentiated ``params``
-   (shaped like the layer's windows, so ghost batches need nothing extra);
+   (shaped like the layer's windows, so ghost batches need nothing extra),
+   and hands a second zero set to the layers directly, which a
+   ``stop_gradient`` or cast of the params in ``fun`` cannot cut (a layer
+   inside a transform of ``fun``, e.g. ``nn.scan``, reads the params' copy);
 2. differentiates w.r.t. them too (their gradient holds Ψ_B and g_B) and
    drops them from the returned gradient;
 3. writes them into the updated ``batch_stats`` that ``fun`` returns in its
