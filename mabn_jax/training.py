@@ -229,15 +229,14 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
         # serves where a lifted transform (nn.scan, nn.vmap) slices it.
         direct = _zero_probes(batch_stats, scale)
+        windows = {path: state.psi_window for path, state in _layers(batch_stats).items()}
 
         def probed(probe_tree, direct_tree, *diff_args):
             call_args = list(args)
             for i, a in zip(nums, diff_args):
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
-            with _shell.probe_scope({path: _state.Probes(p["psi"], p.get("g"),
-                                                         p.get("loss_scale"))
-                                     for path, p in direct_tree.items()}):
+            with _shell.probe_scope(_direct_keys(direct_tree, windows)):
                 out = fun(*call_args)
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
@@ -260,6 +259,20 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         return _dynamic_scale_update(dynamic_scale, out, grads, axis_name)
 
     return wrapped
+
+
+def _direct_keys(direct_tree, windows) -> dict:
+    """The direct probes by layer path (to tell a loop body's layer) and by the
+    identity of the layer's incoming ``psi_window`` (which a layer reads: the
+    path inside an ``apply`` of a submodel differs from the path in
+    ``batch_stats``, the arrays the loss passes to it do not)."""
+    out: dict = {}
+    ids = [id(w) for w in windows.values()]
+    for path, p in direct_tree.items():
+        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"))
+        if ids.count(id(windows[path])) == 1:  # one array shared by layers: ambiguous
+            out[("state", id(windows[path]))] = probes
+    return out
 
 
 def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:

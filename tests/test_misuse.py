@@ -5,6 +5,7 @@ One section per case, in the order of docs/reliability.md's misuse table.
 Models are tiny (a Dense and a norm): each distinct program is a compilation.
 """
 
+import functools
 import inspect
 
 import flax.linen as nn
@@ -347,6 +348,41 @@ def test_freezing_the_norm_with_stop_gradient_records_the_same_statistics(center
     assert_trees_equal(frozen[2], plain[2])  # the next step's gradient
     assert_trees_equal(frozen[1]["dense"], plain[1]["dense"])
     assert_trees_equal(frozen[1]["norm"], jax.tree.map(jnp.zeros_like, plain[1]["norm"]))
+
+
+def test_freezing_inside_submodels_applied_separately_records_each_layers_statistics():
+    """Submodels applied one by one: a layer's path inside its apply
+    (``norm``) differs from its path in the batch_stats given to the helper
+    (``enc/norm``) and may be another layer's path there (the top ``norm``)."""
+    enc, head = DenseNamedNorm(), mabn_jax.MABN(use_running_average=False, buffer_size=2)
+    x = batch()
+    enc_vars = enc.init(jax.random.key(0), x)
+    head_vars = head.init(jax.random.key(1), x)
+    params = {"enc": enc_vars["params"], "norm": head_vars["params"]}
+    bs = {"enc": enc_vars["batch_stats"], "norm": head_vars["batch_stats"]}
+
+    def run(freeze, wrap=lambda f: f):
+        def loss_fn(params):
+            p_enc = params["enc"]
+            if freeze:
+                p_enc = {**p_enc, "norm": jax.lax.stop_gradient(p_enc["norm"])}
+            h, upd_enc = wrap(enc.apply)({"params": p_enc, "batch_stats": bs["enc"]}, x,
+                                         mutable=("batch_stats",))
+            y, upd_head = wrap(head.apply)({"params": params["norm"],
+                                            "batch_stats": bs["norm"]},
+                                           jnp.sin(h) * 3.0, mutable=("batch_stats",))
+            return jnp.sum(jnp.sin(y) * x), {"batch_stats": {
+                "enc": upd_enc["batch_stats"], "norm": upd_head["batch_stats"]}}
+        (_, upd), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
+        return upd["batch_stats"], grads
+
+    (frozen, g_frozen), (plain, g_plain) = run(True), run(False)
+    # The layers inside a jitted apply read the probes in their params: a reference.
+    reference, _ = run(False, functools.partial(jax.jit, static_argnames="mutable"))
+    assert_trees_equal(frozen, plain)
+    assert_trees_equal(g_frozen["norm"], g_plain["norm"])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 frozen, reference)
 
 
 def nnx_model(centered=False):
