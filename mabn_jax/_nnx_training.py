@@ -8,7 +8,9 @@ plus Flax's perturbation convention (zero variables, differentiated):
    each MABN layer of the differentiated models and snapshots their state;
 2. the gradient is taken w.r.t. the parameters and the probes
    (``nnx.DiffState(i, nnx.Any(filter, Probe))``); the probes' gradients
-   hold Ψ_B (g_B);
+   hold Ψ_B (g_B). The layers read the probes as they entered the loss, so a
+   ``stop_gradient`` over a layer's state inside the loss (to freeze it)
+   cannot cut them; inside a transform of the loss they read their variables;
 3. :func:`record_backward_stats` writes them into the layers' ``BatchStat``
    windows (a step whose statistics are not finite is undone, one more
    ``skipped``) and removes the probes; the returned gradient is
