@@ -299,11 +299,28 @@ class MABN(_Norm):
                 "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md).")
         if psi is None:
             return None
+        token = psi.get_metadata().get(PROBE_TOKEN)
         trained = _TRAINED.get()
         if trained is not None:  # the helper checks that this step's state arrives
-            trained.add(psi.get_metadata().get(PROBE_TOKEN))
-        _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
-        return _state.Probes(psi[...], None if g is None else g[...])
+            trained.add(token)
+        name = f"{type(self).__name__}(num_features={self.num_features})"
+        window = self.psi_window[...]  # type: ignore[attr-defined]
+        _shell.consume_probe(psi[...], name, window, key=token)
+        # The probes the helper differentiates, as they entered the loss: a
+        # stop_gradient over this layer's state inside the loss cannot cut them.
+        _shell.check_not_in_loop(token, window, name, fix=_LOOP_FIX)
+        direct = _shell.direct_probes(token, window)
+        if direct is None:  # inside a transform of the loss: the variables' own
+            return _state.Probes(psi[...], None if g is None else g[...])
+        return direct
+
+
+_LOOP_FIX = (
+    "apply the model once: concatenate the micro-batches into one batch and set "
+    "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
+    "window step, in one call), or accumulate gradients across steps outside the loss "
+    "(e.g. optax.MultiSteps); a loop over layers stacks them (nnx.vmap to create, "
+    "nnx.scan with nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None})).")
 
 
 class BatchRenorm(_Norm):

@@ -236,7 +236,12 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         probes: Mapping[str, Array] = module.get_variable("params", PROBES)
         _check_helper_probes(module, probes, state)
         _shell.consume_probe(probes["psi"], "/".join(module.path), state.psi_window)
-        return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+        key, name = tuple(module.path), "/".join(module.path)
+        _shell.check_not_in_loop(key, state.psi_window, name, fix=_LOOP_FIX)
+        direct = _shell.direct_probes(("state", id(state.psi_window)), state.psi_window)
+        if direct is None:  # inside a transform of the loss: the copy in the params
+            return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+        return direct
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
         create = lambda name, z: module.variable(PROBES, name, lambda: z).value
@@ -245,6 +250,14 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
     if _shell.in_helper():
         raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
+
+
+_LOOP_FIX = (
+    "apply the model once: concatenate the micro-batches into one batch and set "
+    "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
+    "window step, in one apply), or accumulate gradients across steps outside the loss "
+    "(e.g. optax.MultiSteps); a loop over layers stacks them with nn.scan over their "
+    "params and batch_stats (variable_axes={'params': 0, 'batch_stats': 0}).")
 
 
 def _check_helper_probes(module: nn.Module, probes, state: _state.MABNState) -> None:

@@ -6,7 +6,10 @@ only inside the backward pass. :func:`value_and_grad` handles that: it is
 works (zero variables, differentiated):
 
 1. it adds a zero *probe* per MABN layer to the differentiated ``params``
-   (shaped like the layer's windows, so ghost batches need nothing extra);
+   (shaped like the layer's windows, so ghost batches need nothing extra),
+   and hands a second zero set to the layers directly, which a
+   ``stop_gradient`` or cast of the params in ``fun`` cannot cut (a layer
+   inside a transform of ``fun``, e.g. ``nn.scan``, reads the params' copy);
 2. differentiates w.r.t. them too (their gradient holds Ψ_B and g_B) and
    drops them from the returned gradient;
 3. writes them into the updated ``batch_stats`` that ``fun`` returns in its
@@ -222,19 +225,27 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
     def wrapped(*args):
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
         probes = _zero_probes(batch_stats, scale)
+        # A second set, given to the layers directly: what a user does to the params
+        # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
+        # serves where a lifted transform (nn.scan, nn.vmap) slices it.
+        direct = _zero_probes(batch_stats, scale)
+        windows = {path: state.psi_window for path, state in _layers(batch_stats).items()}
 
-        def probed(probe_tree, *diff_args):
+        def probed(probe_tree, direct_tree, *diff_args):
             call_args = list(args)
             for i, a in zip(nums, diff_args):
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
-            with _shell.probe_scope():
+            with _shell.probe_scope(_direct_keys(direct_tree, windows)):
                 out = fun(*call_args)
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
 
-        (value, aux), (probe_grads, *grads) = jax.value_and_grad(
-            probed, tuple(range(len(nums) + 1)), has_aux=True)(probes, *(args[i] for i in nums))
+        (value, aux), (probe_grads, direct_grads, *grads) = jax.value_and_grad(
+            probed, tuple(range(len(nums) + 2)), has_aux=True)(
+                probes, direct, *(args[i] for i in nums))
+        # Each layer read one of the two sets; the other's gradient is zero.
+        probe_grads = jax.tree.map(jnp.add, probe_grads, direct_grads)
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
@@ -248,6 +259,20 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         return _dynamic_scale_update(dynamic_scale, out, grads, axis_name)
 
     return wrapped
+
+
+def _direct_keys(direct_tree, windows) -> dict:
+    """The direct probes by layer path (to tell a loop body's layer) and by the
+    identity of the layer's incoming ``psi_window`` (which a layer reads: the
+    path inside an ``apply`` of a submodel differs from the path in
+    ``batch_stats``, the arrays the loss passes to it do not)."""
+    out: dict = {}
+    ids = [id(w) for w in windows.values()]
+    for path, p in direct_tree.items():
+        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"))
+        if ids.count(id(windows[path])) == 1:  # one array shared by layers: ambiguous
+            out[("state", id(windows[path]))] = probes
+    return out
 
 
 def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
