@@ -18,10 +18,11 @@ $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[docs,build]'
 	touch $(DOCS_STAMP)
 
-# Lint, type-check the package (this checkout's, whatever mabn_jax the venv has
+# Lint, check formatting (ruff format; run `ruff format .` to fix), type-check the package (this checkout's, whatever mabn_jax the venv has
 # installed), then every test (slow and multi-process ones included) on two workers.
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	MYPYPATH=$(CURDIR) $(PY) -m mypy -p mabn_jax
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

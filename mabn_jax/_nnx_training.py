@@ -54,6 +54,18 @@ def attach_probes(model) -> nnx.State:
     Returns the layers' state before the step (pure arrays, nested by path):
     pass it as ``previous`` to :func:`record_backward_stats` after taking the
     gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> probes = mabn_jax.nnx.attach_probes(model)
+      >>> model.layers[1].psi_probe[...].shape
+      (4, 3)
     """
     return _attach(model, 0)
 
@@ -124,6 +136,16 @@ def record_backward_stats(model, grads, previous) -> None:
     (e.g. ``eval()``-frozen) is left as it is. The probes are removed.
     Arguments that are not one step apart raise eagerly; under ``jit`` the
     layer's statistics become NaN (the next training output is NaN).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> probes = mabn_jax.nnx.attach_probes(model)
     """
     grad_fix = ("differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
                 "mabn_jax.nnx.Probe)) so the probes' gradients are in grads.")
@@ -229,6 +251,18 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         argument are probed).
       **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
         ``allow_int``, ``graph``, ``graph_updates``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)
+      >>> int(model.layers[1].step[...])
+      1
     """
     tree_mode = kwargs.get("graph") is False
     if not tree_mode and kwargs.get("graph_updates") is False:
@@ -307,7 +341,20 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
 def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False,
          **kwargs) -> Callable:
     """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
-    the value (``(grads, aux)`` with ``has_aux``)."""
+    the value (``(grads, aux)`` with ``has_aux``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> grads = mabn_jax.nnx.grad(loss_fn)(model)
+      >>> grads['layers'][0]['kernel'][...].shape
+      (2, 3)
+    """
     value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)
 
     @functools.wraps(f)

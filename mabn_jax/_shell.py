@@ -55,6 +55,13 @@ def center_kernel(kernel: Array) -> Array:
     ``W'[..., o] = W[..., o] − mean(W[..., o])``: each output is a zero-mean
     combination of its inputs (weight centralization, which makes the
     non-centered MABN safe).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> kernel = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+      >>> mabn_jax.center_kernel(kernel)
+      Array([[-1., -2.],
+             [ 1.,  2.]], dtype=float32)
     """
     return kernel - kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
 

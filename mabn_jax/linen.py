@@ -339,6 +339,17 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init`` as in
     ``nn.BatchNorm``. In training mode the layer sows ``mu_B``, ``sigma2_B``,
     ``r``, ``d`` into ``'intermediates'``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
+      >>> x = jnp.arange(6.0).reshape(2, 3)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> sorted(variables['batch_stats'])
+      ['mean', 'renorm_mean', 'renorm_var', 'step', 'var']
+      >>> y, updates = layer.apply(variables, x, mutable=['batch_stats'])
+      >>> y.shape, int(updates['batch_stats']['step'])
+      ((2, 3), 1)
     """
 
     use_running_average: bool | None = None
@@ -395,8 +406,26 @@ class _CenteredKernel:
 
 
 class CenteredConv(_CenteredKernel, nn.Conv):
-    """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes)."""
+    """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> conv = mabn_jax.CenteredConv(4, (3, 3), use_bias=False)
+      >>> x = jnp.ones((1, 8, 8, 2))
+      >>> variables = conv.init(jax.random.key(0), x)
+      >>> conv.apply(variables, x).shape
+      (1, 8, 8, 4)
+    """
 
 
 class CenteredDense(_CenteredKernel, nn.Dense):
-    """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes)."""
+    """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> dense = mabn_jax.CenteredDense(3)
+      >>> x = jnp.ones((2, 5))
+      >>> variables = dense.init(jax.random.key(0), x)
+      >>> dense.apply(variables, x).shape
+      (2, 3)
+    """

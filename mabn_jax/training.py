@@ -94,6 +94,14 @@ def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
     scaling, e.g. ``DynamicScale.scale``), pass it, so that the layers scale
     their stored (unscaled) windows to the incoming gradient; divide the probe
     gradients by it before :func:`record_backward_stats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(buffer_size=4)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
+      >>> probes = mabn_jax.init_probes(variables['batch_stats'])
+      >>> jax.tree.map(jnp.shape, probes)
+      {'psi': (4, 3)}
     """
     return _nest({path + (k,): v for path, probe in _zero_probes(batch_stats, loss_scale).items()
                   for k, v in probe.items()}, batch_stats)
@@ -113,6 +121,21 @@ def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) 
     ``previous`` state, with ``skipped`` one higher. Trees that are not one
     ``apply`` apart raise (or, under ``jit``, give NaN statistics); see
     :func:`mabn_jax.functional.record_backward_stats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=False, buffer_size=4)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> stats = variables['batch_stats']
+      >>> def loss_fn(probes):
+      ...     y, updates = layer.apply({**variables, mabn_jax.PROBES: probes}, x,
+      ...                              mutable=['batch_stats'])
+      ...     return jnp.mean(y ** 2), updates['batch_stats']
+      >>> probe_grads, new_stats = jax.grad(loss_fn, has_aux=True)(mabn_jax.init_probes(stats))
+      >>> new_stats = mabn_jax.record_backward_stats(new_stats, probe_grads, previous=stats)
+      >>> int(new_stats['step'])
+      1
     """
     return _record(batch_stats, _probe_paths(probe_grads), previous)
 
@@ -219,6 +242,21 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         function of aux returning that subtree itself (not a copy), e.g.
         ``lambda aux: aux.student``. It must have the layout of
         ``batch_stats``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> model = mabn_jax.MABN(use_running_average=False, buffer_size=4)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> def loss_fn(params, batch_stats):
+      ...     y, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+      ...                              mutable=['batch_stats'])
+      ...     return jnp.mean(y ** 2), updates
+      >>> grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
+      ...                                   batch_stats=variables['batch_stats'])
+      >>> (loss, updates), grads = grad_fn(variables['params'], variables['batch_stats'])
+      >>> int(updates['batch_stats']['step']), sorted(grads)
+      (1, ['bias', 'scale'])
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
