@@ -18,10 +18,11 @@ $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[docs,build]'
 	touch $(DOCS_STAMP)
 
-# Lint, type-check the package (this checkout's, whatever mabn_jax the venv has
+# Lint, check formatting (ruff format; run `ruff format .` to fix), type-check the package (this checkout's, whatever mabn_jax the venv has
 # installed), then every test (slow and multi-process ones included) on two workers.
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	MYPYPATH=$(CURDIR) $(PY) -m mypy -p mabn_jax
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
@@ -43,10 +44,13 @@ $(AOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[aot]'
 	touch $(AOT_STAMP)
 
-# What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
-# AOT_ARGS=--quick: two shapes.
+# What the TPU compiler makes of the layers and of a ResNet-50 pod train step and
+# folded inference, deviceless (no TPU needed). AOT_ARGS=--quick: two layer shapes
+# and the ResNet-50 step on 16 v5e chips only. RESNET_ARGS goes to aot_resnet.py
+# alone (e.g. RESNET_ARGS='--gens v5e --chips 256 --modes spmd').
 aot: $(AOT_STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_resnet.py $(AOT_ARGS) $(RESNET_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py

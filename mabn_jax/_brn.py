@@ -47,6 +47,14 @@ class BatchRenormState(NamedTuple):
       step: training steps seen (a float counter; drives the clip schedule).
       mean, var: moving averages used at inference (``nn.BatchNorm``'s).
       renorm_mean, renorm_var: moving averages ``r`` and ``d`` are measured against.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.BatchRenormConfig()
+      >>> state = F.init_batch_renorm_state((2,))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> state.var
+      Array([1., 1.], dtype=float32)
     """
 
     step: Array
@@ -57,12 +65,29 @@ class BatchRenormState(NamedTuple):
 
 
 def init_state(feature_shape, dtype=jnp.float32) -> BatchRenormState:
+    """The layer's state before the first step: mean 0, variance 1, step 0.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.BatchRenormConfig()
+      >>> state = F.init_batch_renorm_state((2,))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> int(state.step), state.mean
+      (0, Array([0., 0.], dtype=float32))
+    """
     zeros, ones = jnp.zeros(feature_shape, dtype), jnp.ones(feature_shape, dtype)
     return BatchRenormState(jnp.zeros((), dtype), zeros, ones, zeros, ones)
 
 
 class Clips(NamedTuple):
-    """The clips of one step: ``r ∈ [r_min, r_max]``, ``d ∈ [−d_max, d_max]``."""
+    """The clips of one step: ``r ∈ [r_min, r_max]``, ``d ∈ [−d_max, d_max]``.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> clips = F.clip_schedule(jnp.asarray(10**6), F.BatchRenormConfig(r_max=3.0, d_max=5.0))
+      >>> float(clips.r_max), float(clips.d_max)
+      (3.0, 5.0)
+    """
 
     r_min: Array
     r_max: Array
@@ -83,6 +108,12 @@ def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:
     ``1, 1, 0`` during warm-up; then ``r_max`` (and ``r_min``, if set) move
     linearly from 1 over ``ramp_steps`` and ``d_max`` from 0 over
     ``d_ramp_steps``. ``r_min=None`` is ``1/r_max(t)``.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> F.clip_schedule(jnp.asarray(0), F.BatchRenormConfig())
+      Clips(r_min=Array(0.33333334, dtype=float32), r_max=Array(3., dtype=float32),
+            d_max=Array(5., dtype=float32))
     """
     d_ramp = config.ramp_steps if config.d_ramp_steps is None else config.d_ramp_steps
     fr = _ramp(step, config.warmup_steps, config.ramp_steps)
@@ -115,6 +146,15 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     ``r``, ``d`` against the moving averages as updated by the groups before
     it (one update per group); ``step`` advances by one per call. ``stats``:
     ``mu_B``, ``sigma2_B``, ``r``, ``d`` (``[G, *features]`` with ghost batches).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.BatchRenormConfig()
+      >>> state = F.init_batch_renorm_state((2,))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> y, new_state, stats = F.batch_renorm_train(x, jnp.ones(2), jnp.zeros(2), state, config)
+      >>> y.shape, int(new_state.step)
+      ((4, 2), 1)
     """
     x = jnp.asarray(x)
     _check_state_dtype(state)
@@ -168,7 +208,16 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
 def batch_renorm_inference(x: Array, scale: Array | None, bias: Array | None,
                            state: BatchRenormState, config: BatchRenormConfig, *, axis=-1,
                            dtype: Any = None) -> Array:
-    """``y = γ · (x − mean) / sqrt(var + ε) + β`` (``nn.BatchNorm``'s inference)."""
+    """``y = γ · (x − mean) / sqrt(var + ε) + β`` (``nn.BatchNorm``'s inference).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.BatchRenormConfig()
+      >>> state = F.init_batch_renorm_state((2,))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> F.batch_renorm_inference(x, None, None, state, config)[1]  # x[1] / sqrt(1 + eps)
+      Array([1.99999 , 2.999985], dtype=float32)
+    """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
     S.check_input(x, (), _LAYER)

@@ -234,6 +234,12 @@ class BatchRenormConfig(_NormConfig):
 
     Momentum conventions: ``momentum`` is a decay (``0.99`` here is
     PyTorch's ``momentum=0.01`` and Keras' ``momentum=0.99``).
+
+    Example:
+      >>> import mabn_jax
+      >>> config = mabn_jax.BatchRenormConfig(r_max=2.0)
+      >>> config.r_max, config.d_max
+      (2.0, 5.0)
     """
 
     r_max: float = 3.0

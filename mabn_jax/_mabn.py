@@ -221,6 +221,16 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
       dtype: output dtype (default: the input's).
       mask: optional boolean array broadcastable to ``x``: the entries the
         statistics are computed from (as in ``nn.BatchNorm``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.MABNConfig(buffer_size=4)
+      >>> state = F.init_state((2,), config)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> scale, bias = jnp.ones(2), jnp.zeros(2)
+      >>> y, new_state = F.mabn_train(x, scale, bias, state, F.init_probes(state), config)
+      >>> y.shape, int(new_state.step)
+      ((4, 2), 1)
     """
     y, new_state, _ = mabn_train_with_stats(x, scale, bias, state, probes, config, axis=axis,
                                             dtype=dtype, mask=mask)
@@ -239,6 +249,16 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     normalize), ``ema_x2`` (the EMA ``r`` is measured against), ``r``.
     Centered: ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``,
     ``ema_var``, ``r``, ``d``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.MABNConfig(buffer_size=4)
+      >>> state = F.init_state((2,), config)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> scale, bias = jnp.ones(2), jnp.zeros(2)
+      >>> y, new_state, stats = F.mabn_train_with_stats(x, scale, bias, state, None, config)
+      >>> sorted(stats)
+      ['chi2', 'chi2_B', 'ema_x2', 'r']
     """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
@@ -548,7 +568,18 @@ def _check_probes(probes: Probes, state: MABNState) -> None:
 
 def inference_affine(scale: Array, bias: Array, state: MABNState,
                      epsilon: float) -> tuple[Array, Array]:
-    """``(a, c)`` such that inference is ``y = a · x + c`` per channel."""
+    """``(a, c)`` such that inference is ``y = a · x + c`` per channel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.MABNConfig(buffer_size=4)
+      >>> state = F.init_state((2,), config)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> scale, bias = jnp.ones(2), jnp.zeros(2)
+      >>> a, c = F.inference_affine(jnp.full(2, 2.0), bias, state, epsilon=0.0)
+      >>> a, c
+      (Array([2., 2.], dtype=float32), Array([0., 0.], dtype=float32))
+    """
     return affine_from_ema(scale, bias, state.ema_var, state.ema_mean, epsilon)
 
 
@@ -565,7 +596,17 @@ def mabn_inference(x: Array, scale: Array | None, bias: Array | None, state: MAB
                    config: MABNConfig, *, axis: int | Sequence[int] = -1,
                    dtype: Any = None) -> Array:
     """The inference map: ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``
-    (``ema_mean = 0`` for the plain layer), one per-channel affine function."""
+    (``ema_mean = 0`` for the plain layer), one per-channel affine function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.MABNConfig(buffer_size=4)
+      >>> state = F.init_state((2,), config)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> scale, bias = jnp.ones(2), jnp.zeros(2)
+      >>> F.mabn_inference(x, scale, bias, state, config)[0]  # ema_var is 1 at the start
+      Array([0.      , 0.999995], dtype=float32)
+    """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
     S.check_input(x, (), _LAYER)

@@ -49,13 +49,28 @@ class Probe(nnx.BatchStat):
     never part of a checkpoint or of the returned gradient. It is a kind of
     ``nnx.BatchStat``, so transforms' axes for the state (``nnx.StateAxes``,
     ``nnx.prefix`` filters) give the probes the state's axes.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax.nnx
+      >>> probe = mabn_jax.nnx.Probe(jnp.zeros(3))
+      >>> probe[...]
+      Array([0., 0., 0.], dtype=float32)
     """
 
 
 class Statistic(nnx.Variable):
     """The kind of the forward statistics a training call sows: captured with
     ``nnx.capture(f, mabn_jax.nnx.Statistic)``, and only then (a user's
-    ``nnx.capture(f, nnx.Intermediate)`` holds only the user's own values)."""
+    ``nnx.capture(f, nnx.Intermediate)`` holds only the user's own values).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
+      >>> issubclass(mabn_jax.nnx.Statistic, nnx.Variable)
+      True
+    """
 
 
 def keep_dtypes(arrays, dtype=None):
@@ -249,6 +264,17 @@ class MABN(_Norm):
     forward statistics (``chi2_B``, ``chi2``, ``ema_x2``, ``r``; centered
     ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``,
     ``r``, ``d``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
+      >>> layer.x2_window[...].shape
+      (4, 3)
+      >>> layer.eval()
+      >>> layer(jnp.ones((2, 3))).shape
+      (2, 3)
     """
 
     _config_cls = MABNConfig
@@ -299,11 +325,28 @@ class MABN(_Norm):
                 "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md).")
         if psi is None:
             return None
+        token = psi.get_metadata().get(PROBE_TOKEN)
         trained = _TRAINED.get()
         if trained is not None:  # the helper checks that this step's state arrives
-            trained.add(psi.get_metadata().get(PROBE_TOKEN))
-        _shell.consume_probe(psi[...], f"{type(self).__name__}(num_features={self.num_features})")
-        return _state.Probes(psi[...], None if g is None else g[...])
+            trained.add(token)
+        name = f"{type(self).__name__}(num_features={self.num_features})"
+        window = self.psi_window[...]  # type: ignore[attr-defined]
+        _shell.consume_probe(psi[...], name, window, key=token)
+        # The probes the helper differentiates, as they entered the loss: a
+        # stop_gradient over this layer's state inside the loss cannot cut them.
+        _shell.check_not_in_loop(token, window, name, fix=_LOOP_FIX)
+        direct = _shell.direct_probes(token, window)
+        if direct is None:  # inside a transform of the loss: the variables' own
+            return _state.Probes(psi[...], None if g is None else g[...])
+        return direct
+
+
+_LOOP_FIX = (
+    "apply the model once: concatenate the micro-batches into one batch and set "
+    "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
+    "window step, in one call), or accumulate gradients across steps outside the loss "
+    "(e.g. optax.MultiSteps); a loop over layers stacks them (nnx.vmap to create, "
+    "nnx.scan with nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None})).")
 
 
 class BatchRenorm(_Norm):
@@ -321,6 +364,16 @@ class BatchRenorm(_Norm):
     ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
     ``ramp_steps``, ``renorm_momentum``). Inside ``nnx.capture`` a training
     call sows ``mu_B``, ``sigma2_B``, ``r``, ``d`` (as :class:`Statistic`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> layer = mabn_jax.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+      >>> layer(jnp.arange(6.0).reshape(2, 3)).shape
+      (2, 3)
+      >>> int(layer.step[...])
+      1
     """
 
     _config_cls = BatchRenormConfig
@@ -366,6 +419,14 @@ class CenteredLinear(nnx.Linear):
     minus its mean), as :class:`mabn_jax.CenteredDense`; the stored ``kernel``
     is ``W``. The centering runs inside ``promote_dtype`` (yours, if given,
     runs after it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> linear = mabn_jax.nnx.CenteredLinear(5, 3, rngs=nnx.Rngs(0))
+      >>> linear(jnp.ones((2, 5))).shape
+      (2, 3)
     """
 
     @functools.wraps(nnx.Linear.__init__, assigned=("__signature__",))  # type: ignore[misc]
@@ -380,6 +441,14 @@ class CenteredConv(nnx.Conv):
     axes, per output feature, as :class:`mabn_jax.CenteredConv`. ``mask`` is
     not supported (centering a masked kernel moves the masked-out weights off
     zero).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> conv = mabn_jax.nnx.CenteredConv(2, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+      >>> conv(jnp.ones((1, 8, 8, 2))).shape
+      (1, 8, 8, 4)
     """
 
     @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))  # type: ignore[misc]

@@ -8,7 +8,9 @@ plus Flax's perturbation convention (zero variables, differentiated):
    each MABN layer of the differentiated models and snapshots their state;
 2. the gradient is taken w.r.t. the parameters and the probes
    (``nnx.DiffState(i, nnx.Any(filter, Probe))``); the probes' gradients
-   hold Ψ_B (g_B);
+   hold Ψ_B (g_B). The layers read the probes as they entered the loss, so a
+   ``stop_gradient`` over a layer's state inside the loss (to freeze it)
+   cannot cut them; inside a transform of the loss they read their variables;
 3. :func:`record_backward_stats` writes them into the layers' ``BatchStat``
    windows (a step whose statistics are not finite is undone, one more
    ``skipped``) and removes the probes; the returned gradient is
@@ -52,7 +54,34 @@ def attach_probes(model) -> nnx.State:
     Returns the layers' state before the step (pure arrays, nested by path):
     pass it as ``previous`` to :func:`record_backward_stats` after taking the
     gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> probes = mabn_jax.nnx.attach_probes(model)
+      >>> model.layers[1].psi_probe[...].shape
+      (4, 3)
     """
+    return _attach(model, 0)
+
+
+def _token(k: int, path: Path) -> str:
+    """A layer's probe token: its path, and for the k-th differentiated model
+    (k > 0) its position, so that two models' layers at one path stay apart
+    (stable across steps: it is part of the graph nnx.jit caches on)."""
+    return _name(path) if k == 0 else f"{k}:{_name(path)}"
+
+
+def _probe_token(layer: MABN):
+    return getattr(layer, PROBE_NAMES[0]).get_metadata().get(PROBE_TOKEN)
+
+
+def _attach(model, k: int) -> nnx.State:
     flat = {}
     for path, layer in _layers(model):
         if hasattr(layer, PROBE_NAMES[0]):
@@ -64,7 +93,7 @@ def attach_probes(model) -> nnx.State:
         state = _layer_state(layer)
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
-                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _name(path)}))  # type: ignore[arg-type]
+                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _token(k, path)}))  # type: ignore[arg-type]
         for key, value in _state.to_mapping(state).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
@@ -107,6 +136,16 @@ def record_backward_stats(model, grads, previous) -> None:
     (e.g. ``eval()``-frozen) is left as it is. The probes are removed.
     Arguments that are not one step apart raise eagerly; under ``jit`` the
     layer's statistics become NaN (the next training output is NaN).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> probes = mabn_jax.nnx.attach_probes(model)
     """
     grad_fix = ("differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
                 "mabn_jax.nnx.Probe)) so the probes' gradients are in grads.")
@@ -212,6 +251,18 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         argument are probed).
       **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
         ``allow_int``, ``graph``, ``graph_updates``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)
+      >>> int(model.layers[1].step[...])
+      1
     """
     tree_mode = kwargs.get("graph") is False
     if not tree_mode and kwargs.get("graph_updates") is False:
@@ -224,13 +275,21 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
     probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
     @functools.wraps(f)
     def scoped(*args, **kw):  # each probe consumed once: one training call per layer
-        with _shell.probe_scope():
+        direct = {}  # the differentiated probes as they enter the loss, by layer token
+        for i in indices:
+            for _, layer in _layers(args[i]) if i < len(args) else ():
+                psi, g = (getattr(layer, n, None) for n in PROBE_NAMES)
+                if isinstance(psi, Probe):
+                    direct[psi.get_metadata().get(PROBE_TOKEN)] = _state.Probes(
+                        psi[...], None if g is None else g[...])
+        with _shell.probe_scope(direct):
             return f(*args, **kw)
 
     def checked_grad_fn(models, *args):
         """``grad_fn``, and a layer applied in training mode whose new state
         never arrived (a transform broadcast it) raises here, at trace time."""
-        before = [{path: layer.step[...] for path, layer in _layers(m)} for m in models]
+        before = [{path: (layer.step[...], _probe_token(layer)) for path, layer in _layers(m)}
+                  for m in models]
         token = _TRAINED.set(set())
         try:
             result = grad_fn(*args)
@@ -245,7 +304,8 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
             _TRAINED.reset(token)
         for m, steps in zip(models, before):
             for path, layer in _layers(m):
-                if _name(path) in trained and layer.step[...] is steps[path]:
+                step, probe_token = steps[path]
+                if probe_token in trained and layer.step[...] is step:
                     raise ValueError(_BROADCAST_STATE.format(name=_name(path)))
         return result
 
@@ -259,8 +319,8 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
         models = [args[i] for i in indices]
         previous = []
         try:
-            for m in models:
-                previous.append(attach_probes(m))
+            for k, m in enumerate(models):
+                previous.append(_attach(m, k))
             out, grads = checked_grad_fn(models, *args)
         except BaseException:
             for m in models:
@@ -281,7 +341,20 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
 def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False,
          **kwargs) -> Callable:
     """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
-    the value (``(grads, aux)`` with ``has_aux``)."""
+    the value (``(grads, aux)`` with ``has_aux``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import mabn_jax.nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
+      >>> grads = mabn_jax.nnx.grad(loss_fn)(model)
+      >>> grads['layers'][0]['kernel'][...].shape
+      (2, 3)
+    """
     value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)
 
     @functools.wraps(f)

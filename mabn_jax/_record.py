@@ -53,6 +53,20 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
       A layer not applied in training mode by the step (``state`` equal to
       ``previous``, zero ``probe_grads``) is returned unchanged.
       Leading ``vmap``/``nn.scan`` axes are supported.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
+      >>> config = F.MABNConfig(buffer_size=4)
+      >>> state = F.init_state((2,), config)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> scale, bias = jnp.ones(2), jnp.zeros(2)
+      >>> def loss_fn(probes):
+      ...     y, new_state = F.mabn_train(x, scale, bias, state, probes, config)
+      ...     return jnp.mean(y ** 2), new_state
+      >>> probe_grads, new_state = jax.grad(loss_fn, has_aux=True)(F.init_probes(state))
+      >>> new_state = F.record_backward_stats(new_state, probe_grads, previous=state)
+      >>> new_state.psi_window.shape
+      (4, 2)
     """
     _check_structure(state, probe_grads, previous)
     lead = state.step.ndim

@@ -1,9 +1,10 @@
 """What the Flax shells (:mod:`mabn_jax.linen`, :mod:`mabn_jax.nnx`) share.
 
 No math: the state's dtype and initial stored entries, the error for a
-training-mode call without probes, weight centralization, building a
-config from keyword arguments with errors that name the argument, and
-mutable copies of variable trees.
+training-mode call without probes, the value_and_grad helpers' scope (the
+probes they differentiate, each consumed once, never inside a loop body),
+weight centralization, building a config from keyword arguments with errors
+that name the argument, and mutable copies of variable trees.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mabn_jax import _state
+from mabn_jax import _state, _upstream
 from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "in_helper", "consume_probe", "state_dtype", "initial_state",
-           "missing_probes", "center_kernel", "make_config", "to_dicts"]
+__all__ = ["probe_scope", "in_helper", "direct_probes", "check_not_in_loop", "consume_probe",
+           "state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config",
+           "to_dicts"]
 
 
 def state_dtype(param_dtype: Any) -> Any:
@@ -53,6 +55,13 @@ def center_kernel(kernel: Array) -> Array:
     ``W'[..., o] = W[..., o] − mean(W[..., o])``: each output is a zero-mean
     combination of its inputs (weight centralization, which makes the
     non-centered MABN safe).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> kernel = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+      >>> mabn_jax.center_kernel(kernel)
+      Array([[-1., -2.],
+             [ 1.,  2.]], dtype=float32)
     """
     return kernel - kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
 
@@ -70,38 +79,103 @@ def make_config(cls: type, kwargs: Mapping[str, Any], layer: str, takes: str):
     return cls(**kwargs)
 
 
-# The probes consumed while a value_and_grad helper's loss function runs, by id
-# (the objects are kept too, so that no id is reused by a freed tracer): each
-# must be consumed once (one training call per layer and step).
-_CONSUMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "mabn_probes_consumed", default=None)
+class _Scope:
+    """What a value_and_grad helper's loss function runs with.
+
+    ``consumed``: the probes (and states) consumed so far, by id (the objects
+    are kept too, so that no id is reused by a freed tracer): each once, one
+    training call per layer and step. ``direct``: the helper's own probes, by
+    layer key, which a layer reads instead of the copy that travels in its
+    params (the copy is what a user's ``stop_gradient`` or cast of the params
+    reaches); the copy is used where a lifted transform slices it. ``trace``:
+    the helper's trace, to tell a loop body inside the loss (one layer applied
+    once per iteration) from the loss itself.
+    """
+
+    def __init__(self, direct: Mapping | None, trace: Any):
+        self.consumed: dict[Any, Any] = {}
+        self.direct = dict(direct or {})
+        self.trace = trace
+
+
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "mabn_probe_scope", default=None)
 
 
 @contextlib.contextmanager
-def probe_scope():
-    """The loss function's call inside a value_and_grad helper."""
-    token = _CONSUMED.set({})
+def probe_scope(direct: Mapping | None = None):
+    """The loss function's call inside a value_and_grad helper; ``direct``:
+    the helper's probes by layer key (see :class:`_Scope`)."""
+    token = _SCOPE.set(_Scope(direct, _upstream.current_trace()))
     try:
         yield
     finally:
-        _CONSUMED.reset(token)
+        _SCOPE.reset(token)
 
 
 def in_helper() -> bool:
     """Whether a value_and_grad helper's loss function is running."""
-    return _CONSUMED.get() is not None
+    return _SCOPE.get() is not None
 
 
-def consume_probe(probe, layer: str, state=None) -> None:
+def _own_probes(key, like):
+    """The helper's own probes for the layer ``key`` if they have the shape of
+    ``like`` (the layer's window: not sliced by a lifted transform)."""
+    scope = _SCOPE.get()
+    found = None if scope is None else scope.direct.get(key)
+    if found is None or tuple(jnp.shape(found.psi)) != tuple(jnp.shape(like)):
+        return None
+    return found
+
+
+def direct_probes(key, like):
+    """The helper's own probes for the layer ``key``, where the layer may read
+    them directly: their shape is ``like``'s (its window) and the layer runs in
+    the helper's own trace. Inside a transform of the loss (``jax.jit`` of
+    ``apply``, ``nn.scan``, ``jax.checkpoint``) it reads the probes passed
+    through its variables instead: a transform that caches its trace must not
+    keep a tracer it was not given. None then."""
+    scope = _SCOPE.get()
+    if scope is None or _upstream.current_trace() is not scope.trace:
+        return None
+    return _own_probes(key, like)
+
+
+def check_not_in_loop(key, like, layer: str, *, fix: str) -> None:
+    """Raises at trace time if a layer is applied inside a loop body
+    (``lax.scan``, ``lax.fori_loop``, ``lax.while_loop``, ``nnx.scan``) within
+    the helper's loss with probes that the loop does not slice (its window
+    ``like`` has the shape of the helper's probes for it): one layer applied
+    once per iteration, whose backward statistics reverse mode would sum into
+    one window slot, and whose second iteration would read the first's
+    unrecorded slots."""
+    scope = _SCOPE.get()
+    if (scope is None or _own_probes(key, like) is None
+            or not _upstream.inside_loop_since(scope.trace)):
+        return
+    raise ValueError(
+        f"MABN layer {layer!r} is applied in training mode inside a loop body (lax.scan, "
+        "lax.fori_loop, lax.while_loop, nnx.scan) in the loss, e.g. micro-batches for "
+        "gradient accumulation: each iteration would be a window step whose backward "
+        "statistics the next iteration needs before reverse mode has computed them, and "
+        "their probes' gradients are summed over the iterations. Instead, " + fix)
+
+
+def consume_probe(probe, layer: str, state=None, key=None) -> None:
     """Raises if this probe, or this layer state, was already used in this helper
     call: two training applies of the same batch_stats in one loss would sum
     their backward statistics into one slot. The state is checked too because
     params cast per apply (a mixed-precision wrapper) make new probe objects;
-    the state arrays an apply reads are the ones the loss passed in."""
-    used = _CONSUMED.get()
-    if used is None:
+    the state arrays an apply reads are the ones the loss passed in. ``key``
+    (NNX: the probe variable's token, which survives split/merge and copies of
+    the arrays) counts once per trace: a layer is called once where it is traced."""
+    scope = _SCOPE.get()
+    if scope is None:
         return
-    if id(probe) in used or (state is not None and id(state) in used):
+    used = scope.consumed
+    trace = _upstream.current_trace()
+    keyed = None if key is None else ("layer", key, id(trace))
+    if id(probe) in used or (state is not None and id(state) in used) or keyed in used:
         raise ValueError(
             f"MABN layer {layer!r} is applied in training mode twice in one loss (two "
             "training applies of the model with the same batch_stats, e.g. for two views "
@@ -111,6 +185,8 @@ def consume_probe(probe, layer: str, state=None) -> None:
     used[id(probe)] = probe
     if state is not None:
         used[id(state)] = state
+    if keyed is not None:
+        used[keyed] = trace  # kept alive, so that its id is not reused
 
 
 def to_dicts(tree: Any) -> Any:

@@ -38,6 +38,12 @@ class MABNState(NamedTuple):
       mean_window, g_window: ``[m, *features]`` ring buffers of μ_B and g_B
         (centered only, else ``None``).
       ema_mean: EMA of μ̃ (centered only).
+
+    Example:
+      >>> import mabn_jax.functional as F
+      >>> state = F.init_state((3,), F.MABNConfig(buffer_size=4))
+      >>> state.var_window.shape, state.centered
+      ((4, 3), False)
     """
 
     step: Array
@@ -63,6 +69,12 @@ class Probes(NamedTuple):
     number of ghost batches. ``loss_scale`` (optional, default 1): the factor
     the loss was multiplied by (dynamic loss scaling), so the stored windows,
     kept unscaled, are scaled to match the incoming gradient.
+
+    Example:
+      >>> import mabn_jax.functional as F
+      >>> probes = F.init_probes(F.init_state((3,), F.MABNConfig(buffer_size=4)))
+      >>> probes.psi.shape, probes.g
+      ((4, 3), None)
     """
 
     psi: Array
@@ -131,7 +143,14 @@ def layout_error(stored: Iterable[str], centered: bool) -> str | None:
 
 def init_state(feature_shape: Sequence[int], config: MABNConfig,
                dtype: Any = jnp.float32) -> MABNState:
-    """The state before the first training step (EMA of the variance at 1)."""
+    """The state before the first training step (EMA of the variance at 1).
+
+    Example:
+      >>> import mabn_jax.functional as F
+      >>> state = F.init_state((3,), F.MABNConfig(buffer_size=4))
+      >>> state.ema_var
+      Array([1., 1., 1.], dtype=float32)
+    """
     feature_shape = tuple(feature_shape)
     window = jnp.zeros((config.buffer_size,) + feature_shape, dtype)
     zero = jnp.zeros((), dtype)
@@ -143,7 +162,15 @@ def init_state(feature_shape: Sequence[int], config: MABNConfig,
 
 
 def init_probes(state: MABNState) -> Probes:
-    """Zero probes of the windows' shape (any leading vmap/scan axes included)."""
+    """Zero probes of the windows' shape (any leading vmap/scan axes included).
+
+    Example:
+      >>> import mabn_jax.functional as F
+      >>> state = F.init_state((3,), F.MABNConfig(buffer_size=4, centered=True))
+      >>> probes = F.init_probes(state)
+      >>> probes.psi.shape, probes.g.shape
+      ((4, 3), (4, 3))
+    """
     g = None if state.g_window is None else jnp.zeros_like(state.g_window)
     return Probes(jnp.zeros_like(state.psi_window), g)
 

@@ -18,6 +18,13 @@ layer misbehaves.
   ``__captures__`` attribute on each module, which ``Module.sow`` checks; a
   sow outside ``nnx.capture`` is deprecated (and would add attributes to the
   model), so the NNX layers sow only inside it.
+- :func:`current_trace`, :func:`inside_loop_since`: JAX traces a loop body
+  (``lax.scan``, ``lax.while_loop``) as a jaxpr trace whose debug info says
+  what it is traced for (``"scan"``, ``"fori_loop"``, ``"while_body"``, ``"while_cond"``), and
+  every trace links to the trace it was started in (``parent_trace``). JAX has
+  no public way to ask whether code runs inside a loop body; the value_and_grad
+  helpers refuse a layer applied once per iteration of a loop inside the loss
+  (its backward statistics would be summed over the iterations).
 
 Tested version range (the versions the whole test suite ran with; the
 minimums of ``pyproject.toml``): jax 0.10.2 (jaxlib 0.10.2) and flax 0.12.8.
@@ -28,7 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TESTED_WITH", "per_apply_registry", "is_forward_mode_error", "in_nnx_capture"]
+__all__ = ["TESTED_WITH", "per_apply_registry", "is_forward_mode_error", "in_nnx_capture",
+           "current_trace", "inside_loop_since"]
 
 #: The jax and flax versions the test suite (this module's assumptions included) ran with.
 TESTED_WITH = {"jax": "0.10.2", "flax": "0.12.8"}
@@ -54,3 +62,27 @@ def in_nnx_capture(module: Any) -> bool:
     """Whether an NNX ``module`` is called inside ``nnx.capture`` (so that
     ``Module.sow`` records into the capture instead of onto the module)."""
     return hasattr(module, "__captures__")
+
+
+# What jax.lax.scan / while_loop pass as `traced_for` to their bodies' debug info.
+_LOOP_BODIES = frozenset({"scan", "fori_loop", "while_body", "while_cond"})
+
+
+def current_trace() -> Any:
+    """The trace JAX binds operations to now (an opaque token)."""
+    from jax._src import core  # private: see the module docstring
+    return core.trace_ctx.trace
+
+
+def inside_loop_since(outer: Any) -> bool:
+    """Whether the current trace is inside a loop body that was entered after
+    ``outer`` (a :func:`current_trace` token): walks the ``parent_trace`` links
+    from the current trace up to ``outer``. False if ``outer`` is not on the way
+    (nothing is known then)."""
+    trace, loops = current_trace(), False
+    while trace is not None and trace is not outer:
+        frame = getattr(trace, "frame", None)
+        debug = getattr(frame, "debug_info", None)
+        loops |= getattr(debug, "traced_for", None) in _LOOP_BODIES
+        trace = getattr(trace, "parent_trace", None)
+    return loops and trace is outer

@@ -39,6 +39,16 @@ def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
     shapes and dtypes are required everywhere; for an MABN layer the message
     says which setting differs (``buffer_size``, the features, ``centered``)
     or that the checkpoint predates the ``skipped`` counter.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
+      >>> expected = layer.init(jax.random.key(0), jnp.ones((2, 3)))['batch_stats']
+      >>> mabn_jax.check_batch_stats(expected, expected)  # passes silently
+      >>> mabn_jax.check_batch_stats({'step': expected['step']}, expected)
+      Traceback (most recent call last):
+      ...
+      ValueError: ...
     """
     if not isinstance(stored, Mapping) or not isinstance(expected, Mapping):
         if isinstance(stored, Mapping) or isinstance(expected, Mapping):

@@ -59,6 +59,14 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
     ``norm_params`` may lack ``scale``/``bias`` (``use_scale=False`` /
     ``use_bias=False``). ``epsilon`` is the layer's own (required: the
     default differs between libraries and a wrong one is silently off).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> norm = {'scale': jnp.full(3, 2.0), 'bias': jnp.ones(3)}
+      >>> a, c = mabn_jax.norm_affine(norm, {'mean': jnp.zeros(3), 'var': jnp.full(3, 4.0)},
+      ...                              epsilon=0.0)
+      >>> a, c
+      (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
     stats = dict(norm_stats)
     state = _state.from_mapping(stats)
@@ -93,6 +101,13 @@ def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
     Returns:
       ``{'kernel', 'bias'}`` for the same layer type with ``use_bias=True``, in
       the dtypes of the original kernel.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> layer = {'kernel': jnp.ones((2, 3)), 'bias': jnp.zeros(3)}
+      >>> folded = mabn_jax.fold_affine(layer, jnp.full(3, 2.0), jnp.ones(3), centered_kernel=False)
+      >>> folded['kernel'][0], folded['bias']
+      (Array([2., 2., 2.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
     kernel = layer_params["kernel"]
     if kernel.shape[-1] != a.shape[-1]:
@@ -112,7 +127,17 @@ def fold_norm(layer_params: Mapping[str, Array], norm_params: Mapping[str, Array
               norm_stats: Mapping[str, Array], *, epsilon: float,
               centered_kernel: bool) -> dict[str, Array]:
     """Folds one inference-mode norm into the layer before it (see :func:`norm_affine`
-    and :func:`fold_affine`; both keywords are required)."""
+    and :func:`fold_affine`; both keywords are required).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> layer = {'kernel': jnp.ones((2, 3)), 'bias': jnp.zeros(3)}
+      >>> norm = {'scale': jnp.full(3, 2.0), 'bias': jnp.ones(3)}
+      >>> stats = {'mean': jnp.zeros(3), 'var': jnp.full(3, 4.0)}  # nn.BatchNorm's
+      >>> folded = mabn_jax.fold_norm(layer, norm, stats, epsilon=0.0, centered_kernel=False)
+      >>> folded['kernel'][0], folded['bias']
+      (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+    """
     a, c = norm_affine(norm_params, norm_stats, epsilon=epsilon)
     return fold_affine(layer_params, a, c, centered_kernel=centered_kernel)
 
@@ -139,6 +164,19 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
       A new ``params`` dict for the deployment model: each layer holds the
       folded ``kernel`` and ``bias``, the norms' parameters are gone, all other
       parameters are unchanged.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, mabn_jax
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False):
+      ...         x = mabn_jax.CenteredDense(3, name='dense')(x)
+      ...         return mabn_jax.MABN(use_running_average=not train, buffer_size=4, name='norm')(x)
+      >>> x = jnp.ones((2, 5))
+      >>> variables = Net().init(jax.random.key(0), x)
+      >>> folded = mabn_jax.fold_params(Net(), variables, [('dense', 'norm')], x)
+      >>> sorted(folded['dense'])
+      ['bias', 'kernel']
     """
     modules, calls = _modules(model, variables, args, kwargs)
     params, stats = variables["params"], variables.get("batch_stats", {})

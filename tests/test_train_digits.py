@@ -32,5 +32,7 @@ def test_mabn_cnn_trains_on_digits_at_batch_two():
     assert [(int(s["step"][0]), int(s["skipped"][0])) for s in mabn_layers] == [(steps, 0)] * 3
     assert losses[0, -1] < 0.5 * losses[0, 0], losses
     acc = qs.accuracy(states, *data[1])
-    assert acc.shape == (1,) and acc[0] > 0.85, acc  # chance is 0.10
+    # README: MABN 96.6-97.8 % over 3 seeds, 3 epochs; this run (seed 0, 2 epochs) 96.8 %;
+    # the bar leaves ~1 point for machine-to-machine variation of XLA CPU code.
+    assert acc.shape == (1,) and acc[0] > 0.955, acc  # chance is 0.10
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(states.batch_stats))

@@ -99,3 +99,32 @@ def test_the_layers_use_no_private_flax_module():
               "flax.linen.initializers", "flax.typing", "flax.traverse_util", "flax.nnx.nn"}
     private = {f: sorted(set(m) - public) for f, m in imports.items() if set(m) - public}
     assert not private, private
+
+
+def test_inside_loop_since_sees_loop_bodies_between_two_traces():
+    seen, outer = {}, {}
+
+    def record(name):
+        seen[name] = _upstream.inside_loop_since(outer["trace"])
+
+    def f(p):
+        outer["trace"] = _upstream.current_trace()  # the trace of jax.grad's function
+        record("directly")
+        jax.jit(lambda: record("jit"))()
+        jax.checkpoint(lambda q: (record("checkpoint"), q)[1])(p)
+        jax.vmap(lambda q: (record("vmap"), q)[1])(jnp.ones(2) * p)
+        jax.lax.scan(lambda c, _: (record("scan"), (c, None))[1], p, None, length=2)
+        jax.lax.fori_loop(0, 2, lambda i, c: (record("fori_loop"), c)[1], p)
+        jax.lax.while_loop(lambda c: (record("while_cond"), c < 1)[1],
+                           lambda c: (record("while_body"), c + 1)[1], p)
+        jax.jit(lambda q: jax.lax.scan(lambda c, _: (jax.jit(lambda: record("jit in scan"))(),
+                                                     (c, None))[1], q, None, length=2))(p)
+        return p
+
+    jax.grad(f)(0.0)
+    loops = {"scan", "fori_loop", "while_cond", "while_body", "jit in scan"}
+    for name, inside in seen.items():
+        assert inside == (name in loops), _broke(
+            "inside_loop_since", f"code run {name!r} reads {inside}")
+    assert not _upstream.inside_loop_since(object()), _broke(
+        "inside_loop_since", "an unrelated trace token is taken for an outer trace")

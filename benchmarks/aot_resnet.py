@@ -1,0 +1,294 @@
+"""ResNet-50 on the TPU compiler, deviceless: a data-parallel train step and folded inference.
+
+Run with ``make aot`` (all tables; ``python benchmarks/aot_resnet.py``) or
+``python benchmarks/aot_resnet.py --quick`` (16 chips of v5e only). Needs
+``jax[tpu]`` of the project's jax version (``pip install -e '.[aot]'``).
+
+Train step: ``benchmarks/resnet.py``'s ``ResNet50`` at 224×224, bfloat16
+activations, float32 parameters and statistics, softmax cross-entropy, SGD with
+momentum (optax), the state update; 2 images per chip. MABN is the library's
+recommendation (``CenteredConv`` + ``MABN``, defaults) through
+``mabn_jax.value_and_grad``; BN is ``nn.Conv`` + ``nn.BatchNorm`` as Flax's
+ImageNet example configures it (momentum 0.9, epsilon 1e-5). Three modes:
+
+* ``spmd``: plain ``jax.jit`` over the global batch sharded ``P('batch')``, no
+  ``axis_name``: the statistics are the global batch's, XLA inserts the
+  all-reduces;
+* ``sync``: ``jax.shard_map`` with ``axis_name='batch'`` in every norm;
+* ``local``: ``jax.shard_map`` without ``axis_name``: per-device statistics,
+  ``batch_stats`` kept with a leading device axis (``P('batch')``).
+
+In the shard_map modes the loss is ``sum / global_batch`` per device and the
+replicated parameters' gradients are summed by autodiff (docs/multi_device.md).
+
+Figures (per chip, from the compiled step): ``cost_analysis()['bytes
+accessed']``, ``memory_analysis().peak_memory_in_bytes``, and the collectives
+in ``as_text()`` (count of all-reduce ops, async starts counted once, and the
+bytes of their results). They are the compiler's cost model and memory plan,
+not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU compiler works deviceless
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's probe
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import table  # noqa: E402
+from resnet import ResNet50, conv_norm_pairs  # noqa: E402
+
+import mabn_jax  # noqa: E402
+
+AXIS = "batch"
+PER_CHIP = 2
+IMAGE = (224, 224, 3)
+MODES = ("spmd", "sync", "local")
+# 16 and 256 chips of v5e and of v6e (one device per chip; a v4 topology lists
+# each chip's two TensorCores as devices: "v4:2x2x4" has 32).
+TOPOLOGIES = {"v5e": {16: "v5e:4x4", 256: "v5e:16x16"},
+              "v6e": {16: "v6e:4x4", 256: "v6e:16x16"}}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "pred": 1,
+          "s8": 1, "u8": 1}
+
+
+def make_model(kind, axis_name=None):
+    """``kind``: MABN, BN, GN (GroupNorm(32), cannot fold) or folded (conv + bias)."""
+    if kind == "MABN":
+        conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, axis_name=axis_name)
+    elif kind == "BN":
+        conv, norm = nn.Conv, functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
+                                                axis_name=axis_name)
+    elif kind == "GN":
+        conv = nn.Conv
+        norm = lambda use_running_average, **kw: nn.GroupNorm(num_groups=32, **kw)  # noqa: E731
+    elif kind == "folded":
+        conv, norm = nn.Conv, None
+    else:
+        raise ValueError(kind)
+    return ResNet50(conv=conv, norm=norm, dtype=jnp.bfloat16)
+
+
+def train_step(kind, model, tx, global_batch):
+    """The train step; MABN's differs from BN's only by ``mabn_jax.value_and_grad``."""
+
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(params):
+            logits, upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                      x, train=True, mutable=["batch_stats"])
+            logits = logits.astype(jnp.float32)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+            return loss / global_batch, upd["batch_stats"]
+
+        if kind == "MABN":
+            grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats)
+        else:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, new_stats), grads = grad_fn(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    return step
+
+
+def _abstract_state(kind, tx):
+    model = make_model(kind)
+    x = jax.ShapeDtypeStruct((1, *IMAGE), jnp.bfloat16)
+    variables = jax.eval_shape(functools.partial(model.init, train=False),
+                               jax.random.PRNGKey(0), x)
+    params = variables["params"]
+    return params, variables.get("batch_stats", {}), jax.eval_shape(tx.init, params)
+
+
+def _sds(tree, sharding, lead=None):
+    """ShapeDtypeStructs of ``tree`` on ``sharding``; ``lead``: a leading axis of that size."""
+    def one(a):
+        shape = a.shape if lead is None else (lead, *a.shape)
+        return jax.ShapeDtypeStruct(shape, a.dtype, sharding=sharding)
+    return jax.tree_util.tree_map(one, tree)
+
+
+def compile_train(kind, mode, devices):
+    n = len(devices)
+    mesh = Mesh(devices, (AXIS,))
+    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    tx = optax.sgd(0.1, momentum=0.9)
+    params, stats, opt = _abstract_state(kind, tx)
+    gb = n * PER_CHIP
+    x = jax.ShapeDtypeStruct((gb, *IMAGE), jnp.bfloat16, sharding=shard)
+    y = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=shard)
+    local = mode == "local"
+    args = (_sds(params, rep), _sds(stats, shard if local else rep, n if local else None),
+            _sds(opt, rep), x, y)
+    if mode == "spmd":
+        step = train_step(kind, make_model(kind), tx, gb)
+        fn = jax.jit(step, out_shardings=(rep, rep, rep, rep))
+    else:
+        model = make_model(kind, axis_name=None if local else AXIS)
+        inner = train_step(kind, model, tx, gb)
+
+        def body(params, stats, opt, x, y):
+            if local:  # this device's state: a leading axis of size 1 inside shard_map
+                stats = jax.tree_util.tree_map(lambda a: a[0], stats)
+            params, stats, opt, loss = inner(params, stats, opt, x, y)
+            if local:
+                stats = jax.tree_util.tree_map(lambda a: a[None], stats)
+            return params, stats, opt, jax.lax.psum(loss, AXIS)
+
+        st = P(AXIS) if local else P()
+        fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), st, P(), P(AXIS), P(AXIS)),
+                                   out_specs=(P(), st, P(), P())))
+    return fn.lower(*args).compile()
+
+
+def _result_bytes(type_str):
+    return sum(_BYTES.get(dt, 4) * _prod(dims)
+               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_str))
+
+
+def _prod(dims):
+    out = 1
+    for d in filter(None, dims.split(",")):
+        out *= int(d)
+    return out
+
+
+def collectives(hlo_text):
+    """``{op: (count, result bytes)}`` over the compiled module (async pairs counted once)."""
+    found = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z\-]+)\(", line)
+        if not m:
+            continue
+        op = m.group(2).removesuffix("-start")
+        if op in COLLECTIVES and not m.group(2).endswith("-done"):
+            c, b = found.get(op, (0, 0))
+            rtype = m.group(1)
+            if m.group(2).endswith("-start") and op != "all-reduce":
+                # all-gather-start / collective-permute-start return (operands, results):
+                # count the results; all-reduce-start's shape is its result's
+                rtype = rtype[len(rtype) // 2:]
+            found[op] = (c + 1, b + _result_bytes(rtype))
+    return found
+
+
+def figures(comp):
+    text = comp.as_text()
+    col = collectives(text)
+    other = {k: v for k, v in col.items() if k != "all-reduce"}
+    ar = col.get("all-reduce", (0, 0))
+    host = len(re.findall(r"custom_call_target=\"[^\"]*(?:callback|host)", text, re.I)) + len(
+        re.findall(r"\b(?:send|recv|outfeed|infeed)\(", text))
+    return {"bytes": comp.cost_analysis()["bytes accessed"],
+            "peak": comp.memory_analysis().peak_memory_in_bytes,
+            "ar_n": ar[0], "ar_bytes": ar[1], "other": other, "host": host}
+
+
+def _mib(b):
+    return f"{b / 2**20:.1f}"
+
+
+def train_table(gens, chip_counts, modes=MODES):
+    print("\n### ResNet-50 train step, 224×224 bf16, 2 images per chip, per chip "
+          "(TPU compiler's cost model and memory plan)\n")
+    rows, t0 = [], time.time()
+    for gen in gens:
+        for n in chip_counts:
+            topo = TOPOLOGIES[gen][n]
+            devices = tpu_devices(topo)
+            for mode in modes:
+                f = {}
+                for kind in ("BN", "MABN"):
+                    t = time.time()
+                    f[kind] = figures(compile_train(kind, mode, devices))
+                    print(f"  {kind} {mode} {topo}: {f[kind]} ({time.time() - t:.0f} s)",
+                          file=sys.stderr, flush=True)
+                b, m = f["BN"], f["MABN"]
+                rows.append([topo, mode,
+                             _mib(b["bytes"]), _mib(m["bytes"]), f"{m['bytes'] / b['bytes']:.3f}",
+                             _mib(b["peak"]), _mib(m["peak"]), f"{m['peak'] / b['peak']:.3f}",
+                             f"{b['ar_n']} / {_mib(b['ar_bytes'])}",
+                             f"{m['ar_n']} / {_mib(m['ar_bytes'])}",
+                             _other(b, m)])
+    table(["topology", "mode", "BN MiB accessed", "MABN MiB accessed", "MABN / BN bytes",
+           "BN peak MiB", "MABN peak MiB", "MABN / BN peak", "BN all-reduces / MiB",
+           "MABN all-reduces / MiB", "other collectives, host transfers (BN; MABN)"], rows)
+    print(f"\n({2 * len(rows)} compiles in {time.time() - t0:.0f} s)")
+
+
+def _other(b, m):
+    def one(f):
+        parts = [f"{k} {c}" for k, (c, _) in sorted(f["other"].items())]
+        return ", ".join(parts + [f"host {f['host']}"])
+    return f"{one(b)}; {one(m)}"
+
+
+def infer_table(batch):
+    """Inference on one v5e chip: MABN and BN folded by fold_params, GroupNorm unfolded."""
+    print(f"\n### ResNet-50 inference, batch {batch}, 224×224 bf16, one v5e chip "
+          "(TPU compiler's cost model and memory plan)\n")
+    device = tpu_devices("v5e:2x2")[:1]
+    mesh = Mesh(device, (AXIS,))
+    rep = NamedSharding(mesh, P())
+    x = jax.ShapeDtypeStruct((batch, *IMAGE), jnp.bfloat16, sharding=rep)
+    rows, base = [], None
+    for kind in ("BN", "MABN", "GN"):
+        model = make_model(kind)
+        variables = jax.eval_shape(functools.partial(model.init, train=False),
+                                   jax.random.PRNGKey(0), x)
+        variants = {"unfolded": (model, variables)}
+        if kind != "GN":  # fold_params traced abstractly: the deployment params' tree
+            folded = jax.eval_shape(lambda v, m=model: mabn_jax.fold_params(
+                m, v, conv_norm_pairs(v["batch_stats"]), x, train=False), variables)
+            variants = {"folded": (make_model("folded"), {"params": folded}), **variants}
+        for form, (m, v) in variants.items():
+            fn = jax.jit(functools.partial(m.apply, train=False))
+            f = figures(fn.lower(_sds(v, rep), x).compile())
+            base = base or f
+            print(f"  {kind} {form}: {f}", file=sys.stderr, flush=True)
+            rows.append([f"{kind} {form}", _mib(f["bytes"]), f"{f['bytes'] / base['bytes']:.3f}",
+                         _mib(f["peak"]), f"{f['peak'] / base['peak']:.3f}"])
+    table(["model", "MiB accessed", "bytes / BN folded", "peak MiB", "peak / BN folded"], rows)
+
+
+def tpu_devices(topology):
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="16 chips of v5e only")
+    p.add_argument("--only", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument("--gens", default="v5e,v6e", help="comma-separated of: " + ",".join(TOPOLOGIES))
+    p.add_argument("--chips", default="16,256", help="comma-separated of: 16, 256")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated of: spmd, sync, local")
+    args = p.parse_args(argv)
+    gens, chips = args.gens.split(","), [int(c) for c in args.chips.split(",")]
+    if args.quick:
+        gens, chips = ["v5e"], [16]
+    print(f"## ResNet-50 on the TPU compiler (deviceless; jax {jax.__version__})")
+    only = args.only.split(",")
+    if "train" in only:
+        train_table(gens, chips, args.modes.split(","))
+    if "infer" in only:
+        infer_table(PER_CHIP)
+
+
+if __name__ == "__main__":
+    main()
