@@ -36,7 +36,6 @@ overrides every layer's (e.g. a longer horizon at batch 1–2).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,7 @@ from flax.core import FrozenDict
 
 from mabn_jax import _mabn, _shell, _state
 from mabn_jax._config import MABNConfig, config_of
-from mabn_jax._pretrained import PLAIN_REFUSED, state_from_batchnorm
+from mabn_jax._pretrained import converter_config, state_from_batchnorm
 from mabn_jax.linen import MABN
 
 __all__ = ["replace_batchnorm", "convert_batchnorm_variables", "ReplacedBatchNorm"]
@@ -63,26 +62,11 @@ _FROM_BN = ("use_running_average", "axis", "epsilon", "param_dtype", "use_bias",
             "bias_init", "scale_init", "force_float32_reductions")
 # Taken from each BatchNorm unless given in mabn_config.
 _OVERRIDABLE = ("momentum", "axis_name", "axis_index_groups")
-# Structural or function-changing: refused in mabn_config.
-_REFUSED = ("epsilon", "axis", "use_bias", "use_scale", "param_dtype", "dtype",
-            "use_running_average", "bias_init", "scale_init", "force_float32_reductions")
 
 
 def _check_config(mabn_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """``mabn_config`` validated (names and values), as hashable pairs."""
-    refused = sorted(set(mabn_config) & set(_REFUSED))
-    if refused:
-        raise TypeError(
-            f"replace_batchnorm: {refused[0]!r} is taken from each nn.BatchNorm (the "
-            "converted model must compute what the BatchNorm model computes); change it in "
-            "the model, not here. mabn_config takes MABN's hyper-parameters: "
-            f"{', '.join(f.name for f in dataclasses.fields(MABNConfig) if f.name != 'epsilon')}.")
-    config = dict(mabn_config)
-    config.setdefault("centered", True)
-    if config["centered"] is False:
-        raise ValueError(f"replace_batchnorm: {PLAIN_REFUSED}")
-    _shell.make_config(MABNConfig, config, "replace_batchnorm", "a model")  # fails by name
-    return tuple(sorted(config.items()))
+    return tuple(sorted(converter_config(mabn_config, "replace_batchnorm").items()))
 
 
 def _mabn_attributes(bn: nn.BatchNorm, x, overrides: tuple[tuple[str, Any], ...]) -> dict:
