@@ -1,0 +1,190 @@
+"""The converters on models we did not write (tests/thirdparty/, unmodified Flax
+sources): Flax's ImageNet ResNet18 and ResNet50 (linen, trained under pmap with
+axis_name='batch'), Flax's MNIST CNN and its scan-over-layers MLP (NNX, layers
+stacked by nnx.vmap and applied by nnx.scan). Each: BatchNorm trained a few
+steps, converted, equal in inference, trained with the one-line step (loss
+falling, state finite), checkpointed with orbax and restored."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from thirdparty import flax_imagenet_models as imagenet
+from thirdparty import flax_nnx_examples as nnx_examples
+
+import mabn_jax
+import mabn_jax.nnx
+
+MABN_CONFIG = dict(buffer_size=4, warmup_steps=2, renorm_start=3)
+
+
+def assert_inference_equal(got, want):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+def assert_finite(tree):
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree))
+
+
+def assert_falls(losses):
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+def checkpoint_roundtrip(path, tree, abstract):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / "ckpt", tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path / "ckpt", abstract)
+    jax.tree.map(np.testing.assert_array_equal, restored, tree)
+    return restored
+
+
+# -- linen: Flax's ImageNet example models under pmap -----------------------------
+
+N_DEV = 2
+
+
+def xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def bn_pretrained(model, x, labels, steps=3):
+    """The BatchNorm model trained as the example does (one device suffices)."""
+    v = model.init(jax.random.key(0), x, train=False)
+
+    @jax.jit
+    def step(v):
+        def loss_fn(p):
+            logits, up = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                     mutable=["batch_stats"])
+            return xent(logits, labels), up
+        (_, up), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+        return {"params": jax.tree.map(lambda p, g: p - 0.1 * g, v["params"], g),
+                "batch_stats": up["batch_stats"]}
+
+    for _ in range(steps):
+        v = step(v)
+    return v
+
+
+def mabn_pmap_step(model):
+    """The one-line change: mabn_jax.value_and_grad; statistics synchronized
+    over 'batch' by the layers (axis_name), gradients by pmean."""
+    @functools.partial(jax.pmap, axis_name="batch", devices=jax.devices()[:N_DEV])
+    def step(params, bs, x, labels):
+        def loss_fn(p):
+            logits, up = model.apply({"params": p, "batch_stats": bs}, x, train=True,
+                                     mutable=["batch_stats"])
+            return xent(logits, labels), up
+        (loss, up), g = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
+        g = jax.lax.pmean(g, "batch")
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
+        return params, up["batch_stats"], jax.lax.pmean(loss, "batch")
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ResNet18", "ResNet50"])
+def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(name, tmp_path):
+    bn_model = getattr(imagenet, name)(num_classes=10, num_filters=8)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((N_DEV * 2, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, N_DEV * 2))
+    bn_vars = bn_pretrained(bn_model, x, labels)
+
+    model = mabn_jax.replace_batchnorm(bn_model, axis_name="batch", **MABN_CONFIG)
+    variables = mabn_jax.convert_batchnorm_variables(model, bn_vars, x, train=False)
+    infer = jax.jit(lambda v, x, m=None: (m or model).apply(v, x, train=False))
+    assert_inference_equal(infer(variables, x), bn_model.apply(bn_vars, x, train=False))
+
+    step = mabn_pmap_step(model)
+    replicate = lambda tree: jax.device_put_replicated(tree, jax.devices()[:N_DEV])
+    params, bs = replicate(variables["params"]), replicate(variables["batch_stats"])
+    xs, ys = x.reshape(N_DEV, 2, *x.shape[1:]), labels.reshape(N_DEV, 2)
+    losses = []
+    for _ in range(4):
+        params, bs, loss = step(params, bs, xs, ys)
+        losses.append(float(loss[0]))
+    assert_falls(losses)
+    assert_finite(bs)
+    # axis_name='batch': every device holds the same statistics, without a pmean.
+    jax.tree.map(lambda leaf: np.testing.assert_array_equal(leaf[0], leaf[1]), bs)
+
+    trained = jax.tree.map(lambda leaf: np.asarray(leaf[0]), {"params": params, "batch_stats": bs})
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trained)
+    restored = checkpoint_roundtrip(tmp_path, trained, abstract)
+    np.testing.assert_array_equal(infer(restored, x), infer(trained, x))
+
+
+# -- NNX: Flax's MNIST CNN and scan-over-layers MLP --------------------------------
+
+def nnx_train(model, loss_fn, steps, value_and_grad, lr):
+    optimizer = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return [float(step(model, optimizer)) for _ in range(steps)]
+
+
+def nnx_case(make, x, loss_fn, tmp_path, lr):
+    """The NNX recipe: BN trained, replaced, equal in inference, trained, checkpointed."""
+    model = make()
+    nnx_train(model, loss_fn, 3, nnx.value_and_grad, lr)
+    model.eval()
+    before = model(x)
+    mabn_jax.nnx.replace_batchnorm(model, **MABN_CONFIG)
+    assert not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
+    assert_inference_equal(model(x), before)
+
+    model.train()
+    assert_falls(nnx_train(model, loss_fn, 5, mabn_jax.nnx.value_and_grad, lr))
+    variables = (nnx.Param, nnx.BatchStat)
+    assert_finite(nnx.state(model, variables))
+
+    model.eval()
+    restored = mabn_jax.nnx.replace_batchnorm(make(), **MABN_CONFIG)  # a fresh model
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(restored, variables))
+    nnx.update(restored, checkpoint_roundtrip(tmp_path, nnx.state(model, variables), abstract))
+    restored.eval()
+    np.testing.assert_array_equal(restored(x), model(x))
+
+
+@pytest.mark.slow
+def test_flax_mnist_cnn_nnx_converted_trains_and_checkpoints(tmp_path):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 4))
+
+    class WithRngs(nnx.Module):  # the example's __call__(x, rngs), as its loss_fn calls it
+        def __init__(self):
+            self.cnn = nnx_examples.CNN(nnx.Rngs(0))
+            self.rngs = nnx.Rngs(dropout=1)
+
+        def __call__(self, x):
+            return self.cnn(x, self.rngs)
+
+    nnx_case(WithRngs, x, lambda m: xent(m(x), labels), tmp_path, lr=0.05)
+
+
+def test_flax_scan_over_layers_nnx_converted_trains_and_checkpoints(tmp_path):
+    x = jax.random.normal(jax.random.key(1), (4, 8)) + 1.0
+    target = jax.random.normal(jax.random.key(2), (4, 8))
+
+    def make():
+        model = nnx_examples.ScanMLP(8, n_layers=3, rngs=nnx.Rngs(0))
+        # Dropout(0.5) off for a clean loss curve (the BatchNorms are what is tested).
+        model.set_attributes(deterministic=True, raise_if_not_found=False)
+        return model
+
+    model = make()
+    assert model.layers.bn.mean.shape == (3, 8)  # stacked by nnx.vmap
+    nnx_case(make, x, lambda m: ((m(x) - target) ** 2).mean(), tmp_path, lr=0.05)
