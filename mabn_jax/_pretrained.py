@@ -63,6 +63,10 @@ PLAIN_REFUSED = (
     "scratch, build the model with mabn_jax.CenteredConv and mabn_jax.MABN instead.")
 
 
+# What a converter's mabn_config takes.
+_TAKEN = tuple(f.name for f in dataclasses.fields(MABNConfig) if f.name not in REFUSED)
+
+
 def converter_config(mabn_config: Mapping[str, Any], caller: str) -> dict[str, Any]:
     """A converter's ``mabn_config``, validated (names and values), with
     ``centered=True`` (the only variant a batch norm converts to)."""
@@ -72,7 +76,7 @@ def converter_config(mabn_config: Mapping[str, Any], caller: str) -> dict[str, A
             f"{caller}: {refused[0]!r} is taken from each batch norm (the converted model "
             "must compute what the batch norm model computes); change it in the model, not "
             "here. mabn_config takes MABN's hyper-parameters: "
-            f"{', '.join(f.name for f in dataclasses.fields(MABNConfig) if f.name not in REFUSED)}.")
+            f"{', '.join(_TAKEN)}.")
     config = dict(mabn_config)
     config.setdefault("centered", True)
     if config["centered"] is False:

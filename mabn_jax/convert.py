@@ -6,7 +6,7 @@ Two calls, no edit of the model's source::
     model = mabn_jax.replace_batchnorm(model)                   # same init/apply
     variables = mabn_jax.convert_batchnorm_variables(model, bn_variables, x, train=False)
 
-:func:`replace_batchnorm` wraps the model; while the wrapper runs, Flax's
+:func:`~mabn_jax.replace_batchnorm` wraps the model; while the wrapper runs, Flax's
 method interception (``nn.intercept_methods``) sends every ``nn.BatchNorm``
 call, however deep and however the layer was built (``partial``, a setup
 attribute, ``nn.scan``, ``nn.remat``, ``nn.vmap``, a subclass), to a
@@ -93,7 +93,7 @@ def _replacing(overrides, next_fun, args, kwargs, context):
 
 
 def _converting(overrides, next_fun, args, kwargs, context):
-    """The interceptor of :func:`convert_batchnorm_variables`: writes each
+    """The interceptor of :func:`~mabn_jax.convert_batchnorm_variables`: writes each
     BatchNorm's MABN state next to its ``mean``/``var`` and returns the MABN's
     inference output."""
     if not _is_batchnorm_call(context):
@@ -123,7 +123,7 @@ def _converting(overrides, next_fun, args, kwargs, context):
 
 class ReplacedBatchNorm(nn.Module):
     """``module`` with every ``nn.BatchNorm`` call run by a centered
-    :class:`mabn_jax.MABN` (what :func:`replace_batchnorm` returns).
+    :class:`mabn_jax.MABN` (what :func:`~mabn_jax.replace_batchnorm` returns).
 
     It shares ``module``'s scope (``nn.share_scope``): the variables have
     ``module``'s paths. ``init``/``apply`` take ``module``'s ``__call__``
@@ -173,7 +173,7 @@ def replace_batchnorm(module: nn.Module, **mabn_config) -> ReplacedBatchNorm:
     ``batch_stats`` hold MABN's (centered) layout under each BatchNorm's
     path. Train with :func:`mabn_jax.value_and_grad` in place of
     ``jax.value_and_grad``; start from a trained BatchNorm model with
-    :func:`convert_batchnorm_variables`.
+    :func:`~mabn_jax.convert_batchnorm_variables`.
 
     Args:
       module: a linen model using ``nn.BatchNorm``.
@@ -212,7 +212,8 @@ def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Ma
 
     ``params`` (and every collection but ``batch_stats``) are kept. Each
     BatchNorm's running ``mean``/``var`` (``μ``, ``σ²``) becomes its MABN's
-    state (:mod:`mabn_jax._pretrained`)::
+    state (``mabn_jax/_pretrained.py``, the rule
+    :func:`mabn_jax.nnx.replace_batchnorm` uses too)::
 
         ema_mean = μ,  ema_var = σ²                   (inference: exactly BN's map)
         mean_window[:] = μ,  var_window[:] = σ²        (the first windows: μ̃ = μ, σ̃² = σ²)
@@ -226,9 +227,9 @@ def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Ma
     (of layers that are not BatchNorms) are kept.
 
     Args:
-      mabn_module: what :func:`replace_batchnorm` returned.
+      mabn_module: what :func:`~mabn_jax.replace_batchnorm` returned.
       bn_variables: the BatchNorm model's ``{'params': ..., 'batch_stats': ...}``.
-      *args, **kwargs: an input and the keyword arguments of an inference-mode
+      args, kwargs: an input and the keyword arguments of an inference-mode
         ``apply`` (e.g. ``x, train=False``); the model runs once (eagerly) to
         find its BatchNorms, so every BatchNorm must be called by it.
 

@@ -55,7 +55,8 @@ def test_every_batchnorm_is_replaced_where_it_is_held_and_inference_is_unchanged
     before = model(x)
     stats = {path: (m.mean[...], m.var[...]) for path, m in nnx.iter_modules(model)
              if isinstance(m, nnx.BatchNorm)}
-    assert mabn_jax.nnx.replace_batchnorm(model, buffer_size=4, warmup_steps=2, renorm_start=3) is model
+    config = dict(buffer_size=4, warmup_steps=2, renorm_start=3)
+    assert mabn_jax.nnx.replace_batchnorm(model, **config) is model
     found = norms(model)
     assert len(found) == 7 and {kind for _, kind in found} == {"MABN"}, found
     assert model.shared is model.attr  # a shared layer stays shared

@@ -23,6 +23,16 @@ import mabn_jax.nnx
 MABN_CONFIG = dict(buffer_size=4, warmup_steps=2, renorm_start=3)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Compile without most XLA optimizations (as Flax's ImageNet train_test does),
+    for this module only: the BatchNorm and MABN models compile the same way."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def assert_inference_equal(got, want):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
 
@@ -53,39 +63,36 @@ def xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def bn_pretrained(model, x, labels, steps=3):
-    """The BatchNorm model trained as the example does (one device suffices)."""
-    v = model.init(jax.random.key(0), x, train=False)
-
-    @jax.jit
-    def step(v):
-        def loss_fn(p):
-            logits, up = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
-                                     mutable=["batch_stats"])
-            return xent(logits, labels), up
-        (_, up), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-        return {"params": jax.tree.map(lambda p, g: p - 0.1 * g, v["params"], g),
-                "batch_stats": up["batch_stats"]}
-
-    for _ in range(steps):
-        v = step(v)
-    return v
-
-
-def mabn_pmap_step(model):
-    """The one-line change: mabn_jax.value_and_grad; statistics synchronized
-    over 'batch' by the layers (axis_name), gradients by pmean."""
+def pmap_step(model, value_and_grad, **grad_kw):
+    """The example's kind of step: pmapped over 'batch', whose BatchNorms
+    (axis_name='batch' in its source) synchronize their statistics, gradients
+    pmean'ed. For MABN the one change is mabn_jax.value_and_grad."""
     @functools.partial(jax.pmap, axis_name="batch", devices=jax.devices()[:N_DEV])
     def step(params, bs, x, labels):
         def loss_fn(p):
             logits, up = model.apply({"params": p, "batch_stats": bs}, x, train=True,
                                      mutable=["batch_stats"])
             return xent(logits, labels), up
-        (loss, up), g = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
+        kw = {k: bs for k in grad_kw}  # batch_stats=bs for mabn_jax.value_and_grad
+        (loss, up), g = value_and_grad(loss_fn, has_aux=True, **kw)(params)
         g = jax.lax.pmean(g, "batch")
         params = jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
         return params, up["batch_stats"], jax.lax.pmean(loss, "batch")
     return step
+
+
+def train_pmapped(step, variables, x, labels, steps):
+    replicate = lambda tree: jax.tree.map(lambda leaf: jnp.stack([leaf] * N_DEV), tree)
+    params, bs = replicate(variables["params"]), replicate(variables["batch_stats"])
+    xs, ys = x.reshape(N_DEV, -1, *x.shape[1:]), labels.reshape(N_DEV, -1)
+    losses = []
+    for _ in range(steps):
+        params, bs, loss = step(params, bs, xs, ys)
+        losses.append(float(loss[0]))
+    # Synchronized statistics: every device holds the same state, with no pmean of it.
+    jax.tree.map(lambda leaf: np.testing.assert_array_equal(leaf[0], leaf[1]), bs)
+    unreplicated = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf[0]), tree)
+    return {"params": unreplicated(params), "batch_stats": unreplicated(bs)}, losses
 
 
 @pytest.mark.slow
@@ -95,27 +102,19 @@ def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(name, 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((N_DEV * 2, 32, 32, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, N_DEV * 2))
-    bn_vars = bn_pretrained(bn_model, x, labels)
+    bn_vars = bn_model.init(jax.random.key(0), x, train=False)
+    bn_vars, _ = train_pmapped(pmap_step(bn_model, jax.value_and_grad), bn_vars, x, labels, 3)
 
-    model = mabn_jax.replace_batchnorm(bn_model, axis_name="batch", **MABN_CONFIG)
+    model = mabn_jax.replace_batchnorm(bn_model, **MABN_CONFIG)  # keeps axis_name='batch'
     variables = mabn_jax.convert_batchnorm_variables(model, bn_vars, x, train=False)
-    infer = jax.jit(lambda v, x, m=None: (m or model).apply(v, x, train=False))
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
     assert_inference_equal(infer(variables, x), bn_model.apply(bn_vars, x, train=False))
 
-    step = mabn_pmap_step(model)
-    replicate = lambda tree: jax.device_put_replicated(tree, jax.devices()[:N_DEV])
-    params, bs = replicate(variables["params"]), replicate(variables["batch_stats"])
-    xs, ys = x.reshape(N_DEV, 2, *x.shape[1:]), labels.reshape(N_DEV, 2)
-    losses = []
-    for _ in range(4):
-        params, bs, loss = step(params, bs, xs, ys)
-        losses.append(float(loss[0]))
+    step = pmap_step(model, mabn_jax.value_and_grad, batch_stats=True)
+    trained, losses = train_pmapped(step, variables, x, labels, 4)
     assert_falls(losses)
-    assert_finite(bs)
-    # axis_name='batch': every device holds the same statistics, without a pmean.
-    jax.tree.map(lambda leaf: np.testing.assert_array_equal(leaf[0], leaf[1]), bs)
+    assert_finite(trained)
 
-    trained = jax.tree.map(lambda leaf: np.asarray(leaf[0]), {"params": params, "batch_stats": bs})
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trained)
     restored = checkpoint_roundtrip(tmp_path, trained, abstract)
     np.testing.assert_array_equal(infer(restored, x), infer(trained, x))
