@@ -122,12 +122,12 @@ def replace_batchnorm(model: nnx.Module, **mabn_config) -> nnx.Module:
     training continues from the trained statistics (window phase and
     renormalization from the first step). Train it with
     :func:`mabn_jax.nnx.value_and_grad` in place of ``nnx.value_and_grad``;
-    make the optimizer after the replacement (``nnx.Optimizer(model, tx,
-    wrt=nnx.Param)``: the parameters are the same variables, but its state
-    is keyed by the model's structure). ``nnx.Conv``/``nnx.Linear`` are
-    unchanged: the plain MABN (``centered=False``) would need
-    weight-centralized kernels, and centering a trained kernel changes the
-    function (see :mod:`mabn_jax.convert`).
+    an ``nnx.Optimizer`` made before the replacement still fits (the
+    parameters are the same variables, under the same paths).
+    ``nnx.Conv``/``nnx.Linear`` are unchanged: the plain MABN
+    (``centered=False``) would need weight-centralized kernels, and
+    centering a trained kernel changes the function (see
+    :mod:`mabn_jax.convert`).
 
     Args:
       model: an NNX model (an ``nnx.Module``) holding ``nnx.BatchNorm`` layers.

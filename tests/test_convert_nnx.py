@@ -72,9 +72,10 @@ def test_every_batchnorm_is_replaced_where_it_is_held_and_inference_is_unchanged
 
 def test_replaced_model_trains_with_the_one_line_step():
     model, x = pretrained()
+    # Made before the replacement: the parameters stay the same variables, same paths.
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
     mabn_jax.nnx.replace_batchnorm(model, buffer_size=4, warmup_steps=2, renorm_start=3)
     model.train()
-    optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
     target = jnp.arange(6.0)
 
     @nnx.jit
