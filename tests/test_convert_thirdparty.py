@@ -1,12 +1,14 @@
-"""The converters on models we did not write (tests/thirdparty/, unmodified Flax
-sources): Flax's ImageNet ResNet18 and ResNet50 (linen, trained under pmap with
-axis_name='batch'), Flax's MNIST CNN and its scan-over-layers MLP (NNX, layers
-stacked by nnx.vmap and applied by nnx.scan). Each: BatchNorm trained a few
+"""The converters on models we did not write: unmodified sources from the installed
+Flax's release archive (its sdist, downloaded at test time by tests/_flax_examples.py;
+nothing of it is committed here): Flax's ImageNet ResNet18 and ResNet50 (linen,
+trained under pmap with axis_name='batch'), Flax's MNIST CNN and its scan-over-layers
+MLP (NNX, layers stacked by nnx.vmap and applied by nnx.scan). Each: BatchNorm trained a few
 steps, converted, equal in inference, trained with the one-line step (loss
 falling, state finite), checkpointed with orbax and restored."""
 
 import functools
 
+import _flax_examples
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from thirdparty import flax_imagenet_models as imagenet
-from thirdparty import flax_nnx_examples as nnx_examples
 
 import mabn_jax
 import mabn_jax.nnx
@@ -31,6 +31,17 @@ def _fast_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def flax_examples():
+    """(imagenet models module, mnist classes, scan-over-layers classes) from the sdist."""
+    try:
+        root = _flax_examples.fetch_examples()
+    except RuntimeError as err:
+        pytest.skip(f"Flax's example sources could not be downloaded "
+                    f"(needs the package registry): {err}")
+    return _flax_examples.load(root)
 
 
 def assert_inference_equal(got, want):
@@ -97,7 +108,11 @@ def train_pmapped(step, variables, x, labels, steps):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ResNet18", "ResNet50"])
-def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(name, tmp_path):
+def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(
+        name, tmp_path, flax_examples):
+    """ResNet18/50 from flax's sdist (the installed version), examples/imagenet/models.py,
+    unmodified."""
+    imagenet = flax_examples[0]
     bn_model = getattr(imagenet, name)(num_classes=10, num_filters=8)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((N_DEV * 2, 32, 32, 3)), jnp.float32)
@@ -158,14 +173,17 @@ def nnx_case(make, x, loss_fn, tmp_path, lr):
 
 
 @pytest.mark.slow
-def test_flax_mnist_cnn_nnx_converted_trains_and_checkpoints(tmp_path):
+def test_flax_mnist_cnn_nnx_converted_trains_and_checkpoints(tmp_path, flax_examples):
+    """CNN from flax's sdist (the installed version), examples/mnist/train.py, its class
+    source unmodified."""
+    mnist = flax_examples[1]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 28, 28, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, 4))
 
     class WithRngs(nnx.Module):  # the example's __call__(x, rngs), as its loss_fn calls it
         def __init__(self):
-            self.cnn = nnx_examples.CNN(nnx.Rngs(0))
+            self.cnn = mnist.CNN(nnx.Rngs(0))
             self.rngs = nnx.Rngs(dropout=1)
 
         def __call__(self, x):
@@ -174,12 +192,15 @@ def test_flax_mnist_cnn_nnx_converted_trains_and_checkpoints(tmp_path):
     nnx_case(WithRngs, x, lambda m: xent(m(x), labels), tmp_path, lr=0.05)
 
 
-def test_flax_scan_over_layers_nnx_converted_trains_and_checkpoints(tmp_path):
+def test_flax_scan_over_layers_nnx_converted_trains_and_checkpoints(tmp_path, flax_examples):
+    """Block/ScanMLP from flax's sdist (the installed version),
+    examples/nnx_toy_examples/06_scan_over_layers.py, class sources unmodified."""
+    scan = flax_examples[2]
     x = jax.random.normal(jax.random.key(1), (4, 8)) + 1.0
     target = jax.random.normal(jax.random.key(2), (4, 8))
 
     def make():
-        model = nnx_examples.ScanMLP(8, n_layers=3, rngs=nnx.Rngs(0))
+        model = scan.ScanMLP(8, n_layers=3, rngs=nnx.Rngs(0))
         # Dropout(0.5) off for a clean loss curve (the BatchNorms are what is tested).
         model.set_attributes(deterministic=True, raise_if_not_found=False)
         return model
