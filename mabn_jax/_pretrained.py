@@ -37,14 +37,23 @@ function it computes.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
+from mabn_jax import _shell
 from mabn_jax._config import MABNConfig
 from mabn_jax._state import MABNState
 
-__all__ = ["start_step", "state_from_batchnorm", "PLAIN_REFUSED"]
+__all__ = ["start_step", "state_from_batchnorm", "converter_config", "PLAIN_REFUSED"]
+
+# Structural or function-changing: taken from each batch norm, refused in a
+# converter's mabn_config (linen and NNX alike).
+REFUSED = ("epsilon", "axis", "use_bias", "use_scale", "param_dtype", "dtype",
+           "use_running_average", "bias_init", "scale_init", "force_float32_reductions",
+           "num_features", "promote_dtype")
 
 PLAIN_REFUSED = (
     "centered=False (the plain MABN) cannot replace a pretrained nn.BatchNorm: it "
@@ -52,6 +61,28 @@ PLAIN_REFUSED = (
     "convolutions, and centering a pretrained kernel changes the function it computes. "
     "Leave centered at its default (True) here; to train the paper's plain layer from "
     "scratch, build the model with mabn_jax.CenteredConv and mabn_jax.MABN instead.")
+
+
+# What a converter's mabn_config takes.
+_TAKEN = tuple(f.name for f in dataclasses.fields(MABNConfig) if f.name not in REFUSED)
+
+
+def converter_config(mabn_config: Mapping[str, Any], caller: str) -> dict[str, Any]:
+    """A converter's ``mabn_config``, validated (names and values), with
+    ``centered=True`` (the only variant a batch norm converts to)."""
+    refused = sorted(set(mabn_config) & set(REFUSED))
+    if refused:
+        raise TypeError(
+            f"{caller}: {refused[0]!r} is taken from each batch norm (the converted model "
+            "must compute what the batch norm model computes); change it in the model, not "
+            "here. mabn_config takes MABN's hyper-parameters: "
+            f"{', '.join(_TAKEN)}.")
+    config = dict(mabn_config)
+    config.setdefault("centered", True)
+    if config["centered"] is False:
+        raise ValueError(f"{caller}: {PLAIN_REFUSED}")
+    _shell.make_config(MABNConfig, config, caller, "a model")  # fails by name
+    return config
 
 
 def start_step(config: MABNConfig) -> int:

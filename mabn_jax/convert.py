@@ -6,7 +6,7 @@ Two calls, no edit of the model's source::
     model = mabn_jax.replace_batchnorm(model)                   # same init/apply
     variables = mabn_jax.convert_batchnorm_variables(model, bn_variables, x, train=False)
 
-:func:`replace_batchnorm` wraps the model; while the wrapper runs, Flax's
+:func:`~mabn_jax.replace_batchnorm` wraps the model; while the wrapper runs, Flax's
 method interception (``nn.intercept_methods``) sends every ``nn.BatchNorm``
 call, however deep and however the layer was built (``partial``, a setup
 attribute, ``nn.scan``, ``nn.remat``, ``nn.vmap``, a subclass), to a
@@ -36,7 +36,6 @@ overrides every layer's (e.g. a longer horizon at batch 1–2).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,7 @@ from flax.core import FrozenDict
 
 from mabn_jax import _mabn, _shell, _state
 from mabn_jax._config import MABNConfig, config_of
-from mabn_jax._pretrained import PLAIN_REFUSED, state_from_batchnorm
+from mabn_jax._pretrained import converter_config, state_from_batchnorm
 from mabn_jax.linen import MABN
 
 __all__ = ["replace_batchnorm", "convert_batchnorm_variables", "ReplacedBatchNorm"]
@@ -63,26 +62,11 @@ _FROM_BN = ("use_running_average", "axis", "epsilon", "param_dtype", "use_bias",
             "bias_init", "scale_init", "force_float32_reductions")
 # Taken from each BatchNorm unless given in mabn_config.
 _OVERRIDABLE = ("momentum", "axis_name", "axis_index_groups")
-# Structural or function-changing: refused in mabn_config.
-_REFUSED = ("epsilon", "axis", "use_bias", "use_scale", "param_dtype", "dtype",
-            "use_running_average", "bias_init", "scale_init", "force_float32_reductions")
 
 
 def _check_config(mabn_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """``mabn_config`` validated (names and values), as hashable pairs."""
-    refused = sorted(set(mabn_config) & set(_REFUSED))
-    if refused:
-        raise TypeError(
-            f"replace_batchnorm: {refused[0]!r} is taken from each nn.BatchNorm (the "
-            "converted model must compute what the BatchNorm model computes); change it in "
-            "the model, not here. mabn_config takes MABN's hyper-parameters: "
-            f"{', '.join(f.name for f in dataclasses.fields(MABNConfig) if f.name != 'epsilon')}.")
-    config = dict(mabn_config)
-    config.setdefault("centered", True)
-    if config["centered"] is False:
-        raise ValueError(f"replace_batchnorm: {PLAIN_REFUSED}")
-    _shell.make_config(MABNConfig, config, "replace_batchnorm", "a model")  # fails by name
-    return tuple(sorted(config.items()))
+    return tuple(sorted(converter_config(mabn_config, "replace_batchnorm").items()))
 
 
 def _mabn_attributes(bn: nn.BatchNorm, x, overrides: tuple[tuple[str, Any], ...]) -> dict:
@@ -109,7 +93,7 @@ def _replacing(overrides, next_fun, args, kwargs, context):
 
 
 def _converting(overrides, next_fun, args, kwargs, context):
-    """The interceptor of :func:`convert_batchnorm_variables`: writes each
+    """The interceptor of :func:`~mabn_jax.convert_batchnorm_variables`: writes each
     BatchNorm's MABN state next to its ``mean``/``var`` and returns the MABN's
     inference output."""
     if not _is_batchnorm_call(context):
@@ -139,7 +123,7 @@ def _converting(overrides, next_fun, args, kwargs, context):
 
 class ReplacedBatchNorm(nn.Module):
     """``module`` with every ``nn.BatchNorm`` call run by a centered
-    :class:`mabn_jax.MABN` (what :func:`replace_batchnorm` returns).
+    :class:`mabn_jax.MABN` (what :func:`~mabn_jax.replace_batchnorm` returns).
 
     It shares ``module``'s scope (``nn.share_scope``): the variables have
     ``module``'s paths. ``init``/``apply`` take ``module``'s ``__call__``
@@ -189,7 +173,7 @@ def replace_batchnorm(module: nn.Module, **mabn_config) -> ReplacedBatchNorm:
     ``batch_stats`` hold MABN's (centered) layout under each BatchNorm's
     path. Train with :func:`mabn_jax.value_and_grad` in place of
     ``jax.value_and_grad``; start from a trained BatchNorm model with
-    :func:`convert_batchnorm_variables`.
+    :func:`~mabn_jax.convert_batchnorm_variables`.
 
     Args:
       module: a linen model using ``nn.BatchNorm``.
@@ -228,7 +212,8 @@ def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Ma
 
     ``params`` (and every collection but ``batch_stats``) are kept. Each
     BatchNorm's running ``mean``/``var`` (``μ``, ``σ²``) becomes its MABN's
-    state (:mod:`mabn_jax._pretrained`)::
+    state (``mabn_jax/_pretrained.py``, the rule
+    :func:`mabn_jax.nnx.replace_batchnorm` uses too)::
 
         ema_mean = μ,  ema_var = σ²                   (inference: exactly BN's map)
         mean_window[:] = μ,  var_window[:] = σ²        (the first windows: μ̃ = μ, σ̃² = σ²)
@@ -242,9 +227,9 @@ def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Ma
     (of layers that are not BatchNorms) are kept.
 
     Args:
-      mabn_module: what :func:`replace_batchnorm` returned.
+      mabn_module: what :func:`~mabn_jax.replace_batchnorm` returned.
       bn_variables: the BatchNorm model's ``{'params': ..., 'batch_stats': ...}``.
-      *args, **kwargs: an input and the keyword arguments of an inference-mode
+      args, kwargs: an input and the keyword arguments of an inference-mode
         ``apply`` (e.g. ``x, train=False``); the model runs once (eagerly) to
         find its BatchNorms, so every BatchNorm must be called by it.
 

@@ -5,6 +5,8 @@ Layers: :class:`MABN`, :class:`BatchRenorm` (drop-ins for ``nnx.BatchNorm``),
 with weight-centralized kernels). Training: :func:`value_and_grad`, a drop-in
 for ``nnx.value_and_grad`` that records MABN's backward statistics; beneath
 it :func:`attach_probes`, :class:`Probe` and :func:`record_backward_stats`.
+Models you do not own: :func:`replace_batchnorm` turns every ``nnx.BatchNorm``
+of a model into a (centered) :class:`MABN` in place, from its statistics.
 A standard NNX train step becomes an MABN one by changing the gradient call::
 
     from flax import nnx
@@ -24,8 +26,9 @@ The layers' state (``nnx.BatchStat``) has the names of the linen layers'
 ``batch_stats`` entries. See ``docs/nnx.md``.
 """
 
+from mabn_jax._nnx_convert import replace_batchnorm
 from mabn_jax._nnx_layers import MABN, BatchRenorm, CenteredConv, CenteredLinear, Probe, Statistic
 from mabn_jax._nnx_training import attach_probes, grad, record_backward_stats, value_and_grad
 
 __all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "value_and_grad", "grad",
-           "attach_probes", "record_backward_stats", "Probe", "Statistic"]
+           "attach_probes", "record_backward_stats", "Probe", "Statistic", "replace_batchnorm"]
