@@ -41,3 +41,28 @@ from hypothesis import settings as _hypothesis_settings
 _hypothesis_settings.register_profile("mabn_jax", derandomize=True, deadline=None,
                                       print_blob=True)
 _hypothesis_settings.load_profile("mabn_jax")
+
+
+# Shared scaffolding of the test modules (one definition each).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Compile without most XLA optimizations (as Flax's ImageNet train_test does),
+    for the requesting module only (``pytestmark = pytest.mark.usefixtures(
+    "fast_compiles")``): for bookkeeping tests, or comparisons whose sides all
+    compile the same way."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def batch_mesh(n_devices):
+    """A 1-D mesh, axis ``"batch"``, over the first ``n_devices`` devices."""
+    import jax
+
+    return jax.make_mesh((n_devices,), ("batch",), devices=jax.devices()[:n_devices])

@@ -30,14 +30,8 @@ STATE_NAMES = {"ema_mean": "mean", "ema_var": "var"}
 RTOL, ATOL = 1e-5, 1e-5  # float32, as tests/test_autodiff.py against nn.BatchNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Compile without most XLA optimizations (as Flax's ImageNet train_test does),
-    for this module only: both layers of every comparison compile the same way."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+# Both layers of every comparison compile the same way (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _data(seed, shape, steps=3, offset=0.3):

@@ -80,14 +80,8 @@ def train_step(state, batch, pmean_batch_stats=True):
     return new_state, loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Bookkeeping, not numerics: compile without most XLA optimizations (as Flax's
-    ImageNet train_test does), for this module only."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+# Bookkeeping, not numerics: compiled without most optimizations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @functools.lru_cache  # shared by the tests: one compilation per variant

@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import batch_mesh
 from flax.core import FrozenDict, freeze
 from flax.training import train_state
 from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tree_assert import assert_trees_close
+from tree_assert import assert_close
 
 import mabn_jax
 
@@ -210,10 +211,6 @@ def thaw(tree):
     if isinstance(tree, (dict, FrozenDict)):
         return {k: thaw(v) for k, v in tree.items()}
     return tuple(thaw(v) for v in tree) if isinstance(tree, tuple) else tree
-
-
-def assert_close(a, b, rtol=1e-6, atol=1e-7, what=""):
-    assert_trees_close(a, b, rtol=rtol, atol=atol, what=what)
 
 
 # --------------------------------------------------------------------------- drop-in
@@ -591,10 +588,6 @@ def sum_loss_step(state, x, y, denominator, reduce=None):
     return state.replace(batch_stats=updates["batch_stats"]), grads
 
 
-def _mesh():
-    return jax.make_mesh((N_DEV,), ("batch",), devices=jax.devices()[:N_DEV])
-
-
 def stacked(tree):
     """``N_DEV`` copies along a leading axis, laid out as pmap lays out its
     outputs (so that every step reuses one compilation)."""
@@ -633,7 +626,7 @@ def test_shard_map_synchronized_statistics_equal_one_device():
     """Replicated state, sharded batch, axis_name='batch': autodiff sums the
     devices' gradients; the result is the one-device global-batch run."""
     x, y = data(DEV_STEPS)
-    mesh = _mesh()
+    mesh = batch_mesh(N_DEV)
     step = jax.jit(jax.shard_map(
         functools.partial(sum_loss_step, denominator=BATCH), mesh=mesh,
         in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P())))
@@ -699,7 +692,7 @@ def test_shard_map_per_device_statistics():
     replicated params' gradients over the devices, so they are divided by the
     device count (pmap's pmean)."""
     x, y = per_device_data()
-    mesh = _mesh()
+    mesh = batch_mesh(N_DEV)
 
     def step(params, opt_state, bs, x, y):
         state = TrainState(step=0, apply_fn=Small().apply, params=params, tx=TX,

@@ -21,7 +21,7 @@ import optax
 import pytest
 from flax import linen as nn
 from jax import lax
-from tree_assert import assert_trees_close
+from tree_assert import assert_close
 
 import mabn_jax
 from mabn_jax import functional as F
@@ -97,10 +97,6 @@ def make_step(model, tx, checkpoint=False, low_level=False):
         return optax.apply_updates(params, updates), opt_state, batch_stats, logits
 
     return step
-
-
-def assert_close(actual, expected, rtol=1e-6, atol=1e-7, what=""):
-    assert_trees_close(actual, expected, rtol=rtol, atol=atol, what=what)
 
 
 @functools.lru_cache
