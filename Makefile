@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: test docs wheel-check demo bench aot clean
+.PHONY: test docs wheel-check demo bench aot aot-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ AOT_STAMP := $(VENV)/.installed-aot
 $(AOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[aot]'
 	touch $(AOT_STAMP)
+
+# The TPU compiler alone (.ci/run: tests/test_aot.py uses it; they skip without it).
+aot-install: $(AOT_STAMP)
 
 # What the TPU compiler makes of the layers, deviceless (no TPU needed; ~4 min).
 # AOT_ARGS=--quick: two shapes.
