@@ -137,7 +137,7 @@ def test_synchronized_mabn_step_has_batchnorms_collectives(centered):
         nn.BatchNorm(axis_name="data", use_fast_variance=not centered), mesh))
     assert bn[0] > 0
     # (count, bytes) on v5e:2x2, channels 64: plain MABN (2, 768) against BN's (2, 1024);
-    # centered MABN (3, ...) against BN two-pass's (4, ...): never more ops nor bytes.
+    # centered MABN (3, 1024) against BN two-pass's (4, 1024): never more ops nor bytes.
     assert mabn[0] <= bn[0] and mabn[1] <= bn[1], f"MABN {mabn}, nn.BatchNorm {bn}"
     if not centered:
         assert mabn[0] == bn[0], f"MABN {mabn} (all-reduces, bytes), nn.BatchNorm {bn}"
