@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: test docs wheel-check demo bench aot clean
+.PHONY: test docs wheel-check demo bench aot aot-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ AOT_STAMP := $(VENV)/.installed-aot
 $(AOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[aot]'
 	touch $(AOT_STAMP)
+
+# The TPU compiler alone (tests/test_aot.py uses it; they skip, saying why, without it).
+aot-install: $(AOT_STAMP)
 
 # What the TPU compiler makes of the layers and of a ResNet-50 pod train step and
 # folded inference, deviceless (no TPU needed). AOT_ARGS=--quick: two layer shapes

@@ -12,6 +12,10 @@ import os
 # this JAX would try (and fail, with a lock a second xdist worker trips on) to start
 # a TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# tests/test_aot.py compiles for TPU deviceless with libtpu: each xdist worker loads it
+# (without this the second one fails on libtpu's lock), and no TPU host is probed.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
