@@ -38,12 +38,14 @@ variables = model.init(jax.random.key(1), x, train=False)
 @jax.jit
 def train_step(params, batch_stats):
     def loss_fn(params):
-        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                   train=True, mutable=["batch_stats"])
+        out, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean((out - y) ** 2), updates
 
     (loss, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=batch_stats)(params)
+        loss_fn, has_aux=True, batch_stats=batch_stats
+    )(params)
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     return params, updates["batch_stats"], loss
 

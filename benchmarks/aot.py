@@ -41,6 +41,7 @@ TWO_PASS = ("BN two-pass", "MABN-centered", "BatchRenorm")
 
 def tpu_device(topology="v5e:2x2"):
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
 
 
@@ -55,8 +56,9 @@ def layer_modules(dtype, channels):
 def compile_layer(module, x, device):
     f, args = layer_step(module, x, x)
     sh = SingleDeviceSharding(device)
-    specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                   args)
+    specs = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), args
+    )
     return f.lower(*specs).compile()
 
 
@@ -79,19 +81,29 @@ def layer_table(shapes, dtypes, device):
                     floor = fl
                 cells.append(comp.cost_analysis()["bytes accessed"] / nx)
             mabn = cells[names.index("MABN")]
-            rows.append([jnp.dtype(dtype).name, "(" + ",".join(map(str, shape)) + ")"]
-                        + [f"{c:.2f}" for c in cells]
-                        + [f"{floor / nx:.2f}", f"{mabn * nx / floor:.2f}",
-                           f"{mabn / cells[0]:.2f}",
-                           f"{cells[3] / cells[1]:.2f}"])
-    table(["dtype", "shape"] + names + ["MABN floor", "MABN / floor", "MABN / BN",
-                                         "centered / BN two-pass"], rows)
+            rows.append(
+                [jnp.dtype(dtype).name, "(" + ",".join(map(str, shape)) + ")"]
+                + [f"{c:.2f}" for c in cells]
+                + [
+                    f"{floor / nx:.2f}",
+                    f"{mabn * nx / floor:.2f}",
+                    f"{mabn / cells[0]:.2f}",
+                    f"{cells[3] / cells[1]:.2f}",
+                ]
+            )
+    table(
+        ["dtype", "shape"]
+        + names
+        + ["MABN floor", "MABN / floor", "MABN / BN", "centered / BN two-pass"],
+        rows,
+    )
     print(f"\n({n} compiles in {time.time() - t0:.0f} s)")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="one batch-2 and one batch-32 shape")
     args = p.parse_args(argv)
     print(f"## mabn_jax on the TPU compiler (deviceless; jax {jax.__version__})")

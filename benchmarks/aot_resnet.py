@@ -59,11 +59,20 @@ IMAGE = (224, 224, 3)
 MODES = ("spmd", "sync", "local")
 # 16 and 256 chips of v5e and of v6e (one device per chip; a v4 topology lists
 # each chip's two TensorCores as devices: "v4:2x2x4" has 32).
-TOPOLOGIES = {"v5e": {16: "v5e:4x4", 256: "v5e:16x16"},
-              "v6e": {16: "v6e:4x4", 256: "v6e:16x16"}}
+TOPOLOGIES = {"v5e": {16: "v5e:4x4", 256: "v5e:16x16"}, "v6e": {16: "v6e:4x4", 256: "v6e:16x16"}}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "pred": 1,
-          "s8": 1, "u8": 1}
+_BYTES = {
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+}
 
 
 def make_model(kind, axis_name=None):
@@ -71,8 +80,10 @@ def make_model(kind, axis_name=None):
     if kind == "MABN":
         conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, axis_name=axis_name)
     elif kind == "BN":
-        conv, norm = nn.Conv, functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
-                                                axis_name=axis_name)
+        conv, norm = (
+            nn.Conv,
+            functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, axis_name=axis_name),
+        )
     elif kind == "GN":
         conv = nn.Conv
         norm = lambda use_running_average, **kw: nn.GroupNorm(num_groups=32, **kw)  # noqa: E731
@@ -88,8 +99,12 @@ def train_step(kind, model, tx, global_batch):
 
     def step(params, batch_stats, opt_state, x, y):
         def loss_fn(params):
-            logits, upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                      x, train=True, mutable=["batch_stats"])
+            logits, upd = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             logits = logits.astype(jnp.float32)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
             return loss / global_batch, upd["batch_stats"]
@@ -108,17 +123,18 @@ def train_step(kind, model, tx, global_batch):
 def _abstract_state(kind, tx):
     model = make_model(kind)
     x = jax.ShapeDtypeStruct((1, *IMAGE), jnp.bfloat16)
-    variables = jax.eval_shape(functools.partial(model.init, train=False),
-                               jax.random.PRNGKey(0), x)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
     params = variables["params"]
     return params, variables.get("batch_stats", {}), jax.eval_shape(tx.init, params)
 
 
 def _sds(tree, sharding, lead=None):
     """ShapeDtypeStructs of ``tree`` on ``sharding``; ``lead``: a leading axis of that size."""
+
     def one(a):
         shape = a.shape if lead is None else (lead, *a.shape)
         return jax.ShapeDtypeStruct(shape, a.dtype, sharding=sharding)
+
     return jax.tree_util.tree_map(one, tree)
 
 
@@ -132,8 +148,13 @@ def compile_train(kind, mode, devices):
     x = jax.ShapeDtypeStruct((gb, *IMAGE), jnp.bfloat16, sharding=shard)
     y = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=shard)
     local = mode == "local"
-    args = (_sds(params, rep), _sds(stats, shard if local else rep, n if local else None),
-            _sds(opt, rep), x, y)
+    args = (
+        _sds(params, rep),
+        _sds(stats, shard if local else rep, n if local else None),
+        _sds(opt, rep),
+        x,
+        y,
+    )
     if mode == "spmd":
         step = train_step(kind, make_model(kind), tx, gb)
         fn = jax.jit(step, out_shardings=(rep, rep, rep, rep))
@@ -150,14 +171,22 @@ def compile_train(kind, mode, devices):
             return params, stats, opt, jax.lax.psum(loss, AXIS)
 
         st = P(AXIS) if local else P()
-        fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), st, P(), P(AXIS), P(AXIS)),
-                                   out_specs=(P(), st, P(), P())))
+        fn = jax.jit(
+            jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(P(), st, P(), P(AXIS), P(AXIS)),
+                out_specs=(P(), st, P(), P()),
+            )
+        )
     return fn.lower(*args).compile()
 
 
 def _result_bytes(type_str):
-    return sum(_BYTES.get(dt, 4) * _prod(dims)
-               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_str))
+    return sum(
+        _BYTES.get(dt, 4) * _prod(dims)
+        for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_str)
+    )
 
 
 def _prod(dims):
@@ -181,7 +210,7 @@ def collectives(hlo_text):
             if m.group(2).endswith("-start") and op != "all-reduce":
                 # all-gather-start / collective-permute-start return (operands, results):
                 # count the results; all-reduce-start's shape is its result's
-                rtype = rtype[len(rtype) // 2:]
+                rtype = rtype[len(rtype) // 2 :]
             found[op] = (c + 1, b + _result_bytes(rtype))
     return found
 
@@ -192,10 +221,16 @@ def figures(comp):
     other = {k: v for k, v in col.items() if k != "all-reduce"}
     ar = col.get("all-reduce", (0, 0))
     host = len(re.findall(r"custom_call_target=\"[^\"]*(?:callback|host)", text, re.I)) + len(
-        re.findall(r"\b(?:send|recv|outfeed|infeed)\(", text))
-    return {"bytes": comp.cost_analysis()["bytes accessed"],
-            "peak": comp.memory_analysis().peak_memory_in_bytes,
-            "ar_n": ar[0], "ar_bytes": ar[1], "other": other, "host": host}
+        re.findall(r"\b(?:send|recv|outfeed|infeed)\(", text)
+    )
+    return {
+        "bytes": comp.cost_analysis()["bytes accessed"],
+        "peak": comp.memory_analysis().peak_memory_in_bytes,
+        "ar_n": ar[0],
+        "ar_bytes": ar[1],
+        "other": other,
+        "host": host,
+    }
 
 
 def _mib(b):
@@ -203,8 +238,10 @@ def _mib(b):
 
 
 def train_table(gens, chip_counts, modes=MODES):
-    print("\n### ResNet-50 train step, 224×224 bf16, 2 images per chip, per chip "
-          "(TPU compiler's cost model and memory plan)\n")
+    print(
+        "\n### ResNet-50 train step, 224×224 bf16, 2 images per chip, per chip "
+        "(TPU compiler's cost model and memory plan)\n"
+    )
     rows, t0 = [], time.time()
     for gen in gens:
         for n in chip_counts:
@@ -215,18 +252,43 @@ def train_table(gens, chip_counts, modes=MODES):
                 for kind in ("BN", "MABN"):
                     t = time.time()
                     f[kind] = figures(compile_train(kind, mode, devices))
-                    print(f"  {kind} {mode} {topo}: {f[kind]} ({time.time() - t:.0f} s)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  {kind} {mode} {topo}: {f[kind]} ({time.time() - t:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 b, m = f["BN"], f["MABN"]
-                rows.append([topo, mode,
-                             _mib(b["bytes"]), _mib(m["bytes"]), f"{m['bytes'] / b['bytes']:.3f}",
-                             _mib(b["peak"]), _mib(m["peak"]), f"{m['peak'] / b['peak']:.3f}",
-                             f"{b['ar_n']} / {_mib(b['ar_bytes'])}",
-                             f"{m['ar_n']} / {_mib(m['ar_bytes'])}",
-                             _other(b, m)])
-    table(["topology", "mode", "BN MiB accessed", "MABN MiB accessed", "MABN / BN bytes",
-           "BN peak MiB", "MABN peak MiB", "MABN / BN peak", "BN all-reduces / MiB",
-           "MABN all-reduces / MiB", "other collectives, host transfers (BN; MABN)"], rows)
+                rows.append(
+                    [
+                        topo,
+                        mode,
+                        _mib(b["bytes"]),
+                        _mib(m["bytes"]),
+                        f"{m['bytes'] / b['bytes']:.3f}",
+                        _mib(b["peak"]),
+                        _mib(m["peak"]),
+                        f"{m['peak'] / b['peak']:.3f}",
+                        f"{b['ar_n']} / {_mib(b['ar_bytes'])}",
+                        f"{m['ar_n']} / {_mib(m['ar_bytes'])}",
+                        _other(b, m),
+                    ]
+                )
+    table(
+        [
+            "topology",
+            "mode",
+            "BN MiB accessed",
+            "MABN MiB accessed",
+            "MABN / BN bytes",
+            "BN peak MiB",
+            "MABN peak MiB",
+            "MABN / BN peak",
+            "BN all-reduces / MiB",
+            "MABN all-reduces / MiB",
+            "other collectives, host transfers (BN; MABN)",
+        ],
+        rows,
+    )
     print(f"\n({2 * len(rows)} compiles in {time.time() - t0:.0f} s)")
 
 
@@ -234,13 +296,16 @@ def _other(b, m):
     def one(f):
         parts = [f"{k} {c}" for k, (c, _) in sorted(f["other"].items())]
         return ", ".join(parts + [f"host {f['host']}"])
+
     return f"{one(b)}; {one(m)}"
 
 
 def infer_table(batch):
     """Inference on one v5e chip: MABN and BN folded by fold_params, GroupNorm unfolded."""
-    print(f"\n### ResNet-50 inference, batch {batch}, 224×224 bf16, one v5e chip "
-          "(TPU compiler's cost model and memory plan)\n")
+    print(
+        f"\n### ResNet-50 inference, batch {batch}, 224×224 bf16, one v5e chip "
+        "(TPU compiler's cost model and memory plan)\n"
+    )
     device = tpu_devices("v5e:2x2")[:1]
     mesh = Mesh(device, (AXIS,))
     rep = NamedSharding(mesh, P())
@@ -248,31 +313,45 @@ def infer_table(batch):
     rows, base = [], None
     for kind in ("BN", "MABN", "GN"):
         model = make_model(kind)
-        variables = jax.eval_shape(functools.partial(model.init, train=False),
-                                   jax.random.PRNGKey(0), x)
+        variables = jax.eval_shape(
+            functools.partial(model.init, train=False), jax.random.PRNGKey(0), x
+        )
         variants = {"unfolded": (model, variables)}
         if kind != "GN":  # fold_params traced abstractly: the deployment params' tree
-            folded = jax.eval_shape(lambda v, m=model: mabn_jax.fold_params(
-                m, v, conv_norm_pairs(v["batch_stats"]), x, train=False), variables)
+            folded = jax.eval_shape(
+                lambda v, m=model: mabn_jax.fold_params(
+                    m, v, conv_norm_pairs(v["batch_stats"]), x, train=False
+                ),
+                variables,
+            )
             variants = {"folded": (make_model("folded"), {"params": folded}), **variants}
         for form, (m, v) in variants.items():
             fn = jax.jit(functools.partial(m.apply, train=False))
             f = figures(fn.lower(_sds(v, rep), x).compile())
             base = base or f
             print(f"  {kind} {form}: {f}", file=sys.stderr, flush=True)
-            rows.append([f"{kind} {form}", _mib(f["bytes"]), f"{f['bytes'] / base['bytes']:.3f}",
-                         _mib(f["peak"]), f"{f['peak'] / base['peak']:.3f}"])
+            rows.append(
+                [
+                    f"{kind} {form}",
+                    _mib(f["bytes"]),
+                    f"{f['bytes'] / base['bytes']:.3f}",
+                    _mib(f["peak"]),
+                    f"{f['peak'] / base['peak']:.3f}",
+                ]
+            )
     table(["model", "MiB accessed", "bytes / BN folded", "peak MiB", "peak / BN folded"], rows)
 
 
 def tpu_devices(topology):
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="16 chips of v5e only")
     p.add_argument("--only", default="train,infer", help="comma-separated: train, infer")
     p.add_argument("--gens", default="v5e,v6e", help="comma-separated of: " + ",".join(TOPOLOGIES))

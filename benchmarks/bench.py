@@ -84,7 +84,7 @@ def compare(fns: dict, baseline: str, rounds: int, min_time: float = 0.02) -> di
     ratios = {n: [] for n in names}
     times = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         t_round = {}
         for n in order:
             t = time.perf_counter()
@@ -95,8 +95,14 @@ def compare(fns: dict, baseline: str, rounds: int, min_time: float = 0.02) -> di
         for n in names:
             ratios[n].append(t_round[n] / t_round[baseline])
             times[n].append(t_round[n])
-    return {n: (statistics.median(times[n]), statistics.median(ratios[n]),
-                min(times[n]) / min(times[baseline])) for n in names}
+    return {
+        n: (
+            statistics.median(times[n]),
+            statistics.median(ratios[n]),
+            min(times[n]) / min(times[baseline]),
+        )
+        for n in names
+    }
 
 
 def _row(cells, widths):
@@ -121,21 +127,26 @@ def layer_step(module, x, dy):
     in place of ``jax.value_and_grad``.
     """
     is_mabn = isinstance(module, mabn_jax.MABN)
-    kw = ({"use_running_average": False}
-          if isinstance(module, (mabn_jax.MABN, mabn_jax.BatchRenorm, nn.BatchNorm)) else {})
+    kw = (
+        {"use_running_average": False}
+        if isinstance(module, (mabn_jax.MABN, mabn_jax.BatchRenorm, nn.BatchNorm))
+        else {}
+    )
     variables = module.init(jax.random.PRNGKey(0), x, **kw)
     params = variables["params"]
     stats = variables.get("batch_stats", {})
 
     def step(params, stats, x, dy):
         def loss_fn(params, x):
-            y, upd = module.apply({"params": params, "batch_stats": stats}, x,
-                                  mutable=["batch_stats"], **kw)
+            y, upd = module.apply(
+                {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"], **kw
+            )
             return jnp.sum(y * dy), (y, upd)
 
         if is_mabn:
-            grad_fn = mabn_jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True,
-                                              batch_stats=stats)
+            grad_fn = mabn_jax.value_and_grad(
+                loss_fn, argnums=(0, 1), has_aux=True, batch_stats=stats
+            )
         else:
             grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (_, (y, upd)), (dparams, dx) = grad_fn(params, x)
@@ -172,8 +183,10 @@ def bench_layers(batches, dtypes, rounds):
                     f = f.lower(*args).compile()
                     fns[n] = functools.partial(f, *args)
                 res = compare(fns, "BN", rounds)
-                rows.append([jnp.dtype(dtype).name, f"({b},{h},{w},{c})",
-                             f"{res['BN'][0] * 1e3:.2f}"] + [f"{res[n][1]:.2f}" for n in names[1:]])
+                rows.append(
+                    [jnp.dtype(dtype).name, f"({b},{h},{w},{c})", f"{res['BN'][0] * 1e3:.2f}"]
+                    + [f"{res[n][1]:.2f}" for n in names[1:]]
+                )
                 del fns, x, dy
     table(["dtype", "shape", "BN ms"] + names[1:], rows)
 
@@ -191,7 +204,8 @@ def make_model(kind, dtype=jnp.float32):
         return ResNet(conv=nn.Conv, norm=gn, dtype=dtype)
     if kind == "LN":
         ln = lambda use_running_average, **kw: nn.LayerNorm(
-            reduction_axes=(1, 2, 3), feature_axes=-1, **kw)
+            reduction_axes=(1, 2, 3), feature_axes=-1, **kw
+        )
         return ResNet(conv=nn.Conv, norm=ln, dtype=dtype)
     if kind == "folded":
         return ResNet(conv=nn.Conv, norm=None, dtype=dtype)
@@ -207,8 +221,12 @@ def train_step_fn(kind, model, tx):
 
     def step(params, batch_stats, opt_state, x, y):
         def loss_fn(params):
-            logits, upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                      x, train=True, mutable=["batch_stats"])
+            logits, upd = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return loss_of(logits, y), upd
 
         if kind == "MABN":
@@ -218,6 +236,7 @@ def train_step_fn(kind, model, tx):
         (loss, upd), grads = grad_fn(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+
     return step
 
 
@@ -227,14 +246,21 @@ def _resnet_setup(kind, batch, size=32):
     y = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(2), x)
     tx = optax.sgd(0.1, momentum=0.9)
-    args = (variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]),
-            x, y)
+    args = (
+        variables["params"],
+        variables.get("batch_stats", {}),
+        tx.init(variables["params"]),
+        x,
+        y,
+    )
     return model, tx, args
 
 
 def bench_train(batch, rounds):
-    print(f"\n### ResNet10 train step, batch {batch}, 32x32x3, float32, SGD+momentum "
-          f"(median of {rounds} rounds)\n")
+    print(
+        f"\n### ResNet10 train step, batch {batch}, 32x32x3, float32, SGD+momentum "
+        f"(median of {rounds} rounds)\n"
+    )
     fns, mem = {}, {}
     for kind in ("BN", "MABN"):
         model, tx, args = _resnet_setup(kind, batch)
@@ -242,9 +268,18 @@ def bench_train(batch, rounds):
         fns[kind] = functools.partial(step, *args)
         mem[kind] = step.memory_analysis()
     res = compare(fns, "BN", rounds)
-    table(["model", "median ms / step", "ratio to BN (median of rounds)", "ratio of minima"],
-          [[f"{k}" + (" + CenteredConv" if k == "MABN" else " + nn.Conv"),
-            f"{res[k][0] * 1e3:.2f}", f"{res[k][1]:.3f}", f"{res[k][2]:.3f}"] for k in fns])
+    table(
+        ["model", "median ms / step", "ratio to BN (median of rounds)", "ratio of minima"],
+        [
+            [
+                f"{k}" + (" + CenteredConv" if k == "MABN" else " + nn.Conv"),
+                f"{res[k][0] * 1e3:.2f}",
+                f"{res[k][1]:.3f}",
+                f"{res[k][2]:.3f}",
+            ]
+            for k in fns
+        ],
+    )
     return mem
 
 
@@ -252,8 +287,9 @@ def bench_train(batch, rounds):
 
 
 def bench_inference(batch, rounds):
-    print(f"\n### ResNet10 inference, batch {batch}, 32x32x3, float32 "
-          f"(median of {rounds} rounds)\n")
+    print(
+        f"\n### ResNet10 inference, batch {batch}, 32x32x3, float32 (median of {rounds} rounds)\n"
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3))
     fns, checks = {}, []
     for kind in ("BN", "MABN", "GN", "LN"):
@@ -262,25 +298,39 @@ def bench_inference(batch, rounds):
             # trained-looking statistics, so the folding check below means something
             # (MABN's step/skipped counters, floats, are left alone)
             stats = jax.tree_util.tree_map_with_path(
-                lambda path, v: v if path[-1].key in ("step", "skipped") else v + 0.5 * jnp.abs(
-                    jax.random.normal(jax.random.PRNGKey(v.size), v.shape)), stats)
-            unfolded = jax.jit(lambda p, s, x, m=model: m.apply(
-                {"params": p, "batch_stats": s}, x, train=False))
+                lambda path, v: (
+                    v
+                    if path[-1].key in ("step", "skipped")
+                    else v + 0.5 * jnp.abs(jax.random.normal(jax.random.PRNGKey(v.size), v.shape))
+                ),
+                stats,
+            )
+            unfolded = jax.jit(
+                lambda p, s, x, m=model: m.apply({"params": p, "batch_stats": s}, x, train=False)
+            )
             folded_params = mabn_jax.fold_params(
-                model, {"params": params, "batch_stats": stats}, conv_norm_pairs(stats), x,
-                train=False)
+                model,
+                {"params": params, "batch_stats": stats},
+                conv_norm_pairs(stats),
+                x,
+                train=False,
+            )
             folded = jax.jit(make_model("folded").apply)
             want, got = unfolded(params, stats, x), folded({"params": folded_params}, x)
-            checks.append(f"{kind}: max |folded − unfolded| / max |unfolded| = "
-                          f"{float(jnp.abs(got - want).max() / jnp.abs(want).max()):.1e}")
+            checks.append(
+                f"{kind}: max |folded − unfolded| / max |unfolded| = "
+                f"{float(jnp.abs(got - want).max() / jnp.abs(want).max()):.1e}"
+            )
             fns[f"{kind} folded"] = functools.partial(folded, {"params": folded_params}, x)
             fns[f"{kind} unfolded"] = functools.partial(unfolded, params, stats, x)
         else:
             f = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x, train=False))
             fns[kind] = functools.partial(f, params, x)
     res = compare(fns, "BN folded", rounds)
-    table(["model", "images / s (median)", "time ratio to BN folded (median)", "ratio of minima"],
-          [[k, f"{batch / res[k][0]:.0f}", f"{res[k][1]:.2f}", f"{res[k][2]:.2f}"] for k in fns])
+    table(
+        ["model", "images / s (median)", "time ratio to BN folded (median)", "ratio of minima"],
+        [[k, f"{batch / res[k][0]:.0f}", f"{res[k][1]:.2f}", f"{res[k][2]:.2f}"] for k in fns],
+    )
     print("\nFolding check: " + "; ".join(checks))
 
 
@@ -288,20 +338,28 @@ def bench_inference(batch, rounds):
 
 
 def _nbytes(tree):
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)
-               if hasattr(leaf, "dtype"))
+    return sum(
+        leaf.size * leaf.dtype.itemsize
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if hasattr(leaf, "dtype")
+    )
 
 
 def residual_bytes_train(kind, batch):
     model, _, (params, stats, _, x, y) = _resnet_setup(kind, batch)
     if kind == "MABN":
         probes = mabn_jax.init_probes(stats)
-        f = lambda p, pr: model.apply({"params": p, "batch_stats": stats, mabn_jax.PROBES: pr},
-                                      x, train=True, mutable=["batch_stats"])[0]
+        f = lambda p, pr: model.apply(
+            {"params": p, "batch_stats": stats, mabn_jax.PROBES: pr},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )[0]
         _, vjp = jax.vjp(f, params, probes)
     else:
-        f = lambda p: model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])[0]
+        f = lambda p: model.apply(
+            {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )[0]
         _, vjp = jax.vjp(f, params)
     # The vjp closure's leaves are the residuals (and the primal params it closes over).
     return _nbytes(vjp) - _nbytes(params)
@@ -312,12 +370,17 @@ def residual_bytes_layer(module, x):
     kw = {"use_running_average": False}
     if isinstance(module, mabn_jax.MABN):
         probes = mabn_jax.init_probes(stats)
-        g = lambda x, p, pr: module.apply({"params": p, "batch_stats": stats, mabn_jax.PROBES: pr},
-                                          x, mutable=["batch_stats"], **kw)[0]
+        g = lambda x, p, pr: module.apply(
+            {"params": p, "batch_stats": stats, mabn_jax.PROBES: pr},
+            x,
+            mutable=["batch_stats"],
+            **kw,
+        )[0]
         _, vjp = jax.vjp(g, x, params, probes)
     else:
-        g = lambda x, p: module.apply({"params": p, "batch_stats": stats}, x,
-                                      mutable=["batch_stats"], **kw)[0]
+        g = lambda x, p: module.apply(
+            {"params": p, "batch_stats": stats}, x, mutable=["batch_stats"], **kw
+        )[0]
         _, vjp = jax.vjp(g, x, params)
     return _nbytes(vjp)
 
@@ -326,21 +389,32 @@ def bench_memory(train_mem, batch):
     print("\n### Memory: residuals saved for the backward pass, and XLA temp buffers\n")
     rows = []
     x = jnp.ones((2, 56, 56, 256))
-    for name, m in (("BN", nn.BatchNorm()),
-                    ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
-                    ("MABN", mabn_jax.MABN()), ("MABN-centered", mabn_jax.MABN(centered=True))):
+    for name, m in (
+        ("BN", nn.BatchNorm()),
+        ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
+        ("MABN", mabn_jax.MABN()),
+        ("MABN-centered", mabn_jax.MABN(centered=True)),
+    ):
         f, args = layer_step(m, x, x)
         mem = f.lower(*args).compile().memory_analysis()
-        rows.append([f"{name} layer (2,56,56,256) f32",
-                     f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB",
-                     f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
-                     f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB"])
+        rows.append(
+            [
+                f"{name} layer (2,56,56,256) f32",
+                f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB",
+                f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
+                f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB",
+            ]
+        )
     for kind in ("BN", "MABN"):
         mem = train_mem[kind]
-        rows.append([f"ResNet10 {kind} train step, batch {batch}",
-                     f"{residual_bytes_train(kind, batch) / 2**20:.2f} MiB",
-                     f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
-                     f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB"])
+        rows.append(
+            [
+                f"ResNet10 {kind} train step, batch {batch}",
+                f"{residual_bytes_train(kind, batch) / 2**20:.2f} MiB",
+                f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
+                f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB",
+            ]
+        )
     table(["what", "saved residuals", "XLA temp (compiled)", "arguments + outputs"], rows)
 
 
@@ -349,7 +423,7 @@ def bench_memory(train_mem, batch):
 
 def _instructions(hlo_text):
     """``(name, output type, opcode, operand names)`` of the ENTRY computation."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    entry = hlo_text[hlo_text.index("\nENTRY") :]
     pat = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)")
     for line in entry.splitlines()[1:]:
         m = pat.match(line)
@@ -362,21 +436,27 @@ def _instructions(hlo_text):
 def _x_sized(hlo_type, size):
     """Whether an HLO type (an array or a tuple of arrays) holds an array of
     ``size`` elements: x-sized in any shape (e.g. x bitcast to ``[1, *x.shape]``)."""
-    return any(math.prod(int(d) for d in dims.split(",") if d) == size
-               for dims in re.findall(r"\w+\[([\d,]*)\]", hlo_type))
+    return any(
+        math.prod(int(d) for d in dims.split(",") if d) == size
+        for dims in re.findall(r"\w+\[([\d,]*)\]", hlo_type)
+    )
 
 
 def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
     """Counts the compiled ops of one layer fwd+bwd that read or write x-sized arrays."""
-    print(f"\n### Compiled layer fwd+bwd, {jnp.dtype(dtype).name} {shape}: ops on x-sized "
-          "arrays (XLA CPU)\n")
+    print(
+        f"\n### Compiled layer fwd+bwd, {jnp.dtype(dtype).name} {shape}: ops on x-sized "
+        "arrays (XLA CPU)\n"
+    )
     size = math.prod(shape)
     x = jnp.ones(shape, dtype)
     rows = []
-    for name, m in (("BN", nn.BatchNorm(dtype=dtype)),
-                    ("BN two-pass", nn.BatchNorm(use_fast_variance=False, dtype=dtype)),
-                    ("MABN", mabn_jax.MABN(dtype=dtype)),
-                    ("MABN-centered", mabn_jax.MABN(centered=True, dtype=dtype))):
+    for name, m in (
+        ("BN", nn.BatchNorm(dtype=dtype)),
+        ("BN two-pass", nn.BatchNorm(use_fast_variance=False, dtype=dtype)),
+        ("MABN", mabn_jax.MABN(dtype=dtype)),
+        ("MABN-centered", mabn_jax.MABN(centered=True, dtype=dtype)),
+    ):
         f, args = layer_step(m, x, x)
         instrs = list(_instructions(f.lower(*args).compile().as_text()))
         fulls = {n for n, out, op, _ in instrs if _x_sized(out, size) and op != "tuple"}
@@ -392,29 +472,43 @@ def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
                 writes += n_out
                 reductions += int(not n_out)  # x-sized in, per-channel out
         rows.append([name, passes, reductions, reads, writes])
-    table(["layer", "ops touching x-sized data", "of which reductions",
-           "x-sized reads", "x-sized writes"], rows)
-    print("\n(x-sized inputs: x and dy; outputs: y and dx. The minimum for a BN-type "
-          "layer: 2 writes, and 6 reads if the two backward sums share one pass)")
+    table(
+        [
+            "layer",
+            "ops touching x-sized data",
+            "of which reductions",
+            "x-sized reads",
+            "x-sized writes",
+        ],
+        rows,
+    )
+    print(
+        "\n(x-sized inputs: x and dy; outputs: y and dx. The minimum for a BN-type "
+        "layer: 2 writes, and 6 reads if the two backward sums share one pass)"
+    )
 
 
 # ---------------------------------------------------------------- main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--full", action="store_true", help="more rounds; batch 32 train step")
-    p.add_argument("--only", default="layer,train,infer,memory,hlo",
-                   help="comma-separated sections to run")
+    p.add_argument(
+        "--only", default="layer,train,infer,memory,hlo", help="comma-separated sections to run"
+    )
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
     rounds = 15 if args.full else 5
     train_batch = 32 if args.full else 8
     print(f"## mabn_jax benchmark ({'full' if args.full else 'quick'})\n")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices "
-          f"{[d.device_kind for d in jax.devices()]}, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, devices "
+        f"{[d.device_kind for d in jax.devices()]}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
     t0 = time.time()
     if "layer" in sections:
         bench_layers(batches=(2, 32), dtypes=(jnp.float32, jnp.bfloat16), rounds=rounds)

@@ -53,8 +53,11 @@ class BasicBlock(nnx.Module):
     def __init__(self, cin, cout, strides, mabn, rngs):
         self.a = ConvNorm(cin, cout, (3, 3), strides, mabn, rngs)
         self.b = ConvNorm(cout, cout, (3, 3), 1, mabn, rngs)
-        self.proj = (ConvNorm(cin, cout, (1, 1), strides, mabn, rngs)
-                     if cin != cout or strides != 1 else None)
+        self.proj = (
+            ConvNorm(cin, cout, (1, 1), strides, mabn, rngs)
+            if cin != cout or strides != 1
+            else None
+        )
 
     def __call__(self, x):
         h = self.b(nnx.relu(self.a(x)))
@@ -82,6 +85,7 @@ class ResNet10(nnx.Module):
 
 def step_fn(value_and_grad):
     """The standard NNX train step; only the gradient function differs."""
+
     def train_step(model, optimizer, x, y):
         def loss_fn(model):
             logits = model(x)
@@ -90,6 +94,7 @@ def step_fn(value_and_grad):
         loss, grads = value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         return loss
+
     return train_step
 
 
@@ -110,6 +115,7 @@ def compiled_step(model, optimizer, x, y, step):
         model, optimizer = nnx.merge(graphdef, state)
         loss = step(model, optimizer, x, y)
         return loss, nnx.state((model, optimizer))
+
     return functools.partial(jax.jit(pure).lower(state, x, y).compile(), state, x, y)
 
 
@@ -122,32 +128,53 @@ def bench(batch: int, rounds: int) -> dict:
         jax.block_until_ready(fn(model, optimizer, x, y))  # compile
         jitted[kind] = functools.partial(fn, model, optimizer, x, y)
         cached[kind] = functools.partial(nnx.cached_partial(fn, model, optimizer), x, y)
-    return {"nnx.jit": compare(jitted, "BN", rounds),
-            "cached": compare(cached, "BN", rounds),
-            "compiled": compare(compiled, "BN", rounds)}
+    return {
+        "nnx.jit": compare(jitted, "BN", rounds),
+        "cached": compare(cached, "BN", rounds),
+        "compiled": compare(compiled, "BN", rounds),
+    }
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args(argv)
-    print(f"## mabn_jax NNX train step vs nnx.BatchNorm\n\njax {jax.__version__}, backend "
-          f"{jax.default_backend()}, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"\n### ResNet10 (NNX) train step, batch {args.batch}, 32x32x3, float32, "
-          f"SGD+momentum (median of {args.rounds} rounds)\n")
+    print(
+        f"## mabn_jax NNX train step vs nnx.BatchNorm\n\njax {jax.__version__}, backend "
+        f"{jax.default_backend()}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
+    print(
+        f"\n### ResNet10 (NNX) train step, batch {args.batch}, 32x32x3, float32, "
+        f"SGD+momentum (median of {args.rounds} rounds)\n"
+    )
     t0 = time.time()
     results = bench(args.batch, args.rounds)
     rows = []
     for how, res in results.items():
         for kind in ("BN", "MABN"):
-            rows.append([f"{how}", "nnx.BatchNorm + nnx.Conv" if kind == "BN"
-                         else "MABN + CenteredConv", f"{res[kind][0] * 1e3:.2f}",
-                         f"{res[kind][1]:.3f}", f"{res[kind][2]:.3f}"])
-    table(["timing", "model", "median ms / step", "ratio to BN (median of rounds)",
-           "ratio of minima"], rows)
+            rows.append(
+                [
+                    f"{how}",
+                    "nnx.BatchNorm + nnx.Conv" if kind == "BN" else "MABN + CenteredConv",
+                    f"{res[kind][0] * 1e3:.2f}",
+                    f"{res[kind][1]:.3f}",
+                    f"{res[kind][2]:.3f}",
+                ]
+            )
+    table(
+        [
+            "timing",
+            "model",
+            "median ms / step",
+            "ratio to BN (median of rounds)",
+            "ratio of minima",
+        ],
+        rows,
+    )
     print(f"\n(total {time.time() - t0:.0f} s)")
     return results
 

@@ -59,18 +59,24 @@ def keras_step(state, x, *, momentum, renorm_momentum, eps, rmax=None, rmin=None
     y = x * inv + (beta - mean * inv)
     m, rho = momentum, renorm_momentum
     moving_stddev = state["moving_stddev"] * m + stddev * (1 - m)
-    new = dict(renorm_mean=state["renorm_mean"] * rho + mean * (1 - rho),
-               renorm_stddev=state["renorm_stddev"] * rho + stddev * (1 - rho),
-               moving_mean=state["moving_mean"] * m + mean * (1 - m),
-               moving_stddev=moving_stddev,
-               moving_variance=jax.nn.relu(moving_stddev**2 - eps))
+    new = dict(
+        renorm_mean=state["renorm_mean"] * rho + mean * (1 - rho),
+        renorm_stddev=state["renorm_stddev"] * rho + stddev * (1 - rho),
+        moving_mean=state["moving_mean"] * m + mean * (1 - m),
+        moving_stddev=moving_stddev,
+        moving_variance=jax.nn.relu(moving_stddev**2 - eps),
+    )
     return y, jax.tree.map(sg, new)
 
 
 def keras_init(c, std0=1.0):
-    return dict(renorm_mean=jnp.zeros(c), renorm_stddev=jnp.full(c, std0),
-                moving_mean=jnp.zeros(c), moving_stddev=jnp.full(c, std0),
-                moving_variance=jnp.ones(c))
+    return dict(
+        renorm_mean=jnp.zeros(c),
+        renorm_stddev=jnp.full(c, std0),
+        moving_mean=jnp.zeros(c),
+        moving_stddev=jnp.full(c, std0),
+        moving_variance=jnp.ones(c),
+    )
 
 
 def keras_infer(state, x, eps):
@@ -92,9 +98,11 @@ def sbx_step(state, x, *, momentum, eps, warmup, r_max=3.0, d_max=5.0):
     custom_mean = w * affine_mean + (1 - w) * mu
     custom_var = w * affine_var + (1 - w) * batch_var
     y = (x - custom_mean) * jax.lax.rsqrt(custom_var + eps)  # Flax _normalize, γ = 1, β = 0
-    new = dict(mean=momentum * state["mean"] + (1 - momentum) * mu,
-               var=momentum * state["var"] + (1 - momentum) * batch_var,
-               steps=state["steps"] + 1)
+    new = dict(
+        mean=momentum * state["mean"] + (1 - momentum) * mu,
+        var=momentum * state["var"] + (1 - momentum) * batch_var,
+        steps=state["steps"] + 1,
+    )
     return y, jax.tree.map(sg, new)
 
 
@@ -129,9 +137,11 @@ def stream(steps, batch, c, scale, seed=0):
 
 def with_grad(step):
     """Jitted ``(state, x, dy) -> (y, new state, ∂(y·dy)/∂x)``."""
+
     def f(state, x, dy):
         y, pullback, new = jax.vjp(lambda x: step(state, x), x, has_aux=True)
         return y, new, pullback(dy)[0]
+
     return jax.jit(f)
 
 
@@ -158,49 +168,101 @@ def run(case: Case, steps=300, c=16):
         dx_max = max(dx_max, float(jnp.abs(dx - dx_ref).max()))
         grad_scale = max(grad_scale, float(jnp.abs(dx_ref).max()))
     x_test = xs[-1]
-    infer = float(jnp.abs(F.batch_renorm_inference(x_test, None, None, state, case.config)
-                          - ref_infer(ref_state, x_test, eps)).max())
+    infer = float(
+        jnp.abs(
+            F.batch_renorm_inference(x_test, None, None, state, case.config)
+            - ref_infer(ref_state, x_test, eps)
+        ).max()
+    )
     return (dy_warm if case.warmup else None), dy_max, dx_max / grad_scale, infer
 
 
 def cases():
     inf = math.inf
     keras = dict(momentum=0.99, renorm_momentum=0.99)
-    keras_cfg = dict(momentum=0.99, renorm_momentum=0.99, epsilon=1e-3, average_stddev=True,
-                     use_fast_variance=False)
+    keras_cfg = dict(
+        momentum=0.99,
+        renorm_momentum=0.99,
+        epsilon=1e-3,
+        average_stddev=True,
+        use_fast_variance=False,
+    )
     out = []
     for batch in (2, 32):
         out += [
-            Case(f"Keras 3 defaults (no clipping), batch {batch}", "keras", tuple(keras.items()),
-                 F.BatchRenormConfig(r_max=inf, r_min=0.0, d_max=inf, **keras_cfg), batch, 1.0),
-            Case(f"  same, Keras' stddevs started at sqrt(1 + eps), batch {batch}", "keras",
-                 tuple(keras.items()),
-                 F.BatchRenormConfig(r_max=inf, r_min=0.0, d_max=inf, **keras_cfg), batch, 1.0,
-                 std0=math.sqrt(1 + 1e-3)),
-            Case(f"Keras 3, clipping rmax 3, rmin 1/3, dmax 5, batch {batch}", "keras",
-                 tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
-                 F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg), batch, 1.0),
-            Case(f"  same, Keras' stddevs started at sqrt(1 + eps), batch {batch}", "keras",
-                 tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
-                 F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg), batch, 1.0,
-                 std0=math.sqrt(1 + 1e-3)),
+            Case(
+                f"Keras 3 defaults (no clipping), batch {batch}",
+                "keras",
+                tuple(keras.items()),
+                F.BatchRenormConfig(r_max=inf, r_min=0.0, d_max=inf, **keras_cfg),
+                batch,
+                1.0,
+            ),
+            Case(
+                f"  same, Keras' stddevs started at sqrt(1 + eps), batch {batch}",
+                "keras",
+                tuple(keras.items()),
+                F.BatchRenormConfig(r_max=inf, r_min=0.0, d_max=inf, **keras_cfg),
+                batch,
+                1.0,
+                std0=math.sqrt(1 + 1e-3),
+            ),
+            Case(
+                f"Keras 3, clipping rmax 3, rmin 1/3, dmax 5, batch {batch}",
+                "keras",
+                tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
+                F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg),
+                batch,
+                1.0,
+            ),
+            Case(
+                f"  same, Keras' stddevs started at sqrt(1 + eps), batch {batch}",
+                "keras",
+                tuple({**keras, "rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}.items()),
+                F.BatchRenormConfig(r_max=3.0, d_max=5.0, **keras_cfg),
+                batch,
+                1.0,
+                std0=math.sqrt(1 + 1e-3),
+            ),
         ]
-    sbx = lambda eps: F.BatchRenormConfig(momentum=0.99, epsilon=eps, r_max=3.0, d_max=5.0,
-                                          warmup_steps=50, use_fast_variance=True)
+    sbx = lambda eps: F.BatchRenormConfig(
+        momentum=0.99, epsilon=eps, r_max=3.0, d_max=5.0, warmup_steps=50, use_fast_variance=True
+    )
     for batch in (2, 32, 256):
         for scale in (1.0, 0.1, 0.03):
-            out.append(Case(f"sbx defaults (warm-up 50 here), batch {batch}, feature std {scale}",
-                            "sbx", (("momentum", 0.99),), sbx(1e-3), batch, scale, warmup=50))
-    out.append(Case("  same with epsilon 1e-9 (the two forms agree at 0), batch 32, std 1.0",
-                    "sbx", (("momentum", 0.99),), sbx(1e-9), 32, 1.0, warmup=50))
+            out.append(
+                Case(
+                    f"sbx defaults (warm-up 50 here), batch {batch}, feature std {scale}",
+                    "sbx",
+                    (("momentum", 0.99),),
+                    sbx(1e-3),
+                    batch,
+                    scale,
+                    warmup=50,
+                )
+            )
+    out.append(
+        Case(
+            "  same with epsilon 1e-9 (the two forms agree at 0), batch 32, std 1.0",
+            "sbx",
+            (("momentum", 0.99),),
+            sbx(1e-9),
+            32,
+            1.0,
+            warmup=50,
+        )
+    )
     return out
 
 
 def main():
-    print(f"jax {jax.__version__}, float64; 300 steps of 16 drifting features; "
-          "gamma = 1, beta = 0\n")
-    print("| reference and setting | max abs Δy, warm-up | max abs Δy, training | "
-          "max abs Δ dL/dx / max abs dL/dx | max abs Δy, inference |")
+    print(
+        f"jax {jax.__version__}, float64; 300 steps of 16 drifting features; gamma = 1, beta = 0\n"
+    )
+    print(
+        "| reference and setting | max abs Δy, warm-up | max abs Δy, training | "
+        "max abs Δ dL/dx / max abs dL/dx | max abs Δy, inference |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for case in cases():
         warm, dy, dx, infer = run(case)

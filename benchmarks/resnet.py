@@ -28,8 +28,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         def conv_norm(h, feats, kernel, strides, name):
-            h = self.conv(feats, kernel, strides, use_bias=self.norm is None,
-                          name=f"{name}_conv")(h)
+            h = self.conv(feats, kernel, strides, use_bias=self.norm is None, name=f"{name}_conv")(
+                h
+            )
             if self.norm is not None:
                 h = self.norm(use_running_average=not train, name=f"{name}_norm")(h)
             return h
@@ -52,8 +53,9 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         def conv_norm(h, feats, kernel, strides, name):
-            h = self.conv(feats, kernel, strides, use_bias=self.norm is None,
-                          name=f"{name}_conv")(h)
+            h = self.conv(feats, kernel, strides, use_bias=self.norm is None, name=f"{name}_conv")(
+                h
+            )
             if self.norm is not None:
                 h = self.norm(use_running_average=not train, name=f"{name}_norm")(h)
             return h
@@ -91,14 +93,21 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n):
-                x = self.block(w, 2 if i > 0 and j == 0 else 1, conv, norm,
-                               name=f"stage{i}_block{j}")(x, train)
+                x = self.block(
+                    w, 2 if i > 0 and j == 0 else 1, conv, norm, name=f"stage{i}_block{j}"
+                )(x, train)
         x = x.mean(axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-                             num_classes=1000, block=BottleneckBlock, imagenet_stem=True)
+ResNet50 = functools.partial(
+    ResNet,
+    stage_sizes=(3, 4, 6, 3),
+    widths=(64, 128, 256, 512),
+    num_classes=1000,
+    block=BottleneckBlock,
+    imagenet_stem=True,
+)
 
 
 def conv_norm_pairs(batch_stats) -> list[tuple[str, str]]:

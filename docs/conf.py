@@ -35,8 +35,11 @@ nitpicky = True
 nitpick_ignore_regex = [
     # Other libraries' names, and the typing aliases of signatures.
     (r"py:.*", r"(jax|jnp|lax|flax|nn|nnx|optax|numpy|np|orbax|collections|typing)\b.*"),
-    (r"py:.*", r"(Array|Dtype|Initializer|Any|Callable|Mapping|Sequence|Tree|Path"
-               r"|PromoteDtypeFn|DynamicScale|DynamicScaleResult)"),
+    (
+        r"py:.*",
+        r"(Array|Dtype|Initializer|Any|Callable|Mapping|Sequence|Tree|Path"
+        r"|PromoteDtypeFn|DynamicScale|DynamicScaleResult)",
+    ),
     (r"py:.*", r"(int|float|bool|str|tuple|dict|list|type|None|object)"),
     (r"py:.*", r".*\[.*"),  # pieces of a split generic annotation, e.g. "int | tuple[int"
 ]

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from small_batch import MLP, load_data  # noqa: E402
 
 LAYER = "MABN_1"  # the second normalization layer of the MLP (256 dense features)
-NO_RENORM = 2 ** 22  # renorm_start past the run (its largest allowed value)
+NO_RENORM = 2**22  # renorm_start past the run (its largest allowed value)
 
 
 def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
@@ -47,8 +47,13 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
     """
     xtr, ytr, _, _ = load_data("digits", None)
     window = 16 if mabn else 1
-    norm = lambda: mabn_jax.MABN(centered=not mabn, buffer_size=window, warmup_steps=window,
-                                 renorm_start=NO_RENORM, momentum=0.98)
+    norm = lambda: mabn_jax.MABN(
+        centered=not mabn,
+        buffer_size=window,
+        warmup_steps=window,
+        renorm_start=NO_RENORM,
+        momentum=0.98,
+    )
     model = MLP(norm, mabn_jax.CenteredDense if mabn else nn.Dense)
     variables = model.init(jax.random.key(0), xtr[:batch], train=False)
     tx = optax.sgd(lr_at_32 * batch / 32, momentum=0.9)
@@ -60,12 +65,16 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
 
         def loss_fn(params):
             logits, updates = model.apply(
-                {"params": params, "batch_stats": stats}, x,
-                train=True, mutable=["batch_stats", "intermediates"])
+                {"params": params, "batch_stats": stats},
+                x,
+                train=True,
+                mutable=["batch_stats", "intermediates"],
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-        (_, updates), grads = mabn_jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=stats)(params)
+        (_, updates), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=stats)(
+            params
+        )
         delta, opt = tx.update(grads, opt, params)
         new_stats = updates["batch_stats"]  # with this step's Ψ_B (g_B) recorded
         fwd = mabn_jax.monitor.forward_stats(updates["intermediates"])
@@ -77,8 +86,12 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
         # the per-example scale (× batch) to compare batch sizes.
         psi_b = layer["psi_window"][slot] * batch
         if not mabn:
-            out = {"mu_B": fwd[f"{LAYER}/mu_B"], "sigma2_B": fwd[f"{LAYER}/sigma2_B"],
-                   "g_B": layer["g_window"][slot] * batch, "psi_B": psi_b}
+            out = {
+                "mu_B": fwd[f"{LAYER}/mu_B"],
+                "sigma2_B": fwd[f"{LAYER}/sigma2_B"],
+                "g_B": layer["g_window"][slot] * batch,
+                "psi_B": psi_b,
+            }
         else:  # the statistics used: χ̃², and Ψ̃ = the window's mean after this
             # step's write (the batch's own while the window fills, t <= m),
             # on the same per-example scale
@@ -89,7 +102,7 @@ def record(batch: int, mabn: bool, steps: int, lr_at_32: float = 0.1):
     rng = np.random.default_rng(0)
     epochs = steps * batch // len(xtr) + 1
     order = np.concatenate([rng.permutation(len(xtr)) for _ in range(epochs)])
-    order = order[:steps * batch].reshape(steps, batch)
+    order = order[: steps * batch].reshape(steps, batch)
     _, norms = jax.jit(lambda c, o: jax.lax.scan(step, c, o))(carry, jnp.asarray(order))
     return {k: np.asarray(v) for k, v in norms.items()}
 
@@ -99,21 +112,29 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--out", default="out")
     args = p.parse_args(argv)
-    runs = {"BN, batch 32": record(32, False, args.steps),
-            "BN, batch 2": record(2, False, args.steps)}
+    runs = {
+        "BN, batch 32": record(32, False, args.steps),
+        "BN, batch 2": record(2, False, args.steps),
+    }
     mabn = record(2, True, args.steps)
     titles = {"mu": "μ_B", "sigma2": "σ²_B", "g": "g_B", "psi": "Ψ_B"}
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     for ax, (key, title) in zip(axes.flat, titles.items()):
         for label, norms in runs.items():
             ax.plot(norms[f"{key}_B"], lw=0.7, label=label)
         if f"{key}_used" in mabn:
-            ax.plot(mabn[f"{key}_used"], lw=1.0, color="k",
-                    label="MABN, batch 2: moving average used (χ̃², Ψ̃)")
+            ax.plot(
+                mabn[f"{key}_used"],
+                lw=1.0,
+                color="k",
+                label="MABN, batch 2: moving average used (χ̃², Ψ̃)",
+            )
         ax.set_title(f"{title} of layer {LAYER}")
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
@@ -126,12 +147,16 @@ def main(argv=None):
     plt.close(fig)
     print("l2 norm over the last half of the run: median [10th-90th percentile]")
     half = args.steps // 2
-    spread = lambda v: (f"{np.median(v[half:]):.3g} "
-                        f"[{np.percentile(v[half:], 10):.3g}-{np.percentile(v[half:], 90):.3g}]")
+    spread = lambda v: (
+        f"{np.median(v[half:]):.3g} "
+        f"[{np.percentile(v[half:], 10):.3g}-{np.percentile(v[half:], 90):.3g}]"
+    )
     for key, title in titles.items():
-        print(f"  {title:5s}: " + ", ".join(f"{label} {spread(n[f'{key}_B'])}"
-                                           for label, n in runs.items())
-              + (f", MABN used {spread(mabn[f'{key}_used'])}" if f"{key}_used" in mabn else ""))
+        print(
+            f"  {title:5s}: "
+            + ", ".join(f"{label} {spread(n[f'{key}_B'])}" for label, n in runs.items())
+            + (f", MABN used {spread(mabn[f'{key}_used'])}" if f"{key}_used" in mabn else "")
+        )
     print(f"wrote {path}")
 
 

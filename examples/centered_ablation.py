@@ -50,13 +50,21 @@ VARIANTS = [
     ("centered: windowed g̃, batch Ψ_B", "MABN-centered", {}, ("psi",)),
     ("centered: batch g_B and Ψ_B (BN's backward)", "MABN-centered", {}, ("g", "psi")),
     ("centered: no shift d (d_max = 0)", "MABN-centered", {"d_max": 0.0}, ()),
-    ("centered: no renormalization (r = 1, d = 0)", "MABN-centered",
-     {"renorm_start": NO_RENORM}, ()),
+    (
+        "centered: no renormalization (r = 1, d = 0)",
+        "MABN-centered",
+        {"renorm_start": NO_RENORM},
+        (),
+    ),
     ("centered: warm-up of m = 16 steps only", "MABN-centered", {"warmup_steps": "m"}, ()),
     ("centered: warm-up 25 % of the steps", "MABN-centered", {"warmup_steps": 0.25}, ()),
     ("centered: momentum 0.98 per update (paper)", "MABN-centered", {"momentum": 0.98}, ()),
-    ("centered: momentum 0.98, no renormalization", "MABN-centered",
-     {"momentum": 0.98, "renorm_start": NO_RENORM}, ()),
+    (
+        "centered: momentum 0.98, no renormalization",
+        "MABN-centered",
+        {"momentum": 0.98, "renorm_start": NO_RENORM},
+        (),
+    ),
     ("plain: momentum 0.98 per update (paper)", "MABN", {"momentum": 0.98}, ()),
 ]
 REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
@@ -71,8 +79,7 @@ CONV_VARIANTS = {
     "centered": ("centered MABN, defaults", "MABN-centered", {}),
     "d0": ("centered: no shift d (d_max = 0)", "MABN-centered", {"d_max": 0.0}),
     "d1": ("centered: d_max = 1", "MABN-centered", {"d_max": 1.0}),
-    "norenorm": ("centered: no renormalization", "MABN-centered",
-                 {"renorm_start": NO_RENORM}),
+    "norenorm": ("centered: no renormalization", "MABN-centered", {"renorm_start": NO_RENORM}),
     "warm16": ("centered: warm-up m = 16 steps", "MABN-centered", {"warmup_steps": 16}),
     "warm500": ("centered: warm-up 500 steps", "MABN-centered", {"warmup_steps": 500}),
     "m4": ("centered: window m = 4", "MABN-centered", {"buffer_size": 4}),
@@ -91,7 +98,7 @@ _trace: dict = {}
 def _patched_window_mean(sl, window, values):
     ctx = _trace.get("ctx")
     if ctx is not None:
-        name = ("psi" if window is ctx.psi_window else "g" if window is ctx.g_window else None)
+        name = "psi" if window is ctx.psi_window else "g" if window is ctx.g_window else None
         if name is not None:
             _trace["seen"].add(name)
             if name in _batch_stats:
@@ -141,9 +148,11 @@ def convnet_main(args):
     """The convnet at library defaults, true batch 2 (issue 19), one row per variant."""
     data = upsample(sb.load_data("digits", None), args.size)
     steps = len(data[0]) // 2 * args.epochs
-    print(f"ResNet 16-32-64 (3x3 stem, stride 2) on digits at {args.size}x{args.size}, true "
-          f"batch 2, SGD momentum 0.9, cosine from lr {args.lr}, weight decay 5e-4, "
-          f"{args.epochs} epochs = {steps} steps, {args.seeds} seeds; test error (%)\n")
+    print(
+        f"ResNet 16-32-64 (3x3 stem, stride 2) on digits at {args.size}x{args.size}, true "
+        f"batch 2, SGD momentum 0.9, cosine from lr {args.lr}, weight decay 5e-4, "
+        f"{args.epochs} epochs = {steps} steps, {args.seeds} seeds; test error (%)\n"
+    )
     print("| variant | mean | min | max | per seed |")
     print("| --- | --- | --- | --- | --- |")
     for name in args.variants.split(","):
@@ -152,14 +161,25 @@ def convnet_main(args):
             layer = lambda: nn.BatchNorm(use_fast_variance=False)
         else:
             layer = lambda raw=raw, norm=norm: mabn_jax.MABN(
-                centered=norm == "MABN-centered", **raw)
+                centered=norm == "MABN-centered", **raw
+            )
         conv = mabn_jax.CenteredConv if norm == "MABN" else nn.Conv
         model = sb.ResNet(layer, conv, (16, 32, 64), stem_stride=2)
         t0 = time.time()
-        e = sb.train_and_evaluate(sb.Setup("ResNet", norm, 2, 2), data, args.seeds,
-                                  args.epochs, False, model=model, lr=args.lr)
-        print(f"| {label} | {e.mean():.2f} | {e.min():.2f} | {e.max():.2f} | "
-              f"{', '.join(f'{v:.2f}' for v in e)} |  ({time.time() - t0:.0f} s)", flush=True)
+        e = sb.train_and_evaluate(
+            sb.Setup("ResNet", norm, 2, 2),
+            data,
+            args.seeds,
+            args.epochs,
+            False,
+            model=model,
+            lr=args.lr,
+        )
+        print(
+            f"| {label} | {e.mean():.2f} | {e.min():.2f} | {e.max():.2f} | "
+            f"{', '.join(f'{v:.2f}' for v in e)} |  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -167,10 +187,17 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--regimes", default="true,simulated")
-    p.add_argument("--model", default="MLP", choices=("MLP", "convnet"),
-                   help="convnet: the ResNet at library defaults (issue 19)")
-    p.add_argument("--variants", default=",".join(CONV_VARIANTS),
-                   help="convnet: comma-separated rows of CONV_VARIANTS")
+    p.add_argument(
+        "--model",
+        default="MLP",
+        choices=("MLP", "convnet"),
+        help="convnet: the ResNet at library defaults (issue 19)",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(CONV_VARIANTS),
+        help="convnet: comma-separated rows of CONV_VARIANTS",
+    )
     p.add_argument("--size", type=int, default=16, help="convnet: image size (upsampled)")
     p.add_argument("--lr", type=float, default=0.1 * 2 / 32, help="convnet: peak learning rate")
     args = p.parse_args(argv)
@@ -187,14 +214,22 @@ def main(argv=None):
             setup = sb.Setup("MLP", norm, nb, gb)
             _batch_stats.clear()
             _batch_stats.update(batch_stats)
-            errors = sb.train_and_evaluate(setup, data, args.seeds, args.epochs, False,
-                                           overrides=overrides_for(setup, data, args.epochs, raw))
+            errors = sb.train_and_evaluate(
+                setup,
+                data,
+                args.seeds,
+                args.epochs,
+                False,
+                overrides=overrides_for(setup, data, args.epochs, raw),
+            )
             cells.append(f"{sb.cell(errors)} ({', '.join(f'{e:.2f}' for e in errors)})")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    print(f"\nMLP on digits, normalization batch 2, test error (%) mean ± std over "
-          f"{args.seeds} seeds (per seed), {args.epochs} epochs; {time.time() - t0:.0f} s, "
-          f"{os.cpu_count()} CPU threads\n")
+    print(
+        f"\nMLP on digits, normalization batch 2, test error (%) mean ± std over "
+        f"{args.seeds} seeds (per seed), {args.epochs} epochs; {time.time() - t0:.0f} s, "
+        f"{os.cpu_count()} CPU threads\n"
+    )
     names = {"true": "true batch 2", "simulated": "simulated: ghost 2 in batch 32, 'step'"}
     print("| variant |" + "".join(f" {names[r]} |" for r in regimes))
     print("|" + " --- |" * (len(regimes) + 1))

@@ -22,8 +22,9 @@ averaged over the devices. Run::
 import os
 
 # Eight CPU devices; must be set before JAX is imported.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -54,14 +55,23 @@ class CNN(nn.Module):
             conv = nn.Conv
             # Two-pass variance, as careful at 2 examples per device; the same
             # momentum (decay) 0.98 as MABN, i.e. PyTorch's momentum=0.02.
-            norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                     momentum=0.98, use_fast_variance=False,
-                                     axis_name=axis_name)
+            norm = functools.partial(
+                nn.BatchNorm,
+                use_running_average=not train,
+                momentum=0.98,
+                use_fast_variance=False,
+                axis_name=axis_name,
+            )
         else:
             conv = mabn_jax.CenteredConv
-            norm = functools.partial(mabn_jax.MABN, use_running_average=not train,
-                                     axis_name=axis_name, buffer_size=16 // PER_DEV,
-                                     warmup_steps=100, renorm_start=300)
+            norm = functools.partial(
+                mabn_jax.MABN,
+                use_running_average=not train,
+                axis_name=axis_name,
+                buffer_size=16 // PER_DEV,
+                warmup_steps=100,
+                renorm_start=300,
+            )
         x = nn.relu(norm()(conv(16, (3, 3), use_bias=False)(x)))
         x = nn.relu(norm()(conv(32, (3, 3), strides=2, use_bias=False)(x)))
         x = nn.relu(norm()(conv(32, (3, 3), strides=2, use_bias=False)(x)))
@@ -75,38 +85,43 @@ def make_train_step(model, tx):
 
     def step(params, opt_state, batch_stats, x, y):
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                          x, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates["batch_stats"]
 
         (loss, new_bs), grads = mabn_jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=batch_stats)(params)
+            loss_fn, has_aux=True, batch_stats=batch_stats
+        )(params)
         grads = lax.pmean(grads, AXIS)  # only the parameter gradients are averaged
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, new_bs,
-                lax.pmean(loss, AXIS))
+        return (optax.apply_updates(params, updates), opt_state, new_bs, lax.pmean(loss, AXIS))
 
     return jax.pmap(step, axis_name=AXIS)
 
 
 def replicate(tree):
-    return jax.tree.map(lambda a: np.broadcast_to(a, (N_DEV,) + np.shape(a)),
-                        jax.device_get(tree))
+    return jax.tree.map(lambda a: np.broadcast_to(a, (N_DEV,) + np.shape(a)), jax.device_get(tree))
 
 
 def device_average(batch_stats):
     """Evaluation statistics: the devices' running statistics, averaged."""
     return jax.tree.map(
         lambda a: a[0] if np.issubdtype(a.dtype, np.integer) else a.mean(0),
-        jax.device_get(batch_stats))
+        jax.device_get(batch_stats),
+    )
 
 
 def run(norm, sync, data, steps, seed):
     x_train, y_train, x_test, y_test = data
     model = CNN(norm=norm, sync=sync)
     variables = jax.jit(functools.partial(model.init, train=True))(
-        jax.random.PRNGKey(seed), x_train[:PER_DEV])
+        jax.random.PRNGKey(seed), x_train[:PER_DEV]
+    )
     tx = optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9)
     params, batch_stats = variables["params"], variables["batch_stats"]
     params, opt_state = replicate(params), replicate(tx.init(params))
@@ -126,8 +141,9 @@ def run(norm, sync, data, steps, seed):
         losses.append(float(loss[0]))
     params = jax.tree.map(lambda a: a[0], jax.device_get(params))
     logits = jax.jit(functools.partial(model.apply, train=False))(
-        {"params": params, "batch_stats": device_average(batch_stats)}, x_test)
-    tail = np.mean(losses[-max(1, steps // 10):])  # train-mode loss, last 10% of steps
+        {"params": params, "batch_stats": device_average(batch_stats)}, x_test
+    )
+    tail = np.mean(losses[-max(1, steps // 10) :])  # train-mode loss, last 10% of steps
     return tail, float((np.asarray(logits).argmax(-1) == y_test).mean())
 
 
@@ -141,22 +157,29 @@ def main():
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]  # NHWC
     x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target.astype(np.int32), test_size=0.25, random_state=0)
+        x, digits.target.astype(np.int32), test_size=0.25, random_state=0
+    )
     data = (x_train, y_train, x_test, y_test)
 
-    print(f"digits, {N_DEV} CPU devices x batch {PER_DEV} (global batch {N_DEV * PER_DEV}), "
-          f"{args.steps} steps, test accuracy over {args.seeds} seeds")
+    print(
+        f"digits, {N_DEV} CPU devices x batch {PER_DEV} (global batch {N_DEV * PER_DEV}), "
+        f"{args.steps} steps, test accuracy over {args.seeds} seeds"
+    )
     print(f"{'normalization':<34}{'train loss':>12}{'test accuracy (per seed)':>38}")
-    for norm, sync, label in [("bn", False, "nn.BatchNorm per device (2)"),
-                              ("bn", True, "nn.BatchNorm synchronized (16)"),
-                              ("mabn", False, "MABN per device (2), m=8"),
-                              ("mabn", True, "MABN synchronized (16), m=8")]:
+    for norm, sync, label in [
+        ("bn", False, "nn.BatchNorm per device (2)"),
+        ("bn", True, "nn.BatchNorm synchronized (16)"),
+        ("mabn", False, "MABN per device (2), m=8"),
+        ("mabn", True, "MABN synchronized (16), m=8"),
+    ]:
         start = time.time()
         results = [run(norm, sync, data, args.steps, seed) for seed in range(args.seeds)]
         losses, accs = np.array(results).T
-        print(f"{label:<34}{losses.mean():>12.3f}"
-              f"{accs.mean():>14.4f}  ({' '.join(f'{a:.4f}' for a in accs)})"
-              f"   [{time.time() - start:.0f}s]")
+        print(
+            f"{label:<34}{losses.mean():>12.3f}"
+            f"{accs.mean():>14.4f}  ({' '.join(f'{a:.4f}' for a in accs)})"
+            f"   [{time.time() - start:.0f}s]"
+        )
 
 
 if __name__ == "__main__":

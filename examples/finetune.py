@@ -57,12 +57,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import small_batch as sb  # noqa: E402  (its ResNet, data and EMA horizon; sets the rbg PRNG)
 
 METHODS = ("BN", "BN-frozen", "BN-frozen-affine", "GN", "MABN")
-LABELS = {"BN": "BatchNorm, trainable (train mode)",
-          "BN-frozen": "BatchNorm frozen (running stats), γ/β trained",
-          "BN-frozen-affine": "BatchNorm frozen, γ/β frozen (FrozenBN)",
-          "GN": "GroupNorm from the pretrained convs (γ/β from BN)",
-          "MABN": "MABN through the converter",
-          "BN@32": "BatchNorm, trainable, at batch 32 (reference)"}
+LABELS = {
+    "BN": "BatchNorm, trainable (train mode)",
+    "BN-frozen": "BatchNorm frozen (running stats), γ/β trained",
+    "BN-frozen-affine": "BatchNorm frozen, γ/β frozen (FrozenBN)",
+    "GN": "GroupNorm from the pretrained convs (γ/β from BN)",
+    "MABN": "MABN through the converter",
+    "BN@32": "BatchNorm, trainable, at batch 32 (reference)",
+}
 FROZEN = ("BN-frozen", "BN-frozen-affine")  # norms in inference mode while fine-tuning
 LR_GRID = (0.01, 0.03, 0.1, 0.3)  # fine-tuning learning rates at batch 32 (scaled linearly)
 PRETRAIN_LR = 0.1  # at batch 32, the demo's
@@ -71,6 +73,7 @@ CHANCE = 80.0  # a diverged run counts as chance level on 5 classes, never dropp
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def split_tasks(val_fraction: float, max_train: int | None):
     """``{'pretrain': (x, y), 'pretrain_test', 'train', 'val', 'test'}``: the demo's
@@ -84,20 +87,24 @@ def split_tasks(val_fraction: float, max_train: int | None):
     if max_train is not None:
         n_train = min(n_train, max_train)
     pre_n = int(old.sum()) // sb.REFERENCE_BATCH * sb.REFERENCE_BATCH
-    return {"pretrain": (xtr[old][:pre_n], ytr[old][:pre_n]),
-            "pretrain_test": (xte[yte < PRETRAIN_CLASSES], yte[yte < PRETRAIN_CLASSES]),
-            "train": (x_new[n_val:n_val + n_train], y_new[n_val:n_val + n_train]),
-            "val": (x_new[:n_val], y_new[:n_val]),
-            "test": (xte[yte >= PRETRAIN_CLASSES], yte[yte >= PRETRAIN_CLASSES])}
+    return {
+        "pretrain": (xtr[old][:pre_n], ytr[old][:pre_n]),
+        "pretrain_test": (xte[yte < PRETRAIN_CLASSES], yte[yte < PRETRAIN_CLASSES]),
+        "train": (x_new[n_val : n_val + n_train], y_new[n_val : n_val + n_train]),
+        "val": (x_new[:n_val], y_new[:n_val]),
+        "test": (xte[yte >= PRETRAIN_CLASSES], yte[yte >= PRETRAIN_CLASSES]),
+    }
 
 
 # ----------------------------------------------------------------------------- models
 
+
 def bn_resnet(batch: int, widths) -> nn.Module:
     """The demo's ResNet with batch norm set up for ``batch`` examples per step."""
     momentum = sb.ema_momentum(batch)  # running averages over ~320 examples
-    return sb.ResNet(lambda: nn.BatchNorm(momentum=momentum, use_fast_variance=False),
-                     widths=widths)
+    return sb.ResNet(
+        lambda: nn.BatchNorm(momentum=momentum, use_fast_variance=False), widths=widths
+    )
 
 
 def finetune_model(method: str, batch: int, widths) -> nn.Module:
@@ -108,9 +115,11 @@ def finetune_model(method: str, batch: int, widths) -> nn.Module:
         # (each BN's epsilon, axis, ... kept), the paper's window of m = 32 / batch
         # steps, and the fine-tuning batch's EMA horizon in place of the BNs'
         # momentum (0.9 at batch 32 would average only 10 steps at batch 1).
-        return mabn_jax.replace_batchnorm(bn_resnet(sb.REFERENCE_BATCH, widths),
-                                          buffer_size=sb.REFERENCE_BATCH // batch,
-                                          momentum=sb.ema_momentum(batch))
+        return mabn_jax.replace_batchnorm(
+            bn_resnet(sb.REFERENCE_BATCH, widths),
+            buffer_size=sb.REFERENCE_BATCH // batch,
+            momentum=sb.ema_momentum(batch),
+        )
     return bn_resnet(batch, widths)
 
 
@@ -135,8 +144,12 @@ def start_variables(method, model, pretrained, x, key):
         converted = mabn_jax.convert_batchnorm_variables(model, pretrained, x[:1], train=False)
         # Right after conversion, MABN in inference mode is the BN network.
         bn_out = model.module.apply(pretrained, x, train=False)
-        np.testing.assert_allclose(model.apply(converted, x, train=False), bn_out, rtol=0,
-                                   atol=1e-5 * float(jnp.abs(bn_out).max()))
+        np.testing.assert_allclose(
+            model.apply(converted, x, train=False),
+            bn_out,
+            rtol=0,
+            atol=1e-5 * float(jnp.abs(bn_out).max()),
+        )
         params, stats = converted["params"], converted["batch_stats"]
     else:
         params, stats = pretrained["params"], pretrained["batch_stats"]
@@ -146,20 +159,35 @@ def start_variables(method, model, pretrained, x, key):
 
 # ----------------------------------------------------------------------------- training
 
+
 def optimizer(lr, steps: int, frozen_affine: bool, params):
     """The same schedule for every method; ``frozen_affine``: BatchNorm's γ/β not trained."""
-    tx = optax.chain(optax.add_decayed_weights(5e-4),
-                     optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
+    tx = optax.chain(
+        optax.add_decayed_weights(5e-4),
+        optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9),
+    )
     if not frozen_affine:
         return tx
     labels = traverse_util.path_aware_map(
         lambda path, _: "frozen" if any(p.startswith("BatchNorm_") for p in path) else "train",
-        params)
+        params,
+    )
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def train(model, lr, params, stats, key, x, y, batch: int, epochs: int, train_mode: bool = True,
-          frozen_affine: bool = False):
+def train(
+    model,
+    lr,
+    params,
+    stats,
+    key,
+    x,
+    y,
+    batch: int,
+    epochs: int,
+    train_mode: bool = True,
+    frozen_affine: bool = False,
+):
     """``epochs`` epochs of SGD at ``batch`` examples per step (a new order each
     epoch); ``train_mode=False``: the norms in inference mode (frozen statistics).
     Returns ``(params, batch_stats, last loss)``."""
@@ -172,27 +200,28 @@ def train(model, lr, params, stats, key, x, y, batch: int, epochs: int, train_mo
         def loss_fn(params):
             variables = {"params": params, "batch_stats": stats}
             if train_mode:
-                logits, updates = model.apply(variables, xy[0], train=True,
-                                              mutable=["batch_stats"])
+                logits, updates = model.apply(variables, xy[0], train=True, mutable=["batch_stats"])
             else:  # frozen statistics: inference-mode norms, nothing to update
                 logits, updates = model.apply(variables, xy[0], train=False), {}
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).mean()
             return loss, updates
 
         # The one-line change: for models without MABN layers it is jax.value_and_grad.
-        (loss, updates), grads = mabn_jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=stats)(params)
+        (loss, updates), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=stats)(
+            params
+        )
         delta, opt = tx.update(grads, opt, params)
         stats = updates.get("batch_stats", stats)
         return (optax.apply_updates(params, delta), stats, opt), loss
 
     def epoch(carry, key):
-        order = jax.random.permutation(key, len(x))[:steps_per_epoch * batch]
+        order = jax.random.permutation(key, len(x))[: steps_per_epoch * batch]
         order = order.reshape(steps_per_epoch, batch)
         return jax.lax.scan(train_step, carry, (x[order], y[order]))
 
     (params, stats, _), losses = jax.lax.scan(
-        epoch, (params, stats, tx.init(params)), jax.random.split(key, epochs))
+        epoch, (params, stats, tx.init(params)), jax.random.split(key, epochs)
+    )
     return params, stats, losses[-1, -1]
 
 
@@ -210,10 +239,13 @@ def pretrain(tasks, seeds: int, epochs: int, widths):
     def one(key):
         init_key, key = jax.random.split(key)
         v = model.init(init_key, x[:1], train=False)
-        params, stats, _ = train(model, PRETRAIN_LR, v["params"], v["batch_stats"], key, x, y,
-                                 sb.REFERENCE_BATCH, epochs)
-        return ({"params": params, "batch_stats": stats},
-                error(model, params, stats, *tasks["pretrain_test"]))
+        params, stats, _ = train(
+            model, PRETRAIN_LR, v["params"], v["batch_stats"], key, x, y, sb.REFERENCE_BATCH, epochs
+        )
+        return (
+            {"params": params, "batch_stats": stats},
+            error(model, params, stats, *tasks["pretrain_test"]),
+        )
 
     variables, errors = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1000), seeds))
     return variables, np.asarray(errors)
@@ -226,27 +258,44 @@ def finetune(method: str, batch: int, lrs, pretrained, tasks, epochs: int, width
     x, y = tasks["train"]
     seeds = len(jax.tree.leaves(pretrained)[0])
     keys = jax.random.split(jax.random.key(2000), seeds)
-    starts = [start_variables(method, model, jax.tree.map(lambda a: a[s], pretrained), x,
-                              keys[s]) for s in range(seeds)]  # eager: the converter runs here
+    starts = [
+        start_variables(method, model, jax.tree.map(lambda a: a[s], pretrained), x, keys[s])
+        for s in range(seeds)
+    ]  # eager: the converter runs here
     params, stats = jax.tree.map(lambda *a: jnp.stack(a), *starts)
 
     def one(lr, params, stats, key):
-        params, stats, loss = train(model, lr * batch / sb.REFERENCE_BATCH, params, stats, key,
-                                    x, y, batch, epochs, train_mode=method not in FROZEN,
-                                    frozen_affine=method == "BN-frozen-affine")
-        return (error(model, params, stats, *tasks["val"]),
-                error(model, params, stats, *tasks["test"]), loss)
+        params, stats, loss = train(
+            model,
+            lr * batch / sb.REFERENCE_BATCH,
+            params,
+            stats,
+            key,
+            x,
+            y,
+            batch,
+            epochs,
+            train_mode=method not in FROZEN,
+            frozen_affine=method == "BN-frozen-affine",
+        )
+        return (
+            error(model, params, stats, *tasks["val"]),
+            error(model, params, stats, *tasks["test"]),
+            loss,
+        )
 
     per_seed = jax.vmap(one, in_axes=(None, 0, 0, 0))
     run = jax.jit(jax.vmap(per_seed, in_axes=(0, None, None, None)))
-    val, test, loss = (np.asarray(a) for a in run(jnp.asarray(lrs), params, stats,
-                                                  jax.random.split(jax.random.key(3000), seeds)))
+    val, test, loss = (
+        np.asarray(a)
+        for a in run(jnp.asarray(lrs), params, stats, jax.random.split(jax.random.key(3000), seeds))
+    )
     diverged = ~np.isfinite(loss)
     return np.where(diverged, CHANCE, val), np.where(diverged, CHANCE, test)
 
 
-
 # ----------------------------------------------------------------------------- main
+
 
 def cell(errors) -> str:
     return f"{errors.mean():5.2f} ± {errors.std():4.2f}"
@@ -254,8 +303,11 @@ def cell(errors) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test (< 1 minute): tiny ResNet, batch 2, one learning rate")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test (< 1 minute): tiny ResNet, batch 2, one learning rate",
+    )
     p.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 2)")
     p.add_argument("--out", default="out", help="folder for finetune.json")
     args = p.parse_args(argv)
@@ -269,34 +321,47 @@ def main(argv=None):
 
     t0, c0 = time.time(), time.process_time()
     pretrained, pre_err = pretrain(tasks, seeds, pre_epochs, widths)
-    print(f"pretrained BN ResNet{widths} on digits 0-4 at batch 32, {pre_epochs} epochs: "
-          f"test error {cell(pre_err)} % on digits 0-4", flush=True)
+    print(
+        f"pretrained BN ResNet{widths} on digits 0-4 at batch 32, {pre_epochs} epochs: "
+        f"test error {cell(pre_err)} % on digits 0-4",
+        flush=True,
+    )
     ref = ("BN", sb.REFERENCE_BATCH)
     cells = [(m, b) for b in batches for m in METHODS] + [ref]
     results = {}
     for method, batch in cells:
         t = time.time()
-        results[(method, batch)] = finetune(method, batch, lrs, pretrained, tasks, ft_epochs,
-                                            widths)
+        results[(method, batch)] = finetune(
+            method, batch, lrs, pretrained, tasks, ft_epochs, widths
+        )
         print(f"  {method} at batch {batch}: {time.time() - t:.0f} s", flush=True)
     minutes, cpu_minutes = (time.time() - t0) / 60, (time.process_time() - c0) / 60
 
     n = {k: len(v[0]) for k, v in tasks.items()}
-    print(f"\nFine-tuning on digits 5-9 (new head; {n['train']} train / {n['val']} validation / "
-          f"{n['test']} test images), {ft_epochs} epochs at a true batch of 1 and 2; test error "
-          f"(%), mean ± std over {seeds} seeds, at the learning rate (at batch 32, scaled "
-          f"linearly) with the lowest mean validation error among {list(lrs)}; "
-          f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
-          f"jax {jax.__version__} ({jax.default_backend()})\n")
+    print(
+        f"\nFine-tuning on digits 5-9 (new head; {n['train']} train / {n['val']} validation / "
+        f"{n['test']} test images), {ft_epochs} epochs at a true batch of 1 and 2; test error "
+        f"(%), mean ± std over {seeds} seeds, at the learning rate (at batch 32, scaled "
+        f"linearly) with the lowest mean validation error among {list(lrs)}; "
+        f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
+        f"jax {jax.__version__} ({jax.default_backend()})\n"
+    )
     best = {k: int(np.argmin(v[0].mean(axis=1))) for k, v in results.items()}
     print("| fine-tuning |" + "".join(f" batch {b} |" for b in batches))
     print("|" + " --- |" * (len(batches) + 1))
     for method in METHODS:
-        print(f"| {LABELS[method]} |" + "".join(
-            f" {cell(results[(method, b)][1][best[(method, b)]])} (lr {lrs[best[(method, b)]]}) |"
-            for b in batches))
-    print(f"| {LABELS['BN@32']} |"
-          + f" {cell(results[ref][1][best[ref]])} (lr {lrs[best[ref]]}) |" * len(batches))
+        print(
+            f"| {LABELS[method]} |"
+            + "".join(
+                f" {cell(results[(method, b)][1][best[(method, b)]])}"
+                f" (lr {lrs[best[(method, b)]]}) |"
+                for b in batches
+            )
+        )
+    print(
+        f"| {LABELS['BN@32']} |"
+        + f" {cell(results[ref][1][best[ref]])} (lr {lrs[best[ref]]}) |" * len(batches)
+    )
     print("\nValidation error (%) for each learning rate (mean over seeds):\n")
     print("| fine-tuning, batch |" + "".join(f" lr {lr} |" for lr in lrs))
     print("|" + " --- |" * (len(lrs) + 1))
@@ -306,11 +371,22 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "finetune.json")
     with open(path, "w") as f:
-        json.dump(dict(args=vars(args), seeds=seeds, lrs=list(lrs), minutes=minutes,
-                       cpu_minutes=cpu_minutes, pretrain_test_error=pre_err.tolist(),
-                       results={f"{m}@{b}": dict(val=v.tolist(), test=t.tolist(),
-                                                 best_lr=lrs[best[(m, b)]])
-                                for (m, b), (v, t) in results.items()}), f, indent=1)
+        json.dump(
+            dict(
+                args=vars(args),
+                seeds=seeds,
+                lrs=list(lrs),
+                minutes=minutes,
+                cpu_minutes=cpu_minutes,
+                pretrain_test_error=pre_err.tolist(),
+                results={
+                    f"{m}@{b}": dict(val=v.tolist(), test=t.tolist(), best_lr=lrs[best[(m, b)]])
+                    for (m, b), (v, t) in results.items()
+                },
+            ),
+            f,
+            indent=1,
+        )
     print(f"\nwrote {path}")
     return results
 

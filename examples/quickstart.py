@@ -54,8 +54,9 @@ class CNN(nn.Module):
             if self.mabn:
                 x = mabn_jax.MABN(use_running_average=not train, **(self.mabn_kwargs or {}))(x)
             else:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.98,
-                                 use_fast_variance=False)(x)
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.98, use_fast_variance=False
+                )(x)
             x = nn.relu(x)
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
@@ -66,9 +67,12 @@ class TrainState(train_state.TrainState):
 
 def create_state(model, rng, sample, lr):
     variables = model.init(rng, sample, train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             tx=optax.sgd(lr, momentum=0.9))
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=optax.sgd(lr, momentum=0.9),
+    )
 
 
 @jax.jit
@@ -80,12 +84,16 @@ def train_step(state: TrainState, x, y):
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            x, train=True, mutable=["batch_stats"])
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates
 
     (loss, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
+        loss_fn, has_aux=True, batch_stats=state.batch_stats
+    )(state.params)
     state = state.apply_gradients(grads=grads)
     state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
@@ -93,8 +101,9 @@ def train_step(state: TrainState, x, y):
 
 @jax.jit
 def predict(state: TrainState, x):
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
-                            train=False)
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+    )
     return jnp.argmax(logits, -1)
 
 
@@ -118,7 +127,7 @@ def train(model, data, *, seeds=3, batch_size=2, epochs=3, lr=0.02, progress=Non
     @jax.jit
     @jax.vmap
     def run_epoch(state, key):
-        order = jax.random.permutation(key, len(x))[:steps * batch_size].reshape(steps, -1)
+        order = jax.random.permutation(key, len(x))[: steps * batch_size].reshape(steps, -1)
         state, losses = jax.lax.scan(lambda s, idx: train_step(s, x[idx], y[idx]), state, order)
         return state, losses.mean()
 
@@ -133,8 +142,9 @@ def train(model, data, *, seeds=3, batch_size=2, epochs=3, lr=0.02, progress=Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2)
@@ -147,18 +157,31 @@ def main(argv=None):
     # Short run: warm-up and renormalization scaled from the paper's ImageNet
     # schedule (100 / 1000 steps of ~600k) to a few thousand steps.
     mabn_kwargs = dict(buffer_size=16, warmup_steps=100, renorm_start=steps // 3)
-    print(f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
-          f"{args.batch_size}, {args.epochs} epochs ({steps} steps), {args.seeds} seeds")
-    for name, model in (("nn.BatchNorm", CNN(mabn=False)),
-                        ("mabn_jax.MABN", CNN(mabn=True, mabn_kwargs=mabn_kwargs))):
+    print(
+        f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
+        f"{args.batch_size}, {args.epochs} epochs ({steps} steps), {args.seeds} seeds"
+    )
+    for name, model in (
+        ("nn.BatchNorm", CNN(mabn=False)),
+        ("mabn_jax.MABN", CNN(mabn=True, mabn_kwargs=mabn_kwargs)),
+    ):
         start = time.perf_counter()
         with tqdm(total=args.epochs, desc=name, unit="epoch", leave=False) as bar:
-            states, losses = train(model, data, seeds=args.seeds, batch_size=args.batch_size,
-                                   epochs=args.epochs, lr=args.lr, progress=bar)
+            states, losses = train(
+                model,
+                data,
+                seeds=args.seeds,
+                batch_size=args.batch_size,
+                epochs=args.epochs,
+                lr=args.lr,
+                progress=bar,
+            )
         acc = 100 * accuracy(states, *data[1])
-        print(f"{name:>14}: train loss {losses[:, 0].mean():.3f} -> {losses[:, -1].mean():.3f}, "
-              f"test accuracy {acc.mean():.1f} ± {acc.std():.1f} % "
-              f"({', '.join(f'{a:.1f}' for a in acc)}) ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"{name:>14}: train loss {losses[:, 0].mean():.3f} -> {losses[:, -1].mean():.3f}, "
+            f"test accuracy {acc.mean():.1f} ± {acc.std():.1f} % "
+            f"({', '.join(f'{a:.1f}' for a in acc)}) ({time.perf_counter() - start:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

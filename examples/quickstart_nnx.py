@@ -72,8 +72,10 @@ def predict(model, x):
 
 def accuracy(model, x, y, batch: int = 250) -> float:
     model.eval()
-    hits = sum(int((predict(model, x[i:i + batch]) == y[i:i + batch]).sum())
-               for i in range(0, len(x), batch))
+    hits = sum(
+        int((predict(model, x[i : i + batch]) == y[i : i + batch]).sum())
+        for i in range(0, len(x), batch)
+    )
     model.train()
     return hits / len(x)
 
@@ -86,7 +88,7 @@ def train(model, data, *, batch_size=2, epochs=3, lr=0.02, seed=0):
     steps = len(x) // batch_size
     losses = []
     for _ in range(epochs):
-        perm = rng.permutation(len(x))[:steps * batch_size].reshape(steps, batch_size)
+        perm = rng.permutation(len(x))[: steps * batch_size].reshape(steps, batch_size)
         total = jnp.zeros(())
         for idx in perm:
             total += train_step(model, optimizer, x[idx], y[idx])
@@ -95,14 +97,16 @@ def train(model, data, *, batch_size=2, epochs=3, lr=0.02, seed=0):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="1 epoch on 600 training images (a smoke test)")
+    p.add_argument(
+        "--quick", action="store_true", help="1 epoch on 600 training images (a smoke test)"
+    )
     args = p.parse_args(argv)
     data = load_digits(args.seed)
     if args.quick:
@@ -111,20 +115,25 @@ def main(argv=None) -> dict:
     steps = args.epochs * (len(data[0][0]) // args.batch_size)
     # Short run: warm-up and renormalization scaled from the paper's ImageNet
     # schedule (100 / 1000 steps of ~600k) to a few thousand steps.
-    mabn_kwargs = dict(buffer_size=16, warmup_steps=min(100, steps // 6),
-                       renorm_start=steps // 3)
-    print(f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
-          f"{args.batch_size}, {args.epochs} epochs ({steps} steps), Flax NNX")
+    mabn_kwargs = dict(buffer_size=16, warmup_steps=min(100, steps // 6), renorm_start=steps // 3)
+    print(
+        f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
+        f"{args.batch_size}, {args.epochs} epochs ({steps} steps), Flax NNX"
+    )
     results = {}
     for name, mabn in (("nnx.BatchNorm", False), ("mabn_jax.nnx.MABN", True)):
         start = time.perf_counter()
         model = CNN(mabn, rngs=nnx.Rngs(args.seed), mabn_kwargs=mabn_kwargs)
-        losses = train(model, data, batch_size=args.batch_size, epochs=args.epochs,
-                       lr=args.lr, seed=args.seed)
+        losses = train(
+            model, data, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=args.seed
+        )
         acc = accuracy(model, *data[1])
         results[name] = dict(losses=losses, accuracy=acc, model=model)
-        print(f"{name:>18}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-              f"test accuracy {acc:.1%} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{name:>18}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+            f"test accuracy {acc:.1%} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     return results
 
 

@@ -63,32 +63,43 @@ REFERENCE_BATCH = 32  # the "large" normalization batch and the simulated gradie
 LR_AT_32 = 0.1
 EMA_EXAMPLES = 320  # every running average (BN, BRN, MABN) spans about this many examples
 NORMS = ("BN", "BRN", "GN", "MABN", "MABN-centered")
-LABELS = {"BN": "BatchNorm", "BRN": "BatchRenorm", "GN": "GroupNorm",
-          "MABN": "MABN", "MABN-centered": "MABN (centered)"}
+LABELS = {
+    "BN": "BatchNorm",
+    "BRN": "BatchRenorm",
+    "GN": "GroupNorm",
+    "MABN": "MABN",
+    "MABN-centered": "MABN (centered)",
+}
 # The paper's ResNet-50 ImageNet top-1 error (100 - accuracy), normalization batch 32 / 2.
 PAPER_IMAGENET_ERROR = {"BN@32": 23.41, "BN@2": 35.22, "BRN@2": 30.29, "MABN@2": 23.67}
 
 
 # ----------------------------------------------------------------------------- data
 
+
 def load_data(name: str, max_train: int | None, seed: int = 0):
     """``(x_train, y_train, x_test, y_test)``, images NHWC in [0, 1]."""
     if name == "digits":
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+
         d = load_digits()
         x = (d.images / 16.0).astype(np.float32)[..., None]
-        xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, random_state=seed,
-                                              stratify=d.target)
+        xtr, xte, ytr, yte = train_test_split(
+            x, d.target, test_size=0.2, random_state=seed, stratify=d.target
+        )
     else:
         try:  # optional, and only here: the package does not depend on TensorFlow
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise SystemExit(f"--dataset {name} needs tensorflow-datasets: pip install "
-                             "tensorflow-datasets tensorflow (and internet to download "
-                             "it); the default --dataset digits needs neither.") from e
-        (xtr, ytr), (xte, yte) = tfds.as_numpy(tfds.load(
-            name, split=["train", "test"], batch_size=-1, as_supervised=True))
+            raise SystemExit(
+                f"--dataset {name} needs tensorflow-datasets: pip install "
+                "tensorflow-datasets tensorflow (and internet to download "
+                "it); the default --dataset digits needs neither."
+            ) from e
+        (xtr, ytr), (xte, yte) = tfds.as_numpy(
+            tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True)
+        )
         xtr, xte = xtr.astype(np.float32) / 255.0, xte.astype(np.float32) / 255.0
     # Standardize with the training set's statistics.
     mean, std = xtr.mean(), xtr.std()
@@ -97,11 +108,16 @@ def load_data(name: str, max_train: int | None, seed: int = 0):
         xtr, ytr = xtr[:max_train], ytr[:max_train]
     # Whole batches of 32 only, so every regime sees the same examples.
     n = len(xtr) // REFERENCE_BATCH * REFERENCE_BATCH
-    return (jnp.asarray(xtr[:n]), jnp.asarray(ytr[:n], jnp.int32),
-            jnp.asarray(xte), jnp.asarray(yte, jnp.int32))
+    return (
+        jnp.asarray(xtr[:n]),
+        jnp.asarray(ytr[:n], jnp.int32),
+        jnp.asarray(xte),
+        jnp.asarray(yte, jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------- models
+
 
 class _BatchFree(nn.Module):
     """GroupNorm with the ``use_running_average`` argument of the other layers."""
@@ -164,6 +180,7 @@ class ResNet(nn.Module):
 
 # ----------------------------------------------------------------------------- setups
 
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     model: str  # "ResNet" or "MLP"
@@ -213,13 +230,19 @@ def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) 
         if ghost is None:  # two passes: the one-pass default cancels at small batches
             norm = lambda: nn.BatchNorm(momentum=momentum, use_fast_variance=False)
         else:  # ghost BN: BatchRenorm with r = 1, d = 0 is BN per group (two-pass too)
-            norm = lambda: mabn_jax.BatchRenorm(momentum=momentum, r_max=1.0, d_max=0.0,
-                                                norm_batch_size=ghost)
+            norm = lambda: mabn_jax.BatchRenorm(
+                momentum=momentum, r_max=1.0, d_max=0.0, norm_batch_size=ghost
+            )
     elif setup.norm == "BRN":
         norm = lambda: mabn_jax.BatchRenorm(
-            momentum=momentum, r_max=3.0, d_max=5.0, warmup_steps=round(0.05 * steps),
-            ramp_steps=round(0.35 * steps), d_ramp_steps=round(0.20 * steps),
-            norm_batch_size=ghost)
+            momentum=momentum,
+            r_max=3.0,
+            d_max=5.0,
+            warmup_steps=round(0.05 * steps),
+            ramp_steps=round(0.35 * steps),
+            d_ramp_steps=round(0.20 * steps),
+            norm_batch_size=ghost,
+        )
     elif setup.norm == "GN":
         norm = _BatchFree
     else:
@@ -227,10 +250,15 @@ def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) 
         if not centered:
             conv, dense = mabn_jax.CenteredConv, mabn_jax.CenteredDense
         per_update = setup.grad_batch if ghost and setup.ghost_ema == "step" else setup.norm_batch
-        kwargs = dict(centered=centered, buffer_size=m, momentum=ema_momentum(per_update),
-                      warmup_steps=max(m, int(0.02 * mabn_steps)),
-                      renorm_start=int(0.1 * mabn_steps), norm_batch_size=ghost,
-                      ghost_ema=setup.ghost_ema)
+        kwargs = dict(
+            centered=centered,
+            buffer_size=m,
+            momentum=ema_momentum(per_update),
+            warmup_steps=max(m, int(0.02 * mabn_steps)),
+            renorm_start=int(0.1 * mabn_steps),
+            norm_batch_size=ghost,
+            ghost_ema=setup.ghost_ema,
+        )
         norm = lambda: mabn_jax.MABN(**{**kwargs, **(overrides or {})})
     if setup.model == "MLP":
         return MLP(norm, dense, width=32 if quick else 256)
@@ -239,10 +267,18 @@ def build(setup: Setup, steps: int, quick: bool, overrides: dict | None = None) 
 
 # ----------------------------------------------------------------------------- training
 
-def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
-                       progress=None, overrides: dict | None = None,
-                       model: nn.Module | None = None,
-                       lr: float | None = None) -> np.ndarray:
+
+def train_and_evaluate(
+    setup: Setup,
+    data,
+    seeds: int,
+    epochs: int,
+    quick: bool,
+    progress=None,
+    overrides: dict | None = None,
+    model: nn.Module | None = None,
+    lr: float | None = None,
+) -> np.ndarray:
     """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
 
     Each seed draws its own initialization and its own shuffling every epoch.
@@ -256,11 +292,13 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
         model = build(setup, steps, quick, overrides)
     if lr is None:
         lr = LR_AT_32 * setup.grad_batch / REFERENCE_BATCH  # linear scaling
-    tx = optax.chain(optax.add_decayed_weights(5e-4),
-                     optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
+    tx = optax.chain(
+        optax.add_decayed_weights(5e-4),
+        optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9),
+    )
 
     def init(key):
-        variables = model.init(key, xtr[:setup.grad_batch], train=False)
+        variables = model.init(key, xtr[: setup.grad_batch], train=False)
         params = variables["params"]
         return params, variables.get("batch_stats", {}), tx.init(params)
 
@@ -269,15 +307,17 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
         x, y = batch
 
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": stats},
-                                          x, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates
 
         # One train step for every norm: for models without MABN layers
         # mabn_jax.value_and_grad is jax.value_and_grad.
-        (loss, updates), grads = mabn_jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=stats)(params)
+        (loss, updates), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=stats)(
+            params
+        )
         delta, opt = tx.update(grads, opt, params)
         params = optax.apply_updates(params, delta)
         stats = updates.get("batch_stats", {})
@@ -293,7 +333,8 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
             return carry, losses[-1]
 
         (params, stats, _), last_loss = jax.lax.scan(
-            epoch, init(init_key), jax.random.split(data_key, epochs))
+            epoch, init(init_key), jax.random.split(data_key, epochs)
+        )
         logits = model.apply({"params": params, "batch_stats": stats}, xte, train=False)
         return 100.0 * jnp.mean(jnp.argmax(logits, -1) != yte), last_loss[-1]
 
@@ -309,8 +350,11 @@ def train_and_evaluate(setup: Setup, data, seeds: int, epochs: int, quick: bool,
 # ----------------------------------------------------------------------------- main
 
 # (regime, normalization batch, gradient batch): the table's columns.
-COLUMNS = {"true": ("true batch 2", 2, 2), "simulated": ("simulated: ghost 2 in batch 32", 2, 32),
-           "true1": ("true batch 1", 1, 1)}
+COLUMNS = {
+    "true": ("true batch 2", 2, 2),
+    "simulated": ("simulated: ghost 2 in batch 32", 2, 32),
+    "true1": ("true batch 1", 1, 1),
+}
 TABLE_NORMS = ("BN", "BRN", "GN", "MABN", "MABN-centered")
 QUICK_NORMS = ("BN", "MABN")
 
@@ -327,16 +371,24 @@ def gap_closed(bn_ref: float, bn_n: float, err: float) -> float | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="digits",
-                   help="digits (bundled with scikit-learn, default) or a tensorflow-datasets name")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (bundled with scikit-learn, default) or a tensorflow-datasets name",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 2)")
-    p.add_argument("--max-train", type=int, default=None,
-                   help="use only this many training examples")
-    p.add_argument("--models", default=None,
-                   help="comma-separated, default ResNet,MLP (quick: MLP)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test (< 1 minute): MLP, BN@32/BN@2/MABN@2, small data")
+    p.add_argument(
+        "--max-train", type=int, default=None, help="use only this many training examples"
+    )
+    p.add_argument(
+        "--models", default=None, help="comma-separated, default ResNet,MLP (quick: MLP)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test (< 1 minute): MLP, BN@32/BN@2/MABN@2, small data",
+    )
     p.add_argument("--out", default="out", help="folder for small_batch.json and small_batch.png")
     args = p.parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 3)
@@ -351,18 +403,29 @@ def main(argv=None):
     mabn_norms = [n for n in norms if n.startswith("MABN")]
 
     from tqdm import tqdm
+
     t0, c0 = time.time(), time.process_time()
     data = load_data(args.dataset, max_train)
     ref = {m: Setup(m, "BN", REFERENCE_BATCH, REFERENCE_BATCH) for m in models}
-    table = {(m, c, n): Setup(m, n, COLUMNS[c][1], COLUMNS[c][2])
-             for m in models for c in columns for n in norms}
-    group_rule = ({} if args.quick else
-                  {(m, n): Setup(m, n, 2, REFERENCE_BATCH, "group")
-                   for m in models for n in mabn_norms})
-    sweep = {(n, nb): Setup(sweep_model, n, 2 if n == "GN" else nb, REFERENCE_BATCH)
-             for n in sweep_norms for nb in sweep_sizes}
-    unique = list(dict.fromkeys([*ref.values(), *table.values(), *group_rule.values(),
-                                 *sweep.values()]))
+    table = {
+        (m, c, n): Setup(m, n, COLUMNS[c][1], COLUMNS[c][2])
+        for m in models
+        for c in columns
+        for n in norms
+    }
+    group_rule = (
+        {}
+        if args.quick
+        else {(m, n): Setup(m, n, 2, REFERENCE_BATCH, "group") for m in models for n in mabn_norms}
+    )
+    sweep = {
+        (n, nb): Setup(sweep_model, n, 2 if n == "GN" else nb, REFERENCE_BATCH)
+        for n in sweep_norms
+        for nb in sweep_sizes
+    }
+    unique = list(
+        dict.fromkeys([*ref.values(), *table.values(), *group_rule.values(), *sweep.values()])
+    )
     results = {}
     with tqdm(total=len(unique), desc="training", unit="setup") as bar:
         for setup in unique:
@@ -371,21 +434,28 @@ def main(argv=None):
     minutes, cpu_minutes = (time.time() - t0) / 60, (time.process_time() - c0) / 60
     err = lambda setup: float(results[setup].mean())
 
-    print(f"\nTest error (%) on {args.dataset}, mean ± std over {seeds} seeds, {epochs} epochs; "
-          f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
-          f"jax {jax.__version__} ({jax.default_backend()})")
+    print(
+        f"\nTest error (%) on {args.dataset}, mean ± std over {seeds} seeds, {epochs} epochs; "
+        f"{minutes:.1f} min wall, {cpu_minutes:.1f} min CPU, {os.cpu_count()} CPU threads, "
+        f"jax {jax.__version__} ({jax.default_backend()})"
+    )
     for model in models:
         print(f"\n{model}:\n")
         print("| normalization |" + "".join(f" {COLUMNS[c][0]} |" for c in columns))
         print("|" + " --- |" * (len(columns) + 1))
         print("| BatchNorm at 32 (reference) |" + f" {cell(results[ref[model]])} |" * len(columns))
         for norm in norms:
-            print(f"| {LABELS[norm]} | " + " | ".join(
-                cell(results[table[(model, c, norm)]]) for c in columns) + " |")
+            print(
+                f"| {LABELS[norm]} | "
+                + " | ".join(cell(results[table[(model, c, norm)]]) for c in columns)
+                + " |"
+            )
 
     summary = {}
-    print("\nGap closed, (err BN@n − err X@n) / (err BN@n − err BN@32), against the BatchNorm "
-          "above (two-pass variance); '-' where BN@n is within 1 point of BN@32 (no gap):\n")
+    print(
+        "\nGap closed, (err BN@n − err X@n) / (err BN@n − err BN@32), against the BatchNorm "
+        "above (two-pass variance); '-' where BN@n is within 1 point of BN@32 (no gap):\n"
+    )
     others = [n for n in norms if n != "BN"]
     print("| model, regime | BN@32 | BN@n |" + "".join(f" {LABELS[n]} |" for n in others))
     print("|" + " --- |" * (len(others) + 3))
@@ -396,63 +466,107 @@ def main(argv=None):
             for norm in others:
                 e = err(table[(model, c, norm)])
                 closed = gap_closed(bn_ref, bn_n, e)
-                summary[f"{model}/{c}/{norm}"] = dict(bn32=bn_ref, bn_n=bn_n, err=e,
-                                                      gap=bn_n - bn_ref, closed=closed)
+                summary[f"{model}/{c}/{norm}"] = dict(
+                    bn32=bn_ref, bn_n=bn_n, err=e, gap=bn_n - bn_ref, closed=closed
+                )
                 row.append("-" if closed is None else f"{100 * closed:.0f} %")
-            print(f"| {model}, {COLUMNS[c][0]} | {bn_ref:.2f} | {bn_n:.2f} | "
-                  + " | ".join(row) + " |")
-    print("\nThe paper (ResNet-50, ImageNet, top-1 error %): "
-          + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
-          + f" -> MABN closes {100 * (35.22 - 23.67) / (35.22 - 23.41):.0f} % of the gap.")
+            print(
+                f"| {model}, {COLUMNS[c][0]} | {bn_ref:.2f} | {bn_n:.2f} | "
+                + " | ".join(row)
+                + " |"
+            )
+    print(
+        "\nThe paper (ResNet-50, ImageNet, top-1 error %): "
+        + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
+        + f" -> MABN closes {100 * (35.22 - 23.67) / (35.22 - 23.41):.0f} % of the gap."
+    )
 
     if group_rule:
-        print("\nSimulated regime (ghost batches of 2 in batch 32), MABN's two ghost-batch EMA "
-              "rules: ghost_ema='step' (one update per call, the authors' layer; the table "
-              "above) and 'group' (one per ghost batch):\n")
-        print("| normalization |" + "".join(f" {m}, '{r}' |" for m in models
-                                           for r in ("step", "group")))
+        print(
+            "\nSimulated regime (ghost batches of 2 in batch 32), MABN's two ghost-batch EMA "
+            "rules: ghost_ema='step' (one update per call, the authors' layer; the table "
+            "above) and 'group' (one per ghost batch):\n"
+        )
+        print(
+            "| normalization |"
+            + "".join(f" {m}, '{r}' |" for m in models for r in ("step", "group"))
+        )
         print("|" + " --- |" * (2 * len(models) + 1))
         for norm in mabn_norms:
-            print(f"| {LABELS[norm]} | " + " | ".join(
-                cell(results[s]) for m in models
-                for s in (table[(m, "simulated", norm)], group_rule[(m, norm)])) + " |")
+            print(
+                f"| {LABELS[norm]} | "
+                + " | ".join(
+                    cell(results[s])
+                    for m in models
+                    for s in (table[(m, "simulated", norm)], group_rule[(m, norm)])
+                )
+                + " |"
+            )
 
-    print(f"\nTest error (%) against normalization batch size, {sweep_model}, gradient batch "
-          f"{REFERENCE_BATCH} (the plot):\n")
+    print(
+        f"\nTest error (%) against normalization batch size, {sweep_model}, gradient batch "
+        f"{REFERENCE_BATCH} (the plot):\n"
+    )
     print("| normalization |" + "".join(f" {nb} |" for nb in sweep_sizes))
     print("|" + " --- |" * (len(sweep_sizes) + 1))
     for norm in sweep_norms:
-        print(f"| {LABELS[norm]} | " + " | ".join(
-            cell(results[sweep[(norm, nb)]]) for nb in sweep_sizes) + " |")
+        print(
+            f"| {LABELS[norm]} | "
+            + " | ".join(cell(results[sweep[(norm, nb)]]) for nb in sweep_sizes)
+            + " |"
+        )
     if "true1" in columns:
-        print("\nBatchNorm at batch 1 normalizes each feature over one example: dense "
-              "features (the MLP) become β whatever the input (chance level); conv "
-              "features (the ResNet) are normalized over one image's positions in "
-              "training, but with running averages at test.")
+        print(
+            "\nBatchNorm at batch 1 normalizes each feature over one example: dense "
+            "features (the MLP) become β whatever the input (chance level); conv "
+            "features (the ResNet) are normalized over one image's positions in "
+            "training, but with running averages at test."
+        )
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "small_batch.json"), "w") as f:
-        json.dump(dict(args=vars(args), epochs=epochs, seeds=seeds, minutes=minutes,
-                       cpu_minutes=cpu_minutes,
-                       results={s.key: [float(e) for e in results[s]] for s in unique},
-                       summary=summary), f, indent=1)
-    plot({n: [results[sweep[(n, nb)]] for nb in sweep_sizes] for n in sweep_norms},
-         results[ref[sweep_model]], sweep_model, sweep_sizes,
-         os.path.join(args.out, "small_batch.png"), args.dataset)
+        json.dump(
+            dict(
+                args=vars(args),
+                epochs=epochs,
+                seeds=seeds,
+                minutes=minutes,
+                cpu_minutes=cpu_minutes,
+                results={s.key: [float(e) for e in results[s]] for s in unique},
+                summary=summary,
+            ),
+            f,
+            indent=1,
+        )
+    plot(
+        {n: [results[sweep[(n, nb)]] for nb in sweep_sizes] for n in sweep_norms},
+        results[ref[sweep_model]],
+        sweep_model,
+        sweep_sizes,
+        os.path.join(args.out, "small_batch.png"),
+        args.dataset,
+    )
     print(f"\nwrote {args.out}/small_batch.json and {args.out}/small_batch.png")
     return results, summary
 
 
-STYLES = {"BN": ("o", "-"), "BRN": ("s", "--"), "GN": ("", ":"), "MABN": ("^", "-"),
-          "MABN-centered": ("v", "-.")}
+STYLES = {
+    "BN": ("o", "-"),
+    "BRN": ("s", "--"),
+    "GN": ("", ":"),
+    "MABN": ("^", "-"),
+    "MABN-centered": ("v", "-."),
+}
 
 
 def plot(curves, reference, model, sizes, path, dataset):
     """Error against normalization batch, log-scale error axis (2-6 % readable)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, (norm, es) in enumerate(curves.items()):
         marker, ls = STYLES[norm]
@@ -460,11 +574,18 @@ def plot(curves, reference, model, sizes, path, dataset):
             ax.axhline(es[0].mean(), ls=ls, color="gray", label=LABELS[norm])
             continue
         dodge = 2 ** (0.05 * (i - len(curves) / 2))  # error bars side by side, not on top
-        ax.errorbar([s * dodge for s in sizes], [e.mean() for e in es],
-                    yerr=[e.std() for e in es], marker=marker, ls=ls, capsize=3,
-                    label=LABELS[norm])
-    ax.axhline(reference.mean(), ls=(0, (1, 3)), color="black", lw=1,
-               label="BatchNorm at 32 (reference)")
+        ax.errorbar(
+            [s * dodge for s in sizes],
+            [e.mean() for e in es],
+            yerr=[e.std() for e in es],
+            marker=marker,
+            ls=ls,
+            capsize=3,
+            label=LABELS[norm],
+        )
+    ax.axhline(
+        reference.mean(), ls=(0, (1, 3)), color="black", lw=1, label="BatchNorm at 32 (reference)"
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_yscale("log")

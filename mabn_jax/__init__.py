@@ -20,11 +20,11 @@ from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
 __version__ = "0.2.0"  # the single source: pyproject.toml reads it (dynamic version)
 
 
-
 def __getattr__(name):
     """``mabn_jax.nnx`` on first use: importing ``flax.nnx`` costs ~0.5 s."""
     if name == "nnx":
         import importlib
+
         return importlib.import_module("mabn_jax.nnx")
     raise AttributeError(f"module 'mabn_jax' has no attribute {name!r}")
 

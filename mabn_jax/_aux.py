@@ -30,8 +30,10 @@ __all__ = ["AuxSelector", "find_batch_stats", "replace"]
 AuxSelector = Sequence[str | int] | Callable[[Any], Any]
 
 _TOP_LEVEL = ("params", "batch_stats", "mabn_probes")
-_HOW = ("apply the model with mutable=['batch_stats'], return its updates (or "
-        "updates['batch_stats']) in fun's aux output and set has_aux=True")
+_HOW = (
+    "apply the model with mutable=['batch_stats'], return its updates (or "
+    "updates['batch_stats']) in fun's aux output and set has_aux=True"
+)
 
 
 def _layout(tree: Any) -> Any:
@@ -53,18 +55,29 @@ def _selector(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
-def find_batch_stats(aux: Any, previous: Any, *, has_aux: bool, trained: Callable[[], bool],
-                     select: AuxSelector | None = None) -> Any:
+def find_batch_stats(
+    aux: Any,
+    previous: Any,
+    *,
+    has_aux: bool,
+    trained: Callable[[], bool],
+    select: AuxSelector | None = None,
+) -> Any:
     """The subtree of ``aux`` that holds the updated ``batch_stats`` (the
     object itself, for :func:`replace`)."""
     if not has_aux:
-        raise ValueError("mabn_jax.value_and_grad: the model has MABN layers but has_aux=False, "
-                         "so fun returns no updated batch_stats; " + _HOW + ".")
+        raise ValueError(
+            "mabn_jax.value_and_grad: the model has MABN layers but has_aux=False, "
+            "so fun returns no updated batch_stats; " + _HOW + "."
+        )
     want = _layout(previous)
     if select is not None:
         return _selected(aux, previous, want, select)
-    has_layout = lambda node: (isinstance(node, Mapping) and not any(k in node for k in _TOP_LEVEL)
-                               and _layout(node) == want)
+    has_layout = lambda node: (
+        isinstance(node, Mapping)
+        and not any(k in node for k in _TOP_LEVEL)
+        and _layout(node) == want
+    )
     flat = jax.tree_util.tree_flatten_with_path(aux, is_leaf=has_layout)[0]
     found = [(path, node) for path, node in flat if has_layout(node)]
     old_leaves = jax.tree_util.tree_leaves(previous)
@@ -78,20 +91,23 @@ def find_batch_stats(aux: Any, previous: Any, *, has_aux: bool, trained: Callabl
             f"mabn_jax.value_and_grad: fun's aux output holds {len(updated)} trees with the "
             f"layout of batch_stats ({where}), so which one is this step's update is "
             "ambiguous; pass aux_batch_stats= the path of the updated one, e.g. "
-            f"aux_batch_stats={_selector(updated[0][0])!r} (or a function of aux returning it).")
+            f"aux_batch_stats={_selector(updated[0][0])!r} (or a function of aux returning it)."
+        )
     if len(found) == 1:
         if trained():
             raise ValueError(
                 "mabn_jax.value_and_grad: fun returned the batch_stats it was given, "
                 "unchanged, although MABN layers were applied in training mode; return the "
                 "updated batch_stats (the second output of apply with mutable=['batch_stats']) "
-                f"in its aux output (found only the given tree, at {_where(found[0][0])}).")
+                f"in its aux output (found only the given tree, at {_where(found[0][0])})."
+            )
         return found[0][1]  # all layers frozen: recording leaves it as it is
     raise ValueError(
         "mabn_jax.value_and_grad: found no tree with the layout of batch_stats (MABN layers "
         f"{_names(previous)}, the same shapes) in fun's aux output, which is "
         f"{_describe(aux)}; " + _HOW + ". If the update is there under another layout, pass "
-        "aux_batch_stats= its path (or a function of aux returning it).")
+        "aux_batch_stats= its path (or a function of aux returning it)."
+    )
 
 
 def _describe(aux: Any) -> str:
@@ -99,8 +115,9 @@ def _describe(aux: Any) -> str:
     if aux is None:
         return "None"
     leaves = jax.tree_util.tree_flatten_with_path(aux)[0]
-    what = lambda v: (f"an array of shape {tuple(v.shape)}" if hasattr(v, "shape")
-                      else f"a {type(v).__name__}")
+    what = lambda v: (
+        f"an array of shape {tuple(v.shape)}" if hasattr(v, "shape") else f"a {type(v).__name__}"
+    )
     parts = [f"{_where(path)}: {what(v)}" for path, v in leaves[:4]]
     more = f", and {len(leaves) - 4} more leaves" if len(leaves) > 4 else ""
     return f"a {type(aux).__name__} ({'; '.join(parts) or 'empty'}{more})"
@@ -115,7 +132,8 @@ def _selected(aux: Any, previous: Any, want: Any, select: AuxSelector) -> Any:
         for key in select:
             try:
                 indexable = isinstance(node, Mapping) or (
-                    isinstance(node, Sequence) and isinstance(key, int))
+                    isinstance(node, Sequence) and isinstance(key, int)
+                )
                 if indexable:
                     node = node[key]
                 else:
@@ -123,7 +141,8 @@ def _selected(aux: Any, previous: Any, want: Any, select: AuxSelector) -> Any:
             except (KeyError, IndexError, TypeError, AttributeError):
                 raise ValueError(
                     f"mabn_jax.value_and_grad: aux_batch_stats={tuple(select)!r}: {where} has "
-                    f"no entry {key!r}; it is {_describe(node)}.") from None
+                    f"no entry {key!r}; it is {_describe(node)}."
+                ) from None
             where = f"{where}[{key!r}]"
     if isinstance(node, Mapping) and isinstance(node.get("batch_stats"), Mapping):
         node, where = node["batch_stats"], f"{where}['batch_stats']"  # the whole updates dict
@@ -133,12 +152,14 @@ def _selected(aux: Any, previous: Any, want: Any, select: AuxSelector) -> Any:
             f"mabn_jax.value_and_grad: aux_batch_stats points at {where}, which is not a "
             f"batch_stats tree of this model (found {got}; expected MABN layers "
             f"{_names(previous)} with the shapes of the batch_stats given); point it at the "
-            "updated batch_stats (the second output of apply with mutable=['batch_stats']).")
+            "updated batch_stats (the second output of apply with mutable=['batch_stats'])."
+        )
     if not _contains(aux, node):
         raise ValueError(
             "mabn_jax.value_and_grad: aux_batch_stats returned a tree that is not part of aux "
             "(a copy or a new dict); return the subtree of aux itself, e.g. "
-            "lambda aux: aux[1]['batch_stats'].")
+            "lambda aux: aux[1]['batch_stats']."
+        )
     return node
 
 
@@ -149,5 +170,6 @@ def _contains(aux: Any, node: Any) -> bool:
 
 def replace(aux: Any, target: Any, new: Any) -> Any:
     """``aux`` with the subtree ``target`` (by identity) replaced by ``new``."""
-    return jax.tree_util.tree_map(lambda n: new if n is target else n, aux,
-                                  is_leaf=lambda n: n is target)
+    return jax.tree_util.tree_map(
+        lambda n: new if n is target else n, aux, is_leaf=lambda n: n is target
+    )

@@ -36,8 +36,14 @@ from mabn_jax._config import BatchRenormConfig
 Array = jax.Array
 _LAYER = "BatchRenorm"
 
-__all__ = ["BatchRenormState", "Clips", "init_state", "clip_schedule", "batch_renorm_train",
-           "batch_renorm_inference"]
+__all__ = [
+    "BatchRenormState",
+    "Clips",
+    "init_state",
+    "clip_schedule",
+    "batch_renorm_train",
+    "batch_renorm_inference",
+]
 
 
 class BatchRenormState(NamedTuple):
@@ -133,12 +139,21 @@ def _check_state_dtype(state: BatchRenormState) -> None:
             f"{_LAYER}: the state (batch_stats) is {', '.join(low)}; it must be float32 or "
             "wider (in bfloat16 the step counter stops at 256). It was cast with the "
             "params: cast only the params and inputs, keep batch_stats as model.init made "
-            "them.")
+            "them."
+        )
 
 
-def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
-                       state: BatchRenormState, config: BatchRenormConfig, *, axis=-1,
-                       dtype: Any = None, mask: Array | None = None):
+def batch_renorm_train(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: BatchRenormState,
+    config: BatchRenormConfig,
+    *,
+    axis=-1,
+    dtype: Any = None,
+    mask: Array | None = None,
+):
     """One training step: returns ``(y, new_state, stats)``.
 
     Ghost batches (``config.norm_batch_size``): each group of consecutive
@@ -165,8 +180,14 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     grouped, cfg = split.groups > 1, config
     sdt = S.stat_dtype(x.dtype, state.mean.dtype, cfg.force_float32_reductions)
     xs = split.x.astype(sdt)
-    mean_b, var_b = S.moments(xs, split, use_mean=True, use_fast_variance=cfg.use_fast_variance,
-                              axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    mean_b, var_b = S.moments(
+        xs,
+        split,
+        use_mean=True,
+        use_fast_variance=cfg.use_fast_variance,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
+    )
     assert mean_b is not None  # use_mean=True
     var_b, empty = S.fill_empty(split, var_b, state.var)
     mean_b, _ = S.fill_empty(split, mean_b, state.mean)
@@ -188,9 +209,17 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     rmean, rmean_used = S.ema_per_group(state.renorm_mean, mean_b, renorm_momentum, grouped)
     rvar, rvar_used = follow(state.renorm_var, var_b, renorm_momentum)
     clips = clip_schedule(state.step, cfg)
-    r, d = S.renorm_factors(var_b, rvar_used, mean_b, rmean_used, r_max=clips.r_max,
-                            r_min=clips.r_min, d_max=clips.d_max, epsilon=cfg.epsilon,
-                            active=jnp.asarray(True))
+    r, d = S.renorm_factors(
+        var_b,
+        rvar_used,
+        mean_b,
+        rmean_used,
+        r_max=clips.r_max,
+        r_min=clips.r_min,
+        d_max=clips.d_max,
+        epsilon=cfg.epsilon,
+        active=jnp.asarray(True),
+    )
     assert d is not None  # a mean was given
     mean, _ = S.ema_per_group(state.mean, mean_b, cfg.momentum, grouped)
     var, _ = follow(state.var, var_b, cfg.momentum)
@@ -205,9 +234,16 @@ def batch_renorm_train(x: Array, scale: Array | None, bias: Array | None,
     return y.reshape(x.shape).astype(dtype or x.dtype), new_state, stats
 
 
-def batch_renorm_inference(x: Array, scale: Array | None, bias: Array | None,
-                           state: BatchRenormState, config: BatchRenormConfig, *, axis=-1,
-                           dtype: Any = None) -> Array:
+def batch_renorm_inference(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: BatchRenormState,
+    config: BatchRenormConfig,
+    *,
+    axis=-1,
+    dtype: Any = None,
+) -> Array:
     """``y = γ · (x − mean) / sqrt(var + ε) + β`` (``nn.BatchNorm``'s inference).
 
     Example:

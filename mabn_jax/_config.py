@@ -27,8 +27,14 @@ def _fail(layer: str, name: str, value: Any, want: str) -> None:
     raise ValueError(f"{layer}: {name}={value!r} is invalid; {name} must be {want}.")
 
 
-def check_int(layer: str, name: str, value: Any, minimum: int, maximum: int | None = None,
-              allow_none: bool = False) -> int | None:
+def check_int(
+    layer: str,
+    name: str,
+    value: Any,
+    minimum: int,
+    maximum: int | None = None,
+    allow_none: bool = False,
+) -> int | None:
     """``value`` as a Python int (NumPy integers accepted, bools rejected)."""
     if value is None and allow_none:
         return None
@@ -43,9 +49,18 @@ def check_int(layer: str, name: str, value: Any, minimum: int, maximum: int | No
     return value
 
 
-def check_float(layer: str, name: str, value: Any, low: float, high: float | None = None,
-                *, low_open: bool = False, high_open: bool = False, hint: str = "",
-                allow_none: bool = False) -> float | None:
+def check_float(
+    layer: str,
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+    allow_none: bool = False,
+) -> float | None:
     """``value`` as a Python float in the given range (bools and strings rejected)."""
     if value is None and allow_none:
         return None
@@ -113,15 +128,25 @@ class _NormConfig:
 
     def _check_common(self, layer: str) -> dict[str, Any]:
         return dict(
-            momentum=check_float(layer, "momentum", self.momentum, 0.0, 1.0, high_open=True,
-                                 hint=" (a decay: new = momentum*old + (1-momentum)*batch)"),
+            momentum=check_float(
+                layer,
+                "momentum",
+                self.momentum,
+                0.0,
+                1.0,
+                high_open=True,
+                hint=" (a decay: new = momentum*old + (1-momentum)*batch)",
+            ),
             epsilon=check_float(layer, "epsilon", self.epsilon, 0.0, low_open=True),
             axis_index_groups=_groups(self.axis_index_groups),
             use_fast_variance=check_bool(layer, "use_fast_variance", self.use_fast_variance),
-            force_float32_reductions=check_bool(layer, "force_float32_reductions",
-                                                self.force_float32_reductions),
-            norm_batch_size=check_int(layer, "norm_batch_size", self.norm_batch_size, 1,
-                                      allow_none=True))
+            force_float32_reductions=check_bool(
+                layer, "force_float32_reductions", self.force_float32_reductions
+            ),
+            norm_batch_size=check_int(
+                layer, "norm_batch_size", self.norm_batch_size, 1, allow_none=True
+            ),
+        )
 
 
 @dataclasses.dataclass(unsafe_hash=True, kw_only=True)
@@ -181,15 +206,16 @@ class MABNConfig(_NormConfig):
         values = self._check_common(layer)
         values.update(
             buffer_size=check_int(layer, "buffer_size", self.buffer_size, 1),
-            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0,
-                                   MAX_SCHEDULE_STEP),
-            renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0,
-                                   MAX_SCHEDULE_STEP),
-            r_max=check_float(layer, "r_max", self.r_max, 1.0,
-                              hint=" (r is clipped to [1/r_max, r_max])"),
-            d_max=check_float(layer, "d_max", self.d_max, 0.0,
-                              hint=" (d is clipped to [-d_max, d_max])"),
-            centered=check_bool(layer, "centered", self.centered))
+            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0, MAX_SCHEDULE_STEP),
+            renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0, MAX_SCHEDULE_STEP),
+            r_max=check_float(
+                layer, "r_max", self.r_max, 1.0, hint=" (r is clipped to [1/r_max, r_max])"
+            ),
+            d_max=check_float(
+                layer, "d_max", self.d_max, 0.0, hint=" (d is clipped to [-d_max, d_max])"
+            ),
+            centered=check_bool(layer, "centered", self.centered),
+        )
         if self.buffer_size > MAX_SCHEDULE_STEP:
             _fail(layer, "buffer_size", self.buffer_size, f"<= {MAX_SCHEDULE_STEP}")
         if self.ghost_ema not in ("step", "group"):
@@ -257,19 +283,44 @@ class BatchRenormConfig(_NormConfig):
     def _validate(self, layer: str = "BatchRenorm") -> None:
         values = self._check_common(layer)
         values.update(
-            r_max=check_float(layer, "r_max", self.r_max, 1.0,
-                              hint=" (r is clipped to [r_min or 1/r_max, r_max]; inf: no clip)"),
-            d_max=check_float(layer, "d_max", self.d_max, 0.0,
-                              hint=" (d is clipped to [-d_max, d_max]; inf: no clip)"),
-            r_min=check_float(layer, "r_min", self.r_min, 0.0, 1.0, allow_none=True,
-                              hint=" (the lower clip of r; None: 1/r_max)"),
-            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0,
-                                   MAX_SCHEDULE_STEP),
+            r_max=check_float(
+                layer,
+                "r_max",
+                self.r_max,
+                1.0,
+                hint=" (r is clipped to [r_min or 1/r_max, r_max]; inf: no clip)",
+            ),
+            d_max=check_float(
+                layer,
+                "d_max",
+                self.d_max,
+                0.0,
+                hint=" (d is clipped to [-d_max, d_max]; inf: no clip)",
+            ),
+            r_min=check_float(
+                layer,
+                "r_min",
+                self.r_min,
+                0.0,
+                1.0,
+                allow_none=True,
+                hint=" (the lower clip of r; None: 1/r_max)",
+            ),
+            warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0, MAX_SCHEDULE_STEP),
             ramp_steps=check_int(layer, "ramp_steps", self.ramp_steps, 0, MAX_SCHEDULE_STEP),
-            d_ramp_steps=check_int(layer, "d_ramp_steps", self.d_ramp_steps, 0,
-                                   MAX_SCHEDULE_STEP, allow_none=True),
-            renorm_momentum=check_float(layer, "renorm_momentum", self.renorm_momentum, 0.0,
-                                        1.0, high_open=True, allow_none=True),
-            average_stddev=check_bool(layer, "average_stddev", self.average_stddev))
+            d_ramp_steps=check_int(
+                layer, "d_ramp_steps", self.d_ramp_steps, 0, MAX_SCHEDULE_STEP, allow_none=True
+            ),
+            renorm_momentum=check_float(
+                layer,
+                "renorm_momentum",
+                self.renorm_momentum,
+                0.0,
+                1.0,
+                high_open=True,
+                allow_none=True,
+            ),
+            average_stddev=check_bool(layer, "average_stddev", self.average_stddev),
+        )
         for name, value in values.items():
             object.__setattr__(self, name, value)

@@ -55,7 +55,8 @@ _FORWARD_MODE = (
     "jax.jacrev, and forward-over-reverse: jax.hessian, jax.jvp of jax.grad). Forward mode "
     "(jax.jvp, jax.jacfwd) of the layer itself is undefined: its gradient uses moving "
     "averages of the backward statistics (a custom VJP), which no forward derivative "
-    "matches. Use use_running_average=True (inference mode) for forward-mode derivatives.")
+    "matches. Use use_running_average=True (inference mode) for forward-mode derivatives."
+)
 
 
 _UNRECORDED = (
@@ -66,7 +67,8 @@ _UNRECORDED = (
     "mabn_jax.value_and_grad (linen), which attach the probes and record the statistics; "
     "with the low-level NNX API, call mabn_jax.nnx.attach_probes(model) before the model "
     "is split (nnx.split / nnx.unpack) and differentiate w.r.t. (nnx.Param, "
-    "mabn_jax.nnx.Probe). A training-mode call that nothing differentiates is fine.")
+    "mabn_jax.nnx.Probe). A training-mode call that nothing differentiates is fine."
+)
 
 
 class _Phase(NamedTuple):
@@ -77,8 +79,11 @@ class _Phase(NamedTuple):
 
 def _phase(t: Array, cfg: MABNConfig) -> _Phase:
     m = cfg.buffer_size
-    return _Phase(jnp.arange(m) == t % m, (t <= m) | (t < cfg.warmup_steps),
-                  t > max(cfg.renorm_start, cfg.warmup_steps))
+    return _Phase(
+        jnp.arange(m) == t % m,
+        (t <= m) | (t < cfg.warmup_steps),
+        t > max(cfg.renorm_start, cfg.warmup_steps),
+    )
 
 
 def as_count(step: Array) -> Array:
@@ -120,8 +125,7 @@ def _slide(slot_mask: Array) -> _Slide:
 
 def _dot(mask: Array, v: Array) -> Array:
     """``Σ_b mask[a, b] · v[b]``, exactly (no reduced-precision matmul)."""
-    return jnp.tensordot(mask.astype(v.dtype), v, axes=(1, 0),
-                         precision=lax.Precision.HIGHEST)
+    return jnp.tensordot(mask.astype(v.dtype), v, axes=(1, 0), precision=lax.Precision.HIGHEST)
 
 
 def _masked_sum(mask: Array, v: Array) -> Array:
@@ -138,8 +142,7 @@ def _window_mean(sl: _Slide, window: Array, values: Array) -> Array:
 def _final_window(sl: _Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
     written = sl.last.any(0)
-    return jnp.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype),
-                     window)
+    return jnp.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
 
 
 def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
@@ -153,11 +156,18 @@ def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
     mean_w = _final_window(sl, state.mean_window, mean_b)
     mu_win = _window_mean(sl, state.mean_window, mean_b)
     # Between-step variance of μ_B over each window, in two passes.
-    spread = (_masked_sum(sl.in_window, jnp.square(mean_b[None] - mu_win[:, None]))
-              + _masked_sum(sl.old_kept, jnp.square(
-                  state.mean_window[None].astype(mu_win.dtype) - mu_win[:, None]))) / m
-    return (mean_w, var_w, jnp.where(ub(mean_b), mean_b, mu_win),
-            jnp.where(ub(var_b), var_b, var_win + spread))
+    spread = (
+        _masked_sum(sl.in_window, jnp.square(mean_b[None] - mu_win[:, None]))
+        + _masked_sum(
+            sl.old_kept, jnp.square(state.mean_window[None].astype(mu_win.dtype) - mu_win[:, None])
+        )
+    ) / m
+    return (
+        mean_w,
+        var_w,
+        jnp.where(ub(mean_b), mean_b, mu_win),
+        jnp.where(ub(var_b), var_b, var_win + spread),
+    )
 
 
 class _Spec(NamedTuple):
@@ -187,9 +197,18 @@ class _Ctx(NamedTuple):
     mask: Array | None
 
 
-def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-               probes: Probes | None, config: MABNConfig, *, axis: int | Sequence[int] = -1,
-               dtype: Any = None, mask: Array | None = None) -> tuple[Array, MABNState]:
+def mabn_train(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState,
+    probes: Probes | None,
+    config: MABNConfig,
+    *,
+    axis: int | Sequence[int] = -1,
+    dtype: Any = None,
+    mask: Array | None = None,
+) -> tuple[Array, MABNState]:
     """One MABN training step: returns ``(y, new_state)``.
 
     ``new_state`` holds the advanced step, the forward windows and the EMAs,
@@ -232,16 +251,24 @@ def mabn_train(x: Array, scale: Array | None, bias: Array | None, state: MABNSta
       >>> y.shape, int(new_state.step)
       ((4, 2), 1)
     """
-    y, new_state, _ = mabn_train_with_stats(x, scale, bias, state, probes, config, axis=axis,
-                                            dtype=dtype, mask=mask)
+    y, new_state, _ = mabn_train_with_stats(
+        x, scale, bias, state, probes, config, axis=axis, dtype=dtype, mask=mask
+    )
     return y, new_state
 
 
-def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
-                          state: MABNState, probes: Probes | None, config: MABNConfig, *,
-                          axis: int | Sequence[int] = -1, dtype: Any = None,
-                          mask: Array | None = None
-                          ) -> tuple[Array, MABNState, dict[str, Array]]:
+def mabn_train_with_stats(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState,
+    probes: Probes | None,
+    config: MABNConfig,
+    *,
+    axis: int | Sequence[int] = -1,
+    dtype: Any = None,
+    mask: Array | None = None,
+) -> tuple[Array, MABNState, dict[str, Array]]:
     """:func:`mabn_train` that also returns the step's forward statistics.
 
     ``stats`` maps names to per-channel arrays (a leading ``[G]`` axis with
@@ -275,19 +302,31 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     ghost = split.groups > 1
     split = S.with_group_axis(split)  # [G, ...]: one code path for G = 1 too
     sdt = S.stat_dtype(x.dtype, state.var_window.dtype, cfg.force_float32_reductions)
-    mean_b, var_b = S.moments(split.x.astype(sdt), split, use_mean=cfg.centered,
-                              use_fast_variance=cfg.use_fast_variance,
-                              axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    mean_b, var_b = S.moments(
+        split.x.astype(sdt),
+        split,
+        use_mean=cfg.centered,
+        use_fast_variance=cfg.use_fast_variance,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
+    )
     var_b, empty = S.fill_empty(split, var_b, state.ema_var)
     mean_b, _ = S.fill_empty(split, mean_b, state.ema_mean)
-    phase = jax.vmap(_phase, (0, None))(
-        as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
+    phase = jax.vmap(_phase, (0, None))(as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
     sl = _slide(phase.slot_mask)
     mean_w, var_w, mean, var = _forward_windows(state, sl, phase.use_batch, mean_b, var_b)
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _emas(state, var, mean, ghost, cfg)
-    r, d = S.renorm_factors(var, ema_var_used, mean, ema_mean_used, r_max=cfg.r_max,
-                            d_max=cfg.d_max, epsilon=cfg.epsilon, active=phase.renorm,
-                            stop_gradient=False)  # constants to the VJP, not to 2nd order
+    r, d = S.renorm_factors(
+        var,
+        ema_var_used,
+        mean,
+        ema_mean_used,
+        r_max=cfg.r_max,
+        d_max=cfg.d_max,
+        epsilon=cfg.epsilon,
+        active=phase.renorm,
+        stop_gradient=False,
+    )  # constants to the VJP, not to 2nd order
 
     # An unrecorded (reserved) slot or a poisoned state shows in psi_window: NaN output.
     healthy = S.all_finite(state.psi_window)
@@ -300,19 +339,36 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
     reserve = lambda w: jnp.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
-        _advance(state.step, split.groups, cfg.buffer_size), var_w, reserve(state.psi_window),
-        ema_var, state.skipped, mean_w,
-        None if state.g_window is None else reserve(state.g_window), ema_mean)
+        _advance(state.step, split.groups, cfg.buffer_size),
+        var_w,
+        reserve(state.psi_window),
+        ema_var,
+        state.skipped,
+        mean_w,
+        None if state.g_window is None else reserve(state.g_window),
+        ema_mean,
+    )
     new_state = S.select(ok, new_state, state._replace(skipped=state.skipped + 1))
 
-    ctx = _Ctx(mean, inv, r, d, state.psi_window, state.g_window, phase.slot_mask,
-               phase.use_batch, _count(split, sdt), split.mask)
+    ctx = _Ctx(
+        mean,
+        inv,
+        r,
+        d,
+        state.psi_window,
+        state.g_window,
+        phase.slot_mask,
+        phase.use_batch,
+        _count(split, sdt),
+        split.mask,
+    )
     check_probes_vary(probes.psi, inv, cfg.axis_name)
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     x_axes = varying_axes(x)
     scale, bias = vary_like(scale, x_axes), vary_like(bias, x_axes)
-    spec = _Spec(split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg,
-                 recorded)
+    spec = _Spec(
+        split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg, recorded
+    )
     try:
         normalize = _normalize if cfg.axis_name is None else _normalize_named
         y = normalize(spec, split.x, scale, bias, probes, ctx)
@@ -323,8 +379,16 @@ def mabn_train_with_stats(x: Array, scale: Array | None, bias: Array | None,
     squeeze = (lambda v: v) if ghost else (lambda v: v[0])
     stats: dict[str, Any]  # Arrays (mean_b, mean, d are not None when centered)
     if cfg.centered:
-        stats = dict(mu_B=mean_b, sigma2_B=var_b, mu=mean, sigma2=var,
-                     ema_mean=ema_mean_used, ema_var=ema_var_used, r=r, d=d)
+        stats = dict(
+            mu_B=mean_b,
+            sigma2_B=var_b,
+            mu=mean,
+            sigma2=var,
+            ema_mean=ema_mean_used,
+            ema_var=ema_var_used,
+            r=r,
+            d=d,
+        )
     else:
         stats = dict(chi2_B=var_b, chi2=var, ema_x2=ema_var_used, r=r)
     return y.reshape(x.shape), new_state, {k: squeeze(v) for k, v in stats.items()}
@@ -340,6 +404,7 @@ def _count(split: S.Split, dtype) -> Array:
 def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
     """((new ema_var, ema_var r sees), (new ema_mean, ema_mean d sees)), the
     latter per group."""
+
     def track(old, new):
         if old is None:
             return None, None
@@ -347,10 +412,14 @@ def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
             # The authors' simulated-small-batch layer: one update per call with the
             # groups' mean, which the first call takes as the EMA outright.
             target = new.mean(0)
-            updated = jnp.where(as_count(state.step) == 0, target.astype(old.dtype),
-                                S.ema(old, target, cfg.momentum))
+            updated = jnp.where(
+                as_count(state.step) == 0,
+                target.astype(old.dtype),
+                S.ema(old, target, cfg.momentum),
+            )
             return updated, jnp.broadcast_to(old, new.shape)
         return S.ema_per_group(old, new, cfg.momentum, grouped=True)
+
     return track(state.ema_var, var), track(state.ema_mean, mean)
 
 
@@ -381,8 +450,9 @@ def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
 def _normalize_bwd(spec: _Spec, res, dy):
     x, scale, bias, probes, ctx = res
     sums, dscale, dbias = _local_sums(spec, res, dy)
-    sync = functools.partial(S.pmean, axis_name=spec.config.axis_name,
-                             axis_index_groups=spec.config.axis_index_groups)
+    sync = functools.partial(
+        S.pmean, axis_name=spec.config.axis_name, axis_index_groups=spec.config.axis_index_groups
+    )
     dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sync(sums))
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
@@ -400,16 +470,22 @@ def _local_sums(spec: _Spec, res, dy):
     # into one pass over (x, dy) instead of materializing z first. The barrier
     # keeps μ̃'s (per-channel) select out of that fusion; otherwise XLA CPU
     # writes x − μ̃ to memory before reducing.
-    xc = (x.astype(dtype) if ctx.mean is None
-          else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean)))
+    xc = (
+        x.astype(dtype)
+        if ctx.mean is None
+        else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean))
+    )
     sum_dyz = (dy * xc).sum(spec.reduction_axes) * ctx.inv
     a = scale * ctx.r  # ĝ = dy · a
     dscale = ctx.r * sum_dyz
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
     dscale, dbias = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
-    return (jnp.stack([a * sum_dyz, a * sum_dy]), dscale.astype(scale.dtype),
-            dbias.astype(bias.dtype))
+    return (
+        jnp.stack([a * sum_dyz, a * sum_dy]),
+        dscale.astype(scale.dtype),
+        dbias.astype(bias.dtype),
+    )
 
 
 def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
@@ -445,9 +521,11 @@ def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         g, g_cot = windowed(ctx.g_window, sums[1])
         dxs = dxs - keep(b(g))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
-    dprobes = Probes(probe_cotangent(psi_cot, probes.psi),
-                     None if g_cot is None else probe_cotangent(g_cot, probes.g),
-                     None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale))
+    dprobes = Probes(
+        probe_cotangent(psi_cot, probes.psi),
+        None if g_cot is None else probe_cotangent(g_cot, probes.g),
+        None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale),
+    )
     return dx, dprobes
 
 
@@ -487,7 +565,8 @@ def _enter_fwd(spec: _Spec, x, scale, probes, ctx, probe_weight):
     # of the per-instance sums, not to their total.
     first = lax.stop_gradient(x.reshape(-1)[0])
     zeros = jnp.zeros((2,) + ctx.inv.shape, ctx.inv.dtype) + jnp.where(
-        first == first, 0.0, 0.0).astype(ctx.inv.dtype)
+        first == first, 0.0, 0.0
+    ).astype(ctx.inv.dtype)
     out = (x.astype(_carry_dtype(spec, x)), vary_like(zeros, varying_axes(x)))
     return out, (x, scale, probes, ctx, probe_weight)
 
@@ -497,8 +576,7 @@ def _enter_bwd(spec: _Spec, res, cts):
     dy, sums = cts
     dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sums, probe_weight)
     # γ's gradient comes from _normalize_synced (it is an input here only for ĝ).
-    return (dx, jnp.zeros_like(scale), dprobes, jax.tree_util.tree_map(lambda _: None, ctx),
-            None)
+    return (dx, jnp.zeros_like(scale), dprobes, jax.tree_util.tree_map(lambda _: None, ctx), None)
 
 
 _enter.defvjp(_enter_fwd, _enter_bwd)
@@ -517,8 +595,7 @@ def _normalize_synced_fwd(spec: _Spec, x, scale, bias, ctx, synced):
 def _normalize_synced_bwd(spec: _Spec, res, dy):
     x, scale, bias, _, ctx = res
     sums, dscale, dbias = _local_sums(spec, res, dy)
-    return (dy.astype(x.dtype), dscale, dbias, jax.tree_util.tree_map(lambda _: None, ctx),
-            sums)
+    return (dy.astype(x.dtype), dscale, dbias, jax.tree_util.tree_map(lambda _: None, ctx), sums)
 
 
 _normalize_synced.defvjp(_normalize_synced_fwd, _normalize_synced_bwd)
@@ -548,26 +625,33 @@ def _probe_weight(x, probe):
 
 
 def _check_probes(probes: Probes, state: MABNState) -> None:
-    for name, probe, window in (("psi", probes.psi, state.psi_window),
-                                ("g", probes.g, state.g_window)):
+    for name, probe, window in (
+        ("psi", probes.psi, state.psi_window),
+        ("g", probes.g, state.g_window),
+    ):
         if (probe is None) != (window is None) or (
-                probe is not None and window is not None
-                and tuple(probe.shape) != tuple(window.shape)):
+            probe is not None and window is not None and tuple(probe.shape) != tuple(window.shape)
+        ):
             got = None if probe is None else tuple(probe.shape)
             want = None if window is None else tuple(window.shape)
-            lifted = got and want and len(got) > len(want) and got[-len(want):] == want
-            fix = ("the probes have leading axes the state lacks: under nn.scan/nn.vmap, "
-                   "lift params over the same axes as batch_stats (e.g. variable_axes="
-                   "{'params': 0, 'batch_stats': 0}), as value_and_grad puts the probes in "
-                   "params" if lifted else
-                   "build the probes from this layer's own state with init_probes(state) "
-                   "(or mabn_jax.init_probes(batch_stats) for a model)")
-            raise ValueError(f"MABN: probe {name!r} has shape {got} but this layer's window "
-                             f"is {want}; {fix}.")
+            lifted = got and want and len(got) > len(want) and got[-len(want) :] == want
+            fix = (
+                "the probes have leading axes the state lacks: under nn.scan/nn.vmap, "
+                "lift params over the same axes as batch_stats (e.g. variable_axes="
+                "{'params': 0, 'batch_stats': 0}), as value_and_grad puts the probes in "
+                "params"
+                if lifted
+                else "build the probes from this layer's own state with init_probes(state) "
+                "(or mabn_jax.init_probes(batch_stats) for a model)"
+            )
+            raise ValueError(
+                f"MABN: probe {name!r} has shape {got} but this layer's window is {want}; {fix}."
+            )
 
 
-def inference_affine(scale: Array, bias: Array, state: MABNState,
-                     epsilon: float) -> tuple[Array, Array]:
+def inference_affine(
+    scale: Array, bias: Array, state: MABNState, epsilon: float
+) -> tuple[Array, Array]:
     """``(a, c)`` such that inference is ``y = a · x + c`` per channel.
 
     Example:
@@ -583,8 +667,9 @@ def inference_affine(scale: Array, bias: Array, state: MABNState,
     return affine_from_ema(scale, bias, state.ema_var, state.ema_mean, epsilon)
 
 
-def affine_from_ema(scale: Array, bias: Array, ema_var: Array, ema_mean: Array | None,
-                    epsilon: float) -> tuple[Array, Array]:
+def affine_from_ema(
+    scale: Array, bias: Array, ema_var: Array, ema_mean: Array | None, epsilon: float
+) -> tuple[Array, Array]:
     """``a = γ / sqrt(ema_var + ε)``, ``c = β − a · ema_mean`` (``β`` without a mean)."""
     a = scale * lax.rsqrt(ema_var.astype(scale.dtype) + epsilon)
     if ema_mean is None:
@@ -592,9 +677,16 @@ def affine_from_ema(scale: Array, bias: Array, ema_var: Array, ema_mean: Array |
     return a, bias - a * ema_mean.astype(scale.dtype)
 
 
-def mabn_inference(x: Array, scale: Array | None, bias: Array | None, state: MABNState,
-                   config: MABNConfig, *, axis: int | Sequence[int] = -1,
-                   dtype: Any = None) -> Array:
+def mabn_inference(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    state: MABNState,
+    config: MABNConfig,
+    *,
+    axis: int | Sequence[int] = -1,
+    dtype: Any = None,
+) -> Array:
     """The inference map: ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``
     (``ema_mean = 0`` for the plain layer), one per-channel affine function.
 
@@ -613,7 +705,8 @@ def mabn_inference(x: Array, scale: Array | None, bias: Array | None, state: MAB
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     check_state(state, config, feature_shape)
     sdt = S.stat_dtype(x.dtype, state.var_window.dtype)
-    a, c = inference_affine(*S.affine_params(scale, bias, feature_shape, sdt), state,
-                            config.epsilon)
+    a, c = inference_affine(
+        *S.affine_params(scale, bias, feature_shape, sdt), state, config.epsilon
+    )
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=feature_axes)
     return (x.astype(sdt) * b(a) + b(c)).astype(dtype or x.dtype)

@@ -3,7 +3,7 @@ its trained statistics (the NNX side of :mod:`mabn_jax.convert`).
 
 One call, in place, no edit of the model's source::
 
-    mabn_jax.nnx.replace_batchnorm(model)         # every nnx.BatchNorm -> MABN
+    mabn_jax.nnx.replace_batchnorm(model)  # every nnx.BatchNorm -> MABN
 
 Which MABN: the centered one, for the reason given in :mod:`mabn_jax.convert`
 (the plain layer normalizes by ``E[x²] = σ² + μ²`` and belongs after
@@ -37,20 +37,29 @@ def _converted(bn: nnx.BatchNorm, config: dict[str, Any]) -> MABN:
     ``bn``'s own ``scale``/``bias`` variables and its statistics as state."""
     attrs = {name: getattr(bn, name) for name in _OVERRIDABLE}
     attrs.update(config)
-    layer = MABN(bn.num_features, rngs=nnx.Rngs(0), use_running_average=bn.use_running_average,
-                 axis=bn.axis, dtype=bn.dtype, param_dtype=bn.param_dtype,
-                 use_bias=bn.use_bias, use_scale=bn.use_scale, promote_dtype=bn.promote_dtype,
-                 epsilon=bn.epsilon,
-                 # nnx.BatchNorm reduces in float32 (flax's _compute_stats default).
-                 force_float32_reductions=getattr(bn, "force_float32_reductions", True),
-                 **attrs)
+    layer = MABN(
+        bn.num_features,
+        rngs=nnx.Rngs(0),
+        use_running_average=bn.use_running_average,
+        axis=bn.axis,
+        dtype=bn.dtype,
+        param_dtype=bn.param_dtype,
+        use_bias=bn.use_bias,
+        use_scale=bn.use_scale,
+        promote_dtype=bn.promote_dtype,
+        epsilon=bn.epsilon,
+        # nnx.BatchNorm reduces in float32 (flax's _compute_stats default).
+        force_float32_reductions=getattr(bn, "force_float32_reductions", True),
+        **attrs,
+    )
     # The variables themselves move over (their metadata, e.g. sharding, kept).
     layer.scale, layer.bias = bn.scale, bn.bias
     mean, var = bn.mean[...], bn.var[...]
     # Layers made under nnx.vmap hold stacked statistics: [*lead, features].
     lead = mean.ndim - 1
-    state = state_from_batchnorm(mean, var, config_of(MABNConfig, layer), lead=lead,
-                                 dtype=_shell.state_dtype(bn.param_dtype))
+    state = state_from_batchnorm(
+        mean, var, config_of(MABNConfig, layer), lead=lead, dtype=_shell.state_dtype(bn.param_dtype)
+    )
     for name, value in _state.to_mapping(state).items():
         setattr(layer, name, nnx.BatchStat(value))
     return layer
@@ -65,8 +74,11 @@ def _children(node):
     if isinstance(node, dict):
         return [(k, v) for k, v in node.items() if isinstance(v, _WALKED)]
     children = dict(nnx.iter_children(node))
-    children.update((k, v) for k, v in vars(node).items()
-                    if isinstance(v, (list, dict, tuple)) and not k.startswith("_pytree__"))
+    children.update(
+        (k, v)
+        for k, v in vars(node).items()
+        if isinstance(v, (list, dict, tuple)) and not k.startswith("_pytree__")
+    )
     return list(children.items())
 
 
@@ -161,13 +173,17 @@ def replace_batchnorm(model: nnx.Module, **mabn_config) -> nnx.Module:
         True
     """
     if isinstance(model, nnx.BatchNorm):
-        raise TypeError("mabn_jax.nnx.replace_batchnorm: the model is itself an nnx.BatchNorm, "
-                        "which cannot be replaced in place; call it on a module that holds "
-                        "the BatchNorm (or build a mabn_jax.nnx.MABN).")
+        raise TypeError(
+            "mabn_jax.nnx.replace_batchnorm: the model is itself an nnx.BatchNorm, "
+            "which cannot be replaced in place; call it on a module that holds "
+            "the BatchNorm (or build a mabn_jax.nnx.MABN)."
+        )
     if not isinstance(model, nnx.Pytree):
-        raise TypeError(f"mabn_jax.nnx.replace_batchnorm: expected an NNX model (an "
-                        f"nnx.Module), got {type(model).__name__}; for flax.linen use "
-                        "mabn_jax.replace_batchnorm(module).")
+        raise TypeError(
+            f"mabn_jax.nnx.replace_batchnorm: expected an NNX model (an "
+            f"nnx.Module), got {type(model).__name__}; for flax.linen use "
+            "mabn_jax.replace_batchnorm(module)."
+        )
     config = converter_config(mabn_config, "mabn_jax.nnx.replace_batchnorm")
     _replace_in(model, config, {})
     return model

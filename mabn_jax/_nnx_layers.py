@@ -30,11 +30,20 @@ from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 Array = jax.Array
 _Arrays = TypeVar("_Arrays", bound=tuple)  # flax.typing.PromoteDtypeFn's TupleArg
 
-__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "Probe", "Statistic",
-           "PROBE_NAMES"]
+__all__ = [
+    "MABN",
+    "BatchRenorm",
+    "CenteredConv",
+    "CenteredLinear",
+    "Probe",
+    "Statistic",
+    "PROBE_NAMES",
+]
 
-_EXPLICIT = ("num_features, rngs, use_running_average, axis, dtype, param_dtype, use_bias, "
-             "use_scale, bias_init, scale_init, bias_metadata, scale_metadata, promote_dtype")
+_EXPLICIT = (
+    "num_features, rngs, use_running_average, axis, dtype, param_dtype, use_bias, "
+    "use_scale, bias_init, scale_init, bias_metadata, scale_metadata, promote_dtype"
+)
 
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # nnx.BatchNorm's
@@ -85,8 +94,9 @@ def keep_dtypes(arrays, dtype=None):
 PROBE_TOKEN = "mabn_probe_token"
 
 # The probe tokens of the layers applied in training mode inside the NNX helper.
-_TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar("mabn_nnx_trained",
-                                                                      default=None)
+_TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar(
+    "mabn_nnx_trained", default=None
+)
 
 
 #: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
@@ -96,14 +106,19 @@ PROBE_NAMES = ("psi_probe", "g_probe")
 def _with_config_signature(init: Callable, config_cls: type) -> Callable:
     """``init`` with the config's fields (and defaults) shown as keyword-only
     parameters (``help``, IDEs); it takes them as ``**hyper``."""
+
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
 
     sig = inspect.signature(init)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                 annotation=f.type) for f in dataclasses.fields(config_cls)]
+    params += [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in dataclasses.fields(config_cls)
+    ]
     __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return __init__
 
@@ -112,8 +127,10 @@ def _feature_shape(layer: str, num_features, axis) -> tuple[int, ...]:
     shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     if len(shape) != len(axes) or not all(isinstance(n, int) and n >= 1 for n in shape):
-        raise ValueError(f"{layer}: num_features={num_features!r} does not fit axis={axis!r}; "
-                         "give one positive int per feature axis (an int for one axis).")
+        raise ValueError(
+            f"{layer}: num_features={num_features!r} does not fit axis={axis!r}; "
+            "give one positive int per feature axis (an int for one axis)."
+        )
     return shape
 
 
@@ -122,22 +139,37 @@ class _Norm(nnx.Module):
 
     _config_cls: type
 
-    def __init__(self, num_features: int | Sequence[int], *,
-                 use_running_average: bool | None = False, axis: int | Sequence[int] = -1,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
-                 use_scale: bool = True,
-                 bias_init: Callable = _ZEROS,
-                 scale_init: Callable = _ONES, rngs: nnx.Rngs,
-                 bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 promote_dtype: Callable = keep_dtypes, **hyper):
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable = _ZEROS,
+        scale_init: Callable = _ONES,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        promote_dtype: Callable = keep_dtypes,
+        **hyper,
+    ):
         layer = type(self).__name__
         config = _shell.make_config(self._config_cls, hyper, layer, _EXPLICIT)
         feature_shape = _feature_shape(layer, num_features, axis)
-        self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
-                                **scale_metadata) if use_scale else nnx.data(None))
-        self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
-                               **bias_metadata) if use_bias else nnx.data(None))
+        self.scale = (
+            nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
+            if use_scale
+            else nnx.data(None)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
+            if use_bias
+            else nnx.data(None)
+        )
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -167,7 +199,8 @@ class _Norm(nnx.Module):
             raise ValueError(
                 f"No `use_running_average` was given to {layer}: pass it to the constructor "
                 "or the call, or use model.train() / model.eval() / nnx.view(model, "
-                "use_running_average=...).")
+                "use_running_average=...)."
+            )
         x = jnp.asarray(x)
         feature_axes = S.canonicalize_axes(x.ndim, self.axis, layer)
         got = tuple(x.shape[a] for a in feature_axes)
@@ -177,11 +210,13 @@ class _Norm(nnx.Module):
                 f"{layer}: input of shape {x.shape} has features {got} along axis={self.axis} "
                 f"but the layer was built with num_features={self.num_features}; build it "
                 f"with num_features={got[0] if len(got) == 1 else got}, or put the features "
-                "on `axis`.")
+                "on `axis`."
+            )
         # The incoming state is not a parameter: no gradient flows into it (as for
         # nnx.BatchNorm, whose training output does not depend on its state).
-        stored = {name: jax.lax.stop_gradient(getattr(self, name)[...])
-                  for name in self._state_names}
+        stored = {
+            name: jax.lax.stop_gradient(getattr(self, name)[...]) for name in self._state_names
+        }
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         # nnx.BatchNorm's hook, called as it calls it; the state keeps its dtype.
@@ -287,8 +322,9 @@ class MABN(_Norm):
         centered = self.centered  # type: ignore[attr-defined]  # set from the config
         return ("ema_mean", "ema_var") if centered else ("ema_mean", "ema_x2")
 
-    def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         """Normalizes ``x``; in training mode also advances the state.
 
         Args:
@@ -300,11 +336,20 @@ class MABN(_Norm):
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
         state = _state.as_state(stored)
         if inference:
-            return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
-                                        dtype=self.dtype)
+            return _mabn.mabn_inference(
+                x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
+            )
         y, new_state, stats = _mabn.mabn_train_with_stats(
-            x, scale, bias, state, self._probes(), config, axis=self.axis, dtype=self.dtype,
-            mask=mask)
+            x,
+            scale,
+            bias,
+            state,
+            self._probes(),
+            config,
+            axis=self.axis,
+            dtype=self.dtype,
+            mask=mask,
+        )
         self._store(_state.to_mapping(new_state), stats)
         return y
 
@@ -322,7 +367,8 @@ class MABN(_Norm):
                 "or differentiate w.r.t. it too (argnums=(0, 1)). If the model was split "
                 "before the gradient and is merged inside the loss, the helper cannot reach "
                 "its layers: call mabn_jax.nnx.attach_probes(model) before the model is "
-                "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md).")
+                "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md)."
+            )
         if psi is None:
             return None
         token = psi.get_metadata().get(PROBE_TOKEN)
@@ -346,7 +392,8 @@ _LOOP_FIX = (
     "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
     "window step, in one call), or accumulate gradients across steps outside the loss "
     "(e.g. optax.MultiSteps); a loop over layers stacks them (nnx.vmap to create, "
-    "nnx.scan with nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None})).")
+    "nnx.scan with nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None}))."
+)
 
 
 class BatchRenorm(_Norm):
@@ -384,17 +431,19 @@ class BatchRenorm(_Norm):
     def _initial_state(feature_shape, config, param_dtype) -> Mapping[str, Array]:
         return _brn.init_state(feature_shape, _shell.state_dtype(param_dtype))._asdict()
 
-    def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         """Normalizes ``x``; in training mode also advances the state."""
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
         state = _brn.BatchRenormState(**stored)
         if inference:
-            return _brn.batch_renorm_inference(x, scale, bias, state, config, axis=self.axis,
-                                               dtype=self.dtype)
-        y, new_state, stats = _brn.batch_renorm_train(x, scale, bias, state, config,
-                                                      axis=self.axis, dtype=self.dtype,
-                                                      mask=mask)
+            return _brn.batch_renorm_inference(
+                x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
+            )
+        y, new_state, stats = _brn.batch_renorm_train(
+            x, scale, bias, state, config, axis=self.axis, dtype=self.dtype, mask=mask
+        )
         self._store(new_state._asdict(), stats)
         return y
 
@@ -452,10 +501,13 @@ class CenteredConv(nnx.Conv):
     """
 
     @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))  # type: ignore[misc]
-    def __init__(self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, mask=None,
-                 **kwargs):
+    def __init__(
+        self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, mask=None, **kwargs
+    ):
         if mask is not None:
-            raise ValueError("CenteredConv: mask is not supported: the centered kernel "
-                             "W - mean(W) is nonzero where the mask is zero. Use nnx.Conv "
-                             "with mask, or leave mask=None.")
+            raise ValueError(
+                "CenteredConv: mask is not supported: the centered kernel "
+                "W - mean(W) is nonzero where the mask is zero. Use nnx.Conv "
+                "with mask, or leave mask=None."
+            )
         super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)

@@ -59,8 +59,10 @@ def attach_probes(model) -> nnx.State:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
+      ... )
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
       >>> probes = mabn_jax.nnx.attach_probes(model)
@@ -89,7 +91,8 @@ def _attach(model, k: int) -> nnx.State:
                 f"MABN layer {_name(path)!r} already has probes attached: the previous "
                 "step's record_backward_stats(model, grads, previous) was not called, so its "
                 "backward statistics are missing. Call it once after every gradient, or use "
-                "mabn_jax.nnx.value_and_grad, which does both.")
+                "mabn_jax.nnx.value_and_grad, which does both."
+            )
         state = _layer_state(layer)
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
@@ -111,8 +114,9 @@ def _at(tree, path: Path, what: str, fix: str):
         for key in path:
             tree = _step_into(tree, key)
     except (KeyError, TypeError, IndexError, AttributeError):
-        raise ValueError(f"record_backward_stats: {what} has no entry {_name(path)!r}; "
-                         f"{fix}") from None
+        raise ValueError(
+            f"record_backward_stats: {what} has no entry {_name(path)!r}; {fix}"
+        ) from None
     return tree[...] if isinstance(tree, nnx.Variable) else tree
 
 
@@ -141,23 +145,30 @@ def record_backward_stats(model, grads, previous) -> None:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
+      ... )
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
       >>> probes = mabn_jax.nnx.attach_probes(model)
     """
-    grad_fix = ("differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
-                "mabn_jax.nnx.Probe)) so the probes' gradients are in grads.")
+    grad_fix = (
+        "differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
+        "mabn_jax.nnx.Probe)) so the probes' gradients are in grads."
+    )
     prev_fix = "pass the State that attach_probes(model) returned before this step."
     for path, layer in _layers(model):
         if not hasattr(layer, PROBE_NAMES[0]):
-            raise ValueError(f"record_backward_stats: MABN layer {_name(path)!r} has no probes "
-                             "attached; call attach_probes(model) before each step, and "
-                             "record once per step.")
+            raise ValueError(
+                f"record_backward_stats: MABN layer {_name(path)!r} has no probes "
+                "attached; call attach_probes(model) before each step, and "
+                "record once per step."
+            )
         new = _layer_state(layer)
-        before = _state.as_state({k: _at(previous, path + (k,), "previous", prev_fix)
-                                  for k in layer._state_names})
+        before = _state.as_state(
+            {k: _at(previous, path + (k,), "previous", prev_fix) for k in layer._state_names}
+        )
         grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
         psi, g = PROBE_NAMES
         probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None)
@@ -175,9 +186,11 @@ def _positional(f: Callable, args: tuple, kw: dict[str, Any]) -> tuple:
     bound = inspect.signature(f).bind(*args, **kw)
     bound.apply_defaults()
     if bound.kwargs:
-        raise TypeError(f"mabn_jax.nnx.value_and_grad: {getattr(f, '__name__', f)!r} got "
-                        f"keyword-only arguments {sorted(bound.kwargs)}; make them "
-                        "positional: the gradient selects its arguments by position.")
+        raise TypeError(
+            f"mabn_jax.nnx.value_and_grad: {getattr(f, '__name__', f)!r} got "
+            f"keyword-only arguments {sorted(bound.kwargs)}; make them "
+            "positional: the gradient selects its arguments by position."
+        )
     return bound.args
 
 
@@ -187,8 +200,11 @@ def _without_probes(grads):
     if isinstance(grads, nnx.Module):
         _detach(grads)
         return grads
-    return jax.tree.map(lambda s: nnx.split_state(s, Probe, ...)[1], grads,
-                        is_leaf=lambda s: isinstance(s, nnx.State))
+    return jax.tree.map(
+        lambda s: nnx.split_state(s, Probe, ...)[1],
+        grads,
+        is_leaf=lambda s: isinstance(s, nnx.State),
+    )
 
 
 _STALE_AXES = (
@@ -199,7 +215,8 @@ _STALE_AXES = (
     "backward statistics leave the gradient through them). Build them inside the loss "
     "function, e.g. axes = nnx.prefix(model, {...}) there, or use filters, e.g. "
     "nnx.StateAxes({nnx.BatchStat: 0, ...: None}) (a Probe is an nnx.BatchStat, so it "
-    "gets the state's axes).")
+    "gets the state's axes)."
+)
 
 
 def _is_prefix_mismatch(error: Exception) -> bool:
@@ -214,7 +231,8 @@ _BROADCAST_STATE = (
     "summed into one window slot. Give the layer's state the axis of its parameters, "
     "e.g. nnx.StateAxes({{(nnx.Param, nnx.BatchStat): 0, ...: None}}) (mabn_jax.nnx.Probe "
     "is an nnx.BatchStat), so that each application has its own layer; or apply a shared "
-    "layer once per step.")
+    "layer once per step."
+)
 
 
 def _with_probes(argnum):
@@ -224,8 +242,9 @@ def _with_probes(argnum):
     return nnx.DiffState(argnum, nnx.Any(nnx.Param, Probe))
 
 
-def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
-                   has_aux: bool = False, **kwargs) -> Callable:
+def value_and_grad(
+    f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False, **kwargs
+) -> Callable:
     """``nnx.value_and_grad`` for models with MABN layers: a drop-in.
 
     ``f`` is the loss function of an ``nnx.BatchNorm`` train step, unchanged
@@ -256,8 +275,10 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
+      ... )
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
       >>> loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)
@@ -266,13 +287,16 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
     """
     tree_mode = kwargs.get("graph") is False
     if not tree_mode and kwargs.get("graph_updates") is False:
-        raise ValueError("mabn_jax.nnx.value_and_grad: graph_updates=False is not supported "
-                         "in graph mode: the probes are selected with nnx.DiffState, which "
-                         "needs graph updates (Flax's default), or tree mode (graph=False).")
+        raise ValueError(
+            "mabn_jax.nnx.value_and_grad: graph_updates=False is not supported "
+            "in graph mode: the probes are selected with nnx.DiffState, which "
+            "needs graph updates (Flax's default), or tree mode (graph=False)."
+        )
     single = isinstance(argnums, (int, nnx.DiffState))
     nums = (argnums,) if isinstance(argnums, (int, nnx.DiffState)) else tuple(argnums)
     # Tree mode differentiates every leaf of an argument, the probes included.
     probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
+
     @functools.wraps(f)
     def scoped(*args, **kw):  # each probe consumed once: one training call per layer
         direct = {}  # the differentiated probes as they enter the loss, by layer token
@@ -281,15 +305,18 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
                 psi, g = (getattr(layer, n, None) for n in PROBE_NAMES)
                 if isinstance(psi, Probe):
                     direct[psi.get_metadata().get(PROBE_TOKEN)] = _state.Probes(
-                        psi[...], None if g is None else g[...])
+                        psi[...], None if g is None else g[...]
+                    )
         with _shell.probe_scope(direct):
             return f(*args, **kw)
 
     def checked_grad_fn(models, *args):
         """``grad_fn``, and a layer applied in training mode whose new state
         never arrived (a transform broadcast it) raises here, at trace time."""
-        before = [{path: (layer.step[...], _probe_token(layer)) for path, layer in _layers(m)}
-                  for m in models]
+        before = [
+            {path: (layer.step[...], _probe_token(layer)) for path, layer in _layers(m)}
+            for m in models
+        ]
         token = _TRAINED.set(set())
         try:
             result = grad_fn(*args)
@@ -309,8 +336,9 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
                     raise ValueError(_BROADCAST_STATE.format(name=_name(path)))
         return result
 
-    grad_fn = nnx.value_and_grad(scoped, argnums=probed[0] if single else probed,
-                                 has_aux=has_aux, **kwargs)
+    grad_fn = nnx.value_and_grad(
+        scoped, argnums=probed[0] if single else probed, has_aux=has_aux, **kwargs
+    )
     indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
 
     @functools.wraps(f)
@@ -338,8 +366,9 @@ def value_and_grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0,
     return wrapped
 
 
-def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False,
-         **kwargs) -> Callable:
+def grad(
+    f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: bool = False, **kwargs
+) -> Callable:
     """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
     the value (``(grads, aux)`` with ``has_aux``).
 
@@ -347,12 +376,14 @@ def grad(f: Callable, *, argnums: int | nnx.DiffState | Sequence = 0, has_aux: b
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...                        mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)))
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
+      ... )
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
       >>> grads = mabn_jax.nnx.grad(loss_fn)(model)
-      >>> grads['layers'][0]['kernel'][...].shape
+      >>> grads["layers"][0]["kernel"][...].shape
       (2, 3)
     """
     value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)

@@ -51,16 +51,28 @@ __all__ = ["start_step", "state_from_batchnorm", "converter_config", "PLAIN_REFU
 
 # Structural or function-changing: taken from each batch norm, refused in a
 # converter's mabn_config (linen and NNX alike).
-REFUSED = ("epsilon", "axis", "use_bias", "use_scale", "param_dtype", "dtype",
-           "use_running_average", "bias_init", "scale_init", "force_float32_reductions",
-           "num_features", "promote_dtype")
+REFUSED = (
+    "epsilon",
+    "axis",
+    "use_bias",
+    "use_scale",
+    "param_dtype",
+    "dtype",
+    "use_running_average",
+    "bias_init",
+    "scale_init",
+    "force_float32_reductions",
+    "num_features",
+    "promote_dtype",
+)
 
 PLAIN_REFUSED = (
     "centered=False (the plain MABN) cannot replace a pretrained nn.BatchNorm: it "
     "normalizes by E[x²] = σ² + μ², equal to the variance only after weight-centralized "
     "convolutions, and centering a pretrained kernel changes the function it computes. "
     "Leave centered at its default (True) here; to train the paper's plain layer from "
-    "scratch, build the model with mabn_jax.CenteredConv and mabn_jax.MABN instead.")
+    "scratch, build the model with mabn_jax.CenteredConv and mabn_jax.MABN instead."
+)
 
 
 # What a converter's mabn_config takes.
@@ -76,7 +88,8 @@ def converter_config(mabn_config: Mapping[str, Any], caller: str) -> dict[str, A
             f"{caller}: {refused[0]!r} is taken from each batch norm (the converted model "
             "must compute what the batch norm model computes); change it in the model, not "
             "here. mabn_config takes MABN's hyper-parameters: "
-            f"{', '.join(_TAKEN)}.")
+            f"{', '.join(_TAKEN)}."
+        )
     config = dict(mabn_config)
     config.setdefault("centered", True)
     if config["centered"] is False:
@@ -91,8 +104,9 @@ def start_step(config: MABNConfig) -> int:
     return max(config.buffer_size, config.warmup_steps, config.renorm_start)
 
 
-def state_from_batchnorm(mean: Any, var: Any, config: MABNConfig, *, lead: int = 0,
-                         dtype: Any = jnp.float32) -> MABNState:
+def state_from_batchnorm(
+    mean: Any, var: Any, config: MABNConfig, *, lead: int = 0, dtype: Any = jnp.float32
+) -> MABNState:
     """The centered MABN state equivalent to a batch norm's ``(mean, var)``.
 
     Args:
@@ -107,13 +121,23 @@ def state_from_batchnorm(mean: Any, var: Any, config: MABNConfig, *, lead: int =
         raise ValueError(f"convert: {PLAIN_REFUSED}")
     mean, var = jnp.asarray(mean, dtype), jnp.asarray(var, dtype)
     if mean.shape != var.shape:
-        raise ValueError(f"convert: the batch norm's mean {mean.shape} and var {var.shape} "
-                         "have different shapes; pass one layer's batch_stats.")
+        raise ValueError(
+            f"convert: the batch norm's mean {mean.shape} and var {var.shape} "
+            "have different shapes; pass one layer's batch_stats."
+        )
     m = config.buffer_size
-    window = lambda v: jnp.broadcast_to(jnp.expand_dims(v, lead),
-                                        v.shape[:lead] + (m,) + v.shape[lead:])
+    window = lambda v: jnp.broadcast_to(
+        jnp.expand_dims(v, lead), v.shape[:lead] + (m,) + v.shape[lead:]
+    )
     zeros = jnp.zeros(mean.shape[:lead] + (m,) + mean.shape[lead:], dtype)
     counter = lambda value: jnp.full(mean.shape[:lead], value, dtype)
-    return MABNState(step=counter(start_step(config)), var_window=window(var),
-                     psi_window=zeros, ema_var=var, skipped=counter(0), mean_window=window(mean),
-                     g_window=zeros, ema_mean=mean)
+    return MABNState(
+        step=counter(start_step(config)),
+        var_window=window(var),
+        psi_window=zeros,
+        ema_var=var,
+        skipped=counter(0),
+        mean_window=window(mean),
+        g_window=zeros,
+        ema_mean=mean,
+    )

@@ -33,11 +33,11 @@ _NOT_ONE_APPLY_APART = (
     "probes of that same apply, and (3) previous= the state given to that apply, in "
     "that order, once per step; or use mabn_jax.value_and_grad, which does all three. "
     "(Under jit the result is a state of NaN statistics instead, so the next training "
-    "loss is NaN.)")
+    "loss is NaN.)"
+)
 
 
-def record_backward_stats(state: MABNState, probe_grads: Probes,
-                          previous: MABNState) -> MABNState:
+def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNState) -> MABNState:
     """Fills this step's reserved Ψ (g) slots from the probes' gradients.
 
     Args:
@@ -62,7 +62,7 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
       >>> scale, bias = jnp.ones(2), jnp.zeros(2)
       >>> def loss_fn(probes):
       ...     y, new_state = F.mabn_train(x, scale, bias, state, probes, config)
-      ...     return jnp.mean(y ** 2), new_state
+      ...     return jnp.mean(y**2), new_state
       >>> probe_grads, new_state = jax.grad(loss_fn, has_aux=True)(F.init_probes(state))
       >>> new_state = F.record_backward_stats(new_state, probe_grads, previous=state)
       >>> new_state.psi_window.shape
@@ -72,11 +72,16 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
     lead = state.step.ndim
 
     def fill(window, grads):
-        return None if window is None else jnp.where(jnp.isnan(window),
-                                                     grads.astype(window.dtype), window)
+        return (
+            None
+            if window is None
+            else jnp.where(jnp.isnan(window), grads.astype(window.dtype), window)
+        )
 
-    filled = state._replace(psi_window=fill(state.psi_window, probe_grads.psi),
-                            g_window=fill(state.g_window, probe_grads.g))
+    filled = state._replace(
+        psi_window=fill(state.psi_window, probe_grads.psi),
+        g_window=fill(state.g_window, probe_grads.g),
+    )
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead)
     result = S.select(ok, filled, previous._replace(skipped=previous.skipped + 1))
     consistent = _one_apply_apart(state, previous, probe_grads)
@@ -86,8 +91,19 @@ def record_backward_stats(state: MABNState, probe_grads: Probes,
         inconsistent = False
     if inconsistent:
         raise ValueError(_NOT_ONE_APPLY_APART)
-    poisoned = result._replace(**{name: _nan_like(getattr(result, name)) for name in (
-        "var_window", "psi_window", "ema_var", "mean_window", "g_window", "ema_mean")})
+    poisoned = result._replace(
+        **{
+            name: _nan_like(getattr(result, name))
+            for name in (
+                "var_window",
+                "psi_window",
+                "ema_var",
+                "mean_window",
+                "g_window",
+                "ema_mean",
+            )
+        }
+    )
     return S.select(consistent, result, poisoned)
 
 
@@ -95,8 +111,7 @@ def _nan_like(a):
     return None if a is None else jnp.full_like(a, jnp.nan)
 
 
-def _one_apply_apart(new: MABNState, previous: MABNState,
-                     probe_grads: Probes) -> jax.Array:
+def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -> jax.Array:
     """Whether ``new`` is ``previous`` after one training step (per leading index).
 
     A step advances ``step`` by its window steps and reserves that many slots
@@ -120,9 +135,19 @@ def _one_apply_apart(new: MABNState, previous: MABNState,
     # mean the layer did not step; zero probe gradients tell a frozen layer from
     # the old tree passed as the new one. Reserved (NaN) slots, and the NaN of a
     # poisoned state, always show in psi_window: it is the one window checked.
-    untouched = (advance == 0) & (reserved == 0) & (skips == 0) & functools.reduce(
-        jnp.logical_and, [(g == 0).all(axis=tuple(range(lead, g.ndim)))
-                          for g in (probe_grads.psi, probe_grads.g) if g is not None])
+    untouched = (
+        (advance == 0)
+        & (reserved == 0)
+        & (skips == 0)
+        & functools.reduce(
+            jnp.logical_and,
+            [
+                (g == 0).all(axis=tuple(range(lead, g.ndim)))
+                for g in (probe_grads.psi, probe_grads.g)
+                if g is not None
+            ],
+        )
+    )
     clean = S.all_finite(previous.psi_window, lead_axes=lead)
     return clean & (stepped | skipped | untouched)
 
@@ -130,17 +155,25 @@ def _one_apply_apart(new: MABNState, previous: MABNState,
 def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:
     """Same layer for all three (trace time): variant and shapes."""
     if not isinstance(previous, MABNState):
-        raise TypeError("record_backward_stats: previous must be the state given to the "
-                        f"training step, got {type(previous).__name__}.")
-    pairs = [("previous", previous.psi_window, state.psi_window),
-             ("probe_grads.psi", probe_grads.psi, state.psi_window)]
+        raise TypeError(
+            "record_backward_stats: previous must be the state given to the "
+            f"training step, got {type(previous).__name__}."
+        )
+    pairs = [
+        ("previous", previous.psi_window, state.psi_window),
+        ("probe_grads.psi", probe_grads.psi, state.psi_window),
+    ]
     if state.centered != previous.centered or state.centered != (probe_grads.g is not None):
-        raise ValueError("record_backward_stats: state, previous and probe_grads mix centered "
-                         "and plain layers; pass the three trees of one layer and one step.")
+        raise ValueError(
+            "record_backward_stats: state, previous and probe_grads mix centered "
+            "and plain layers; pass the three trees of one layer and one step."
+        )
     if probe_grads.g is not None and state.g_window is not None:  # centered (checked above)
         pairs.append(("probe_grads.g", probe_grads.g, state.g_window))
     for name, got, want in pairs:
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"record_backward_stats: {name} has shape {tuple(got.shape)} but "
-                             f"the state's window is {tuple(want.shape)}; pass the trees of "
-                             "one layer and one step.")
+            raise ValueError(
+                f"record_backward_stats: {name} has shape {tuple(got.shape)} but "
+                f"the state's window is {tuple(want.shape)}; pass the trees of "
+                "one layer and one step."
+            )

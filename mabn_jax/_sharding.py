@@ -47,6 +47,5 @@ def check_probes_vary(probe: Array, stat: Array, axis_name) -> None:
             f"but the state/probes are replicated over them (axis_name="
             f"{axis_name!r}). Either shard the batch_stats (and so the probes) over "
             "those axes, e.g. in_specs P('batch') on a leading device axis, to keep "
-            "per-device statistics, or set axis_name to the mesh axis to synchronize them.")
-
-
+            "per-device statistics, or set axis_name to the mesh axis to synchronize them."
+        )

@@ -23,9 +23,19 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["probe_scope", "in_helper", "direct_probes", "check_not_in_loop", "consume_probe",
-           "state_dtype", "initial_state", "missing_probes", "center_kernel", "make_config",
-           "to_dicts"]
+__all__ = [
+    "probe_scope",
+    "in_helper",
+    "direct_probes",
+    "check_not_in_loop",
+    "consume_probe",
+    "state_dtype",
+    "initial_state",
+    "missing_probes",
+    "center_kernel",
+    "make_config",
+    "to_dicts",
+]
 
 
 def state_dtype(param_dtype: Any) -> Any:
@@ -33,20 +43,23 @@ def state_dtype(param_dtype: Any) -> Any:
     return jnp.promote_types(param_dtype, jnp.float32)
 
 
-def initial_state(feature_shape: Sequence[int], config: MABNConfig,
-                  param_dtype: Any) -> dict[str, Array]:
+def initial_state(
+    feature_shape: Sequence[int], config: MABNConfig, param_dtype: Any
+) -> dict[str, Array]:
     """A fresh layer's ``batch_stats`` entries, by stored name (``_state.LAYOUTS``)."""
     return _state.to_mapping(_state.init_state(feature_shape, config, state_dtype(param_dtype)))
 
 
-def missing_probes(layer: str, *, helper: str, instead_of: str, low_level: str,
-                   evaluation: str) -> str:
+def missing_probes(
+    layer: str, *, helper: str, instead_of: str, low_level: str, evaluation: str
+) -> str:
     """The error of an MABN layer applied in training mode without probes."""
     return (
         f"MABN layer {layer!r} is applied in training mode without its probes, so its "
         "backward statistics could not be recorded. Compute the gradient with "
         f"{helper} in place of {instead_of}: it passes the probes and records the "
-        f"statistics. (Low-level API: {low_level}) For evaluation use {evaluation}.")
+        f"statistics. (Low-level API: {low_level}) For evaluation use {evaluation}."
+    )
 
 
 def center_kernel(kernel: Array) -> Array:
@@ -75,7 +88,8 @@ def make_config(cls: type, kwargs: Mapping[str, Any], layer: str, takes: str):
     if unknown:
         raise TypeError(
             f"{layer}: unexpected keyword argument {unknown[0]!r}. {layer} takes {takes}, "
-            f"and the hyper-parameters of {cls.__name__}: {', '.join(fields)}.")
+            f"and the hyper-parameters of {cls.__name__}: {', '.join(fields)}."
+        )
     return cls(**kwargs)
 
 
@@ -99,7 +113,8 @@ class _Scope:
 
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
-    "mabn_probe_scope", default=None)
+    "mabn_probe_scope", default=None
+)
 
 
 @contextlib.contextmanager
@@ -150,15 +165,19 @@ def check_not_in_loop(key, like, layer: str, *, fix: str) -> None:
     one window slot, and whose second iteration would read the first's
     unrecorded slots."""
     scope = _SCOPE.get()
-    if (scope is None or _own_probes(key, like) is None
-            or not _upstream.inside_loop_since(scope.trace)):
+    if (
+        scope is None
+        or _own_probes(key, like) is None
+        or not _upstream.inside_loop_since(scope.trace)
+    ):
         return
     raise ValueError(
         f"MABN layer {layer!r} is applied in training mode inside a loop body (lax.scan, "
         "lax.fori_loop, lax.while_loop, nnx.scan) in the loss, e.g. micro-batches for "
         "gradient accumulation: each iteration would be a window step whose backward "
         "statistics the next iteration needs before reverse mode has computed them, and "
-        "their probes' gradients are summed over the iterations. Instead, " + fix)
+        "their probes' gradients are summed over the iterations. Instead, " + fix
+    )
 
 
 def consume_probe(probe, layer: str, state=None, key=None) -> None:
@@ -181,7 +200,8 @@ def consume_probe(probe, layer: str, state=None, key=None) -> None:
             "training applies of the model with the same batch_stats, e.g. for two views "
             "of a batch): their backward statistics would be added into one window slot. "
             "Apply the model once per step, on the views concatenated into one batch (or "
-            "give each apply its own layers).")
+            "give each apply its own layers)."
+        )
     used[id(probe)] = probe
     if state is not None:
         used[id(state)] = state

@@ -19,8 +19,18 @@ from mabn_jax._config import MABNConfig
 
 Array = jax.Array
 
-__all__ = ["MABNState", "Probes", "LAYOUTS", "init_state", "init_probes", "to_mapping",
-           "from_mapping", "as_state", "layout_error", "check_state"]
+__all__ = [
+    "MABNState",
+    "Probes",
+    "LAYOUTS",
+    "init_state",
+    "init_probes",
+    "to_mapping",
+    "from_mapping",
+    "as_state",
+    "layout_error",
+    "check_state",
+]
 
 
 class MABNState(NamedTuple):
@@ -84,11 +94,23 @@ class Probes(NamedTuple):
 
 # Stored name -> MABNState field, in storage order.
 LAYOUTS: dict[bool, tuple[tuple[str, str], ...]] = {
-    False: (("step", "step"), ("x2_window", "var_window"), ("psi_window", "psi_window"),
-            ("ema_x2", "ema_var"), ("skipped", "skipped")),
-    True: (("step", "step"), ("mean_window", "mean_window"), ("var_window", "var_window"),
-           ("g_window", "g_window"), ("psi_window", "psi_window"), ("ema_mean", "ema_mean"),
-           ("ema_var", "ema_var"), ("skipped", "skipped")),
+    False: (
+        ("step", "step"),
+        ("x2_window", "var_window"),
+        ("psi_window", "psi_window"),
+        ("ema_x2", "ema_var"),
+        ("skipped", "skipped"),
+    ),
+    True: (
+        ("step", "step"),
+        ("mean_window", "mean_window"),
+        ("var_window", "var_window"),
+        ("g_window", "g_window"),
+        ("psi_window", "psi_window"),
+        ("ema_mean", "ema_mean"),
+        ("ema_var", "ema_var"),
+        ("skipped", "skipped"),
+    ),
 }
 _KEYS = {centered: frozenset(k for k, _ in names) for centered, names in LAYOUTS.items()}
 
@@ -113,9 +135,11 @@ def as_state(node: Mapping[str, Any]) -> MABNState:
     """The state in a layer's own ``batch_stats`` entry (its layout already checked)."""
     state = from_mapping(node)
     if state is None:
-        raise ValueError(f"mabn_jax: an MABN layer's state has fields {sorted(node)}, "
-                         f"expected those of {[k for k, _ in LAYOUTS[True]]} (centered) or "
-                         f"{[k for k, _ in LAYOUTS[False]]}; re-initialize the model.")
+        raise ValueError(
+            f"mabn_jax: an MABN layer's state has fields {sorted(node)}, "
+            f"expected those of {[k for k, _ in LAYOUTS[True]]} (centered) or "
+            f"{[k for k, _ in LAYOUTS[False]]}; re-initialize the model."
+        )
     return state
 
 
@@ -129,20 +153,27 @@ def layout_error(stored: Iterable[str], centered: bool) -> str | None:
     if keys == want:
         return None
     if keys | {"skipped"} == want:
-        return ("lacks 'skipped': it was written by a mabn_jax without the non-finite "
-                "skip counter. To keep its statistics, add 'skipped': jnp.zeros(()) to "
-                "each MABN layer of the restored batch_stats; otherwise re-initialize "
-                "with model.init")
+        return (
+            "lacks 'skipped': it was written by a mabn_jax without the non-finite "
+            "skip counter. To keep its statistics, add 'skipped': jnp.zeros(()) to "
+            "each MABN layer of the restored batch_stats; otherwise re-initialize "
+            "with model.init"
+        )
     other = _KEYS[not centered]
     if keys in (other, other - {"skipped"}):
-        return (f"was saved from a centered={not centered} layer but this layer has "
-                f"centered={centered}; build the model with the same `centered`")
-    return (f"has fields {sorted(keys)}, expected {sorted(want)}; it was saved by another "
-            "layer or an incompatible mabn_jax")
+        return (
+            f"was saved from a centered={not centered} layer but this layer has "
+            f"centered={centered}; build the model with the same `centered`"
+        )
+    return (
+        f"has fields {sorted(keys)}, expected {sorted(want)}; it was saved by another "
+        "layer or an incompatible mabn_jax"
+    )
 
 
-def init_state(feature_shape: Sequence[int], config: MABNConfig,
-               dtype: Any = jnp.float32) -> MABNState:
+def init_state(
+    feature_shape: Sequence[int], config: MABNConfig, dtype: Any = jnp.float32
+) -> MABNState:
     """The state before the first training step (EMA of the variance at 1).
 
     Example:
@@ -157,8 +188,9 @@ def init_state(feature_shape: Sequence[int], config: MABNConfig,
     ones = jnp.ones(feature_shape, dtype)
     if not config.centered:
         return MABNState(zero, window, window, ones, zero)
-    return MABNState(zero, window, window, ones, zero, window, window,
-                     jnp.zeros(feature_shape, dtype))
+    return MABNState(
+        zero, window, window, ones, zero, window, window, jnp.zeros(feature_shape, dtype)
+    )
 
 
 def init_probes(state: MABNState) -> Probes:
@@ -175,22 +207,32 @@ def init_probes(state: MABNState) -> Probes:
     return Probes(jnp.zeros_like(state.psi_window), g)
 
 
-def check_state(state: MABNState, config: MABNConfig, feature_shape: tuple[int, ...],
-                layer: str = "MABN") -> None:
+def check_state(
+    state: MABNState, config: MABNConfig, feature_shape: tuple[int, ...], layer: str = "MABN"
+) -> None:
     """The state must be this layer's: variant and window shape (trace time)."""
-    low = sorted({str(v.dtype) for v in state if v is not None
-                  and jnp.issubdtype(v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32})
+    low = sorted(
+        {
+            str(v.dtype)
+            for v in state
+            if v is not None
+            and jnp.issubdtype(v.dtype, jnp.floating)
+            and jnp.finfo(v.dtype).bits < 32
+        }
+    )
     if low:
         raise ValueError(
             f"{layer}: the state (batch_stats) is {', '.join(low)}; it must be float32 or "
             "wider (in bfloat16 the step counter stops at 256 and the windows lose their "
             "precision). It was cast with the params: cast only the params and inputs "
             "(e.g. jax.tree.map over variables['params']), keep batch_stats as model.init "
-            "made them.")
+            "made them."
+        )
     if state.centered != config.centered:
         raise ValueError(
             f"{layer}: config.centered={config.centered} but the state is a "
-            f"centered={state.centered} state; build it with init_state(..., config).")
+            f"centered={state.centered} state; build it with init_state(..., config)."
+        )
     want = (config.buffer_size,) + tuple(feature_shape)
     if tuple(state.psi_window.shape) != want:
         raise ValueError(
@@ -198,4 +240,5 @@ def check_state(state: MABNState, config: MABNConfig, feature_shape: tuple[int, 
             f"buffer_size={config.buffer_size} and features {tuple(feature_shape)} "
             f"(expected {want}); the state was built for another configuration or input. "
             "Re-initialize it (model.init, or init_state(features, config)), or load a "
-            "checkpoint made with the same buffer_size and feature size.")
+            "checkpoint made with the same buffer_size and feature size."
+        )

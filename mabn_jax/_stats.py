@@ -24,16 +24,22 @@ def canonicalize_axes(ndim: int, axes: Axes, layer: str) -> tuple[int, ...]:
     """Sorted non-negative feature axes; errors name ``axis`` and the fix."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     if ndim < 2:
-        raise ValueError(f"{layer}: input of rank {ndim} is invalid; use an input of rank "
-                         ">= 2 (a batch axis and a feature axis).")
+        raise ValueError(
+            f"{layer}: input of rank {ndim} is invalid; use an input of rank "
+            ">= 2 (a batch axis and a feature axis)."
+        )
     for a in axes:
         if not -ndim <= a < ndim:
-            raise ValueError(f"{layer}: axis={a} is out of range for an input of rank "
-                             f"{ndim}; use an axis in [-{ndim}, {ndim - 1}].")
+            raise ValueError(
+                f"{layer}: axis={a} is out of range for an input of rank "
+                f"{ndim}; use an axis in [-{ndim}, {ndim - 1}]."
+            )
     out = tuple(sorted({a % ndim for a in axes}))
     if len(out) == ndim:
-        raise ValueError(f"{layer}: axis={axes} leaves no axis to reduce over; keep at "
-                         "least one batch axis out of `axis`.")
+        raise ValueError(
+            f"{layer}: axis={axes} leaves no axis to reduce over; keep at "
+            "least one batch axis out of `axis`."
+        )
     return out
 
 
@@ -44,14 +50,17 @@ def other_axes(ndim: int, feature_axes: Sequence[int]) -> tuple[int, ...]:
 def check_input(x: Array, reduction_axes: Sequence[int], layer: str) -> None:
     """A float input with at least one example: a bad batch fails at trace time."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{layer}: input dtype {x.dtype} is not supported; cast the input "
-                        "to a float dtype (e.g. x.astype(jnp.float32)).")
+        raise TypeError(
+            f"{layer}: input dtype {x.dtype} is not supported; cast the input "
+            "to a float dtype (e.g. x.astype(jnp.float32))."
+        )
     for a in reduction_axes:
         if x.shape[a] == 0:
             raise ValueError(
                 f"{layer}: input shape {x.shape} is an empty batch (size 0 along axis {a}), "
                 "whose statistics are undefined; drop empty batches before the training "
-                "step.")
+                "step."
+            )
 
 
 def stat_dtype(x_dtype: Any, state_dtype: Any, force_float32: bool = True) -> Any:
@@ -79,8 +88,13 @@ class Split(NamedTuple):
     reduction_axes: tuple[int, ...]
 
 
-def split_groups(x: Array, feature_axes: tuple[int, ...], norm_batch_size: int | None,
-                 layer: str, mask: Array | None = None) -> Split:
+def split_groups(
+    x: Array,
+    feature_axes: tuple[int, ...],
+    norm_batch_size: int | None,
+    layer: str,
+    mask: Array | None = None,
+) -> Split:
     """Splits axis 0 into groups of ``norm_batch_size`` consecutive examples.
 
     The grouped input is ``[G, n, ...]`` and axis 0 becomes a feature axis,
@@ -93,18 +107,26 @@ def split_groups(x: Array, feature_axes: tuple[int, ...], norm_batch_size: int |
     if norm_batch_size is None or norm_batch_size == x.shape[0] and 0 not in feature_axes:
         return Split(x, mask, 1, feature_axes, reduction_axes)
     if 0 in feature_axes:
-        raise ValueError(f"{layer}: norm_batch_size={norm_batch_size} splits axis 0 of the "
-                         "input into groups, but axis 0 is a feature axis; put the batch on "
-                         "axis 0 or use norm_batch_size=None.")
+        raise ValueError(
+            f"{layer}: norm_batch_size={norm_batch_size} splits axis 0 of the "
+            "input into groups, but axis 0 is a feature axis; put the batch on "
+            "axis 0 or use norm_batch_size=None."
+        )
     if x.shape[0] % norm_batch_size:
-        raise ValueError(f"{layer}: norm_batch_size={norm_batch_size} does not divide the "
-                         f"batch size {x.shape[0]} (axis 0 of the input); use a batch size "
-                         "that is a multiple of norm_batch_size, or another norm_batch_size.")
+        raise ValueError(
+            f"{layer}: norm_batch_size={norm_batch_size} does not divide the "
+            f"batch size {x.shape[0]} (axis 0 of the input); use a batch size "
+            "that is a multiple of norm_batch_size, or another norm_batch_size."
+        )
     groups = x.shape[0] // norm_batch_size
     shape = (groups, norm_batch_size) + x.shape[1:]
-    return Split(x.reshape(shape), None if mask is None else mask.reshape(shape), groups,
-                 (0,) + tuple(a + 1 for a in feature_axes),
-                 tuple(a + 1 for a in reduction_axes))
+    return Split(
+        x.reshape(shape),
+        None if mask is None else mask.reshape(shape),
+        groups,
+        (0,) + tuple(a + 1 for a in feature_axes),
+        tuple(a + 1 for a in reduction_axes),
+    )
 
 
 def with_group_axis(split: Split) -> Split:
@@ -113,8 +135,13 @@ def with_group_axis(split: Split) -> Split:
     if split.groups > 1:
         return split
     mask = None if split.mask is None else split.mask[None]
-    return Split(split.x[None], mask, 1, (0,) + tuple(a + 1 for a in split.feature_axes),
-                 tuple(a + 1 for a in split.reduction_axes))
+    return Split(
+        split.x[None],
+        mask,
+        1,
+        (0,) + tuple(a + 1 for a in split.feature_axes),
+        tuple(a + 1 for a in split.reduction_axes),
+    )
 
 
 def pmean(x, axis_name: str | None, axis_index_groups=None):
@@ -123,8 +150,15 @@ def pmean(x, axis_name: str | None, axis_index_groups=None):
     return lax.pmean(x, axis_name, axis_index_groups=axis_index_groups)
 
 
-def moments(xs: Array, split: Split, *, use_mean: bool, use_fast_variance: bool,
-            axis_name: str | None, axis_index_groups=None) -> tuple[Array | None, Array]:
+def moments(
+    xs: Array,
+    split: Split,
+    *,
+    use_mean: bool,
+    use_fast_variance: bool,
+    axis_name: str | None,
+    axis_index_groups=None,
+) -> tuple[Array | None, Array]:
     """``(μ_B, σ²_B)`` over the reduction axes (synchronized over ``axis_name``).
 
     ``use_mean=False`` returns ``(None, E[x²])``: the variance about zero of
@@ -148,8 +182,9 @@ def moments(xs: Array, split: Split, *, use_mean: bool, use_fast_variance: bool,
 def count(split: Split) -> Array | int:
     """Examples per statistic: the size of the reduction, or the mask's count."""
     if split.mask is None:
-        return functools.reduce(lambda a, b: a * b, (split.x.shape[a] for a in
-                                                     split.reduction_axes), 1)
+        return functools.reduce(
+            lambda a, b: a * b, (split.x.shape[a] for a in split.reduction_axes), 1
+        )
     return split.mask.sum(split.reduction_axes)
 
 
@@ -164,8 +199,7 @@ def fill_empty(split: Split, stats: Array | None, stored: Array | None):
     if split.mask is None or stats is None or stored is None:  # (None: both, plain layer)
         return stats, jnp.asarray(False)
     empty = count(split) == 0
-    return (jnp.where(empty, stored.astype(stats.dtype), stats),
-            jnp.asarray(empty).any())
+    return (jnp.where(empty, stored.astype(stats.dtype), stats), jnp.asarray(empty).any())
 
 
 def ema(old: Array, new: Array, momentum: float) -> Array:
@@ -185,9 +219,12 @@ def ema_per_group(old: Array, new: Array, momentum: float, grouped: bool):
     i, j = jnp.arange(groups + 1)[:, None], jnp.arange(groups)[None, :]
     weights = jnp.where(j < i, (1 - momentum) * momentum ** jnp.maximum(i - 1 - j, 0), 0.0)
     decay = momentum ** jnp.arange(groups + 1)
-    track = (lead(decay, new[:1]).astype(old.dtype) * old[None]
-             + jnp.tensordot(weights.astype(old.dtype), new.astype(old.dtype), axes=(1, 0),
-                             precision=lax.Precision.HIGHEST))
+    track = lead(decay, new[:1]).astype(old.dtype) * old[None] + jnp.tensordot(
+        weights.astype(old.dtype),
+        new.astype(old.dtype),
+        axes=(1, 0),
+        precision=lax.Precision.HIGHEST,
+    )
     return track[-1], track[:-1]
 
 
@@ -196,9 +233,19 @@ def lead(mask: Array, like: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
-def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Array | None,
-                   *, r_max, d_max, epsilon: float, active: Array, r_min=None,
-                   stop_gradient: bool = True) -> tuple[Array, Array | None]:
+def renorm_factors(
+    var: Array,
+    ema_var: Array,
+    mean: Array | None,
+    ema_mean: Array | None,
+    *,
+    r_max,
+    d_max,
+    epsilon: float,
+    active: Array,
+    r_min=None,
+    stop_gradient: bool = True,
+) -> tuple[Array, Array | None]:
     """Batch Renormalization's ``(r, d)``, clipped, and ``(1, 0)`` where not ``active``.
 
     ``r = clip(sqrt(var + ε) / sqrt(ema_var + ε), r_min, r_max)`` (``r_min``
@@ -210,8 +257,7 @@ def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Arr
     """
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
-    r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min,
-                 r_max)
+    r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min, r_max)
     r = stop(jnp.where(lead(active, r), r, jnp.ones_like(r)))
     if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
@@ -219,8 +265,9 @@ def renorm_factors(var: Array, ema_var: Array, mean: Array | None, ema_mean: Arr
     return r, stop(jnp.where(lead(active, d), d, jnp.zeros_like(d)))
 
 
-def affine_params(scale: Array | None, bias: Array | None, feature_shape: Sequence[int],
-                  dtype: Any) -> tuple[Array, Array]:
+def affine_params(
+    scale: Array | None, bias: Array | None, feature_shape: Sequence[int], dtype: Any
+) -> tuple[Array, Array]:
     """``γ``, ``β`` in ``dtype``; ones and zeros where the layer has none."""
     scale = jnp.ones(feature_shape, dtype) if scale is None else jnp.asarray(scale)
     bias = jnp.zeros(feature_shape, dtype) if bias is None else jnp.asarray(bias)
@@ -229,9 +276,14 @@ def affine_params(scale: Array | None, bias: Array | None, feature_shape: Sequen
 
 def all_finite(*arrays: Array | None, lead_axes: int = 0) -> Array:
     """Whether every entry is finite, per index of the ``lead_axes`` leading axes."""
-    return functools.reduce(jnp.logical_and, [
-        jnp.isfinite(a).all(axis=tuple(range(lead_axes, a.ndim)))
-        for a in arrays if a is not None])
+    return functools.reduce(
+        jnp.logical_and,
+        [
+            jnp.isfinite(a).all(axis=tuple(range(lead_axes, a.ndim)))
+            for a in arrays
+            if a is not None
+        ],
+    )
 
 
 def select(ok: Array, new, old):

@@ -35,8 +35,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TESTED_WITH", "per_apply_registry", "is_forward_mode_error", "in_nnx_capture",
-           "current_trace", "inside_loop_since"]
+__all__ = [
+    "TESTED_WITH",
+    "per_apply_registry",
+    "is_forward_mode_error",
+    "in_nnx_capture",
+    "current_trace",
+    "inside_loop_since",
+]
 
 #: The jax and flax versions the test suite (this module's assumptions included) ran with.
 TESTED_WITH = {"jax": "0.10.2", "flax": "0.12.8"}
@@ -71,6 +77,7 @@ _LOOP_BODIES = frozenset({"scan", "fori_loop", "while_body", "while_cond"})
 def current_trace() -> Any:
     """The trace JAX binds operations to now (an opaque token)."""
     from jax._src import core  # private: see the module docstring
+
     return core.trace_ctx.trace
 
 

@@ -24,14 +24,14 @@ from mabn_jax import _state
 
 __all__ = ["check_batch_stats"]
 
-_LAYOUTS = {frozenset(k for k, _ in names): centered
-            for centered, names in _state.LAYOUTS.items()}
+_LAYOUTS = {frozenset(k for k, _ in names): centered for centered, names in _state.LAYOUTS.items()}
 # Counters: float since mabn_jax 0.2; int32 checkpoints of 0.1 restore into them.
 _COUNTERS = ("step", "skipped")
 
 
-def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
-                      path: str = "batch_stats") -> None:
+def check_batch_stats(
+    stored: Mapping[str, Any], expected: Mapping[str, Any], path: str = "batch_stats"
+) -> None:
     """Raises ``ValueError`` unless ``stored`` has the layout of ``expected``.
 
     Both are nested mappings whose leaves have ``.shape`` and ``.dtype``
@@ -43,17 +43,19 @@ def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
       >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
-      >>> expected = layer.init(jax.random.key(0), jnp.ones((2, 3)))['batch_stats']
+      >>> expected = layer.init(jax.random.key(0), jnp.ones((2, 3)))["batch_stats"]
       >>> mabn_jax.check_batch_stats(expected, expected)  # passes silently
-      >>> mabn_jax.check_batch_stats({'step': expected['step']}, expected)
+      >>> mabn_jax.check_batch_stats({"step": expected["step"]}, expected)
       Traceback (most recent call last):
       ...
       ValueError: ...
     """
     if not isinstance(stored, Mapping) or not isinstance(expected, Mapping):
         if isinstance(stored, Mapping) or isinstance(expected, Mapping):
-            raise ValueError(f"checkpoint: {path} is a {type(stored).__name__} in the "
-                             f"checkpoint but a {type(expected).__name__} in the model.")
+            raise ValueError(
+                f"checkpoint: {path} is a {type(stored).__name__} in the "
+                f"checkpoint but a {type(expected).__name__} in the model."
+            )
         _check_leaf(stored, expected, path)
         return
     keys, want = frozenset(stored), frozenset(expected)
@@ -63,7 +65,8 @@ def check_batch_stats(stored: Mapping[str, Any], expected: Mapping[str, Any],
     if keys != want:
         raise ValueError(
             f"checkpoint: {path} has {sorted(keys - want)} that the model lacks and "
-            f"lacks {sorted(want - keys)}; the checkpoint is from another model.")
+            f"lacks {sorted(want - keys)}; the checkpoint is from another model."
+        )
     for key in sorted(want):
         check_batch_stats(stored[key], expected[key], f"{path}/{key}")
 
@@ -79,16 +82,18 @@ def _check_layer(stored: Mapping, expected: Mapping, path: str) -> None:
             raise ValueError(
                 f"checkpoint: MABN layer {path} was saved with buffer_size={got[lead]} "
                 f"but the model has buffer_size={exp[lead]}; build the model with "
-                f"buffer_size={got[lead]} to resume this checkpoint.")
+                f"buffer_size={got[lead]} to resume this checkpoint."
+            )
         raise ValueError(
-            f"checkpoint: MABN layer {path} was saved for features {got[lead + 1:]} "
-            f"but the model has features {exp[lead + 1:]}.")
+            f"checkpoint: MABN layer {path} was saved for features {got[lead + 1 :]} "
+            f"but the model has features {exp[lead + 1 :]}."
+        )
     for key in _COUNTERS:  # an int32 counter (mabn_jax 0.1) restores as a float
         stored_dtype = np.dtype(stored[key].dtype)
         if np.issubdtype(stored_dtype, np.integer) and np.issubdtype(
-                np.dtype(expected[key].dtype), np.floating):
-            stored = {**stored, key: jax.ShapeDtypeStruct(stored[key].shape,
-                                                          expected[key].dtype)}
+            np.dtype(expected[key].dtype), np.floating
+        ):
+            stored = {**stored, key: jax.ShapeDtypeStruct(stored[key].shape, expected[key].dtype)}
     for key in sorted(expected):
         _check_leaf(stored[key], expected[key], f"{path}/{key}")
 
@@ -96,8 +101,11 @@ def _check_layer(stored: Mapping, expected: Mapping, path: str) -> None:
 def _check_leaf(stored: Any, expected: Any, path: str) -> None:
     got, want = tuple(stored.shape), tuple(expected.shape)
     if got != want:
-        raise ValueError(f"checkpoint: {path} has shape {got} in the checkpoint "
-                         f"but {want} in the model.")
+        raise ValueError(
+            f"checkpoint: {path} has shape {got} in the checkpoint but {want} in the model."
+        )
     if np.dtype(stored.dtype) != np.dtype(expected.dtype):
-        raise ValueError(f"checkpoint: {path} has dtype {np.dtype(stored.dtype)} in the "
-                         f"checkpoint but {np.dtype(expected.dtype)} in the model.")
+        raise ValueError(
+            f"checkpoint: {path} has dtype {np.dtype(stored.dtype)} in the "
+            f"checkpoint but {np.dtype(expected.dtype)} in the model."
+        )

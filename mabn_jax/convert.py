@@ -3,7 +3,7 @@ pretrained statistics.
 
 Two calls, no edit of the model's source::
 
-    model = mabn_jax.replace_batchnorm(model)                   # same init/apply
+    model = mabn_jax.replace_batchnorm(model)  # same init/apply
     variables = mabn_jax.convert_batchnorm_variables(model, bn_variables, x, train=False)
 
 :func:`~mabn_jax.replace_batchnorm` wraps the model; while the wrapper runs, Flax's
@@ -58,8 +58,17 @@ __all__ = ["replace_batchnorm", "convert_batchnorm_variables", "ReplacedBatchNor
 _BN_CALL = nn.BatchNorm.__call__.__wrapped__  # type: ignore[attr-defined]
 
 # Taken from each BatchNorm as it is.
-_FROM_BN = ("use_running_average", "axis", "epsilon", "param_dtype", "use_bias", "use_scale",
-            "bias_init", "scale_init", "force_float32_reductions")
+_FROM_BN = (
+    "use_running_average",
+    "axis",
+    "epsilon",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "bias_init",
+    "scale_init",
+    "force_float32_reductions",
+)
 # Taken from each BatchNorm unless given in mabn_config.
 _OVERRIDABLE = ("momentum", "axis_name", "axis_index_groups")
 
@@ -74,14 +83,18 @@ def _mabn_attributes(bn: nn.BatchNorm, x, overrides: tuple[tuple[str, Any], ...]
     attrs.update(overrides)
     # nn.BatchNorm's output dtype, when not given, promotes the input with the params.
     has_params = bn.use_scale or bn.use_bias
-    attrs["dtype"] = bn.dtype if bn.dtype is not None else (
-        jnp.result_type(jnp.asarray(x).dtype, bn.param_dtype) if has_params else None)
+    attrs["dtype"] = (
+        bn.dtype
+        if bn.dtype is not None
+        else (jnp.result_type(jnp.asarray(x).dtype, bn.param_dtype) if has_params else None)
+    )
     return attrs
 
 
 def _is_batchnorm_call(context) -> bool:
-    return (context.method_name == "__call__"
-            and getattr(context.orig_method, "func", None) is _BN_CALL)
+    return (
+        context.method_name == "__call__" and getattr(context.orig_method, "func", None) is _BN_CALL
+    )
 
 
 def _replacing(overrides, next_fun, args, kwargs, context):
@@ -106,19 +119,29 @@ def _converting(overrides, next_fun, args, kwargs, context):
         raise ValueError(
             f"convert_batchnorm_variables: the nn.BatchNorm at {path!r} has no 'mean' and "
             "'var' in the given batch_stats; pass the variables of the BatchNorm model "
-            "(model.init or a trained state) for the same architecture.")
+            "(model.init or a trained state) for the same architecture."
+        )
     layer = MABN(parent=scope, **attrs)
-    state = state_from_batchnorm(scope.get_variable("batch_stats", "mean"),
-                                 scope.get_variable("batch_stats", "var"),
-                                 config_of(MABNConfig, layer),
-                                 dtype=_shell.state_dtype(bn.param_dtype))
+    state = state_from_batchnorm(
+        scope.get_variable("batch_stats", "mean"),
+        scope.get_variable("batch_stats", "var"),
+        config_of(MABNConfig, layer),
+        dtype=_shell.state_dtype(bn.param_dtype),
+    )
     for name, value in _state.to_mapping(state).items():
         scope.put_variable("batch_stats", name, value)
     # The output only feeds the layers after it (their shapes); computed from the
     # state directly, as the scope still holds the BatchNorm's mean and var.
     get = lambda name, used: scope.get_variable("params", name) if used else None
-    return _mabn.mabn_inference(x, get("scale", bn.use_scale), get("bias", bn.use_bias), state,
-                                config_of(MABNConfig, layer), axis=bn.axis, dtype=attrs["dtype"])
+    return _mabn.mabn_inference(
+        x,
+        get("scale", bn.use_scale),
+        get("bias", bn.use_bias),
+        state,
+        config_of(MABNConfig, layer),
+        axis=bn.axis,
+        dtype=attrs["dtype"],
+    )
 
 
 class ReplacedBatchNorm(nn.Module):
@@ -200,14 +223,17 @@ def replace_batchnorm(module: nn.Module, **mabn_config) -> ReplacedBatchNorm:
         (4, 4)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"replace_batchnorm: expected a flax.linen Module, got "
-                        f"{type(module).__name__}; for Flax NNX use "
-                        "mabn_jax.nnx.replace_batchnorm(model).")
+        raise TypeError(
+            f"replace_batchnorm: expected a flax.linen Module, got "
+            f"{type(module).__name__}; for Flax NNX use "
+            "mabn_jax.nnx.replace_batchnorm(model)."
+        )
     return ReplacedBatchNorm(module, _check_config(mabn_config))
 
 
-def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Mapping, *args,
-                                **kwargs) -> Any:
+def convert_batchnorm_variables(
+    mabn_module: ReplacedBatchNorm, bn_variables: Mapping, *args, **kwargs
+) -> Any:
     """The variables of ``mabn_module`` equivalent to a trained BatchNorm model's.
 
     ``params`` (and every collection but ``batch_stats``) are kept. Each
@@ -249,16 +275,21 @@ def convert_batchnorm_variables(mabn_module: ReplacedBatchNorm, bn_variables: Ma
         True
     """
     if not isinstance(mabn_module, ReplacedBatchNorm):
-        raise TypeError("convert_batchnorm_variables: mabn_module must be what "
-                        "mabn_jax.replace_batchnorm(model) returned, got "
-                        f"{type(mabn_module).__name__}.")
+        raise TypeError(
+            "convert_batchnorm_variables: mabn_module must be what "
+            "mabn_jax.replace_batchnorm(model) returned, got "
+            f"{type(mabn_module).__name__}."
+        )
     if not isinstance(bn_variables, Mapping) or "batch_stats" not in bn_variables:
-        raise ValueError("convert_batchnorm_variables: bn_variables must be the BatchNorm "
-                         "model's variables dict, with 'params' and 'batch_stats'.")
+        raise ValueError(
+            "convert_batchnorm_variables: bn_variables must be the BatchNorm "
+            "model's variables dict, with 'params' and 'batch_stats'."
+        )
     interceptor = functools.partial(_converting, mabn_module.mabn_config)
     with nn.intercept_methods(interceptor):
-        _, updated = mabn_module.module.apply(bn_variables, *args, mutable=["batch_stats"],
-                                              **kwargs)
+        _, updated = mabn_module.module.apply(
+            bn_variables, *args, mutable=["batch_stats"], **kwargs
+        )
     stats = _drop_batchnorm_entries(_shell.to_dicts(updated["batch_stats"]))
     out = _shell.to_dicts(bn_variables)
     out["batch_stats"] = stats
@@ -274,8 +305,11 @@ def _drop_batchnorm_entries(tree: dict, path: tuple[str, ...] = ()) -> dict:
         raise ValueError(
             f"convert_batchnorm_variables: the nn.BatchNorm at {'/'.join(path)!r} was not "
             "called by the apply with the arguments given, so it was not converted; pass "
-            "arguments under which the model calls every BatchNorm.")
+            "arguments under which the model calls every BatchNorm."
+        )
     if keys == mabn_keys | {"mean", "var"}:
         return {k: v for k, v in tree.items() if k not in ("mean", "var")}
-    return {k: _drop_batchnorm_entries(v, path + (k,)) if isinstance(v, dict) else v
-            for k, v in tree.items()}
+    return {
+        k: _drop_batchnorm_entries(v, path + (k,)) if isinstance(v, dict) else v
+        for k, v in tree.items()
+    }

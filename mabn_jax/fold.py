@@ -24,10 +24,10 @@ layer's applied kernel is the stored one or its centered version
 norm's ``epsilon``. :func:`fold_params` reads both from the model itself; the
 lower-level functions require them as keywords, with no defaults::
 
-    params = mabn_jax.fold_params(model, variables,
-                                  [('conv1', 'norm1'), ('block/conv', 'block/norm')],
-                                  x, train=False)        # an input and apply's kwargs
-    y = deploy_model.apply({'params': params}, x)         # == model in inference mode
+    params = mabn_jax.fold_params(
+        model, variables, [("conv1", "norm1"), ("block/conv", "block/norm")], x, train=False
+    )  # an input and apply's kwargs
+    y = deploy_model.apply({"params": params}, x)  # == model in inference mode
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ Path = str | Sequence[str]
 _NORMS = (MABN, BatchRenorm, nn.BatchNorm)
 
 
-def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array], *,
-                epsilon: float) -> tuple[Array, Array]:
+def norm_affine(
+    norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array], *, epsilon: float
+) -> tuple[Array, Array]:
     """``(a, c)`` with inference ``y = a · h + c`` for an MABN, BatchRenorm or
     ``nn.BatchNorm`` layer, recognized from its ``batch_stats`` entries.
 
@@ -62,9 +63,10 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
-      >>> norm = {'scale': jnp.full(3, 2.0), 'bias': jnp.ones(3)}
-      >>> a, c = mabn_jax.norm_affine(norm, {'mean': jnp.zeros(3), 'var': jnp.full(3, 4.0)},
-      ...                              epsilon=0.0)
+      >>> norm = {"scale": jnp.full(3, 2.0), "bias": jnp.ones(3)}
+      >>> a, c = mabn_jax.norm_affine(
+      ...     norm, {"mean": jnp.zeros(3), "var": jnp.full(3, 4.0)}, epsilon=0.0
+      ... )
       >>> a, c
       (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
@@ -79,15 +81,17 @@ def norm_affine(norm_params: Mapping[str, Array], norm_stats: Mapping[str, Array
             f"fold: norm_stats has keys {sorted(stats)}, which is neither an MABN layer "
             f"({[k for k, _ in _state.LAYOUTS[False]]} or, centered, "
             f"{[k for k, _ in _state.LAYOUTS[True]]}) nor an nn.BatchNorm or BatchRenorm "
-            "layer (with 'mean' and 'var'); pass that layer's batch_stats entry.")
+            "layer (with 'mean' and 'var'); pass that layer's batch_stats entry."
+        )
     scale, bias = norm_params.get("scale"), norm_params.get("bias")
     dtype = jnp.result_type(jnp.float32, var, *(p for p in (scale, bias) if p is not None))
     scale, bias = _stats.affine_params(scale, bias, var.shape, dtype)
     return affine_from_ema(scale, bias, var, mean, epsilon)
 
 
-def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
-                centered_kernel: bool) -> dict[str, Array]:
+def fold_affine(
+    layer_params: Mapping[str, Array], a: Array, c: Array, *, centered_kernel: bool
+) -> dict[str, Array]:
     """Kernel and bias of the plain layer computing ``a · layer(x) + c``.
 
     Args:
@@ -104,16 +108,17 @@ def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
-      >>> layer = {'kernel': jnp.ones((2, 3)), 'bias': jnp.zeros(3)}
+      >>> layer = {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}
       >>> folded = mabn_jax.fold_affine(layer, jnp.full(3, 2.0), jnp.ones(3), centered_kernel=False)
-      >>> folded['kernel'][0], folded['bias']
+      >>> folded["kernel"][0], folded["bias"]
       (Array([2., 2., 2.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
     kernel = layer_params["kernel"]
     if kernel.shape[-1] != a.shape[-1]:
         raise ValueError(
             f"fold: the kernel has {kernel.shape[-1]} output features but the norm "
-            f"has {a.shape[-1]}; pair each norm with the layer directly before it.")
+            f"has {a.shape[-1]}; pair each norm with the layer directly before it."
+        )
     dtype = jnp.promote_types(kernel.dtype, a.dtype)
     w = kernel.astype(dtype)
     if centered_kernel:
@@ -123,27 +128,33 @@ def fold_affine(layer_params: Mapping[str, Array], a: Array, c: Array, *,
     return {"kernel": (w * a).astype(kernel.dtype), "bias": (a * w0 + c).astype(kernel.dtype)}
 
 
-def fold_norm(layer_params: Mapping[str, Array], norm_params: Mapping[str, Array],
-              norm_stats: Mapping[str, Array], *, epsilon: float,
-              centered_kernel: bool) -> dict[str, Array]:
+def fold_norm(
+    layer_params: Mapping[str, Array],
+    norm_params: Mapping[str, Array],
+    norm_stats: Mapping[str, Array],
+    *,
+    epsilon: float,
+    centered_kernel: bool,
+) -> dict[str, Array]:
     """Folds one inference-mode norm into the layer before it (see :func:`norm_affine`
     and :func:`fold_affine`; both keywords are required).
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
-      >>> layer = {'kernel': jnp.ones((2, 3)), 'bias': jnp.zeros(3)}
-      >>> norm = {'scale': jnp.full(3, 2.0), 'bias': jnp.ones(3)}
-      >>> stats = {'mean': jnp.zeros(3), 'var': jnp.full(3, 4.0)}  # nn.BatchNorm's
+      >>> layer = {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}
+      >>> norm = {"scale": jnp.full(3, 2.0), "bias": jnp.ones(3)}
+      >>> stats = {"mean": jnp.zeros(3), "var": jnp.full(3, 4.0)}  # nn.BatchNorm's
       >>> folded = mabn_jax.fold_norm(layer, norm, stats, epsilon=0.0, centered_kernel=False)
-      >>> folded['kernel'][0], folded['bias']
+      >>> folded["kernel"][0], folded["bias"]
       (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
     a, c = norm_affine(norm_params, norm_stats, epsilon=epsilon)
     return fold_affine(layer_params, a, c, centered_kernel=centered_kernel)
 
 
-def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path, Path]],
-                *args, **kwargs) -> dict:
+def fold_params(
+    model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path, Path]], *args, **kwargs
+) -> dict:
     """Folds every ``(layer, norm)`` pair of a trained model's variables.
 
     The model is traced once, abstractly (nothing is computed), on ``args`` and
@@ -170,12 +181,12 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
       >>> class Net(nn.Module):
       ...     @nn.compact
       ...     def __call__(self, x, train=False):
-      ...         x = mabn_jax.CenteredDense(3, name='dense')(x)
-      ...         return mabn_jax.MABN(use_running_average=not train, buffer_size=4, name='norm')(x)
+      ...         x = mabn_jax.CenteredDense(3, name="dense")(x)
+      ...         return mabn_jax.MABN(use_running_average=not train, buffer_size=4, name="norm")(x)
       >>> x = jnp.ones((2, 5))
       >>> variables = Net().init(jax.random.key(0), x)
-      >>> folded = mabn_jax.fold_params(Net(), variables, [('dense', 'norm')], x)
-      >>> sorted(folded['dense'])
+      >>> folded = mabn_jax.fold_params(Net(), variables, [("dense", "norm")], x)
+      >>> sorted(folded["dense"])
       ['bias', 'kernel']
     """
     modules, calls = _modules(model, variables, args, kwargs)
@@ -186,10 +197,13 @@ def fold_params(model: nn.Module, variables: Mapping, pairs: Sequence[tuple[Path
         layer, norm = _module(modules, lp, "layer"), _module(modules, np_, "norm")
         _check_pair(layer, norm, lp, np_)
         _check_consumes(calls, lp, np_)
-        folded = fold_norm(_get(params, lp, "params"),
-                           _get(params, np_, "params", default={}, required=False),
-                           _get(stats, np_, "batch_stats"),
-                           epsilon=norm.epsilon, centered_kernel=isinstance(layer, _CenteredKernel))
+        folded = fold_norm(
+            _get(params, lp, "params"),
+            _get(params, np_, "params", default={}, required=False),
+            _get(stats, np_, "batch_stats"),
+            epsilon=norm.epsilon,
+            centered_kernel=isinstance(layer, _CenteredKernel),
+        )
         _set(out, lp, folded)
         if _get(out, np_, "params", required=False) is not None:
             _delete(out, np_)
@@ -225,26 +239,35 @@ def _check_consumes(calls, lp, np_) -> None:
             f"{'/'.join(lp)!r} directly (something is computed in between, e.g. an "
             "activation or a residual sum, or the pair is reversed), so it cannot be "
             "folded into that layer. Pair each norm with the Conv/Dense whose output it "
-            "normalizes, or leave it unfolded.")
+            "normalizes, or leave it unfolded."
+        )
 
 
 def _module(modules, path, what):
     if path not in modules:
-        raise KeyError(f"fold: the model calls no module at {'/'.join(path)!r} (the {what} "
-                       f"of a pair); its modules are {sorted('/'.join(p) for p in modules)}.")
+        raise KeyError(
+            f"fold: the model calls no module at {'/'.join(path)!r} (the {what} "
+            f"of a pair); its modules are {sorted('/'.join(p) for p in modules)}."
+        )
     return modules[path]
 
 
 def _check_pair(layer, norm, lp, np_) -> None:
     if not isinstance(layer, (nn.Conv, nn.Dense)):
-        raise TypeError(f"fold: {'/'.join(lp)!r} is a {type(layer).__name__}; only nn.Conv, "
-                        "nn.Dense and their centered versions can absorb a norm.")
+        raise TypeError(
+            f"fold: {'/'.join(lp)!r} is a {type(layer).__name__}; only nn.Conv, "
+            "nn.Dense and their centered versions can absorb a norm."
+        )
     if not isinstance(norm, _NORMS):
-        raise TypeError(f"fold: {'/'.join(np_)!r} is a {type(norm).__name__}, not MABN, "
-                        "BatchRenorm or nn.BatchNorm.")
+        raise TypeError(
+            f"fold: {'/'.join(np_)!r} is a {type(norm).__name__}, not MABN, "
+            "BatchRenorm or nn.BatchNorm."
+        )
     if norm.axis not in (-1, (-1,)):
-        raise ValueError(f"fold: the norm {'/'.join(np_)!r} has axis={norm.axis!r}; folding "
-                         "needs the features on the last axis, as the kernel has them.")
+        raise ValueError(
+            f"fold: the norm {'/'.join(np_)!r} has axis={norm.axis!r}; folding "
+            "needs the features on the last axis, as the kernel has them."
+        )
 
 
 def _split(path: Path) -> tuple[str, ...]:

@@ -15,11 +15,11 @@ implement them, ``mabn_jax._mabn`` and ``mabn_jax._brn``.
 """
 
 from mabn_jax._brn import (
-                           BatchRenormState,
-                           Clips,
-                           batch_renorm_inference,
-                           batch_renorm_train,
-                           clip_schedule,
+    BatchRenormState,
+    Clips,
+    batch_renorm_inference,
+    batch_renorm_train,
+    clip_schedule,
 )
 from mabn_jax._brn import init_state as init_batch_renorm_state
 from mabn_jax._config import BatchRenormConfig, MABNConfig
@@ -28,8 +28,21 @@ from mabn_jax._record import record_backward_stats
 from mabn_jax._state import MABNState, Probes, init_probes, init_state
 
 __all__ = [
-    "MABNConfig", "MABNState", "Probes", "init_state", "init_probes", "mabn_train",
-    "mabn_train_with_stats", "mabn_inference", "inference_affine", "record_backward_stats",
-    "BatchRenormConfig", "BatchRenormState", "init_batch_renorm_state", "clip_schedule",
-    "Clips", "batch_renorm_train", "batch_renorm_inference",
+    "MABNConfig",
+    "MABNState",
+    "Probes",
+    "init_state",
+    "init_probes",
+    "mabn_train",
+    "mabn_train_with_stats",
+    "mabn_inference",
+    "inference_affine",
+    "record_backward_stats",
+    "BatchRenormConfig",
+    "BatchRenormState",
+    "init_batch_renorm_state",
+    "clip_schedule",
+    "Clips",
+    "batch_renorm_train",
+    "batch_renorm_inference",
 ]

@@ -46,10 +46,16 @@ def _config(module: nn.Module, cls: type):
 
 
 def _params(module, feature_shape) -> tuple[Array | None, Array | None]:
-    scale = (module.param("scale", module.scale_init, feature_shape, module.param_dtype)
-             if module.use_scale else None)
-    bias = (module.param("bias", module.bias_init, feature_shape, module.param_dtype)
-            if module.use_bias else None)
+    scale = (
+        module.param("scale", module.scale_init, feature_shape, module.param_dtype)
+        if module.use_scale
+        else None
+    )
+    bias = (
+        module.param("bias", module.bias_init, feature_shape, module.param_dtype)
+        if module.use_bias
+        else None
+    )
     return scale, bias
 
 
@@ -59,16 +65,31 @@ def _features(module, x) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def _state_variables(module, names, init_values):
-    return [module.variable("batch_stats", name, lambda v=v: v)
-            for name, v in zip(names, init_values)]
+    return [
+        module.variable("batch_stats", name, lambda v=v: v) for name, v in zip(names, init_values)
+    ]
 
 
 #: ``nn.BatchNorm``'s positional order; the norms here take their positional
 #: arguments in it (the config mixin would otherwise put its fields first).
-_BATCHNORM_POSITIONAL = ("use_running_average", "axis", "momentum", "epsilon", "dtype",
-                        "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init",
-                        "axis_name", "axis_index_groups", "use_fast_variance",
-                        "force_float32_reductions", "parent", "name")
+_BATCHNORM_POSITIONAL = (
+    "use_running_average",
+    "axis",
+    "momentum",
+    "epsilon",
+    "dtype",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "bias_init",
+    "scale_init",
+    "axis_name",
+    "axis_index_groups",
+    "use_fast_variance",
+    "force_float32_reductions",
+    "parent",
+    "name",
+)
 
 
 class _BatchNormPositional:
@@ -84,28 +105,37 @@ class _BatchNormPositional:
         super().__init_subclass__(**kwargs)
         init = cls.__init__
         sig = inspect.signature(init)
-        own = [p for p in sig.parameters.values()
-               if p.name not in _BATCHNORM_POSITIONAL and p.name != "self"]
-        order = _BATCHNORM_POSITIONAL[:-2] + tuple(
-            p.name for p in own if p.kind is p.POSITIONAL_OR_KEYWORD) + ("parent", "name")
+        own = [
+            p
+            for p in sig.parameters.values()
+            if p.name not in _BATCHNORM_POSITIONAL and p.name != "self"
+        ]
+        order = (
+            _BATCHNORM_POSITIONAL[:-2]
+            + tuple(p.name for p in own if p.kind is p.POSITIONAL_OR_KEYWORD)
+            + ("parent", "name")
+        )
 
         @functools.wraps(init)
         def __init__(self, *args, **kwargs):
             if len(args) > len(order):
-                raise TypeError(f"{cls.__name__} takes at most {len(order)} positional "
-                                f"arguments (nn.BatchNorm's order: {', '.join(order)}), got "
-                                f"{len(args)}; pass the others by keyword.")
+                raise TypeError(
+                    f"{cls.__name__} takes at most {len(order)} positional "
+                    f"arguments (nn.BatchNorm's order: {', '.join(order)}), got "
+                    f"{len(args)}; pass the others by keyword."
+                )
             for name, value in zip(order, args):
                 if name in kwargs:
-                    raise TypeError(f"{cls.__name__}: got multiple values for argument "
-                                    f"{name!r}.")
+                    raise TypeError(f"{cls.__name__}: got multiple values for argument {name!r}.")
                 kwargs[name] = value
             init(self, **kwargs)
 
         params = dict(sig.parameters)
-        __init__.__signature__ = sig.replace(parameters=[params["self"]] + [
-            params[n].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in order] + [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in order])
+        __init__.__signature__ = sig.replace(
+            parameters=[params["self"]]
+            + [params[n].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in order]
+            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in order]
+        )
         cls.__init__ = __init__
 
 
@@ -153,9 +183,9 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
       >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
       >>> x = jnp.ones((2, 3))
       >>> variables = layer.init(jax.random.key(0), x)
-      >>> sorted(variables['batch_stats'])
+      >>> sorted(variables["batch_stats"])
       ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
-      >>> variables['batch_stats']['x2_window'].shape
+      >>> variables["batch_stats"]["x2_window"].shape
       (4, 3)
       >>> layer.apply(variables, x).shape
       (2, 3)
@@ -175,8 +205,9 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         """Normalizes ``x``; in training mode also advances the state.
 
         Args:
@@ -186,13 +217,15 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
             statistics are computed from (as in ``nn.BatchNorm``).
         """
         use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average)
+            "use_running_average", self.use_running_average, use_running_average
+        )
         x = jnp.asarray(x)
         config = _config(self, MABNConfig)
         _, feature_shape = _features(self, x)
         layout = _state.LAYOUTS[config.centered]
         error = self.has_variable("batch_stats", layout[0][0]) and _state.layout_error(
-            self.variables["batch_stats"], config.centered)
+            self.variables["batch_stats"], config.centered
+        )
         if error:  # or Flax would silently initialize the missing fields
             raise ValueError(f"MABN layer {'/'.join(self.path)!r}: its batch_stats {error}.")
         init = _shell.initial_state(feature_shape, config, self.param_dtype)
@@ -201,19 +234,27 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
         _state.check_state(state, config, feature_shape)  # before params: clearer errors
         scale, bias = _params(self, feature_shape)
         if use_running_average:
-            return _mabn.mabn_inference(x, scale, bias, state, config, axis=self.axis,
-                                        dtype=self.dtype)
+            return _mabn.mabn_inference(
+                x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
+            )
         _one_training_call(self)
         y, new_state, stats = _mabn.mabn_train_with_stats(
-            x, scale, bias, state, _probes(self, state), config, axis=self.axis,
-            dtype=self.dtype, mask=mask)
+            x,
+            scale,
+            bias,
+            state,
+            _probes(self, state),
+            config,
+            axis=self.axis,
+            dtype=self.dtype,
+            mask=mask,
+        )
         if not self.is_initializing():  # init must not advance the state
             for var, value in zip(variables, _state.to_mapping(new_state).values()):
                 var.value = value
             for name, value in stats.items():
                 self.sow("intermediates", name, value)
         return y
-
 
 
 def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
@@ -245,8 +286,9 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
         create = lambda name, z: module.variable(PROBES, name, lambda: z).value
-        return _state.Probes(create("psi", zeros.psi),
-                             None if zeros.g is None else create("g", zeros.g))
+        return _state.Probes(
+            create("psi", zeros.psi), None if zeros.g is None else create("g", zeros.g)
+        )
     if _shell.in_helper():
         raise ValueError(_not_differentiated(module))
     raise ValueError(_missing_probes(module))
@@ -257,24 +299,28 @@ _LOOP_FIX = (
     "norm_batch_size to the micro-batch size (ghost batches: each micro-batch is one "
     "window step, in one apply), or accumulate gradients across steps outside the loss "
     "(e.g. optax.MultiSteps); a loop over layers stacks them with nn.scan over their "
-    "params and batch_stats (variable_axes={'params': 0, 'batch_stats': 0}).")
+    "params and batch_stats (variable_axes={'params': 0, 'batch_stats': 0})."
+)
 
 
 def _check_helper_probes(module: nn.Module, probes, state: _state.MABNState) -> None:
     """Probes that value_and_grad built from a batch_stats tree other than the
     one this layer is applied with (another configuration) are named as such."""
+
     def shape(a):
         return None if a is None else tuple(a.shape)
+
     got = (shape(probes.get("psi")), shape(probes.get("g")))
     want = (shape(state.psi_window), shape(state.g_window))
-    lifted = got[0] and len(got[0]) > len(want[0]) and got[0][-len(want[0]):] == want[0]
+    lifted = got[0] and len(got[0]) > len(want[0]) and got[0][-len(want[0]) :] == want[0]
     if got != want and not lifted:  # leading scan/vmap axes: _mabn's message
         raise ValueError(
             f"MABN layer {'/'.join(module.path)!r}: the batch_stats given to "
             "mabn_jax.value_and_grad(..., batch_stats=...) hold this layer with windows "
             f"{got}, but it is applied with windows {want} (another configuration: "
             "buffer_size, centered or the features). Pass the batch_stats the model is "
-            "applied with.")
+            "applied with."
+        )
 
 
 def _one_training_call(module: nn.Module) -> None:
@@ -290,7 +336,8 @@ def _one_training_call(module: nn.Module) -> None:
             f"MABN layer {'/'.join(module.path)!r} is applied in training mode twice in "
             "one apply. Each training call is a step of its moving-average windows, "
             "recorded once per step; call each MABN layer once per training step: use "
-            "one layer per call site, or concatenate the inputs into one batch.")
+            "one layer per call site, or concatenate the inputs into one batch."
+        )
     calls.add(module.path)
 
 
@@ -310,7 +357,8 @@ def _not_differentiated(module: nn.Module) -> str:
         "backward statistics cannot be recorded. This happens with a second network "
         "(e.g. a GAN's discriminator in the generator's loss). Either apply that network "
         "with use_running_average=True there (it is frozen in this step), or put both "
-        "networks' params and batch_stats in one tree and pass that tree's batch_stats.")
+        "networks' params and batch_stats in one tree and pass that tree's batch_stats."
+    )
 
 
 def _missing_probes(module: nn.Module) -> str:
@@ -322,7 +370,8 @@ def _missing_probes(module: nn.Module) -> str:
         "batch_stats collection, not the whole variables dict, differentiate w.r.t. them "
         "and call mabn_jax.record_backward_stats.",
         evaluation="use_running_average=True; to only inspect a training-mode apply "
-        f"(shapes, FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True)")
+        f"(shapes, FLOPs), make the '{PROBES}' collection mutable (e.g. mutable=True)",
+    )
 
 
 class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
@@ -345,10 +394,10 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
       >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
       >>> x = jnp.arange(6.0).reshape(2, 3)
       >>> variables = layer.init(jax.random.key(0), x)
-      >>> sorted(variables['batch_stats'])
+      >>> sorted(variables["batch_stats"])
       ['mean', 'renorm_mean', 'renorm_var', 'step', 'var']
-      >>> y, updates = layer.apply(variables, x, mutable=['batch_stats'])
-      >>> y.shape, int(updates['batch_stats']['step'])
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> y.shape, int(updates["batch_stats"]["step"])
       ((2, 3), 1)
     """
 
@@ -366,10 +415,12 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average)
+            "use_running_average", self.use_running_average, use_running_average
+        )
         x = jnp.asarray(x)
         config = _config(self, BatchRenormConfig)
         _, feature_shape = _features(self, x)
@@ -378,11 +429,12 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
         state = _brn.BatchRenormState(*(v.value for v in variables))
         scale, bias = _params(self, feature_shape)
         if use_running_average:
-            return _brn.batch_renorm_inference(x, scale, bias, state, config, axis=self.axis,
-                                               dtype=self.dtype)
-        y, new_state, stats = _brn.batch_renorm_train(x, scale, bias, state, config,
-                                                      axis=self.axis, dtype=self.dtype,
-                                                      mask=mask)
+            return _brn.batch_renorm_inference(
+                x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
+            )
+        y, new_state, stats = _brn.batch_renorm_train(
+            x, scale, bias, state, config, axis=self.axis, dtype=self.dtype, mask=mask
+        )
         if not self.is_initializing():  # init must not advance the state
             for var, value in zip(variables, new_state):
                 var.value = value

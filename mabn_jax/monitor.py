@@ -5,9 +5,8 @@ sow them into the ``'intermediates'`` collection in training mode. Make that
 collection mutable to get them; otherwise ``sow`` does nothing and the traced
 step is unchanged::
 
-    y, updates = model.apply(variables, x, train=True,
-                             mutable=['batch_stats', 'intermediates'])
-    forward = mabn_jax.monitor.forward_stats(updates['intermediates'])
+    y, updates = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+    forward = mabn_jax.monitor.forward_stats(updates["intermediates"])
 
 Backward statistics (Ψ_B and, centered, g_B) are the gradients of the probes
 of the low-level API (:func:`mabn_jax.init_probes`)::
@@ -48,8 +47,8 @@ def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
       >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
       >>> x = jnp.arange(6.0).reshape(2, 3)
       >>> variables = layer.init(jax.random.key(0), x)
-      >>> _, sown = layer.apply(variables, x, mutable=['batch_stats', 'intermediates'])
-      >>> sorted(mabn_jax.monitor.forward_stats(sown['intermediates']))
+      >>> _, sown = layer.apply(variables, x, mutable=["batch_stats", "intermediates"])
+      >>> sorted(mabn_jax.monitor.forward_stats(sown["intermediates"]))
       ['d', 'mu_B', 'r', 'sigma2_B']
     """
     out = {}
@@ -63,7 +62,7 @@ def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
-      >>> grads = {'MABN_0': {'psi': jnp.ones(3)}}
+      >>> grads = {"MABN_0": {"psi": jnp.ones(3)}}
       >>> mabn_jax.monitor.backward_stats(grads)
       {'MABN_0/psi': Array([1., 1., 1.], dtype=float32)}
     """
@@ -76,7 +75,7 @@ def l2_norms(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
-      >>> mabn_jax.monitor.l2_norms({'MABN_0/psi': jnp.array([3.0, 4.0])})
+      >>> mabn_jax.monitor.l2_norms({"MABN_0/psi": jnp.array([3.0, 4.0])})
       {'MABN_0/psi': Array(5., dtype=float32)}
     """
     return {k: jnp.sqrt(jnp.sum(jnp.square(v), axis=-1)) for k, v in stats.items()}

@@ -12,13 +12,14 @@ A standard NNX train step becomes an MABN one by changing the gradient call::
     from flax import nnx
     import mabn_jax.nnx
 
+
     @nnx.jit
     def train_step(model, optimizer, x, y):
         def loss_fn(model):
             logits = model(x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)   # was nnx.value_and_grad
+        loss, grads = mabn_jax.nnx.value_and_grad(loss_fn)(model)  # was nnx.value_and_grad
         optimizer.update(model, grads)
         return loss
 
@@ -30,5 +31,16 @@ from mabn_jax._nnx_convert import replace_batchnorm
 from mabn_jax._nnx_layers import MABN, BatchRenorm, CenteredConv, CenteredLinear, Probe, Statistic
 from mabn_jax._nnx_training import attach_probes, grad, record_backward_stats, value_and_grad
 
-__all__ = ["MABN", "BatchRenorm", "CenteredConv", "CenteredLinear", "value_and_grad", "grad",
-           "attach_probes", "record_backward_stats", "Probe", "Statistic", "replace_batchnorm"]
+__all__ = [
+    "MABN",
+    "BatchRenorm",
+    "CenteredConv",
+    "CenteredLinear",
+    "value_and_grad",
+    "grad",
+    "attach_probes",
+    "record_backward_stats",
+    "Probe",
+    "Statistic",
+    "replace_batchnorm",
+]

@@ -44,14 +44,17 @@ _TOP_LEVEL = ("params", "batch_stats", PROBES)
 def _layers(batch_stats: Tree) -> dict[tuple[str, ...], _state.MABNState]:
     """Every MABN layer in a ``batch_stats`` tree, by path."""
     if not isinstance(batch_stats, Mapping):
-        raise TypeError("mabn_jax: batch_stats must be a mapping (the 'batch_stats' "
-                        f"collection), got {type(batch_stats).__name__}.")
+        raise TypeError(
+            "mabn_jax: batch_stats must be a mapping (the 'batch_stats' "
+            f"collection), got {type(batch_stats).__name__}."
+        )
     bad = [k for k in _TOP_LEVEL if k in batch_stats]
     if bad:
         raise ValueError(
             f"mabn_jax: the tree given as batch_stats has a top-level {bad[0]!r} entry: it "
             "is a whole variables dict. Pass variables['batch_stats'] (or "
-            "state.batch_stats) instead.")
+            "state.batch_stats) instead."
+        )
     return _find(batch_stats, _state.from_mapping)
 
 
@@ -67,6 +70,7 @@ def _find(tree: Tree, match: Callable[[Any], Any]) -> dict[tuple[str, ...], Any]
         elif isinstance(node, Mapping):
             for key, child in node.items():
                 walk(child, path + (key,))
+
     walk(tree, ())
     return out
 
@@ -79,9 +83,14 @@ def _nest(flat: dict[tuple[str, ...], Any], like: Tree):
 def _zero_probes(batch_stats: Tree, loss_scale) -> dict[tuple[str, ...], dict[str, jax.Array]]:
     """``{layer path: {'psi': zeros, ('g': zeros,) ('loss_scale': ...)}}``."""
     scale = None if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
-    return {path: {k: v for k, v in _state.init_probes(state)._replace(
-                loss_scale=scale)._asdict().items() if v is not None}
-            for path, state in _layers(batch_stats).items()}
+    return {
+        path: {
+            k: v
+            for k, v in _state.init_probes(state)._replace(loss_scale=scale)._asdict().items()
+            if v is not None
+        }
+        for path, state in _layers(batch_stats).items()
+    }
 
 
 def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
@@ -99,12 +108,18 @@ def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
       >>> import jax, jax.numpy as jnp, mabn_jax
       >>> layer = mabn_jax.MABN(buffer_size=4)
       >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
-      >>> probes = mabn_jax.init_probes(variables['batch_stats'])
+      >>> probes = mabn_jax.init_probes(variables["batch_stats"])
       >>> jax.tree.map(jnp.shape, probes)
       {'psi': (4, 3)}
     """
-    return _nest({path + (k,): v for path, probe in _zero_probes(batch_stats, loss_scale).items()
-                  for k, v in probe.items()}, batch_stats)
+    return _nest(
+        {
+            path + (k,): v
+            for path, probe in _zero_probes(batch_stats, loss_scale).items()
+            for k, v in probe.items()
+        },
+        batch_stats,
+    )
 
 
 def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) -> Any:
@@ -127,14 +142,15 @@ def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) 
       >>> layer = mabn_jax.MABN(use_running_average=False, buffer_size=4)
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> variables = layer.init(jax.random.key(0), x)
-      >>> stats = variables['batch_stats']
+      >>> stats = variables["batch_stats"]
       >>> def loss_fn(probes):
-      ...     y, updates = layer.apply({**variables, mabn_jax.PROBES: probes}, x,
-      ...                              mutable=['batch_stats'])
-      ...     return jnp.mean(y ** 2), updates['batch_stats']
+      ...     y, updates = layer.apply(
+      ...         {**variables, mabn_jax.PROBES: probes}, x, mutable=["batch_stats"]
+      ...     )
+      ...     return jnp.mean(y**2), updates["batch_stats"]
       >>> probe_grads, new_stats = jax.grad(loss_fn, has_aux=True)(mabn_jax.init_probes(stats))
       >>> new_stats = mabn_jax.record_backward_stats(new_stats, probe_grads, previous=stats)
-      >>> int(new_stats['step'])
+      >>> int(new_stats["step"])
       1
     """
     return _record(batch_stats, _probe_paths(probe_grads), previous)
@@ -147,20 +163,23 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
         raise ValueError(
             "record_backward_stats: batch_stats, probe_grads and previous hold different "
             f"MABN layers ({names(layers)}, {names(grads)}, {names(before)}); pass the "
-            "trees of one model and one step.")
+            "trees of one model and one step."
+        )
     tree = _shell.to_dicts(batch_stats)
     for path, state in layers.items():
         g = grads[path]  # a 'loss_scale' entry's gradient is ignored
-        new = _record_lib.record_backward_stats(state, _state.Probes(g["psi"], g.get("g")),
-                                            before[path])
+        new = _record_lib.record_backward_stats(
+            state, _state.Probes(g["psi"], g.get("g")), before[path]
+        )
         _node(tree, path).update(_state.to_mapping(new))
     return FrozenDict(tree) if isinstance(batch_stats, FrozenDict) else tree
 
 
 def _probe_paths(tree: Tree) -> dict[tuple[str, ...], Mapping]:
     """``{layer path: {'psi': ..., 'g': ...}}`` from a probe (or probe-gradient) tree."""
-    is_probe = lambda node: (isinstance(node, Mapping) and "psi" in node
-                             and not isinstance(node["psi"], Mapping))
+    is_probe = lambda node: (
+        isinstance(node, Mapping) and "psi" in node and not isinstance(node["psi"], Mapping)
+    )
     return _find(tree, lambda node: node if is_probe(node) else None)
 
 
@@ -171,25 +190,45 @@ def _node(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
         else:
             tree = tree[key]
         if not isinstance(tree, dict):
-            raise ValueError(f"mabn_jax: {'/'.join(path)!r} is not a module in the params "
-                             "tree; pass the params and batch_stats of the same model.")
+            raise ValueError(
+                f"mabn_jax: {'/'.join(path)!r} is not a module in the params "
+                "tree; pass the params and batch_stats of the same model."
+            )
     return tree
 
 
 @overload
-def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
-                   has_aux: bool = False, *, batch_stats: Tree, dynamic_scale: None = None,
-                   axis_name: str | None = None, aux_batch_stats: _aux.AuxSelector | None = None
-                   ) -> Callable[..., tuple[Any, Any]]: ...
+def value_and_grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    batch_stats: Tree,
+    dynamic_scale: None = None,
+    axis_name: str | None = None,
+    aux_batch_stats: _aux.AuxSelector | None = None,
+) -> Callable[..., tuple[Any, Any]]: ...
 @overload
-def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
-                   has_aux: bool = False, *, batch_stats: Tree, dynamic_scale: DynamicScale,
-                   axis_name: str | None = None, aux_batch_stats: _aux.AuxSelector | None = None
-                   ) -> Callable[..., DynamicScaleResult]: ...
-def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
-                   has_aux: bool = False, *, batch_stats: Tree,
-                   dynamic_scale: DynamicScale | None = None, axis_name: str | None = None,
-                   aux_batch_stats: _aux.AuxSelector | None = None) -> Callable[..., Any]:
+def value_and_grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    batch_stats: Tree,
+    dynamic_scale: DynamicScale,
+    axis_name: str | None = None,
+    aux_batch_stats: _aux.AuxSelector | None = None,
+) -> Callable[..., DynamicScaleResult]: ...
+def value_and_grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    batch_stats: Tree,
+    dynamic_scale: DynamicScale | None = None,
+    axis_name: str | None = None,
+    aux_batch_stats: _aux.AuxSelector | None = None,
+) -> Callable[..., Any]:
     """``jax.value_and_grad`` for models with MABN layers: a drop-in.
 
     ``fun`` is the loss function of an ``nn.BatchNorm`` train step, unchanged:
@@ -198,11 +237,10 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
     dict passed to ``apply``) and returns the updated ``batch_stats`` in its
     aux output (``mutable=['batch_stats']``)::
 
-        grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
-                                          batch_stats=state.batch_stats)
+        grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats)
         (loss, updates), grads = grad_fn(state.params)
         state = state.apply_gradients(grads=grads)
-        state = state.replace(batch_stats=updates['batch_stats'])
+        state = state.replace(batch_stats=updates["batch_stats"])
 
     The returned aux is ``fun``'s, except that its updated ``batch_stats``
     tree holds this step's backward statistics; a layer whose statistics are
@@ -249,13 +287,15 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> variables = model.init(jax.random.key(0), x)
       >>> def loss_fn(params, batch_stats):
-      ...     y, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-      ...                              mutable=['batch_stats'])
-      ...     return jnp.mean(y ** 2), updates
-      >>> grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
-      ...                                   batch_stats=variables['batch_stats'])
-      >>> (loss, updates), grads = grad_fn(variables['params'], variables['batch_stats'])
-      >>> int(updates['batch_stats']['step']), sorted(grads)
+      ...     y, updates = model.apply(
+      ...         {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+      ...     )
+      ...     return jnp.mean(y**2), updates
+      >>> grad_fn = mabn_jax.value_and_grad(
+      ...     loss_fn, has_aux=True, batch_stats=variables["batch_stats"]
+      ... )
+      >>> (loss, updates), grads = grad_fn(variables["params"], variables["batch_stats"])
+      >>> int(updates["batch_stats"]["step"]), sorted(grads)
       (1, ['bias', 'scale'])
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
@@ -280,15 +320,18 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
             return (value if scale is None else scale * value), aux
 
         (value, aux), (probe_grads, direct_grads, *grads) = jax.value_and_grad(
-            probed, tuple(range(len(nums) + 2)), has_aux=True)(
-                probes, direct, *(args[i] for i in nums))
+            probed, tuple(range(len(nums) + 2)), has_aux=True
+        )(probes, direct, *(args[i] for i in nums))
         # Each layer read one of the two sets; the other's gradient is zero.
         probe_grads = jax.tree.map(jnp.add, probe_grads, direct_grads)
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
-            value, grads, probe_grads = (value / scale, jax.tree.map(unscale, grads),
-                                         jax.tree.map(unscale, probe_grads))
+            value, grads, probe_grads = (
+                value / scale,
+                jax.tree.map(unscale, grads),
+                jax.tree.map(unscale, probe_grads),
+            )
         if probes:
             aux = _record_in_aux(aux, probe_grads, batch_stats, has_aux, aux_batch_stats)
         out = (value, aux) if has_aux else value
@@ -319,29 +362,36 @@ def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
     if not probes:
         return params
     if not isinstance(params, Mapping):
-        raise TypeError("mabn_jax.value_and_grad: the first differentiated argument must be "
-                        "the params (or the whole variables dict) passed to apply (a "
-                        f"mapping), got {type(params).__name__}.")
+        raise TypeError(
+            "mabn_jax.value_and_grad: the first differentiated argument must be "
+            "the params (or the whole variables dict) passed to apply (a "
+            f"mapping), got {type(params).__name__}."
+        )
     tree = _shell.to_dicts(params)
     if "params" in tree or "batch_stats" in tree:  # variables: probes are a collection
         if PROBES in tree:
-            raise ValueError(f"mabn_jax.value_and_grad: the variables already hold a "
-                             f"{PROBES!r} collection; leave it out, the probes are added "
-                             "here.")
-        tree[PROBES] = _nest({path + (k,): v for path, probe in probes.items()
-                              for k, v in probe.items()}, {})
+            raise ValueError(
+                f"mabn_jax.value_and_grad: the variables already hold a "
+                f"{PROBES!r} collection; leave it out, the probes are added "
+                "here."
+            )
+        tree[PROBES] = _nest(
+            {path + (k,): v for path, probe in probes.items() for k, v in probe.items()}, {}
+        )
     else:
         for path, probe in probes.items():
             _node(tree, path, create=True)[PROBES] = probe
     return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
 
 
-def _record_in_aux(aux, probe_grads, previous: Tree, has_aux: bool,
-                   select: _aux.AuxSelector | None):
+def _record_in_aux(
+    aux, probe_grads, previous: Tree, has_aux: bool, select: _aux.AuxSelector | None
+):
     """``aux`` with its updated ``batch_stats`` (found as :mod:`mabn_jax._aux`
     says, or where ``select`` points) recorded."""
-    target = _aux.find_batch_stats(aux, previous, has_aux=has_aux, select=select,
-                                   trained=lambda: _trained(probe_grads))
+    target = _aux.find_batch_stats(
+        aux, previous, has_aux=has_aux, select=select, trained=lambda: _trained(probe_grads)
+    )
     return _aux.replace(aux, target, _record(target, probe_grads, previous))
 
 
@@ -367,11 +417,16 @@ def _dynamic_scale_update(ds, out, grads, axis_name) -> DynamicScaleResult:
     for g in jax.tree_util.tree_leaves(grads):
         finite &= jnp.all(lax.is_finite(g))
     grow = ds.fin_steps == ds.growth_interval
-    fin_scale = jnp.where(grow & finite, jnp.minimum(ds.scale * ds.growth_factor,
-                                                     jnp.finfo(jnp.float32).max), ds.scale)
+    fin_scale = jnp.where(
+        grow & finite,
+        jnp.minimum(ds.scale * ds.growth_factor, jnp.finfo(jnp.float32).max),
+        ds.scale,
+    )
     inf_scale = ds.scale * ds.backoff_factor
     if ds.minimum_scale is not None:
         inf_scale = jnp.maximum(inf_scale, ds.minimum_scale)
-    new = ds.replace(fin_steps=jnp.where(grow | ~finite, 0, ds.fin_steps + 1),
-                     scale=jnp.where(finite, fin_scale, inf_scale))
+    new = ds.replace(
+        fin_steps=jnp.where(grow | ~finite, 0, ds.fin_steps + 1),
+        scale=jnp.where(finite, fin_scale, inf_scale),
+    )
     return DynamicScaleResult(new, finite, out, grads)

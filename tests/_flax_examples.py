@@ -18,8 +18,11 @@ import flax
 
 VERSION = flax.__version__
 DOWNLOAD_TIMEOUT_S = 120
-MEMBERS = ("examples/imagenet/models.py", "examples/mnist/train.py",
-           "examples/nnx_toy_examples/06_scan_over_layers.py")
+MEMBERS = (
+    "examples/imagenet/models.py",
+    "examples/mnist/train.py",
+    "examples/nnx_toy_examples/06_scan_over_layers.py",
+)
 
 
 def _cache_dir():
@@ -28,8 +31,18 @@ def _cache_dir():
 
 
 def download_cmd(dest):
-    return [sys.executable, "-m", "pip", "download", f"flax=={VERSION}",
-            "--no-binary", ":all:", "--no-deps", "-d", str(dest)]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"flax=={VERSION}",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "-d",
+        str(dest),
+    ]
 
 
 def fetch_examples():
@@ -43,8 +56,9 @@ def fetch_examples():
     if not archive.exists():
         cmd = download_cmd(root)
         try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True,
-                           timeout=DOWNLOAD_TIMEOUT_S)
+            subprocess.run(
+                cmd, check=True, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S
+            )
         except (subprocess.SubprocessError, OSError) as err:
             detail = getattr(err, "stderr", "") or ""
             raise RuntimeError(f"`{' '.join(cmd)}` failed: {err} {detail[-500:]}") from err
@@ -68,22 +82,33 @@ def classes_from(path, names, preamble):
     """The named top-level classes of a script, their source unmodified, executed
     after ``preamble`` (the script's own imports the classes use)."""
     source = pathlib.Path(path).read_text()
-    segments = {node.name: ast.get_source_segment(source, node)
-                for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    segments = {
+        node.name: ast.get_source_segment(source, node)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.ClassDef)
+    }
     missing = set(names) - segments.keys()
     if missing:
         raise LookupError(f"{path} has no class {sorted(missing)}")
     namespace = {}
-    exec(compile(preamble + "\n\n" + "\n\n".join(segments[n] for n in names),
-                 str(path), "exec"), namespace)
+    exec(
+        compile(preamble + "\n\n" + "\n\n".join(segments[n] for n in names), str(path), "exec"),
+        namespace,
+    )
     return types.SimpleNamespace(**{n: namespace[n] for n in names})
 
 
 def load(root):
     """(imagenet models module, mnist classes, scan-over-layers classes)."""
     imagenet = import_file(root / MEMBERS[0], "flax_examples_imagenet_models")
-    mnist = classes_from(root / MEMBERS[1], ["CNN"],
-                         "from functools import partial\nfrom flax import nnx\nimport jax")
-    scan = classes_from(root / MEMBERS[2], ["Block", "ScanMLP"],
-                        "import jax\nimport jax.numpy as jnp\nfrom flax import nnx")
+    mnist = classes_from(
+        root / MEMBERS[1],
+        ["CNN"],
+        "from functools import partial\nfrom flax import nnx\nimport jax",
+    )
+    scan = classes_from(
+        root / MEMBERS[2],
+        ["Block", "ScanMLP"],
+        "import jax\nimport jax.numpy as jnp\nfrom flax import nnx",
+    )
     return imagenet, mnist, scan

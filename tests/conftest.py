@@ -33,17 +33,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     _CACHE = tempfile.mkdtemp(prefix="mabn_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 # Property tests are reproducible: every run draws the same examples (a failure
 # seen once is seen again), and no per-example deadline (compiles are slow and
 # vary with the machine's load). Tests' own @settings override max_examples only.
 from hypothesis import settings as _hypothesis_settings
 
-_hypothesis_settings.register_profile("mabn_jax", derandomize=True, deadline=None,
-                                      print_blob=True)
+_hypothesis_settings.register_profile("mabn_jax", derandomize=True, deadline=None, print_blob=True)
 _hypothesis_settings.load_profile("mabn_jax")
 
 

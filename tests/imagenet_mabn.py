@@ -79,19 +79,21 @@ class ResNet(nn.Module):
             axis_name="batch",
             # MABN: a schedule for a few test steps (the defaults are the paper's
             # ImageNet ones: buffer_size=16, warmup_steps=100, renorm_start=1000).
-            buffer_size=2, warmup_steps=2, renorm_start=3,
+            buffer_size=2,
+            warmup_steps=2,
+            renorm_start=3,
         )
 
-        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-                 name="conv_init")(x)
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
         x = norm(name="bn_init")(x)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
                 strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-                x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv,
-                                   norm=norm, act=self.act)(x)
+                x = self.block_cls(
+                    self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act
+                )(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
         x = jnp.asarray(x, self.dtype)
@@ -151,13 +153,18 @@ def compute_metrics(logits, labels):
 
 def create_learning_rate_fn(config: Config, base_learning_rate: float, steps_per_epoch: int):
     """Create learning rate schedule."""
-    warmup_fn = optax.linear_schedule(init_value=0.0, end_value=base_learning_rate,
-                                      transition_steps=config.warmup_epochs * steps_per_epoch)
+    warmup_fn = optax.linear_schedule(
+        init_value=0.0,
+        end_value=base_learning_rate,
+        transition_steps=config.warmup_epochs * steps_per_epoch,
+    )
     cosine_epochs = max(config.num_epochs - config.warmup_epochs, 1)
-    cosine_fn = optax.cosine_decay_schedule(init_value=base_learning_rate,
-                                            decay_steps=cosine_epochs * steps_per_epoch)
-    return optax.join_schedules(schedules=[warmup_fn, cosine_fn],
-                                boundaries=[config.warmup_epochs * steps_per_epoch])
+    cosine_fn = optax.cosine_decay_schedule(
+        init_value=base_learning_rate, decay_steps=cosine_epochs * steps_per_epoch
+    )
+    return optax.join_schedules(
+        schedules=[warmup_fn, cosine_fn], boundaries=[config.warmup_epochs * steps_per_epoch]
+    )
 
 
 def train_step(state, batch, learning_rate_fn):
@@ -184,13 +191,18 @@ def train_step(state, batch, learning_rate_fn):
 
     if dynamic_scale:
         grad_fn = mabn_jax.value_and_grad(  # MABN: was dynamic_scale.value_and_grad(
-            loss_fn, has_aux=True, axis_name="batch",
-            batch_stats=state.batch_stats, dynamic_scale=dynamic_scale)  # MABN: added
+            loss_fn,
+            has_aux=True,
+            axis_name="batch",
+            batch_stats=state.batch_stats,
+            dynamic_scale=dynamic_scale,
+        )  # MABN: added
         dynamic_scale, is_fin, aux, grads = grad_fn(state.params)
         # dynamic loss takes care of averaging gradients across replicas
     else:
         grad_fn = mabn_jax.value_and_grad(  # MABN: was jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=state.batch_stats)  # MABN: batch_stats added
+            loss_fn, has_aux=True, batch_stats=state.batch_stats
+        )  # MABN: batch_stats added
         aux, grads = grad_fn(state.params)
         # Re-use same axis_name as in the call to `pmap(...train_step...)` below.
         grads = lax.pmean(grads, axis_name="batch")
@@ -206,10 +218,12 @@ def train_step(state, batch, learning_rate_fn):
         # if is_fin == False the gradients contain Inf/NaNs and optimizer state and
         # params should be restored (= skip this step).
         new_state = new_state.replace(
-            opt_state=jax.tree_util.tree_map(partial(jnp.where, is_fin),
-                                             new_state.opt_state, state.opt_state),
-            params=jax.tree_util.tree_map(partial(jnp.where, is_fin), new_state.params,
-                                          state.params),
+            opt_state=jax.tree_util.tree_map(
+                partial(jnp.where, is_fin), new_state.opt_state, state.opt_state
+            ),
+            params=jax.tree_util.tree_map(
+                partial(jnp.where, is_fin), new_state.params, state.params
+            ),
             dynamic_scale=dynamic_scale,
         )
         metrics["scale"] = dynamic_scale.scale
@@ -236,7 +250,8 @@ def save_checkpoint(state, workdir):
     step = int(state.step)
     # Orbax can not handle host local arrays from pmap. Convert to global arrays.
     replicated_state = jax.tree_util.tree_map(
-        ocp.utils.fully_replicated_host_local_array_to_global_array, state)
+        ocp.utils.fully_replicated_host_local_array_to_global_array, state
+    )
     checkpoints.save_checkpoint_multiprocess(workdir, replicated_state, step, keep=3)
 
 
@@ -249,5 +264,10 @@ def create_train_state(rng, config: Config, model, image_size, learning_rate_fn)
 
     params, batch_stats = initialized(rng, image_size, model)
     tx = optax.sgd(learning_rate=learning_rate_fn, momentum=config.momentum, nesterov=True)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             batch_stats=batch_stats, dynamic_scale=dynamic_scale)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        batch_stats=batch_stats,
+        dynamic_scale=dynamic_scale,
+    )

@@ -43,23 +43,35 @@ class Result:
         return not self.timed_out and all(rc == 0 for rc in self.returncodes)
 
     def report(self, tail: int = 4000) -> str:
-        return "\n".join(f"--- worker {i}, exit code {rc}{' (timed out)' * self.timed_out}\n"
-                         f"{out[-tail:]}" for i, (rc, out) in
-                         enumerate(zip(self.returncodes, self.outputs)))
+        return "\n".join(
+            f"--- worker {i}, exit code {rc}{' (timed out)' * self.timed_out}\n{out[-tail:]}"
+            for i, (rc, out) in enumerate(zip(self.returncodes, self.outputs))
+        )
 
 
 def clean_env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k != "XLA_FLAGS" and not k.startswith("JAX_") and "_proxy" not in k.lower()
-           and k != "PYTHONPATH"}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "XLA_FLAGS"
+        and not k.startswith("JAX_")
+        and "_proxy" not in k.lower()
+        and k != "PYTHONPATH"
+    }
+    env.update(
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        OMP_NUM_THREADS="1",
+    )
     env.update(extra or {})
     return env
 
 
-def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
-           fail_fast_grace: float = 10.0) -> Result:
+def launch(
+    script: str, envs: list[dict], *, cwd: str, timeout: float, fail_fast_grace: float = 10.0
+) -> Result:
     """Runs ``python script`` once per entry of ``envs`` (extra variables), in parallel."""
     procs, logs = [], []
     t0 = time.time()
@@ -67,9 +79,17 @@ def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
         for extra in envs:
             log = tempfile.TemporaryFile()  # noqa: SIM115 (read and closed below)
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, script], env=clean_env(extra), cwd=cwd, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script],
+                    env=clean_env(extra),
+                    cwd=cwd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         timed_out, first_failure = False, None
         while any(p.poll() is None for p in procs):
             now = time.time()
@@ -88,8 +108,9 @@ def launch(script: str, envs: list[dict], *, cwd: str, timeout: float,
         log.seek(0)
         outputs.append(log.read().decode(errors="replace"))
         log.close()
-    return Result([p.returncode for p in procs], outputs, [p.pid for p in procs], timed_out,
-                  time.time() - t0)
+    return Result(
+        [p.returncode for p in procs], outputs, [p.pid for p in procs], timed_out, time.time() - t0
+    )
 
 
 def _stop(procs) -> None:
@@ -116,17 +137,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_distributed(script: str, num_processes: int, env: dict | None = None, *,
-                       cwd: str, timeout: float, port_retries: int = 2) -> Result:
+def launch_distributed(
+    script: str,
+    num_processes: int,
+    env: dict | None = None,
+    *,
+    cwd: str,
+    timeout: float,
+    port_retries: int = 2,
+) -> Result:
     """``num_processes`` workers of one ``jax.distributed`` job on localhost."""
     deadline = time.time() + timeout
     for _ in range(port_retries + 1):
         port = free_port()
-        envs = [{**(env or {}), "MP_COORD": f"127.0.0.1:{port}",
-                 "MP_NUM_PROCESSES": str(num_processes), "MP_PROCESS_ID": str(i)}
-                for i in range(num_processes)]
+        envs = [
+            {
+                **(env or {}),
+                "MP_COORD": f"127.0.0.1:{port}",
+                "MP_NUM_PROCESSES": str(num_processes),
+                "MP_PROCESS_ID": str(i),
+            }
+            for i in range(num_processes)
+        ]
         result = launch(script, envs, cwd=cwd, timeout=max(deadline - time.time(), 1.0))
-        if result.ok or not any("Failed to add port" in o or "Address already in use" in o
-                                for o in result.outputs):
+        if result.ok or not any(
+            "Failed to add port" in o or "Address already in use" in o for o in result.outputs
+        ):
             return result
     return result

@@ -17,12 +17,14 @@ def layer_step(mod):
     @jax.jit
     def step(params, batch_stats, x, dy):
         def loss_fn(params, x):
-            y, updates = mod.apply({"params": params, "batch_stats": batch_stats}, x,
-                                   mutable=["batch_stats"])
+            y, updates = mod.apply(
+                {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+            )
             return jnp.sum(y * dy), (y, updates)
 
         (_, (y, updates)), (dparams, dx) = mabn_jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True, batch_stats=batch_stats)(params, x)
+            loss_fn, argnums=(0, 1), has_aux=True, batch_stats=batch_stats
+        )(params, x)
         return y, dx, dparams, updates["batch_stats"]
 
     return step

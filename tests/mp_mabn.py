@@ -44,13 +44,20 @@ TX = optax.sgd(0.1, momentum=0.9)
 
 class Net(nn.Module):
     """The plain layer after a centered Dense and the centered layer after a Dense."""
+
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x):
-        norm = lambda **kw: mabn_jax.MABN(use_running_average=False, axis_name=self.axis_name,
-                                          buffer_size=2, warmup_steps=3, renorm_start=6,
-                                          r_max=R_MAX, **kw)
+        norm = lambda **kw: mabn_jax.MABN(
+            use_running_average=False,
+            axis_name=self.axis_name,
+            buffer_size=2,
+            warmup_steps=3,
+            renorm_start=6,
+            r_max=R_MAX,
+            **kw,
+        )
         x = jnp.tanh(norm()(mabn_jax.CenteredDense(6, use_bias=False)(x)))
         x = jnp.tanh(norm(centered=True)(nn.Dense(6)(x)))
         return nn.Dense(3)(x)
@@ -67,28 +74,36 @@ def data(global_batch, seed=0):
 
 
 def init(model):
-    variables = jax.jit(model.init)(jax.random.key(1), np.zeros((PER_DEV, FEATURES),
-                                                                np.float32))
+    variables = jax.jit(model.init)(jax.random.key(1), np.zeros((PER_DEV, FEATURES), np.float32))
     variables = jax.device_get(variables)
-    return {"params": variables["params"], "opt_state": jax.device_get(
-        TX.init(variables["params"])), "batch_stats": variables["batch_stats"]}
+    return {
+        "params": variables["params"],
+        "opt_state": jax.device_get(TX.init(variables["params"])),
+        "batch_stats": variables["batch_stats"],
+    }
 
 
 def train_step(model, state, x, y, global_batch):
     """One step; the loss is this shard's share of the global mean, so summing the
     devices' gradients (what autodiff does for replicated parameters in shard_map,
     and nothing on one device) gives the gradient of the global mean."""
+
     def loss_fn(params):
-        logits, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
-                                  mutable=["batch_stats"])
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": state["batch_stats"]}, x, mutable=["batch_stats"]
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum() / global_batch
         return loss, upd
 
     (loss, upd), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state["batch_stats"])(state["params"])
+        loss_fn, has_aux=True, batch_stats=state["batch_stats"]
+    )(state["params"])
     updates, opt_state = TX.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "batch_stats": upd["batch_stats"]}, loss
+    return {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "batch_stats": upd["batch_stats"],
+    }, loss
 
 
 def reference_trajectory():
@@ -117,11 +132,14 @@ def _setup():
     jax.config.update("jax_disable_most_optimizations", True)  # compiles faster
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=os.environ["MP_COORD"],
-                               num_processes=int(os.environ["MP_NUM_PROCESSES"]),
-                               process_id=int(os.environ["MP_PROCESS_ID"]),
-                               initialization_timeout=30, heartbeat_timeout_seconds=10,
-                               shutdown_timeout_seconds=10)
+    jax.distributed.initialize(
+        coordinator_address=os.environ["MP_COORD"],
+        num_processes=int(os.environ["MP_NUM_PROCESSES"]),
+        process_id=int(os.environ["MP_PROCESS_ID"]),
+        initialization_timeout=30,
+        heartbeat_timeout_seconds=10,
+        shutdown_timeout_seconds=10,
+    )
 
 
 class Job:
@@ -140,13 +158,14 @@ class Job:
     def local_rows(self, a):
         """This process's contiguous block of a global NumPy array (axis 0)."""
         n = a.shape[0] // self.nproc
-        return a[self.pid * n:(self.pid + 1) * n]
+        return a[self.pid * n : (self.pid + 1) * n]
 
     def put(self, tree, sharding):
         def one(a):
             a = np.asarray(a)
             local = self.local_rows(a) if sharding is self.split else a
             return jax.make_array_from_process_local_data(sharding, local, a.shape)
+
         return jax.tree.map(one, tree)
 
     def per_device(self, tree):
@@ -160,13 +179,21 @@ class Job:
                 state = {**state, "batch_stats": jax.tree.map(unstack, state["batch_stats"])}
             state, loss = train_step(model, state, x, y, self.global_batch)
             if state_spec is not None:
-                state = {**state, "batch_stats": jax.tree.map(lambda a: a[None],
-                                                              state["batch_stats"])}
+                state = {
+                    **state,
+                    "batch_stats": jax.tree.map(lambda a: a[None], state["batch_stats"]),
+                }
             return state, jax.lax.psum(loss, "batch")
+
         specs = {"params": P(), "opt_state": P(), "batch_stats": state_spec or P()}
-        return jax.jit(jax.shard_map(body, mesh=self.mesh,
-                                     in_specs=(specs, P("batch"), P("batch")),
-                                     out_specs=(specs, P())))
+        return jax.jit(
+            jax.shard_map(
+                body,
+                mesh=self.mesh,
+                in_specs=(specs, P("batch"), P("batch")),
+                out_specs=(specs, P()),
+            )
+        )
 
 
 def local(tree):
@@ -180,6 +207,7 @@ def local(tree):
 
 def run_train(job, outdir):
     import orbax.checkpoint as ocp
+
     x, y = data(job.global_batch)
 
     # (1) synchronized over the global batch
@@ -198,8 +226,10 @@ def run_train(job, outdir):
     # (2) per-device state sharded across processes: save, continue, dump
     model = Net()
     fresh = init(model)
-    state = {**job.put({k: fresh[k] for k in ("params", "opt_state")}, job.rep),
-             "batch_stats": job.per_device(fresh["batch_stats"])}
+    state = {
+        **job.put({k: fresh[k] for k in ("params", "opt_state")}, job.rep),
+        "batch_stats": job.per_device(fresh["batch_stats"]),
+    }
     step = job.step_fn(model, P("batch"))
     for t in range(SAVE_AT):
         state, loss = step(state, job.put(x[t], job.split), job.put(y[t], job.split))
@@ -211,8 +241,10 @@ def run_train(job, outdir):
         state, loss = step(state, job.put(x[t], job.split), job.put(y[t], job.split))
         cont[f"loss{t}"] = {"": np.asarray(loss.addressable_data(0))}
         cont[f"state{t}"] = local(state)
-    np.savez(os.path.join(outdir, f"perdev_p{job.pid}.npz"),
-             **{f"{k}|{kk}": vv for k, v in cont.items() for kk, vv in v.items()})
+    np.savez(
+        os.path.join(outdir, f"perdev_p{job.pid}.npz"),
+        **{f"{k}|{kk}": vv for k, v in cont.items() for kk, vv in v.items()},
+    )
     windows = np.asarray(state["batch_stats"]["MABN_0"]["x2_window"].addressable_data(0))
     other = np.asarray(state["batch_stats"]["MABN_0"]["x2_window"].addressable_data(1))
     assert not np.allclose(windows, other), "per-device statistics should differ"
@@ -221,21 +253,27 @@ def run_train(job, outdir):
 
 def run_resume(job, outdir):
     import orbax.checkpoint as ocp
+
     x, y = data(job.global_batch)
     model = Net()
     fresh = init(model)
-    like = {**job.put({k: fresh[k] for k in ("params", "opt_state")}, job.rep),
-            "batch_stats": job.per_device(fresh["batch_stats"])}
+    like = {
+        **job.put({k: fresh[k] for k in ("params", "opt_state")}, job.rep),
+        "batch_stats": job.per_device(fresh["batch_stats"]),
+    }
     path = os.path.join(outdir, "ckpt")
     ckptr = ocp.StandardCheckpointer()
     stored = ckptr.metadata(path).item_metadata.tree
     mabn_jax.check_batch_stats(stored["batch_stats"], like["batch_stats"])
-    state = ckptr.restore(path, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like))
+    state = ckptr.restore(
+        path,
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like),
+    )
     ref = np.load(os.path.join(outdir, f"perdev_p{job.pid}.npz"))
-    check = lambda tag, got: [np.testing.assert_array_equal(v, ref[f"{tag}|{k}"],
-                                                            err_msg=f"{tag} {k}")
-                              for k, v in got.items()]
+    check = lambda tag, got: [
+        np.testing.assert_array_equal(v, ref[f"{tag}|{k}"], err_msg=f"{tag} {k}")
+        for k, v in got.items()
+    ]
     check("saved", local(state))
     assert state["batch_stats"]["MABN_0"]["step"].sharding == job.split
     step = job.step_fn(model, P("batch"))

@@ -22,10 +22,14 @@ import pytest
 
 _NO_LIBTPU = importlib.util.find_spec("libtpu") is None
 if _NO_LIBTPU:
-    warnings.warn("libtpu is not installed: the TPU-compiler tests in tests/test_aot.py are "
-                  "skipped (pip install -e '.[aot]' to run them)", stacklevel=1)
+    warnings.warn(
+        "libtpu is not installed: the TPU-compiler tests in tests/test_aot.py are "
+        "skipped (pip install -e '.[aot]' to run them)",
+        stacklevel=1,
+    )
 pytestmark = pytest.mark.skipif(
-    _NO_LIBTPU, reason="libtpu (the TPU compiler) is not installed: pip install -e '.[aot]'")
+    _NO_LIBTPU, reason="libtpu (the TPU compiler) is not installed: pip install -e '.[aot]'"
+)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -41,12 +45,14 @@ from bench import layer_step  # noqa: E402
 
 def _topology(name="v5e:2x2"):
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(topology_name=name, platform="tpu")
 
 
 def _compile(f, args, sharding):
     specs = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args
+    )
     return f.lower(*specs).compile()
 
 
@@ -58,16 +64,18 @@ def _layer_bytes(module, shape, dtype):
 
 
 # Rows of the full `make aot` table where plain MABN moves no more than nn.BatchNorm.
-@pytest.mark.parametrize("shape,dtype", [((32, 56, 56, 256), jnp.float32),
-                                         ((32, 14, 14, 1024), jnp.float32)])
+@pytest.mark.parametrize(
+    "shape,dtype", [((32, 56, 56, 256), jnp.float32), ((32, 14, 14, 1024), jnp.float32)]
+)
 def test_plain_mabn_bytes_at_most_batchnorm(shape, dtype):
     mabn, _ = _layer_bytes(mabn_jax.MABN(dtype=dtype), shape, dtype)
     bn, _ = _layer_bytes(nn.BatchNorm(dtype=dtype), shape, dtype)
     assert mabn <= bn, f"MABN {mabn:.0f} bytes > nn.BatchNorm {bn:.0f} at {shape} {dtype}"
 
 
-_HOST = re.compile(r"callback|host|outfeed|infeed|\bsend\(|\brecv\(|send-done|recv-done",
-                   re.IGNORECASE)
+_HOST = re.compile(
+    r"callback|host|outfeed|infeed|\bsend\(|\brecv\(|send-done|recv-done", re.IGNORECASE
+)
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -76,8 +84,11 @@ def test_compiled_step_has_no_host_traffic(centered):
     text = comp.as_text()
     targets = re.findall(r'custom_call_target="([^"]+)"', text)
     assert not [t for t in targets if _HOST.search(t)], targets
-    ops = [line for line in text.splitlines()
-           if re.search(r"=\s*\S+\s+(send|recv|send-done|recv-done|outfeed|infeed)\(", line)]
+    ops = [
+        line
+        for line in text.splitlines()
+        if re.search(r"=\s*\S+\s+(send|recv|send-done|recv-done|outfeed|infeed)\(", line)
+    ]
     assert not ops, ops
 
 
@@ -91,13 +102,19 @@ def _shard_map_step(module, mesh):
         out = step(params, stats, x, dy)
         return jax.tree_util.tree_map(lambda a: a[None], out)  # each device's own
 
-    sm = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
-                       out_specs=P("data"), check_vma=False)
+    sm = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data")),
+        out_specs=P("data"),
+        check_vma=False,
+    )
     params, stats, x, dy = args
     rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    specs = [jax.tree_util.tree_map(lambda a, s=s: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                          sharding=s), t)
-             for t, s in ((params, rep), (stats, rep), (x, dat), (dy, dat))]
+    specs = [
+        jax.tree_util.tree_map(lambda a, s=s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t)
+        for t, s in ((params, rep), (stats, rep), (x, dat), (dy, dat))
+    ]
     return jax.jit(sm).lower(*specs).compile().as_text()
 
 
@@ -106,8 +123,9 @@ _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64"
 
 def _all_reduces(text):
     """(count, bytes) of the all-reduce ops in compiled HLO text."""
-    lines = [line for line in text.splitlines()
-             if re.search(r"=\s*.*\sall-reduce(-start)?\(", line)]
+    lines = [
+        line for line in text.splitlines() if re.search(r"=\s*.*\sall-reduce(-start)?\(", line)
+    ]
     nbytes = 0
     for line in lines:
         result = line.split("all-reduce")[0]
@@ -133,8 +151,9 @@ def test_per_device_mabn_step_has_no_collective():
 def test_synchronized_mabn_step_has_batchnorms_collectives(centered):
     mesh = _mesh()
     mabn = _all_reduces(_shard_map_step(mabn_jax.MABN(centered=centered, axis_name="data"), mesh))
-    bn = _all_reduces(_shard_map_step(
-        nn.BatchNorm(axis_name="data", use_fast_variance=not centered), mesh))
+    bn = _all_reduces(
+        _shard_map_step(nn.BatchNorm(axis_name="data", use_fast_variance=not centered), mesh)
+    )
     assert bn[0] > 0
     # (count, bytes) on v5e:2x2, channels 64: plain MABN (2, 768) against BN's (2, 1024);
     # centered MABN (3, 1024) against BN two-pass's (4, 1024): never more ops nor bytes.

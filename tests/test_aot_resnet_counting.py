@@ -26,15 +26,16 @@ HLO = """
 
 
 def test_counts_sync_and_async_collectives_once_with_result_bytes():
-    assert collectives(HLO) == {"all-reduce": (2, 512 * 1024 * 4 + 64 * 2 + 64 * 4),
-                                "all-gather": (1, 64 * 4)}
+    assert collectives(HLO) == {
+        "all-reduce": (2, 512 * 1024 * 4 + 64 * 2 + 64 * 4),
+        "all-gather": (1, 64 * 4),
+    }
 
 
 def test_sharded_batch_gradient_is_one_all_reduce_on_cpu():
     mesh = Mesh(jax.devices()[:8], ("b",))
     rep = NamedSharding(mesh, P())
-    f = jax.jit(lambda w, x: jax.grad(lambda w: (jnp.tanh(x @ w) ** 2).sum())(w),
-                out_shardings=rep)
+    f = jax.jit(lambda w, x: jax.grad(lambda w: (jnp.tanh(x @ w) ** 2).sum())(w), out_shardings=rep)
     w = jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=rep)
     x = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, P("b")))
     assert collectives(f.lower(w, x).compile().as_text()) == {"all-reduce": (1, 16 * 32 * 4)}

@@ -52,8 +52,9 @@ def _ref_vjp(x, scale, bias, dy):
 @pytest.mark.parametrize("buffer_size,warmup", [(1, 0), (4, 100)])
 def test_noncentered_equals_autodiff_in_batch_phase(buffer_size, warmup):
     """m = 1, or every step inside warm-up: ∂L/∂x is jax.grad of the RMS norm."""
-    mod = mabn_jax.MABN(use_running_average=False, buffer_size=buffer_size,
-                        warmup_steps=warmup, renorm_start=50)
+    mod = mabn_jax.MABN(
+        use_running_average=False, buffer_size=buffer_size, warmup_steps=warmup, renorm_start=50
+    )
     xs, dys = _data(0, (2, 3, 3, 4), 8)
     variables = jax.jit(mod.init)(jax.random.key(1), xs[0])
     params = {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-0.2, 0.2, 4)}
@@ -107,8 +108,14 @@ def test_centered_equals_flax_batchnorm(buffer_size, warmup, fast_variance):
     """m = 1 or warm-up, r = 1, d = 0: outputs, gradients and EMA equal nn.BatchNorm
     configured with the same variance formula."""
     kwargs = dict(momentum=0.9, epsilon=EPS, use_fast_variance=fast_variance)
-    mod = mabn_jax.MABN(use_running_average=False, centered=True, buffer_size=buffer_size,
-                        warmup_steps=warmup, renorm_start=50, **kwargs)
+    mod = mabn_jax.MABN(
+        use_running_average=False,
+        centered=True,
+        buffer_size=buffer_size,
+        warmup_steps=warmup,
+        renorm_start=50,
+        **kwargs,
+    )
     bn = nn.BatchNorm(use_running_average=False, **kwargs)
     xs, dys = _data(3, (2, 3, 3, 4), 8)
     variables = jax.jit(mod.init)(jax.random.key(1), xs[0])
@@ -143,13 +150,13 @@ def test_centered_default_is_the_two_pass_variance():
     variables = jax.jit(mod.init)(jax.random.key(0), x)
     probes = mabn_jax.init_probes(variables["batch_stats"])
     y = jax.jit(lambda v, x: mod.apply(v, x, mutable=["batch_stats"])[0])(
-        {**variables, mabn_jax.PROBES: probes}, x)
+        {**variables, mabn_jax.PROBES: probes}, x
+    )
     outs = {}
     for fast in (False, True):
         bn = nn.BatchNorm(use_running_average=False, epsilon=EPS, use_fast_variance=fast)
         bv = jax.jit(bn.init)(jax.random.key(0), x)
-        outs[fast] = jax.jit(lambda v, x, bn=bn: bn.apply(v, x, mutable=["batch_stats"])[0])(
-            bv, x)
+        outs[fast] = jax.jit(lambda v, x, bn=bn: bn.apply(v, x, mutable=["batch_stats"])[0])(bv, x)
     exact = np.asarray(x, np.float64)
     exact = (exact - exact.mean(0)) / np.sqrt(exact.var(0) + EPS)
     np.testing.assert_allclose(y, exact, rtol=1e-3, atol=1e-3)
@@ -199,34 +206,60 @@ def _centered_reference(x, dy, gamma, beta, m, warm, start, r_max, d_max, alpha)
         g_w[slot], psi_w[slot] = g_b, psi_b
         g, psi = (g_b, psi_b) if batch_phase else (g_w.sum(0) / m, psi_w.sum(0) / m)
         dx = (ghat - g - z * psi) / sigma
-        out.append(dict(
-            y=y, dx=dx, dscale=(dyi * (r * z + d)).sum(ax), dbias=dyi.sum(ax),
-            ema_mean=ema_mean.copy(), ema_var=ema_var.copy(), mean_window=mean_w.copy(),
-            var_window=var_w.copy(), g_window=g_w.copy(), psi_window=psi_w.copy(),
-            r_raw=r_raw if t > max(start, warm) else None, d_raw=d_raw, batch=batch_phase))
+        out.append(
+            dict(
+                y=y,
+                dx=dx,
+                dscale=(dyi * (r * z + d)).sum(ax),
+                dbias=dyi.sum(ax),
+                ema_mean=ema_mean.copy(),
+                ema_var=ema_var.copy(),
+                mean_window=mean_w.copy(),
+                var_window=var_w.copy(),
+                g_window=g_w.copy(),
+                psi_window=psi_w.copy(),
+                r_raw=r_raw if t > max(start, warm) else None,
+                d_raw=d_raw,
+                batch=batch_phase,
+            )
+        )
     return out
 
 
 def test_centered_trajectory_matches_spec_in_float64():
     """Every phase of the centered variant (batch, window, r = 1, r and d clipped at
     both ends), every output, gradient and state leaf, to 1e-9 relative."""
-    cfg = dict(buffer_size=3, warmup_steps=5, renorm_start=8, r_max=1.5, d_max=0.5,
-               momentum=0.8)
+    cfg = dict(buffer_size=3, warmup_steps=5, renorm_start=8, r_max=1.5, d_max=0.5, momentum=0.8)
     rng = np.random.default_rng(0)
     T, C = 26, 3
     t = np.arange(1, T + 1)[:, None]
     # Scale up x4 on steps 13-16 (r > r_max), down x0.1 on 19-21 (r < 1/r_max);
     # shift +3 on 15-17 (d > d_max), -3 on 23-26 (d < -d_max); channels differ.
-    scale = (np.where((t >= 13) & (t <= 16), 4.0, 1.0) * np.where((t >= 19) & (t <= 21), 0.1, 1.0)
-             * (1 + rng.random((T, C))))
-    shift = (np.where((t >= 15) & (t <= 17), 3.0, 0.0) - np.where(t >= 23, 3.0, 0.0)
-             + 0.3 * rng.normal(size=(T, C)))
-    x = (rng.normal(size=(T, 2, 2, 2, C)) * scale[:, None, None, None]
-         + shift[:, None, None, None])
+    scale = (
+        np.where((t >= 13) & (t <= 16), 4.0, 1.0)
+        * np.where((t >= 19) & (t <= 21), 0.1, 1.0)
+        * (1 + rng.random((T, C)))
+    )
+    shift = (
+        np.where((t >= 15) & (t <= 17), 3.0, 0.0)
+        - np.where(t >= 23, 3.0, 0.0)
+        + 0.3 * rng.normal(size=(T, C))
+    )
+    x = rng.normal(size=(T, 2, 2, 2, C)) * scale[:, None, None, None] + shift[:, None, None, None]
     dy = rng.normal(size=x.shape)
     gamma, beta = 1 + rng.random(C), rng.normal(size=C)
-    ref = _centered_reference(x, dy, gamma, beta, cfg["buffer_size"], cfg["warmup_steps"],
-                              cfg["renorm_start"], cfg["r_max"], cfg["d_max"], cfg["momentum"])
+    ref = _centered_reference(
+        x,
+        dy,
+        gamma,
+        beta,
+        cfg["buffer_size"],
+        cfg["warmup_steps"],
+        cfg["renorm_start"],
+        cfg["r_max"],
+        cfg["d_max"],
+        cfg["momentum"],
+    )
     # The trajectory crosses every phase and both ends of both clips.
     phases = [(s["batch"], s["r_raw"] is not None) for s in ref]
     assert (True, False) in phases and (False, False) in phases and (False, True) in phases
@@ -234,13 +267,15 @@ def test_centered_trajectory_matches_spec_in_float64():
     d_raw = np.stack([s["d_raw"] for s in ref if s["r_raw"] is not None])
     assert (r_raw > cfg["r_max"]).any() and (r_raw < 1 / cfg["r_max"]).any()
     assert (d_raw > cfg["d_max"]).any() and (d_raw < -cfg["d_max"]).any()
-    assert ((np.abs(np.log(r_raw)) < np.log(cfg["r_max"]))
-            & (np.abs(d_raw) < cfg["d_max"])).any()  # and unclipped renorm steps
+    assert (
+        (np.abs(np.log(r_raw)) < np.log(cfg["r_max"])) & (np.abs(d_raw) < cfg["d_max"])
+    ).any()  # and unclipped renorm steps
     keys = [k for k in ref[0] if k not in ("r_raw", "d_raw", "batch")]
     worst = dict.fromkeys(keys, 0.0)
     with jax.enable_x64(True):
-        mod = mabn_jax.MABN(use_running_average=False, centered=True,
-                            param_dtype=jnp.float64, **cfg)
+        mod = mabn_jax.MABN(
+            use_running_average=False, centered=True, param_dtype=jnp.float64, **cfg
+        )
         variables = jax.jit(mod.init)(jax.random.key(0), jnp.asarray(x[0]))
         params = {"scale": jnp.asarray(gamma), "bias": jnp.asarray(beta)}
         bs, step = variables["batch_stats"], layer_step(mod)
@@ -249,10 +284,15 @@ def test_centered_trajectory_matches_spec_in_float64():
             ours = jax.device_get(dict(y=y, dx=dx, dscale=dp["scale"], dbias=dp["bias"], **bs))
             assert ours["y"].dtype == np.float64 and int(ours["step"]) == i + 1
             for k in keys:
-                np.testing.assert_allclose(ours[k], ref[i][k], rtol=1e-9, atol=0,
-                                           err_msg=f"t={i + 1} {k}")
-                worst[k] = max(worst[k], float(np.max(
-                    np.abs(ours[k] - ref[i][k]) / np.maximum(np.abs(ref[i][k]), 1e-300))))
+                np.testing.assert_allclose(
+                    ours[k], ref[i][k], rtol=1e-9, atol=0, err_msg=f"t={i + 1} {k}"
+                )
+                worst[k] = max(
+                    worst[k],
+                    float(
+                        np.max(np.abs(ours[k] - ref[i][k]) / np.maximum(np.abs(ref[i][k]), 1e-300))
+                    ),
+                )
         assert step._cache_size() == 1
     print("worst relative error per key:", worst)
 
@@ -293,6 +333,7 @@ def _recorded_step(config):
         def loss(probes):
             y, new = F.mabn_train(x, None, None, state, probes, config)
             return jnp.sum(y * dy), new
+
         probe_grads, new = jax.grad(loss, has_aux=True)(F.init_probes(state))
         return F.record_backward_stats(new, probe_grads, previous=state)
 
@@ -312,13 +353,15 @@ def _advanced_state(config, steps, seed=1):
 
 def _config(centered):
     """m = 3, warm-up until t = 6, no renormalization in the steps used (r = 1)."""
-    return F.MABNConfig(buffer_size=3, warmup_steps=6, renorm_start=1000, centered=centered,
-                        epsilon=EPS)
+    return F.MABNConfig(
+        buffer_size=3, warmup_steps=6, renorm_start=1000, centered=centered, epsilon=EPS
+    )
 
 
 def _layer(config, state):
     def norm(x, gamma, beta):
         return F.mabn_train(x, gamma, beta, state, F.init_probes(state), config)[0]
+
     return norm
 
 
@@ -348,7 +391,8 @@ def test_second_derivatives_inside_warmup_equal_the_reference(centered):
                     grad=jax.grad(loss, argnums=(0, 1))(w, gamma),
                     hvp=jax.jvp(lambda w: jax.grad(loss)(w, gamma), (w,), (v,))[1],
                     hessian=jax.hessian(loss, argnums=(0, 1))(w, gamma),
-                    penalty=jax.grad(penalty)(w))
+                    penalty=jax.grad(penalty)(w),
+                )
             return out
 
         errors = jax.device_get(derivatives(state))
@@ -363,8 +407,7 @@ def test_second_derivatives_inside_warmup_equal_the_reference(centered):
 
 @pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("centered", [False, True])
-def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
-        centered, renorm):
+def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(centered, renorm):
     """After warm-up (m > 1) the first-order gradient is MABN's rule, not autodiff;
     jax.jvp of jax.grad is the derivative of that rule as a function of W (state
     fixed): it matches a central difference of the rule, and differs from the
@@ -410,11 +453,15 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
             return dict(
                 hvp=jax.jvp(rule, (w,), (v,))[1],
                 central=(rule(w + h * v) - rule(w - h * v)) / (2 * h),
-                y_fwd=forward(u @ w), y=norm(u @ w, gamma, beta),
-                grad_fwd=jax.grad(loss_fwd)(w), grad_rule=rule(w),
+                y_fwd=forward(u @ w),
+                y=norm(u @ w, gamma, beta),
+                grad_fwd=jax.grad(loss_fwd)(w),
+                grad_rule=rule(w),
                 hvp_fwd=jax.jvp(jax.grad(loss_fwd), (w,), (v,))[1],
-                stats=F.mabn_train_with_stats(u @ w, gamma, beta, state,
-                                              F.init_probes(state), config)[2])
+                stats=F.mabn_train_with_stats(
+                    u @ w, gamma, beta, state, F.init_probes(state), config
+                )[2],
+            )
 
         out = jax.device_get(derivatives(w, v))
         r = out["stats"]["r"]
@@ -424,11 +471,11 @@ def test_second_derivatives_in_the_window_phase_are_those_of_the_gradient_rule(
             np.testing.assert_array_equal(r, 1.0)
         hvp = out["hvp"]
         err = _rel(hvp, out["central"])
-        print(f"centered={centered} renorm={renorm} HVP vs central difference of the rule:",
-              err)
+        print(f"centered={centered} renorm={renorm} HVP vs central difference of the rule:", err)
         assert err <= 1e-7, err
         y_fwd, y, grad_fwd, grad_rule, hvp_fwd = (
-            out[k] for k in ("y_fwd", "y", "grad_fwd", "grad_rule", "hvp_fwd"))
+            out[k] for k in ("y_fwd", "y", "grad_fwd", "grad_rule", "hvp_fwd")
+        )
         np.testing.assert_allclose(y_fwd, y, rtol=1e-12)
         assert _rel(grad_fwd, grad_rule) > 1e-3
         assert _rel(hvp_fwd, hvp) > 1e-3
@@ -441,12 +488,17 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
     mod = mabn_jax.MABN(centered=centered, buffer_size=2)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
     variables = jax.jit(functools.partial(mod.init, use_running_average=False))(
-        jax.random.key(0), x)
+        jax.random.key(0), x
+    )
     probes = mabn_jax.init_probes(variables["batch_stats"])
 
     def train(x):
-        return mod.apply({**variables, mabn_jax.PROBES: probes}, x, use_running_average=False,
-                         mutable=["batch_stats"])[0]
+        return mod.apply(
+            {**variables, mabn_jax.PROBES: probes},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+        )[0]
 
     # Reverse mode is fine.
     assert jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(train(x)))))(x).shape == x.shape
@@ -462,8 +514,10 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
     check_message(lambda: jax.jit(jax.jacfwd(train))(x))  # at trace time, nothing compiles
     # Forward mode staged by jit fails when XLA lowers the program, outside the layer's
     # code, with JAX's own message; it must still fail, never return a tangent.
-    for staged in (lambda: jax.jit(lambda x: jax.jvp(train, (x,), (tangent,)))(x),
-                   lambda: jax.jvp(jax.jit(train), (x,), (tangent,))):
+    for staged in (
+        lambda: jax.jit(lambda x: jax.jvp(train, (x,), (tangent,)))(x),
+        lambda: jax.jvp(jax.jit(train), (x,), (tangent,)),
+    ):
         with pytest.raises(TypeError, match="forward-mode|MABN"):
             staged()
 
@@ -471,9 +525,14 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
     state = _advanced_state_f32(mod, variables, x)
     infer = lambda x: mod.apply(state, x, use_running_average=True)
     tangent = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
-    y, dy, jac_fwd, jac_rev, y_direct = jax.jit(lambda x, t: (
-        *jax.jvp(infer, (x,), (t,)), jax.jacfwd(infer)(x), jax.jacrev(infer)(x), infer(x)))(
-            x, tangent)
+    y, dy, jac_fwd, jac_rev, y_direct = jax.jit(
+        lambda x, t: (
+            *jax.jvp(infer, (x,), (t,)),
+            jax.jacfwd(infer)(x),
+            jax.jacrev(infer)(x),
+            infer(x),
+        )
+    )(x, tangent)
     bs = state["batch_stats"]
     ema = bs["ema_var"] if centered else bs["ema_x2"]
     assert not np.allclose(ema, 1.0)  # a state that moved away from its init
@@ -500,14 +559,21 @@ def test_eager_jvp_of_a_training_layer_raises_naming_mabn():
 
 def _advanced_state_f32(mod, variables, x):
     """Variables after two recorded training steps (the EMA away from 1)."""
+
     @jax.jit
     def step(bs, x):
         def loss(params):
-            y, upd = mod.apply({"params": params, "batch_stats": bs}, x,
-                               use_running_average=False, mutable=["batch_stats"])
+            y, upd = mod.apply(
+                {"params": params, "batch_stats": bs},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(jnp.sin(y)), upd
+
         (_, upd), _ = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=bs)(
-            variables["params"])
+            variables["params"]
+        )
         return upd["batch_stats"]
 
     bs = variables["batch_stats"]

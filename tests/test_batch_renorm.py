@@ -27,12 +27,19 @@ def _train_step(module):
     @jax.jit
     def step(variables, x, dy):
         def loss(params, x):
-            y, up = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                 x, use_running_average=False, mutable=["batch_stats"])
+            y, up = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(y * dy), (y, up["batch_stats"])
+
         (_, (y, stats)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            variables["params"], x)
+            variables["params"], x
+        )
         return {"params": variables["params"], "batch_stats": stats}, y, gp, gx
+
     return step
 
 
@@ -58,8 +65,12 @@ def test_equals_batchnorm_while_r_is_1_and_d_is_0(fast_variance):
         for k in ("mean", "var"):
             np.testing.assert_allclose(vr["batch_stats"][k], vb["batch_stats"][k], rtol=1e-6)
     assert int(vr["batch_stats"]["step"]) == 3
-    np.testing.assert_allclose(brn.apply(vr, x[0], use_running_average=True),
-                               bn.apply(vb, x[0], use_running_average=True), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        brn.apply(vr, x[0], use_running_average=True),
+        bn.apply(vb, x[0], use_running_average=True),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     # After warm-up r and d act: the outputs part ways with BatchNorm.
     _, yr, _, _ = step_r(vr, x[0] * 4 + 3, dy[0])
     _, yb, _, _ = step_b(vb, x[0] * 4 + 3, dy[0])
@@ -77,9 +88,14 @@ def test_default_variance_is_two_pass():
     exact = (exact - exact.mean(0)) / np.sqrt(exact.var(0) + 1e-5)
     state = F.init_batch_renorm_state((4,))
     # warmup_steps=1: the first step is batch norm (r = 1, d = 0).
-    out = {fast: jax.jit(lambda x, s, fast=fast: F.batch_renorm_train(
-        x, None, None, s, F.BatchRenormConfig(use_fast_variance=fast, warmup_steps=1))[0])(
-            x, state) for fast in (False, True)}
+    out = {
+        fast: jax.jit(
+            lambda x, s, fast=fast: F.batch_renorm_train(
+                x, None, None, s, F.BatchRenormConfig(use_fast_variance=fast, warmup_steps=1)
+            )[0]
+        )(x, state)
+        for fast in (False, True)
+    }
     np.testing.assert_allclose(out[False], exact, rtol=1e-3, atol=1e-3)
     assert not np.allclose(out[True], exact, rtol=1e-1, atol=1e-1)
 
@@ -95,8 +111,12 @@ def test_clip_schedule_ramps_from_batchnorm_to_the_limits():
     np.testing.assert_allclose(clips.r_max, [1, 1, 3, 3, 3, 3, 3, 3])
     np.testing.assert_allclose(clips.d_max, [0, 0, 5, 5, 5, 5, 5, 5])
     # Separate ramps for r and d, and a lower clip of r other than 1/r_max.
-    clips = F.clip_schedule(steps, F.BatchRenormConfig(
-        r_max=3.0, d_max=5.0, r_min=0.0, warmup_steps=2, ramp_steps=4, d_ramp_steps=2))
+    clips = F.clip_schedule(
+        steps,
+        F.BatchRenormConfig(
+            r_max=3.0, d_max=5.0, r_min=0.0, warmup_steps=2, ramp_steps=4, d_ramp_steps=2
+        ),
+    )
     np.testing.assert_allclose(clips.r_max, [1, 1, 1.5, 2, 2.5, 3, 3, 3])
     np.testing.assert_allclose(clips.r_min, [1, 1, 0.75, 0.5, 0.25, 0, 0, 0])
     np.testing.assert_allclose(clips.d_max, [0, 0, 2.5, 5, 5, 5, 5, 5])
@@ -108,9 +128,11 @@ def test_the_papers_schedule():
     config = F.BatchRenormConfig(warmup_steps=5000, ramp_steps=35_000, d_ramp_steps=20_000)
     # clip_schedule(k) is for the (k + 1)-th training step.
     clips = F.clip_schedule(jnp.array([4999.0, 5000, 24_998, 24_999, 39_998, 39_999]), config)
-    np.testing.assert_allclose(clips.r_max, [1, 1 + 2 / 35_000, 1 + 2 * 19_999 / 35_000,
-                                             1 + 2 * 20_000 / 35_000, 3 - 2 / 35_000, 3],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        clips.r_max,
+        [1, 1 + 2 / 35_000, 1 + 2 * 19_999 / 35_000, 1 + 2 * 20_000 / 35_000, 3 - 2 / 35_000, 3],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(clips.d_max, [0, 5 / 20_000, 5 - 5 / 20_000, 5, 5, 5], rtol=1e-6)
 
 
@@ -119,13 +141,21 @@ def test_r_and_d_are_clipped_and_receive_no_gradient():
     var_b = jnp.array([100.0, 1.0, 1e-4, 1.0])
     zeros, ones = jnp.zeros(4), jnp.ones(4)
     factors = lambda var, ema_var, mean, ema_mean, epsilon: _stats.renorm_factors(
-        var, ema_var, mean, ema_mean, r_max=3.0, d_max=5.0, epsilon=epsilon,
-        active=jnp.asarray(True))
+        var,
+        ema_var,
+        mean,
+        ema_mean,
+        r_max=3.0,
+        d_max=5.0,
+        epsilon=epsilon,
+        active=jnp.asarray(True),
+    )
     r, d = factors(var_b, ones, mean_b, zeros, 0.0)
     np.testing.assert_allclose(r, [3.0, 1.0, 1 / 3, 1.0], rtol=1e-6)
     np.testing.assert_allclose(d, [0.0, 5.0, -5.0, 0.1], rtol=1e-6)
-    grads = jax.grad(lambda *a: jnp.sum(sum(factors(*a, 1e-5))),
-                     argnums=(0, 1, 2, 3))(var_b, ones, mean_b, zeros)
+    grads = jax.grad(lambda *a: jnp.sum(sum(factors(*a, 1e-5))), argnums=(0, 1, 2, 3))(
+        var_b, ones, mean_b, zeros
+    )
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
 
@@ -137,12 +167,14 @@ def test_r_and_d_are_clipped_and_receive_no_gradient():
     stats = jax.jit(lambda x: F.batch_renorm_train(x, None, None, state, config)[2])(x)
     assert np.all(np.abs(stats["d"]) <= 0.1 + 1e-7) and np.any(np.abs(stats["d"]) > 0.099)
     assert np.all((stats["r"] >= 1 / 1.2 - 1e-6) & (stats["r"] <= 1.2 + 1e-6))
-    gx = jax.jit(jax.grad(
-        lambda x: jnp.sum(F.batch_renorm_train(x, None, None, state, config)[0] * dy)))(x)
+    gx = jax.jit(
+        jax.grad(lambda x: jnp.sum(F.batch_renorm_train(x, None, None, state, config)[0] * dy))
+    )(x)
 
     def by_hand(x):
         mu, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
         return jnp.sum(((x - mu) / jnp.sqrt(var + 1e-5) * stats["r"] + stats["d"]) * dy)
+
     np.testing.assert_allclose(gx, jax.jit(jax.grad(by_hand))(x), rtol=1e-4, atol=1e-5)
 
 
@@ -167,8 +199,9 @@ def test_r_min_sets_the_lower_clip_of_r():
     for r_min in (None, 0.0, 0.5):
         module = mabn_jax.BatchRenorm(r_max=3.0, d_max=float("inf"), r_min=r_min)
         variables = module.init(jax.random.key(0), x, use_running_average=False)
-        _, state = module.apply(variables, x, use_running_average=False,
-                                mutable=["batch_stats", "intermediates"])
+        _, state = module.apply(
+            variables, x, use_running_average=False, mutable=["batch_stats", "intermediates"]
+        )
         rs[r_min] = np.asarray(state["intermediates"]["r"][0])
     raw = np.sqrt(np.var(np.asarray(x, np.float64), 0) + 1e-5) / np.sqrt(1 + 1e-5)
     assert np.all(raw < 0.1)
@@ -182,8 +215,9 @@ def test_infinite_clips_mean_no_clipping_and_no_nan(ramp_steps):
     """r_max = d_max = inf (Keras' default: no clipping) in warm-up, ramp and after:
     r = 1, d = 0 before the ramp, the unclipped factors once it has started."""
     inf = float("inf")
-    config = F.BatchRenormConfig(r_max=inf, d_max=inf, warmup_steps=2, ramp_steps=ramp_steps,
-                                 momentum=0.5)
+    config = F.BatchRenormConfig(
+        r_max=inf, d_max=inf, warmup_steps=2, ramp_steps=ramp_steps, momentum=0.5
+    )
     clips = F.clip_schedule(jnp.arange(6.0), config)
     np.testing.assert_array_equal(clips.r_max, [1, 1, inf, inf, inf, inf])
     np.testing.assert_array_equal(clips.r_min, [1, 1, 0, 0, 0, 0])
@@ -212,8 +246,24 @@ def test_infinite_clips_mean_no_clipping_and_no_nan(ramp_steps):
 
 # ----------------------------------------------------------------------------- Ioffe 2017
 
-def _ioffe_algorithm1(xs, dys, gamma, beta, mu, sigma, *, alpha, eps, warmup, r_ramp, d_ramp,
-                      r_final=3.0, d_final=5.0, average_stddev=True):
+
+def _ioffe_algorithm1(
+    xs,
+    dys,
+    gamma,
+    beta,
+    mu,
+    sigma,
+    *,
+    alpha,
+    eps,
+    warmup,
+    r_ramp,
+    d_ramp,
+    r_final=3.0,
+    d_final=5.0,
+    average_stddev=True,
+):
     """Batch Renormalization as Ioffe (2017) writes it, in float64 NumPy, per
     feature over a mini-batch of ``m`` rows. Algorithm 1 (training), the
     gradients of §3 (r and d are constants), and the schedule of §4: r_max = 1,
@@ -245,8 +295,20 @@ def _ioffe_algorithm1(xs, dys, gamma, beta, mu, sigma, *, alpha, eps, warmup, r_
         else:
             var = sigma**2 - eps
             sigma = np.sqrt(var + alpha * (sigma_b**2 - eps - var) + eps)
-        out.append(dict(y=y, dx=dx, dscale=dgamma, dbias=dbeta, r=r, d=d, r_max=r_max,
-                        d_max=d_max, mu=mu, sigma=sigma))
+        out.append(
+            dict(
+                y=y,
+                dx=dx,
+                dscale=dgamma,
+                dbias=dbeta,
+                r=r,
+                d=d,
+                r_max=r_max,
+                d_max=d_max,
+                mu=mu,
+                sigma=sigma,
+            )
+        )
     return out
 
 
@@ -269,9 +331,20 @@ def test_matches_ioffe_algorithm_1_through_every_phase(average_stddev):
     rng = np.random.default_rng(7)
     gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(0.0, 1.0, c)
     mu0, sigma0 = rng.normal(0.0, 1.0, c), rng.uniform(0.5, 2.0, c)
-    ref = _ioffe_algorithm1(xs.reshape(len(xs), -1, c), dys.reshape(len(xs), -1, c), gamma,
-                            beta, mu0, sigma0, alpha=alpha, eps=eps, warmup=warmup,
-                            r_ramp=r_ramp, d_ramp=d_ramp, average_stddev=average_stddev)
+    ref = _ioffe_algorithm1(
+        xs.reshape(len(xs), -1, c),
+        dys.reshape(len(xs), -1, c),
+        gamma,
+        beta,
+        mu0,
+        sigma0,
+        alpha=alpha,
+        eps=eps,
+        warmup=warmup,
+        r_ramp=r_ramp,
+        d_ramp=d_ramp,
+        average_stddev=average_stddev,
+    )
     # Every phase and every clip is crossed (else this test would prove less).
     cases = set()
     for k, s in enumerate(ref):
@@ -283,49 +356,76 @@ def test_matches_ioffe_algorithm_1_through_every_phase(average_stddev):
         d_phase = "ramp" if k + 1 < warmup + d_ramp else "final"
         r, d, r_max, d_max = s["r"], s["d"], s["r_max"], s["d_max"]
         for phase, name, hit in (
-                (r_phase, "r_hi", r == r_max), (r_phase, "r_lo", r == 1 / r_max),
-                (r_phase, "r_inside", (r < r_max) & (r > 1 / r_max) & (np.abs(r - 1) > 0.01)),
-                (d_phase, "d_hi", d == d_max), (d_phase, "d_lo", d == -d_max),
-                (d_phase, "d_inside", (np.abs(d) < d_max) & (np.abs(d) > 0.01))):
+            (r_phase, "r_hi", r == r_max),
+            (r_phase, "r_lo", r == 1 / r_max),
+            (r_phase, "r_inside", (r < r_max) & (r > 1 / r_max) & (np.abs(r - 1) > 0.01)),
+            (d_phase, "d_hi", d == d_max),
+            (d_phase, "d_lo", d == -d_max),
+            (d_phase, "d_inside", (np.abs(d) < d_max) & (np.abs(d) > 0.01)),
+        ):
             if np.any(hit):
                 cases.add((phase, name))
-    assert cases == {(p, w) for p in ("ramp", "final") for w in (
-        "r_hi", "r_lo", "r_inside", "d_hi", "d_lo", "d_inside")}, cases
+    assert cases == {
+        (p, w)
+        for p in ("ramp", "final")
+        for w in ("r_hi", "r_lo", "r_inside", "d_hi", "d_lo", "d_inside")
+    }, cases
 
-    config = F.BatchRenormConfig(momentum=1 - alpha, epsilon=eps, r_max=3.0, d_max=5.0,
-                                 warmup_steps=warmup, ramp_steps=r_ramp, d_ramp_steps=d_ramp,
-                                 average_stddev=average_stddev)
+    config = F.BatchRenormConfig(
+        momentum=1 - alpha,
+        epsilon=eps,
+        r_max=3.0,
+        d_max=5.0,
+        warmup_steps=warmup,
+        ramp_steps=r_ramp,
+        d_ramp_steps=d_ramp,
+        average_stddev=average_stddev,
+    )
     with jax.enable_x64(True):
         var0 = jnp.asarray(sigma0**2 - eps)
-        state = F.BatchRenormState(jnp.zeros(()), jnp.asarray(mu0), var0, jnp.asarray(mu0),
-                                   var0)
+        state = F.BatchRenormState(jnp.zeros(()), jnp.asarray(mu0), var0, jnp.asarray(mu0), var0)
 
         @jax.jit
         def step(state, x, dy):
             def f(x, scale, bias):
                 y, new, stats = F.batch_renorm_train(x, scale, bias, state, config)
                 return y, (new, stats)
-            y, vjp, (new, stats) = jax.vjp(f, x, jnp.asarray(gamma), jnp.asarray(beta),
-                                           has_aux=True)
+
+            y, vjp, (new, stats) = jax.vjp(
+                f, x, jnp.asarray(gamma), jnp.asarray(beta), has_aux=True
+            )
             return y, vjp(dy), new, stats
 
         for k, (x, dy) in enumerate(zip(xs, dys)):
             y, (dx, dscale, dbias), state, stats = step(state, jnp.asarray(x), jnp.asarray(dy))
             want = ref[k]
             check = lambda got, key, shape=None: np.testing.assert_allclose(
-                np.asarray(got).reshape(want[key].shape), want[key], rtol=1e-10, atol=1e-12,
-                err_msg=f"{key} at step {k + 1}")
-            for key, got in (("y", y), ("dx", dx), ("dscale", dscale), ("dbias", dbias),
-                             ("r", stats["r"]), ("d", stats["d"]), ("mu", state.mean),
-                             ("mu", state.renorm_mean)):
+                np.asarray(got).reshape(want[key].shape),
+                want[key],
+                rtol=1e-10,
+                atol=1e-12,
+                err_msg=f"{key} at step {k + 1}",
+            )
+            for key, got in (
+                ("y", y),
+                ("dx", dx),
+                ("dscale", dscale),
+                ("dbias", dbias),
+                ("r", stats["r"]),
+                ("d", stats["d"]),
+                ("mu", state.mean),
+                ("mu", state.renorm_mean),
+            ):
                 check(got, key)
             for var in (state.var, state.renorm_var):
                 check(jnp.sqrt(var + eps), "sigma")
         # Inference: y = γ (x − μ) / σ + β with the final moving averages.
-        y = F.batch_renorm_inference(jnp.asarray(xs[0]), jnp.asarray(gamma), jnp.asarray(beta),
-                                     state, config)
-        np.testing.assert_allclose(y, gamma * (xs[0] - ref[-1]["mu"]) / ref[-1]["sigma"] + beta,
-                                   rtol=1e-10, atol=1e-12)
+        y = F.batch_renorm_inference(
+            jnp.asarray(xs[0]), jnp.asarray(gamma), jnp.asarray(beta), state, config
+        )
+        np.testing.assert_allclose(
+            y, gamma * (xs[0] - ref[-1]["mu"]) / ref[-1]["sigma"] + beta, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_clip_schedule_keeps_the_counters_precision():
@@ -333,8 +433,9 @@ def test_clip_schedule_keeps_the_counters_precision():
     float32's 0.33333334, which moved clipped outputs by 1e-8)."""
     with jax.enable_x64(True):
         for ramp in (0, 2):
-            clips = F.clip_schedule(jnp.asarray(5.0, jnp.float64),
-                                    F.BatchRenormConfig(warmup_steps=1, ramp_steps=ramp))
+            clips = F.clip_schedule(
+                jnp.asarray(5.0, jnp.float64), F.BatchRenormConfig(warmup_steps=1, ramp_steps=ramp)
+            )
             assert clips.r_min.dtype == jnp.float64
             assert float(clips.r_min) == 1 / 3 and float(clips.r_max) == 3.0
 
@@ -349,15 +450,22 @@ def test_trains_stably_at_true_batch_2_on_digits():
 
     digits = load_digits()
     x = (digits.images.reshape(len(digits.images), -1) / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, digits.target, test_size=0.2, random_state=0,
-                                          stratify=digits.target)
+    xtr, xte, ytr, yte = train_test_split(
+        x, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
     mean, std = xtr.mean(), xtr.std()
     xtr, xte = jnp.asarray((xtr - mean) / std), jnp.asarray((xte - mean) / std)
     ytr, yte = jnp.asarray(ytr), jnp.asarray(yte)
     steps = len(xtr) // 2
-    norm = functools.partial(mabn_jax.BatchRenorm, momentum=1 - 2 / 320, r_max=3.0, d_max=5.0,
-                             warmup_steps=round(0.05 * steps), ramp_steps=round(0.35 * steps),
-                             d_ramp_steps=round(0.2 * steps))
+    norm = functools.partial(
+        mabn_jax.BatchRenorm,
+        momentum=1 - 2 / 320,
+        r_max=3.0,
+        d_max=5.0,
+        warmup_steps=round(0.05 * steps),
+        ramp_steps=round(0.35 * steps),
+        d_ramp_steps=round(0.2 * steps),
+    )
 
     class MLP(nn.Module):
         @nn.compact
@@ -367,8 +475,10 @@ def test_trains_stably_at_true_batch_2_on_digits():
             return nn.Dense(10)(x)
 
     model = MLP()
-    tx = optax.chain(optax.add_decayed_weights(5e-4),
-                     optax.sgd(optax.cosine_decay_schedule(0.1 * 2 / 32, steps), momentum=0.9))
+    tx = optax.chain(
+        optax.add_decayed_weights(5e-4),
+        optax.sgd(optax.cosine_decay_schedule(0.1 * 2 / 32, steps), momentum=0.9),
+    )
 
     def run(key):
         init_key, order_key = jax.random.split(key)
@@ -379,14 +489,19 @@ def test_trains_stably_at_true_batch_2_on_digits():
             params, stats, opt = carry
 
             def loss_fn(params):
-                logits, up = model.apply({"params": params, "batch_stats": stats}, xtr[idx],
-                                         train=True, mutable=["batch_stats"])
+                logits, up = model.apply(
+                    {"params": params, "batch_stats": stats},
+                    xtr[idx],
+                    train=True,
+                    mutable=["batch_stats"],
+                )
                 return optax.softmax_cross_entropy_with_integer_labels(logits, ytr[idx]).mean(), up
+
             (loss, up), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             delta, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, delta), up["batch_stats"], opt), loss
 
-        order = jax.random.permutation(order_key, len(xtr))[:2 * steps].reshape(steps, 2)
+        order = jax.random.permutation(order_key, len(xtr))[: 2 * steps].reshape(steps, 2)
         (params, stats, _), losses = jax.lax.scan(step, (params, stats, tx.init(params)), order)
         logits = model.apply({"params": params, "batch_stats": stats}, xte, train=False)
         return 100 * jnp.mean(jnp.argmax(logits, -1) != yte), losses
@@ -418,13 +533,14 @@ def test_synchronized_statistics_equal_one_device_on_the_global_batch(average_st
         def f(x, scale):
             y, new, stats = F.batch_renorm_train(x, scale, None, state, config)
             return jnp.sum(y * dy), (y, new, stats)
+
         (_, (y, new, stats)), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(x, scale)
         return y, new, stats, grads
 
     sync = F.BatchRenormConfig(axis_name="d", **kw)
-    y_s, new_s, stats_s, (dx_s, ds_s) = jax.pmap(
-        lambda x, dy: step(x, dy, sync), axis_name="d")(x.reshape(n_dev, 2, 5),
-                                                         dy.reshape(n_dev, 2, 5))
+    y_s, new_s, stats_s, (dx_s, ds_s) = jax.pmap(lambda x, dy: step(x, dy, sync), axis_name="d")(
+        x.reshape(n_dev, 2, 5), dy.reshape(n_dev, 2, 5)
+    )
     y, new, stats, (dx, ds) = jax.jit(lambda x, dy: step(x, dy, F.BatchRenormConfig(**kw)))(x, dy)
     d, r = np.abs(stats["d"]), np.asarray(stats["r"])
     assert np.any(d == 0.5) and np.any(d < 0.5) and np.any(r == 1.5) and np.any(r < 1.5)

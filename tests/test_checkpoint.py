@@ -33,10 +33,19 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         x = mabn_jax.CenteredDense(8)(x)
-        x = mabn_jax.MABN(use_running_average=not train, buffer_size=self.buffer_size,
-                          warmup_steps=4, renorm_start=7)(x)
-        x = mabn_jax.MABN(use_running_average=not train, buffer_size=self.buffer_size,
-                          warmup_steps=4, renorm_start=7, centered=True)(nn.relu(x))
+        x = mabn_jax.MABN(
+            use_running_average=not train,
+            buffer_size=self.buffer_size,
+            warmup_steps=4,
+            renorm_start=7,
+        )(x)
+        x = mabn_jax.MABN(
+            use_running_average=not train,
+            buffer_size=self.buffer_size,
+            warmup_steps=4,
+            renorm_start=7,
+            centered=True,
+        )(nn.relu(x))
         return nn.Dense(3)(x)
 
 
@@ -55,21 +64,30 @@ def create(buffer_size=3):
     model = Net(buffer_size)
     init = jax.jit(model.init, static_argnames="train")  # one compile beats op-by-op
     variables = init(jax.random.PRNGKey(0), jnp.zeros((4, 6)), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             tx=optax.adam(1e-2), batch_stats=variables["batch_stats"])
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.adam(1e-2),
+        batch_stats=variables["batch_stats"],
+    )
 
 
 @jax.jit
 def train_step(state, x, y):
     """The nn.BatchNorm train step with mabn_jax.value_and_grad."""
+
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            x, train=True, mutable=["batch_stats"])
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
     (loss, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
+        loss_fn, has_aux=True, batch_stats=state.batch_stats
+    )(state.params)
     state = state.apply_gradients(grads=grads)
     state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
@@ -101,13 +119,18 @@ def restore(path, like):
 
 def zero_state(buffer_size=3):
     """A state of the right layout whose values do not matter (fast: no init)."""
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                  jax.eval_shape(lambda: create(buffer_size)))
+    return jax.tree_util.tree_map(
+        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: create(buffer_size))
+    )
 
 
 def leaves(state):
-    return [np.asarray(v) for v in jax.tree_util.tree_leaves(
-        (state.step, state.params, state.opt_state, state.batch_stats))]
+    return [
+        np.asarray(v)
+        for v in jax.tree_util.tree_leaves(
+            (state.step, state.params, state.opt_state, state.batch_stats)
+        )
+    ]
 
 
 def resume_main(ckpt_dir, out):
@@ -131,8 +154,11 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
     assert skipped == [0, 0]
     out = str(tmp_path / "resumed.npz")
     # Same environment, hence the same backend, as this process, and the same mabn_jax.
-    subprocess.run([sys.executable, __file__, "resume", ckpt_dir, out], check=True,
-                   env=env_with_this_mabn_jax())
+    subprocess.run(
+        [sys.executable, __file__, "resume", ckpt_dir, out],
+        check=True,
+        env=env_with_this_mabn_jax(),
+    )
     resumed = np.load(out)
     assert str(resumed["package"]) == PACKAGE_FILE
     want = leaves(final)
@@ -146,28 +172,39 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
 def test_checkpoint_of_other_buffer_size_is_refused(tmp_path):
     path = str(tmp_path / "m4")
     save(path, zero_state(buffer_size=4))
-    with pytest.raises(ValueError, match=r"MABN_0 was saved with buffer_size=4 but the model "
-                                         r"has buffer_size=3; build the model with buffer_size=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN_0 was saved with buffer_size=4 but the model "
+        r"has buffer_size=3; build the model with buffer_size=4",
+    ):
         restore(path, jax.eval_shape(create))
 
 
 def test_checkpoint_without_skip_counter_is_refused(tmp_path):
     path = str(tmp_path / "old")
     state = zero_state()
-    old = {name: {k: v for k, v in layer.items() if k != "skipped"}
-           for name, layer in state.batch_stats.items()}
+    old = {
+        name: {k: v for k, v in layer.items() if k != "skipped"}
+        for name, layer in state.batch_stats.items()
+    }
     save(path, state.replace(batch_stats=old))
-    with pytest.raises(ValueError, match=r"MABN_0 lacks 'skipped': it was written by a mabn_jax "
-                                         r"without the non-finite skip counter"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN_0 lacks 'skipped': it was written by a mabn_jax "
+        r"without the non-finite skip counter",
+    ):
         restore(path, jax.eval_shape(create))
 
 
 def test_checkpoint_of_other_variant_is_refused(tmp_path):
     state = jax.eval_shape(create)
     swapped = {"MABN_0": state.batch_stats["MABN_1"], "MABN_1": state.batch_stats["MABN_0"]}
-    with pytest.raises(ValueError, match=r"MABN_0 was saved from a centered=True layer but "
-                                         r"this layer has centered=False; build the model "
-                                         r"with the same `centered`"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN_0 was saved from a centered=True layer but "
+        r"this layer has centered=False; build the model "
+        r"with the same `centered`",
+    ):
         mabn_jax.check_batch_stats(swapped, state.batch_stats)
 
 
@@ -177,9 +214,13 @@ COUNTERS = ("step", "skipped")
 def with_counters(batch_stats, dtype, skipped):
     """``batch_stats`` with every MABN layer's counters in ``dtype`` and
     ``skipped`` set (so that a lost value would show)."""
-    return {name: {k: (jnp.asarray(skipped if k == "skipped" else v, dtype)
-                       if k in COUNTERS else v) for k, v in layer.items()}
-            for name, layer in batch_stats.items()}
+    return {
+        name: {
+            k: (jnp.asarray(skipped if k == "skipped" else v, dtype) if k in COUNTERS else v)
+            for k, v in layer.items()
+        }
+        for name, layer in batch_stats.items()
+    }
 
 
 def test_checkpoint_with_int32_counters_of_mabn_jax_0_1_resumes(tmp_path):
@@ -194,7 +235,8 @@ def test_checkpoint_with_int32_counters_of_mabn_jax_0_1_resumes(tmp_path):
     save(path, state.replace(batch_stats=with_counters(state.batch_stats, jnp.int32, 2)))
     stored = ocp.StandardCheckpointer().metadata(path).item_metadata.tree["batch_stats"]
     assert {str(np.dtype(stored[name][k].dtype)) for name in stored for k in COUNTERS} == {
-        "int32"}  # the checkpoint really has 0.1's counters
+        "int32"
+    }  # the checkpoint really has 0.1's counters
 
     restored = restore(path, jax.eval_shape(create))
     for name, layer in restored.batch_stats.items():
@@ -216,14 +258,20 @@ def test_only_the_counters_may_be_int32():
     like = jax.eval_shape(create).batch_stats
     stored = {name: dict(layer) for name, layer in like.items()}
     stored["MABN_0"]["ema_x2"] = jax.ShapeDtypeStruct(like["MABN_0"]["ema_x2"].shape, jnp.int32)
-    with pytest.raises(ValueError, match=r"batch_stats/MABN_0/ema_x2 has dtype int32 in the "
-                                         r"checkpoint but float32 in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_stats/MABN_0/ema_x2 has dtype int32 in the "
+        r"checkpoint but float32 in the model",
+    ):
         mabn_jax.check_batch_stats(stored, like)
     # Nor are counters of another float dtype 0.1's.
     stored = {name: dict(layer) for name, layer in like.items()}
     stored["MABN_1"]["skipped"] = jax.ShapeDtypeStruct((), jnp.float16)
-    with pytest.raises(ValueError, match=r"MABN_1/skipped has dtype float16 in the "
-                                         r"checkpoint but float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN_1/skipped has dtype float16 in the "
+        r"checkpoint but float32",
+    ):
         mabn_jax.check_batch_stats(stored, like)
 
 
@@ -232,9 +280,11 @@ def test_orbax_alone_also_refuses_a_shape_change(tmp_path):
     # truncate the windows (the message is orbax's, in shapes only).
     path = str(tmp_path / "m4")
     save(path, zero_state(buffer_size=4))
-    with pytest.raises(ValueError, match=r"not compatible with the stored shape"), \
-            ocp.StandardCheckpointer() as ckptr:
-            ckptr.restore(path, jax.eval_shape(create))
+    with (
+        pytest.raises(ValueError, match=r"not compatible with the stored shape"),
+        ocp.StandardCheckpointer() as ckptr,
+    ):
+        ckptr.restore(path, jax.eval_shape(create))
 
 
 if __name__ == "__main__" and sys.argv[1] == "resume":

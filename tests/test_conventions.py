@@ -23,8 +23,9 @@ import mabn_jax
 # buffer_size=1: the window is this step's statistics (from step 2 on it is the
 # window path that runs, not the batch path); renorm_start at its maximum: r = 1,
 # d = 0 for the whole test.
-BN_EQUIV = dict(centered=True, buffer_size=1, warmup_steps=0, renorm_start=2**22,
-                momentum=0.9, epsilon=1e-5)
+BN_EQUIV = dict(
+    centered=True, buffer_size=1, warmup_steps=0, renorm_start=2**22, momentum=0.9, epsilon=1e-5
+)
 # MABN state leaf <- nn.BatchNorm state leaf.
 STATE_NAMES = {"ema_mean": "mean", "ema_var": "var"}
 RTOL, ATOL = 1e-5, 1e-5  # float32, as tests/test_autodiff.py against nn.BatchNorm
@@ -55,14 +56,23 @@ def _step(module, is_mabn, with_r=False):
 
     def fn(params, bs, x, dy, mask):
         def loss_fn(params, x):
-            y, upd = module.apply({"params": params, "batch_stats": bs}, x, mask=mask,
-                                  mutable=["batch_stats", "intermediates"])
+            y, upd = module.apply(
+                {"params": params, "batch_stats": bs},
+                x,
+                mask=mask,
+                mutable=["batch_stats", "intermediates"],
+            )
             return jnp.sum(y * dy), (y, upd)
-        grad = (functools.partial(mabn_jax.value_and_grad, batch_stats=bs) if is_mabn
-                else jax.value_and_grad)
+
+        grad = (
+            functools.partial(mabn_jax.value_and_grad, batch_stats=bs)
+            if is_mabn
+            else jax.value_and_grad
+        )
         (_, (y, upd)), (dp, dx) = grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
         out = (y, dx, dp, upd["batch_stats"])
         return out + (upd["intermediates"]["r"][0],) if with_r else out
+
     return fn
 
 
@@ -71,15 +81,18 @@ def _bn_view(bs):
     return {STATE_NAMES[k]: v for k, v in bs.items() if k in STATE_NAMES}
 
 
-def _compare_trajectories(mabn, bn, xs, dys, masks, *, wrap=jax.jit, n_dev=None,
-                          compare=("y", "dx", "dparams", "state")):
+def _compare_trajectories(
+    mabn, bn, xs, dys, masks, *, wrap=jax.jit, n_dev=None, compare=("y", "dx", "dparams", "state")
+):
     """Runs both layers over the steps and compares (``compare``) after each step
     (with ``n_dev``: under ``wrap`` = a pmap, states with a leading device axis)."""
     init_x = xs[0] if n_dev is None else xs[0, 0]
     v_m = jax.device_get(jax.jit(mabn.init)(jax.random.key(0), init_x))
     v_b = jax.device_get(jax.jit(bn.init)(jax.random.key(0), init_x))
-    params = {"scale": np.linspace(0.5, 1.5, init_x.shape[-1], dtype=np.float32),
-              "bias": np.linspace(-0.2, 0.2, init_x.shape[-1], dtype=np.float32)}
+    params = {
+        "scale": np.linspace(0.5, 1.5, init_x.shape[-1], dtype=np.float32),
+        "bias": np.linspace(-0.2, 0.2, init_x.shape[-1], dtype=np.float32),
+    }
     bs_m, bs_b = v_m["batch_stats"], v_b["batch_stats"]
     if n_dev is not None:
         bs_m, bs_b = jax.tree.map(lambda a: np.stack([a] * n_dev), (bs_m, bs_b))
@@ -88,8 +101,12 @@ def _compare_trajectories(mabn, bn, xs, dys, masks, *, wrap=jax.jit, n_dev=None,
         # one collective program in flight at a time on simulated CPU devices
         y, dx, dp, bs_m = jax.block_until_ready(step_m(params, bs_m, x, dy, m))
         y_r, dx_r, dp_r, bs_b = step_b(params, bs_b, x, dy, m)
-        for what, a, b in (("y", y, y_r), ("dx", dx, dx_r), ("dparams", dp, dp_r),
-                           ("state", _bn_view(bs_m), bs_b)):
+        for what, a, b in (
+            ("y", y, y_r),
+            ("dx", dx, dx_r),
+            ("dparams", dp, dp_r),
+            ("state", _bn_view(bs_m), bs_b),
+        ):
             if what in compare:
                 assert_trees_close(a, b, rtol=RTOL, atol=ATOL, what=f"step {t + 1} {what}")
         assert np.all(bs_m["step"] == t + 1) and np.all(bs_m["skipped"] == 0)
@@ -98,14 +115,16 @@ def _compare_trajectories(mabn, bn, xs, dys, masks, *, wrap=jax.jit, n_dev=None,
 
 # --- mask= -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("use_fast_variance", [False, True])
 def test_mask_equals_batchnorm(use_fast_variance):
     """Statistics over the masked entries: outputs, ∂x, ∂params and state as nn.BatchNorm."""
     xs, dys = _data(0, (6, 4, 3))
     masks = [_mask(s, (6, 4, 1)) for s in range(3)]
     kw = dict(use_running_average=False, use_fast_variance=use_fast_variance)
-    _compare_trajectories(mabn_jax.MABN(**BN_EQUIV, **kw), nn.BatchNorm(momentum=0.9, **kw),
-                          xs, dys, masks)
+    _compare_trajectories(
+        mabn_jax.MABN(**BN_EQUIV, **kw), nn.BatchNorm(momentum=0.9, **kw), xs, dys, masks
+    )
 
 
 def test_mask_equals_batchnorm_synchronized_over_devices():
@@ -113,31 +132,43 @@ def test_mask_equals_batchnorm_synchronized_over_devices():
     statistics: the mean over devices of each device's masked statistics)."""
     n = 4
     xs, dys = _data(1, (n, 3, 2, 3))
-    masks = np.stack([np.stack([_mask(10 * s + d, (3, 2, 1)) for d in range(n)])
-                      for s in range(3)])
+    masks = np.stack([np.stack([_mask(10 * s + d, (3, 2, 1)) for d in range(n)]) for s in range(3)])
     assert len({int(masks[0, d].sum()) for d in range(n)}) > 1  # counts differ
     kw = dict(use_running_average=False, axis_name="batch")
-    pmap = lambda f: jax.pmap(f, "batch", in_axes=(None, 0, 0, 0, 0),
-                              devices=jax.devices()[:n])
-    bs = _compare_trajectories(mabn_jax.MABN(**BN_EQUIV, **kw),
-                               nn.BatchNorm(momentum=0.9, **kw), xs, dys, masks, wrap=pmap,
-                               n_dev=n)
+    pmap = lambda f: jax.pmap(f, "batch", in_axes=(None, 0, 0, 0, 0), devices=jax.devices()[:n])
+    bs = _compare_trajectories(
+        mabn_jax.MABN(**BN_EQUIV, **kw),
+        nn.BatchNorm(momentum=0.9, **kw),
+        xs,
+        dys,
+        masks,
+        wrap=pmap,
+        n_dev=n,
+    )
     # The forward state is the same on every device. The backward statistics are
     # not: as in nn.BatchNorm's gradient, each device divides the synchronized sum
     # by its own count (its weight in the mean of the devices' masked means).
     count = masks[-1].sum(axis=(1, 2, 3)).astype(np.float32)[:, None, None]
     for key, leaf in bs.items():
         leaf = np.asarray(leaf) * (count if key in ("psi_window", "g_window") else 1)
-        np.testing.assert_allclose(leaf, np.broadcast_to(leaf[:1], leaf.shape), rtol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            leaf, np.broadcast_to(leaf[:1], leaf.shape), rtol=1e-6, err_msg=key
+        )
 
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_mask_padding_is_as_if_dropped(centered):
     """The plain layer and the window phase: masking padded examples (whose loss is
     zero) is the same trajectory as dropping them, in every phase."""
-    cfg = dict(centered=centered, buffer_size=3, warmup_steps=2, renorm_start=4, r_max=1.5,
-               d_max=0.5, use_running_average=False)
+    cfg = dict(
+        centered=centered,
+        buffer_size=3,
+        warmup_steps=2,
+        renorm_start=4,
+        r_max=1.5,
+        d_max=0.5,
+        use_running_average=False,
+    )
     mod = mabn_jax.MABN(**cfg)
     steps, keep = 8, np.array([1, 1, 0, 1, 0, 1], bool)  # 4 of 6 examples are real
     xs, dys = _data(2, (6, 2, 3), steps)
@@ -145,24 +176,33 @@ def test_mask_padding_is_as_if_dropped(centered):
     xs[:, ~keep] = 100.0  # padding: finite garbage
     dys[:, ~keep] = 0.0  # ... with no loss
     mask = keep[:, None, None]
-    params = {"scale": np.linspace(0.5, 1.5, 3, dtype=np.float32),
-              "bias": np.linspace(-0.2, 0.2, 3, dtype=np.float32)}
+    params = {
+        "scale": np.linspace(0.5, 1.5, 3, dtype=np.float32),
+        "bias": np.linspace(-0.2, 0.2, 3, dtype=np.float32),
+    }
     bs_a = bs_b = jax.device_get(jax.jit(mod.init)(jax.random.key(0), xs[0]))["batch_stats"]
     step = jax.jit(_step(mod, True, with_r=True))
     clipped = False
     for t in range(steps):
         y, dx, dp, bs_a, _ = step(params, bs_a, xs[t], dys[t], mask)
         y_r, dx_r, dp_r, bs_b, r = step(params, bs_b, xs[t][keep], dys[t][keep], None)
-        for what, a, b in (("y", y[keep], y_r), ("dx", dx[keep], dx_r), ("dparams", dp, dp_r),
-                           ("state", bs_a, bs_b)):
+        for what, a, b in (
+            ("y", y[keep], y_r),
+            ("dx", dx[keep], dx_r),
+            ("dparams", dp, dp_r),
+            ("state", bs_a, bs_b),
+        ):
             assert_trees_close(a, b, rtol=RTOL, atol=ATOL, what=f"step {t + 1} {what}")
         np.testing.assert_array_equal(dx[~keep], dx[~keep] * 0)  # pads: no statistics term
-        clipped |= bool(np.any(r == np.float32(1.5))
-                        and np.any((r != 1) & (r < 1.5) & (r > np.float32(1 / 1.5))))
+        clipped |= bool(
+            np.any(r == np.float32(1.5))
+            and np.any((r != 1) & (r < 1.5) & (r > np.float32(1 / 1.5)))
+        )
     assert clipped  # the trajectory reached renormalization with r clipped in some channels
 
 
 # --- use_fast_variance --------------------------------------------------------------
+
 
 def test_use_fast_variance_is_honoured():
     """A large mean against the spread, where one-pass E[x²] − E[x]² loses precision:
@@ -175,8 +215,13 @@ def test_use_fast_variance_is_honoured():
     for fast in (False, True):
         kw = dict(use_running_average=False, use_fast_variance=fast)
         outs[fast] = _compare_trajectories(
-            mabn_jax.MABN(**BN_EQUIV, **kw), nn.BatchNorm(momentum=0.9, **kw), xs, dys,
-            [None] * 3, compare=("y", "state"))
+            mabn_jax.MABN(**BN_EQUIV, **kw),
+            nn.BatchNorm(momentum=0.9, **kw),
+            xs,
+            dys,
+            [None] * 3,
+            compare=("y", "state"),
+        )
     gap = np.abs(outs[True]["ema_var"] - outs[False]["ema_var"]) / outs[False]["ema_var"]
     assert gap.max() > 100 * RTOL  # the comparison above could tell them apart
 
@@ -196,6 +241,7 @@ def test_use_fast_variance_does_not_change_the_plain_layer():
 
 # --- jax.grad w.r.t. the whole variables dict --------------------------------------
 
+
 class _Net(nn.Module):
     norm: object
 
@@ -206,8 +252,10 @@ class _Net(nn.Module):
 
 
 def _nets():
-    return (_Net(functools.partial(mabn_jax.MABN, **BN_EQUIV)),
-            _Net(functools.partial(nn.BatchNorm, momentum=0.9)))
+    return (
+        _Net(functools.partial(mabn_jax.MABN, **BN_EQUIV)),
+        _Net(functools.partial(nn.BatchNorm, momentum=0.9)),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -215,11 +263,16 @@ def _variables_after_a_step(net, is_mabn, x):
     v = net.init(jax.random.key(0), x)
 
     def loss_fn(params):
-        y, upd = net.apply({"params": params, "batch_stats": v["batch_stats"]}, x * 3 + 1,
-                           mutable=["batch_stats"])
+        y, upd = net.apply(
+            {"params": params, "batch_stats": v["batch_stats"]}, x * 3 + 1, mutable=["batch_stats"]
+        )
         return y.sum(), upd
-    grad = (functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
-            if is_mabn else jax.value_and_grad)
+
+    grad = (
+        functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
+        if is_mabn
+        else jax.value_and_grad
+    )
     (_, upd), _ = grad(loss_fn, has_aux=True)(v["params"])
     return {"params": v["params"], "batch_stats": upd["batch_stats"]}
 
@@ -253,9 +306,13 @@ def test_grad_wrt_whole_variables_in_training():
 
         def loss_fn(variables):
             y, upd = net.apply(variables, x, mutable=["batch_stats"])
-            return jnp.sum(y ** 2), upd
-        grad = (functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
-                if is_mabn else jax.value_and_grad)
+            return jnp.sum(y**2), upd
+
+        grad = (
+            functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
+            if is_mabn
+            else jax.value_and_grad
+        )
         (loss, upd), g = jax.jit(grad(loss_fn, has_aux=True))(v)
         out.append((loss, upd["batch_stats"], g))
         if is_mabn:
@@ -273,6 +330,7 @@ def test_grad_wrt_whole_variables_in_training():
 
 # --- method interceptors --------------------------------------------------------------
 
+
 def test_method_interceptors_see_what_they_see_for_batchnorm():
     """nn.intercept_methods: the same calls (one __call__ per layer, no private
     helpers), and an interceptor that changes a norm's input and output acts on
@@ -287,20 +345,27 @@ def test_method_interceptors_see_what_they_see_for_batchnorm():
             if isinstance(ctx.module, (mabn_jax.MABN, nn.BatchNorm)):
                 return 2.0 * f(args[0] + 1.0, *args[1:], **kwargs)
             return f(*args, **kwargs)
+
         v = jax.jit(net.init)(jax.random.key(0), x)
 
         def loss_fn(params):
-            y, upd = net.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                               mutable=["batch_stats"])
-            return jnp.sum(y ** 2), upd
-        grad = (functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
-                if is_mabn else jax.value_and_grad)
+            y, upd = net.apply(
+                {"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"]
+            )
+            return jnp.sum(y**2), upd
+
+        grad = (
+            functools.partial(mabn_jax.value_and_grad, batch_stats=v["batch_stats"])
+            if is_mabn
+            else jax.value_and_grad
+        )
         with nn.intercept_methods(interceptor):  # acts while tracing
             (loss, upd), g = jax.jit(grad(loss_fn, has_aux=True))(v["params"])
         norm = "MABN_0" if is_mabn else "BatchNorm_0"
         g["norm"] = g.pop(norm)
-        results.append((loss, _bn_view(upd["batch_stats"][norm]) if is_mabn
-                        else upd["batch_stats"][norm], g))
+        results.append(
+            (loss, _bn_view(upd["batch_stats"][norm]) if is_mabn else upd["batch_stats"][norm], g)
+        )
         seen.append([("norm" if name == norm else name, m) for name, m in calls])
     assert seen[0] == seen[1]
     assert ("norm", "__call__") in seen[0]
@@ -309,8 +374,10 @@ def test_method_interceptors_see_what_they_see_for_batchnorm():
 
 # --- tabulate ------------------------------------------------------------------------------
 
+
 class _CNN(nn.Module):
     """After Flax's summary_test ConvBlock: conv, norm, relu, twice, and a head."""
+
     norm: object
 
     @nn.compact
@@ -328,8 +395,10 @@ def _rows(table: str):
         cells = [c.strip() for c in line.strip().strip("│").split("│")]
         if len(cells) >= 6 and cells[1] and cells[1] != "module":
             inputs = cells[2].removeprefix("- ")
-            rows.append((cells[0], cells[1], inputs, cells[3])
-                        + (tuple(cells[4:6]) if "vjp_flops" in table else ()))
+            rows.append(
+                (cells[0], cells[1], inputs, cells[3])
+                + (tuple(cells[4:6]) if "vjp_flops" in table else ())
+            )
     return rows
 
 
@@ -341,16 +410,26 @@ def test_tabulate(training, compute_flops):
     where the layer makes its own zero probes)."""
     x = jnp.ones((2, 6, 6, 3))
     tables = []
-    for norm in (functools.partial(mabn_jax.MABN, **BN_EQUIV),
-                 functools.partial(nn.BatchNorm, momentum=0.9)):
-        tables.append(_CNN(norm).tabulate(
-            jax.random.key(0), x, training, compute_flops=compute_flops,
-            compute_vjp_flops=compute_flops, console_kwargs={"force_terminal": False,
-                                                             "width": 300}))
+    for norm in (
+        functools.partial(mabn_jax.MABN, **BN_EQUIV),
+        functools.partial(nn.BatchNorm, momentum=0.9),
+    ):
+        tables.append(
+            _CNN(norm).tabulate(
+                jax.random.key(0),
+                x,
+                training,
+                compute_flops=compute_flops,
+                compute_vjp_flops=compute_flops,
+                console_kwargs={"force_terminal": False, "width": 300},
+            )
+        )
     rows_m, rows_b = (_rows(t) for t in tables)
     assert len(rows_m) == 6  # _CNN, 2 convs, 2 norms, the head
-    strip = lambda rows: [(p.replace("MABN", "BatchNorm"), m.replace("MABN", "BatchNorm"),
-                           i, o) for p, m, i, o, *_ in rows]
+    strip = lambda rows: [
+        (p.replace("MABN", "BatchNorm"), m.replace("MABN", "BatchNorm"), i, o)
+        for p, m, i, o, *_ in rows
+    ]
     assert strip(rows_m) == strip(rows_b)
     assert "psi_window: float32[1,8]" in tables[0] and "step: float32[]" in tables[0]
     if compute_flops:
@@ -362,8 +441,12 @@ def test_tabulate_training_mode_without_probes_collection_names_the_fix():
     """Counting FLOPs of a training-mode apply whose 'mabn_probes' are not mutable."""
     with pytest.raises(ValueError, match="make the 'mabn_probes' collection mutable"):
         _CNN(functools.partial(mabn_jax.MABN, **BN_EQUIV)).tabulate(
-            jax.random.key(0), jnp.ones((2, 6, 6, 3)), True, compute_flops=True,
-            mutable=["params", "batch_stats"])
+            jax.random.key(0),
+            jnp.ones((2, 6, 6, 3)),
+            True,
+            compute_flops=True,
+            mutable=["params", "batch_stats"],
+        )
 
 
 # --- Flax's own nn.BatchNorm tests, ported ----------------------------------------------
@@ -371,14 +454,16 @@ def test_tabulate_training_mode_without_probes_collection_names_the_fix():
 # training-mode applies get the probes. Not ported: test_batch_norm_complex (MABN
 # refuses complex inputs with a TypeError naming the fix, tests/test_errors.py).
 
+
 @pytest.mark.parametrize("test_mask", [True, False])
 def test_flax_batch_norm(test_mask):
     """linen_test.py NormalizationTest.test_batch_norm."""
     key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key1, (4, 3, 2))
     if test_mask:
-        m = jax.random.randint(key2, (4, 3, 1), minval=0, maxval=2,
-                               dtype=jnp.int32).astype(jnp.bool_)
+        m = jax.random.randint(key2, (4, 3, 1), minval=0, maxval=2, dtype=jnp.int32).astype(
+            jnp.bool_
+        )
         x = jnp.where(m, x, jnp.ones_like(x) * jnp.nan)
     else:
         m = None
@@ -391,23 +476,28 @@ def test_flax_batch_norm(test_mask):
     np.testing.assert_allclose(var, np.array([1.0, 1.0]), rtol=1e-4)
     probes = {"mabn_probes": mabn_jax.init_probes(initial_params["batch_stats"])}
     _, vars_out = jax.jit(functools.partial(model_cls.apply, mutable=["batch_stats"]))(
-        {**initial_params, **probes}, x, mask=m)
+        {**initial_params, **probes}, x, mask=m
+    )
 
     ema = vars_out["batch_stats"]
     np.testing.assert_allclose(
-        ema["ema_mean"], 0.1 * x.mean((0, 1), keepdims=False, where=m), atol=1e-4)
+        ema["ema_mean"], 0.1 * x.mean((0, 1), keepdims=False, where=m), atol=1e-4
+    )
     np.testing.assert_allclose(
-        ema["ema_var"], 0.9 + 0.1 * x.var((0, 1), keepdims=False, where=m), rtol=1e-4)
+        ema["ema_var"], 0.9 + 0.1 * x.var((0, 1), keepdims=False, where=m), rtol=1e-4
+    )
 
 
 def test_flax_batch_norm_multi_init():
     """linen_test.py NormalizationTest.test_batch_norm_multi_init: init runs the layer
     twice, with an unbound axis_name."""
+
     class Foo(nn.Module):
         @nn.compact
         def __call__(self, x):
-            norm = mabn_jax.MABN(**BN_EQUIV, name="norm", use_running_average=False,
-                                 axis_name="batch")
+            norm = mabn_jax.MABN(
+                **BN_EQUIV, name="norm", use_running_average=False, axis_name="batch"
+            )
             x = norm(x)
             return x, norm(x)
 
@@ -419,6 +509,7 @@ def test_flax_batch_norm_multi_init():
 def test_flax_bind_stateful():
     """linen_module_test.py test_bind_stateful (x of shape (2, 4): a batch, not one
     example)."""
+
     class Foo(nn.Module):
         def setup(self):
             self.a = nn.Dense(3)
@@ -439,8 +530,9 @@ def test_flax_bind_stateful():
     y3, new_state = nn.apply(f, foo, mutable="batch_stats")(variables, x)
     np.testing.assert_array_equal(y1, y2)
     np.testing.assert_array_equal(y2, y3)
-    for a, b in zip(jax.tree.leaves(new_state["batch_stats"]),
-                    jax.tree.leaves(foo_b.variables["batch_stats"])):
+    for a, b in zip(
+        jax.tree.leaves(new_state["batch_stats"]), jax.tree.leaves(foo_b.variables["batch_stats"])
+    ):
         np.testing.assert_allclose(a, b)
 
 
@@ -453,9 +545,13 @@ def test_flax_vmap_batchnorm():
     x2 = jax.random.uniform(key2, (5, 4, 4))
 
     def vmap(cls):
-        return nn.vmap(cls, in_axes=(0,), variable_axes={
-            "params": None, "batch_stats": None, "mabn_probes": None},
-            split_rngs={"params": False}, axis_name="batch")
+        return nn.vmap(
+            cls,
+            in_axes=(0,),
+            variable_axes={"params": None, "batch_stats": None, "mabn_probes": None},
+            split_rngs={"params": False},
+            axis_name="batch",
+        )
 
     class MlpBn(nn.Module):
         axis_name: object = None
@@ -463,12 +559,13 @@ def test_flax_vmap_batchnorm():
         @nn.compact
         def __call__(self, x):
             x = nn.Dense(3)(x)
-            return mabn_jax.MABN(**BN_EQUIV, axis_name=self.axis_name,
-                                 use_running_average=False)(x)
+            return mabn_jax.MABN(**BN_EQUIV, axis_name=self.axis_name, use_running_average=False)(x)
 
     init_variables = jax.jit(MlpBn().init)(key3, x)
-    variables = {**init_variables,
-                 "mabn_probes": mabn_jax.init_probes(init_variables["batch_stats"])}
+    variables = {
+        **init_variables,
+        "mabn_probes": mabn_jax.init_probes(init_variables["batch_stats"]),
+    }
     apply = lambda model: jax.jit(functools.partial(model.apply, mutable=["batch_stats"]))
     y1 = apply(MlpBn())(variables, x2.reshape((-1, 4)))[0]
     y1 = y1.reshape((5, 4, 3))

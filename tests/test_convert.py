@@ -28,8 +28,12 @@ class Net(nn.Module):
         x = nn.Dense(4)(x)
         x = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)()(x)
         x = nn.remat(nn.BatchNorm)(use_running_average=not train, epsilon=1e-3)(x)
-        x, _ = nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0},
-                       split_rngs={"params": True}, length=3)(train)(x, None)
+        x, _ = nn.scan(
+            Block,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=3,
+        )(train)(x, None)
         return x
 
 
@@ -65,9 +69,11 @@ def test_converted_model_equals_batchnorm_model_in_inference_and_trains():
     @jax.jit
     def step(params, bs):
         def loss_fn(p):
-            y, up = model.apply({"params": p, "batch_stats": bs}, x, train=True,
-                                mutable=["batch_stats"])
-            return (y ** 2).mean(), up
+            y, up = model.apply(
+                {"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"]
+            )
+            return (y**2).mean(), up
+
         (loss, up), g = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
         return jax.tree.map(lambda p, g: p - 0.05 * g, params, g), up["batch_stats"], loss
 
@@ -88,8 +94,10 @@ def test_plain_mabn_and_function_changing_overrides_are_refused():
 
 # -- each construction of BatchNorm, separately; the tools on a replaced model ----
 
+
 class _Stage(nn.Module):
     """One BatchNorm after a Dense, built in one of the ways a model's source may."""
+
     how: str
 
     @nn.compact
@@ -101,13 +109,21 @@ class _Stage(nn.Module):
         if self.how == "remat":
             return nn.remat(nn.BatchNorm)(**kw, name="norm")(x)
         if self.how == "scan":
-            x, _ = nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0},
-                           split_rngs={"params": True}, length=2)(train, name="norm")(x, None)
+            x, _ = nn.scan(
+                Block,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                length=2,
+            )(train, name="norm")(x, None)
             return x
         if self.how == "vmap":  # x: [instances, batch, features]
-            return nn.vmap(nn.BatchNorm, variable_axes={"params": 0, "batch_stats": 0},
-                           split_rngs={"params": True}, in_axes=0, out_axes=0)(
-                               **kw, name="norm")(x)
+            return nn.vmap(
+                nn.BatchNorm,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                in_axes=0,
+                out_axes=0,
+            )(**kw, name="norm")(x)
         raise ValueError(self.how)
 
 
@@ -121,8 +137,10 @@ def _pretrained_stage(how):
     return x, v
 
 
-@pytest.mark.parametrize("how,window_shape", [
-    ("partial", (4, 4)), ("remat", (4, 4)), ("scan", (2, 4, 4)), ("vmap", (3, 4, 4))])
+@pytest.mark.parametrize(
+    "how,window_shape",
+    [("partial", (4, 4)), ("remat", (4, 4)), ("scan", (2, 4, 4)), ("vmap", (3, 4, 4))],
+)
 def test_each_construction_is_replaced_and_converted_exactly(how, window_shape):
     x, v = _pretrained_stage(how)
     model = mabn_jax.replace_batchnorm(_Stage(how), buffer_size=4)
@@ -140,22 +158,29 @@ def test_tabulate_fold_params_and_orbax_work_on_a_replaced_model(tmp_path):
     x, v = _pretrained_stage("partial")
     model = mabn_jax.replace_batchnorm(_Stage("partial"), buffer_size=4)
     cv = mabn_jax.convert_batchnorm_variables(model, v, x, train=False)
-    table = model.tabulate(jax.random.key(0), x, train=False,
-                           console_kwargs={"width": 200, "force_terminal": False})
+    table = model.tabulate(
+        jax.random.key(0), x, train=False, console_kwargs={"width": 200, "force_terminal": False}
+    )
     # The row of the BatchNorm (its class, as in the source) holds MABN's state.
     assert "mean_window: float32[4,4]" in table and not re.search(r"\bmean: ", table)
 
     # fold_params: the Dense with its norm folded in computes the converted model.
     folded = mabn_jax.fold_params(model, cv, [("Dense_0", "norm")], x, train=False)
     assert "norm" not in folded
-    np.testing.assert_allclose(nn.Dense(4).apply({"params": folded["Dense_0"]}, x),
-                               model.apply(cv, x, train=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        nn.Dense(4).apply({"params": folded["Dense_0"]}, x),
+        model.apply(cv, x, train=False),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", cv)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(tmp_path / "ckpt",
-                                 jax.tree.map(ocp.utils.to_shape_dtype_struct, cv))
+        restored = ckptr.restore(
+            tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, cv)
+        )
     jax.tree.map(np.testing.assert_array_equal, restored, cv)
-    np.testing.assert_array_equal(model.apply(restored, x, train=False),
-                                  model.apply(cv, x, train=False))
+    np.testing.assert_array_equal(
+        model.apply(restored, x, train=False), model.apply(cv, x, train=False)
+    )

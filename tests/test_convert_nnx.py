@@ -30,8 +30,13 @@ class Holder(nnx.Module):
     def __call__(self, x):
         x = self.attr(self.linear(x))
         x = self.plain_list[1](self.plain_list[0](x))
-        for layer in (self.plain_dict["a"], self.plain_tuple[0], self.nnx_list[0],
-                      self.nnx_dict["b"], self.seq):
+        for layer in (
+            self.plain_dict["a"],
+            self.plain_tuple[0],
+            self.nnx_list[0],
+            self.nnx_dict["b"],
+            self.seq,
+        ):
             x = layer(x)
         return x.sum(-1)
 
@@ -46,15 +51,21 @@ def pretrained():
 
 
 def norms(model):
-    return [(path, type(m).__name__) for path, m in nnx.iter_modules(model)
-            if isinstance(m, (nnx.BatchNorm, mabn_jax.nnx.MABN))]
+    return [
+        (path, type(m).__name__)
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, (nnx.BatchNorm, mabn_jax.nnx.MABN))
+    ]
 
 
 def test_every_batchnorm_is_replaced_where_it_is_held_and_inference_is_unchanged():
     model, x = pretrained()
     before = model(x)
-    stats = {path: (m.mean[...], m.var[...]) for path, m in nnx.iter_modules(model)
-             if isinstance(m, nnx.BatchNorm)}
+    stats = {
+        path: (m.mean[...], m.var[...])
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, nnx.BatchNorm)
+    }
     config = dict(buffer_size=4, warmup_steps=2, renorm_start=3)
     assert mabn_jax.nnx.replace_batchnorm(model, **config) is model
     found = norms(model)
@@ -66,7 +77,11 @@ def test_every_batchnorm_is_replaced_where_it_is_held_and_inference_is_unchanged
     np.testing.assert_array_equal(layer.ema_mean[...], mean)
     np.testing.assert_array_equal(layer.var_window[...], np.broadcast_to(var, (4, 4)))
     assert (layer.epsilon, layer.momentum, layer.centered, int(layer.step[...])) == (
-        1e-3, 0.8, True, 4)
+        1e-3,
+        0.8,
+        True,
+        4,
+    )
     assert model.nnx_dict["b"].bias is None and model.seq.layers[0].scale is None
 
 

@@ -39,8 +39,9 @@ def flax_examples():
     try:
         root = _flax_examples.fetch_examples()
     except RuntimeError as err:
-        pytest.skip(f"Flax's example sources could not be downloaded "
-                    f"(needs the package registry): {err}")
+        pytest.skip(
+            f"Flax's example sources could not be downloaded (needs the package registry): {err}"
+        )
     return _flax_examples.load(root)
 
 
@@ -78,17 +79,21 @@ def pmap_step(model, value_and_grad, **grad_kw):
     """The example's kind of step: pmapped over 'batch', whose BatchNorms
     (axis_name='batch' in its source) synchronize their statistics, gradients
     pmean'ed. For MABN the one change is mabn_jax.value_and_grad."""
+
     @functools.partial(jax.pmap, axis_name="batch", devices=jax.devices()[:N_DEV])
     def step(params, bs, x, labels):
         def loss_fn(p):
-            logits, up = model.apply({"params": p, "batch_stats": bs}, x, train=True,
-                                     mutable=["batch_stats"])
+            logits, up = model.apply(
+                {"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"]
+            )
             return xent(logits, labels), up
+
         kw = {k: bs for k in grad_kw}  # batch_stats=bs for mabn_jax.value_and_grad
         (loss, up), g = value_and_grad(loss_fn, has_aux=True, **kw)(params)
         g = jax.lax.pmean(g, "batch")
         params = jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
         return params, up["batch_stats"], jax.lax.pmean(loss, "batch")
+
     return step
 
 
@@ -109,7 +114,8 @@ def train_pmapped(step, variables, x, labels, steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ResNet18", "ResNet50"])
 def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(
-        name, tmp_path, flax_examples):
+    name, tmp_path, flax_examples
+):
     """ResNet18/50 from flax's sdist (the installed version), examples/imagenet/models.py,
     unmodified."""
     imagenet = flax_examples[0]
@@ -136,6 +142,7 @@ def test_flax_imagenet_resnet_converted_trains_under_pmap_and_checkpoints(
 
 
 # -- NNX: Flax's MNIST CNN and scan-over-layers MLP --------------------------------
+
 
 def nnx_train(model, loss_fn, steps, value_and_grad, lr):
     optimizer = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)

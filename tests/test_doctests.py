@@ -34,8 +34,13 @@ def test_docstring_examples_run(name):
 def _public_names(module):
     names = getattr(module, "__all__", None)
     if names is None:
-        names = [n for n, obj in vars(module).items() if not n.startswith("_")
-                 and inspect.isfunction(obj) and obj.__module__ == module.__name__]
+        names = [
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_")
+            and inspect.isfunction(obj)
+            and obj.__module__ == module.__name__
+        ]
     return names
 
 
@@ -58,7 +63,6 @@ def test_every_example_is_collected():
     found = set()
     for name in MODULES:
         module = importlib.import_module(name)
-        found |= {test.name for test in doctest.DocTestFinder().find(module, name)
-                  if test.examples}
+        found |= {test.name for test in doctest.DocTestFinder().find(module, name) if test.examples}
     qualified = {f"{obj.__module__}.{obj.__qualname__}" for _, obj in _public_objects()}
     assert qualified <= found, sorted(qualified - found)

@@ -38,8 +38,13 @@ def setup(half_precision):
         # what restore_checkpoint returns: the first, later and resumed steps share
         # one compilation.
         return jax.tree.map(np.asarray, state)
-    p_train_step = jax.pmap(functools.partial(train.train_step, learning_rate_fn=lr_fn),
-                            axis_name="batch", in_axes=(None, 0), out_axes=(None, 0))
+
+    p_train_step = jax.pmap(
+        functools.partial(train.train_step, learning_rate_fn=lr_fn),
+        axis_name="batch",
+        in_axes=(None, 0),
+        out_axes=(None, 0),
+    )
     p_eval_step = jax.pmap(train.eval_step, axis_name="batch", in_axes=(None, 0))
     return model, create, p_train_step, p_eval_step
 
@@ -74,10 +79,15 @@ def run(half_precision, workdir):
         before = host(state.params)
         state, metrics = p_train_step(state, batch(model, t))
         metrics = host(metrics)
-        moved = any(np.any(a != b) for a, b in zip(jax.tree.leaves(host(state.params)),
-                                                    jax.tree.leaves(before)))
-        print(f"step {t + 1}: loss {metrics['loss'][0]:.4f} scale "
-              f"{metrics.get('scale', [None])[0]} params moved {moved}", flush=True)
+        moved = any(
+            np.any(a != b)
+            for a, b in zip(jax.tree.leaves(host(state.params)), jax.tree.leaves(before))
+        )
+        print(
+            f"step {t + 1}: loss {metrics['loss'][0]:.4f} scale "
+            f"{metrics.get('scale', [None])[0]} params moved {moved}",
+            flush=True,
+        )
         assert np.isfinite(metrics["loss"]).all()
         # DynamicScale skips a step whose gradients overflowed, halving the scale
         skipped = half_precision and float(metrics["scale"][0]) < scale
@@ -105,24 +115,31 @@ def run(half_precision, workdir):
         np.testing.assert_array_equal(a, b)
     # Restoring takes dtypes from the target; DynamicScale() starts with Python
     # scalars (restored as NumPy ones), everything else keeps its dtype.
-    for a, b in zip(*(jax.tree.leaves(host((s.params, s.opt_state, s.batch_stats)))
-                      for s in (restored, state))):
+    for a, b in zip(
+        *(jax.tree.leaves(host((s.params, s.opt_state, s.batch_stats))) for s in (restored, state))
+    ):
         assert a.dtype == b.dtype
     # Resumed and uninterrupted runs take the same next step, bit for bit.
     nxt = batch(model, STEPS)
     (a, ma), (b, mb) = host(p_train_step(restored, nxt)), host(p_train_step(state, nxt))
     for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
         np.testing.assert_array_equal(x, y)
-    return {"finite_steps": finite, "loss": [float(metrics["loss"][0])],
-            "scale": float(state.dynamic_scale.scale) if half_precision else None,
-            "mabn_steps": sorted({int(v["step"]) for v in layers(host(state.batch_stats))
-                                  .values()})}
+    return {
+        "finite_steps": finite,
+        "loss": [float(metrics["loss"][0])],
+        "scale": float(state.dynamic_scale.scale) if half_precision else None,
+        "mabn_steps": sorted({int(v["step"]) for v in layers(host(state.batch_stats)).values()}),
+    }
 
 
 @pytest.mark.slow
 def test_converted_imagenet_example_trains_evaluates_and_resumes(tmp_path):
-    result = launch(__file__, [{"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}],
-                    cwd=str(tmp_path), timeout=300)
+    result = launch(
+        __file__,
+        [{"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}],
+        cwd=str(tmp_path),
+        timeout=300,
+    )
     assert result.ok, result.report()
     lines = [ln for ln in result.outputs[0].splitlines() if ln.startswith("RESULT")]
     assert len(lines) == 2, result.report()
@@ -140,5 +157,8 @@ if __name__ == "__main__":
     for half in (False, True):
         t0 = time.time()
         summary = run(half, os.path.join(os.getcwd(), f"ckpt_{'f16' if half else 'f32'}"))
-        print("RESULT", json.dumps({"half_precision": half, **summary,
-                                    "seconds": round(time.time() - t0, 1)}), flush=True)
+        print(
+            "RESULT",
+            json.dumps({"half_precision": half, **summary, "seconds": round(time.time() - t0, 1)}),
+            flush=True,
+        )

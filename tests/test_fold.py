@@ -72,8 +72,9 @@ def test_folded_model_equals_unfolded(norm):
         x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 4), jnp.float64)
 
         for centered in (False, True):
-            layers = ((mabn_jax.CenteredConv, mabn_jax.CenteredDense) if centered
-                      else (nn.Conv, nn.Dense))
+            layers = (
+                (mabn_jax.CenteredConv, mabn_jax.CenteredDense) if centered else (nn.Conv, nn.Dense)
+            )
             for use_bias in (False, True):
                 model = Net(*layers, NORMS[norm], use_bias)
                 variables = _random_variables(model, x, seed=int(centered) + 2 * use_bias)
@@ -98,13 +99,20 @@ class Mixed(nn.Module):
         conv = nn.Conv if self.deploy else mabn_jax.CenteredConv
         x = conv(6, (3, 3), use_bias=self.deploy, name="conv", **F64)(x)
         if not self.deploy:
-            x = mabn_jax.MABN(use_running_average=True, epsilon=0.3, buffer_size=4,
-                              name="conv_norm", **F64)(x)
+            x = mabn_jax.MABN(
+                use_running_average=True, epsilon=0.3, buffer_size=4, name="conv_norm", **F64
+            )(x)
         x = nn.relu(x).reshape(x.shape[0], -1)
         x = nn.Dense(5, use_bias=True, name="dense", **F64)(x)
         if not self.deploy:
-            x = mabn_jax.MABN(use_running_average=True, centered=True, epsilon=0.7,
-                              buffer_size=4, name="dense_norm", **F64)(x)
+            x = mabn_jax.MABN(
+                use_running_average=True,
+                centered=True,
+                epsilon=0.7,
+                buffer_size=4,
+                name="dense_norm",
+                **F64,
+            )(x)
         return x
 
 
@@ -123,8 +131,12 @@ def test_fold_reads_centering_and_epsilon_from_the_model():
             p = dict(variables["params"])
             for layer, norm in PAIRS:
                 p[layer] = mabn_jax.fold_norm(
-                    p[layer], p.pop(norm, {}), variables["batch_stats"][norm],
-                    epsilon=epsilon, centered_kernel=centered_kernel)
+                    p[layer],
+                    p.pop(norm, {}),
+                    variables["batch_stats"][norm],
+                    epsilon=epsilon,
+                    centered_kernel=centered_kernel,
+                )
             return Mixed(deploy=True).apply({"params": p}, x)
 
         for wrong in (by_hand(1e-5, True), by_hand(0.3, False)):
@@ -145,15 +157,17 @@ def test_fold_params_keeps_other_params_and_accepts_key_tuples():
 
     x = jnp.ones((2, 4, 4, 2))
     variables = Model().init(jax.random.key(0), x)
-    variables = {"params": variables["params"],
-                 "batch_stats": {"block": {"norm": {"mean": jnp.zeros(3),
-                                                    "var": jnp.full((3,), 4.0)}}}}
+    variables = {
+        "params": variables["params"],
+        "batch_stats": {"block": {"norm": {"mean": jnp.zeros(3), "var": jnp.full((3,), 4.0)}}},
+    }
     out = mabn_jax.fold_params(Model(), variables, [(("block", "conv"), ("block", "norm"))], x)
     assert set(out["block"]) == {"conv"}
     np.testing.assert_array_equal(out["head"]["kernel"], variables["params"]["head"]["kernel"])
     kernel = variables["params"]["block"]["conv"]["kernel"]
-    np.testing.assert_allclose(out["block"]["conv"]["kernel"], kernel / np.sqrt(4 + 1e-5),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out["block"]["conv"]["kernel"], kernel / np.sqrt(4 + 1e-5), rtol=1e-6
+    )
     assert "norm" in variables["params"]["block"]  # the input is not modified
 
 
@@ -165,11 +179,15 @@ def test_fold_errors_name_the_problem():
     with pytest.raises(TypeError, match="centered_kernel"):
         mabn_jax.fold_norm(kernel, {}, stats, epsilon=1e-5)
     with pytest.raises(ValueError, match="output features"):
-        mabn_jax.fold_norm(kernel, {}, {"mean": jnp.zeros(5), "var": jnp.ones(5)},
-                           epsilon=1e-5, centered_kernel=False)
+        mabn_jax.fold_norm(
+            kernel,
+            {},
+            {"mean": jnp.zeros(5), "var": jnp.ones(5)},
+            epsilon=1e-5,
+            centered_kernel=False,
+        )
     with pytest.raises(ValueError, match="neither an MABN"):
-        mabn_jax.fold_norm(kernel, {}, {"mu": jnp.zeros(4)}, epsilon=1e-5,
-                           centered_kernel=False)
+        mabn_jax.fold_norm(kernel, {}, {"mu": jnp.zeros(4)}, epsilon=1e-5, centered_kernel=False)
     with jax.enable_x64(True):
         x = jnp.ones((2, 5, 5, 4), jnp.float64)
         variables = _random_variables(Mixed(), x, seed=0)

@@ -28,12 +28,12 @@ X = jnp.arange(12.0).reshape(4, 3) - 5.0
 
 def _step(variables):
     def loss_fn(params):
-        y, updates = Net().apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                 X, mutable=["batch_stats"])
-        return jnp.sum(y ** 2), updates
+        y, updates = Net().apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, X, mutable=["batch_stats"]
+        )
+        return jnp.sum(y**2), updates
 
-    grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True,
-                                      batch_stats=variables["batch_stats"])
+    grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=variables["batch_stats"])
     (_, updates), _ = grad_fn(variables["params"])
     return updates["batch_stats"]
 
@@ -46,8 +46,9 @@ def test_frozen_layer_is_left_as_it_is():
         np.testing.assert_array_equal(v, variables["batch_stats"]["frozen"][k], err_msg=k)
     assert int(new["train"]["step"]) == 1
     assert np.isfinite(new["train"]["psi_window"]).all()
-    assert not np.array_equal(new["train"]["psi_window"],
-                              variables["batch_stats"]["train"]["psi_window"])
+    assert not np.array_equal(
+        new["train"]["psi_window"], variables["batch_stats"]["train"]["psi_window"]
+    )
 
 
 def test_low_level_record_of_the_old_tree_with_this_steps_gradients_raises():
@@ -58,9 +59,12 @@ def test_low_level_record_of_the_old_tree_with_this_steps_gradients_raises():
     params = jax.jit(Net().init)(jax.random.key(0), X)["params"]
 
     def loss(probes):
-        y, _ = Net().apply({"params": params, "batch_stats": stats, mabn_jax.PROBES: probes},
-                           X, mutable=["batch_stats"])
-        return jnp.sum(y ** 2)
+        y, _ = Net().apply(
+            {"params": params, "batch_stats": stats, mabn_jax.PROBES: probes},
+            X,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(y**2)
 
     grads = jax.grad(loss)(mabn_jax.init_probes(stats))
     assert np.abs(grads["train"]["psi"]).max() > 0

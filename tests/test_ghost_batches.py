@@ -44,22 +44,32 @@ def _step_fn(config):
             return jnp.sum(y * dy), (y, new)
 
         (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-            x, scale, bias, F.init_probes(state))
+            x, scale, bias, F.init_probes(state)
+        )
         return F.record_backward_stats(new, grads[3], previous=state), y, grads
 
     def run(state, x, dy, scale, bias):  # host copies: no eager op compiles on CPU
         new, y, grads = step(state, x, dy, scale, bias)
         return new, *jax.device_get((y, grads))
+
     return run
 
 
-@pytest.mark.parametrize("centered,m,n", [
-    (False, 3, 2), (True, 3, 2), pytest.param(False, 5, 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "centered,m,n", [(False, 3, 2), (True, 3, 2), pytest.param(False, 5, 4, marks=pytest.mark.slow)]
+)
 def test_mabn_ghost_batches_group_ema_match_loop_over_groups(centered, m, n):
     # Groups 1..20 (or 1..10) pass the batch phase (t <= m, t < warmup), the
     # window phase and renormalization (t > 6) with r clipped at 1.5.
-    kw = dict(buffer_size=m, warmup_steps=4, renorm_start=6, r_max=1.5, d_max=0.5,
-              momentum=0.8, centered=centered)
+    kw = dict(
+        buffer_size=m,
+        warmup_steps=4,
+        renorm_start=6,
+        r_max=1.5,
+        d_max=0.5,
+        momentum=0.8,
+        centered=centered,
+    )
     ghost_config = F.MABNConfig(norm_batch_size=n, ghost_ema="group", **kw)
     groups = N // n
     x, dy = _inputs(0, STEPS, N)
@@ -92,8 +102,9 @@ def test_mabn_ghost_batches_group_ema_match_loop_over_groups(centered, m, n):
                 np.testing.assert_allclose(a, b, **tol, err_msg=name)
     assert int(s_ghost.step) == STEPS * groups
     # The run reached renormalization and r was clipped.
-    stats = jax.jit(lambda s, x: F.mabn_train_with_stats(
-        x, scale, bias, s, F.init_probes(s), ghost_config)[2])(s_ghost, x[-1])
+    stats = jax.jit(
+        lambda s, x: F.mabn_train_with_stats(x, scale, bias, s, F.init_probes(s), ghost_config)[2]
+    )(s_ghost, x[-1])
     assert stats["r"].shape == (groups, C)
     assert float(np.max(np.abs(np.log(stats["r"])))) == pytest.approx(np.log(1.5), rel=1e-5)
 
@@ -119,11 +130,15 @@ def test_indivisible_batch_raises_at_trace_time():
     with pytest.raises(ValueError, match="norm_batch_size=3"):
         jax.eval_shape(lambda: module.init(jax.random.key(0), x, use_running_average=False))
     with pytest.raises(ValueError, match="norm_batch_size=3"):
-        jax.eval_shape(lambda: mabn_jax.BatchRenorm(norm_batch_size=3).init(
-            jax.random.key(0), x, use_running_average=False))
+        jax.eval_shape(
+            lambda: mabn_jax.BatchRenorm(norm_batch_size=3).init(
+                jax.random.key(0), x, use_running_average=False
+            )
+        )
     with pytest.raises(ValueError, match="axis 0 is a feature axis"):
-        mabn_jax.MABN(norm_batch_size=2, axis=0).init(jax.random.key(0), x,
-                                                     use_running_average=False)
+        mabn_jax.MABN(norm_batch_size=2, axis=0).init(
+            jax.random.key(0), x, use_running_average=False
+        )
 
 
 def test_probes_have_the_window_shape_whatever_the_groups():
@@ -131,8 +146,7 @@ def test_probes_have_the_window_shape_whatever_the_groups():
     config = F.MABNConfig(buffer_size=3, norm_batch_size=2)
     state = F.init_state((C,), config)
     x = jnp.ones((8, C))
-    y, _ = jax.eval_shape(lambda: F.mabn_train(x, None, None, state, F.init_probes(state),
-                                               config))
+    y, _ = jax.eval_shape(lambda: F.mabn_train(x, None, None, state, F.init_probes(state), config))
     assert y.shape == x.shape
     per_group = F.Probes(jnp.zeros((8 // 2, C)))
     with pytest.raises(ValueError, match=r"probe 'psi' has shape \(4, 3\).*init_probes"):
@@ -141,8 +155,15 @@ def test_probes_have_the_window_shape_whatever_the_groups():
 
 @pytest.mark.parametrize("average_stddev", [False, True])
 def test_batch_renorm_ghost_batches_match_loop_over_groups(average_stddev):
-    kw = dict(momentum=0.8, renorm_momentum=0.7, r_max=1.5, d_max=0.5,
-              warmup_steps=1, ramp_steps=2, average_stddev=average_stddev)
+    kw = dict(
+        momentum=0.8,
+        renorm_momentum=0.7,
+        r_max=1.5,
+        d_max=0.5,
+        warmup_steps=1,
+        ramp_steps=2,
+        average_stddev=average_stddev,
+    )
     n, groups = 2, N // 2
     x, dy = _inputs(2, 4, N)
     scale = jnp.asarray([1.5, 0.7, -1.0], jnp.float32)
@@ -152,6 +173,7 @@ def test_batch_renorm_ghost_batches_match_loop_over_groups(average_stddev):
         def loss(x, scale, bias):
             y, new, _ = F.batch_renorm_train(x, scale, bias, state, config)
             return jnp.sum(y * dy), (y, new)
+
         (_, (y, new)), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
         return new, y, g
 
@@ -179,6 +201,7 @@ def test_batch_renorm_ghost_batches_match_loop_over_groups(average_stddev):
 
 # --- The authors' simulated-small-batch layer (public_cls.npz) ---------------------
 
+
 def _load_cls():
     with np.load(DATA / "public_cls.npz") as f:  # NpzFile decompresses on every access
         d = {k: f[k] for k in f.files}
@@ -188,10 +211,17 @@ def _load_cls():
 def _cls_module(cfg, ghost_ema="step"):
     m, nbs = cfg["buffer_size"], cfg["norm_batch_size"]
     return mabn_jax.MABN(
-        use_running_average=False, norm_batch_size=nbs, buffer_size=m, warmup_steps=0,
+        use_running_average=False,
+        norm_batch_size=nbs,
+        buffer_size=m,
+        warmup_steps=0,
         # r = 1 for iterations t < 100: window steps (groups) up to (100 - 1)·B.
-        renorm_start=(cfg["renorm_from_iteration"] - 1) * m, momentum=cfg["momentum"],
-        epsilon=cfg["eps"], ghost_ema=ghost_ema, param_dtype=jnp.float64)
+        renorm_start=(cfg["renorm_from_iteration"] - 1) * m,
+        momentum=cfg["momentum"],
+        epsilon=cfg["eps"],
+        ghost_ema=ghost_ema,
+        param_dtype=jnp.float64,
+    )
 
 
 def _run_cls(ghost_ema="step"):
@@ -205,9 +235,20 @@ def _run_cls(ghost_ema="step"):
         results = []
         for i in range(cfg["T"]):
             y, dx, g, bs = step(params, bs, jnp.asarray(d["x"][i]), jnp.asarray(d["dy"][i]))
-            results.append(jax.device_get(dict(
-                y=y, dx=dx, dweight=g["scale"], dbias=g["bias"], running_var=bs["ema_x2"],
-                x2_window=bs["x2_window"], psi_window=bs["psi_window"], step=bs["step"])))
+            results.append(
+                jax.device_get(
+                    dict(
+                        y=y,
+                        dx=dx,
+                        dweight=g["scale"],
+                        dbias=g["bias"],
+                        running_var=bs["ema_x2"],
+                        x2_window=bs["x2_window"],
+                        psi_window=bs["psi_window"],
+                        step=bs["step"],
+                    )
+                )
+            )
         assert step._cache_size() == 1, "the train step must compile once for every phase"
     return d, cfg, results
 
@@ -226,8 +267,9 @@ def test_golden_public_cls_default_ghost_ema_float64():
         ours["pre_gz"] = np.roll(ours["psi_window"], -1, axis=0)
         for k in ("y", "dx", "dweight", "dbias", "running_var", "pre_x2", "pre_gz"):
             ref = d[k][i]
-            np.testing.assert_allclose(ours[k], ref, rtol=1e-9, atol=0,
-                                       err_msg=f"public_cls iteration t={i + 1} {k}")
+            np.testing.assert_allclose(
+                ours[k], ref, rtol=1e-9, atol=0, err_msg=f"public_cls iteration t={i + 1} {k}"
+            )
             worst[k] = max(worst.get(k, 0.0), float(np.max(np.abs(ours[k] - ref) / np.abs(ref))))
     print("public_cls worst relative error:", worst)
 
@@ -243,7 +285,7 @@ def test_golden_public_cls_crosses_every_phase():
     np.testing.assert_allclose(pre, (x * x).mean(2), rtol=1e-12)
     # Group i of iteration t averages groups i+1.. of t − 1 and ..i of t.
     flat = pre.reshape(T * m, -1)
-    window = np.stack([flat[max(s - m + 1, 0):s + 1].mean(0) for s in range(T * m)])
+    window = np.stack([flat[max(s - m + 1, 0) : s + 1].mean(0) for s in range(T * m)])
     window[:m] = flat[:m]  # t = 1: each group's own χ²
     window = window.reshape(T, m, -1)
     np.testing.assert_allclose(d["running_var"][0], window[0].mean(0), rtol=1e-12)
@@ -256,8 +298,11 @@ def test_golden_public_cls_crosses_every_phase():
     # Before renormalization y is γ·x/sqrt(window χ² + ε) + β (r = 1), groupwise.
     y = d["y"].reshape(T, m, -1, x.shape[-1])
     np.testing.assert_allclose(
-        y[~late], d["weight"] * x[~late] / np.sqrt(window[~late][:, :, None] + eps)
-        + d["bias"], rtol=1e-9, atol=1e-12)
+        y[~late],
+        d["weight"] * x[~late] / np.sqrt(window[~late][:, :, None] + eps) + d["bias"],
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_golden_public_cls_is_not_the_per_group_ema():
@@ -269,7 +314,8 @@ def test_golden_public_cls_is_not_the_per_group_ema():
     assert rel.max() > 1e-2, rel.max()
     # The windows (and so the pre-renormalization outputs) are the same either way.
     before = cfg["renorm_from_iteration"] - 1
-    np.testing.assert_allclose(np.stack([r["y"] for r in results[:before]]), d["y"][:before],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        np.stack([r["y"] for r in results[:before]]), d["y"][:before], rtol=1e-9, atol=1e-12
+    )
     late = np.stack([r["y"] for r in results[before:]])
     assert not np.allclose(late, d["y"][before:], rtol=1e-3, atol=1e-3)

@@ -28,9 +28,15 @@ def _load(name):
 
 def _module(cfg, dtype):
     return mabn_jax.MABN(
-        use_running_average=False, momentum=cfg["momentum"], epsilon=cfg["eps"],
-        buffer_size=cfg["buffer_size"], warmup_steps=cfg["warmup_iters"],
-        renorm_start=cfg["renorm_start"], r_max=cfg["r_max"], param_dtype=dtype)
+        use_running_average=False,
+        momentum=cfg["momentum"],
+        epsilon=cfg["eps"],
+        buffer_size=cfg["buffer_size"],
+        warmup_steps=cfg["warmup_iters"],
+        renorm_start=cfg["renorm_start"],
+        r_max=cfg["r_max"],
+        param_dtype=dtype,
+    )
 
 
 def _run(name, dtype, reshape=None):
@@ -49,9 +55,16 @@ def _run(name, dtype, reshape=None):
         x = jnp.asarray(d["x"][i].reshape(shape), dtype)
         dy = jnp.asarray(d["dy"][i].reshape(shape), dtype)
         y, dx, g, batch_stats = step(params, batch_stats, x, dy)
-        ours = {"y": y, "dx": dx, "dweight": g["scale"], "dbias": g["bias"],
-                "running_var": batch_stats["ema_x2"], "buffer_x2": batch_stats["x2_window"],
-                "buffer_gz": batch_stats["psi_window"], "step": batch_stats["step"]}
+        ours = {
+            "y": y,
+            "dx": dx,
+            "dweight": g["scale"],
+            "dbias": g["bias"],
+            "running_var": batch_stats["ema_x2"],
+            "buffer_x2": batch_stats["x2_window"],
+            "buffer_gz": batch_stats["psi_window"],
+            "step": batch_stats["step"],
+        }
         results.append(jax.device_get(ours))
     assert step._cache_size() == 1, "the train step must compile once for every phase"
     return d, cfg, results
@@ -67,8 +80,13 @@ def assert_float64_trajectory(name, d, results):
         assert int(ours["step"]) == i + 1
         for k in KEYS:
             ref = d[k][i]
-            np.testing.assert_allclose(ours[k].reshape(ref.shape), ref, rtol=1e-9, atol=0,
-                                       err_msg=f"{name} step t={i + 1} {k}")
+            np.testing.assert_allclose(
+                ours[k].reshape(ref.shape),
+                ref,
+                rtol=1e-9,
+                atol=0,
+                err_msg=f"{name} step t={i + 1} {k}",
+            )
 
 
 @pytest.mark.parametrize("name,reshape", CASES)

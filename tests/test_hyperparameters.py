@@ -54,9 +54,11 @@ BRN_RULES = {
 
 VALUES = st.one_of(
     st.integers(-5, 2**23),
-    st.integers(-3, 40).map(np.int64), st.integers(0, 40).map(np.int32),
+    st.integers(-3, 40).map(np.int64),
+    st.integers(0, 40).map(np.int32),
     st.integers(0, 40).map(np.uint8),
-    st.booleans(), st.booleans().map(np.bool_),
+    st.booleans(),
+    st.booleans().map(np.bool_),
     st.floats(allow_nan=True, allow_infinity=True, width=64),
     st.floats(-2, 20).map(np.float32),
     st.sampled_from([None, "4", "x", (1,), [2], np.array(3), np.array(0.5), jnp.asarray(3)]),
@@ -121,8 +123,10 @@ def test_rules_cover_every_hyperparameter():
 def test_modules_validate_like_the_config(field, value):
     """The linen and NNX modules accept and refuse exactly what the config does."""
     ok, _ = expected(MABN_RULES[field], value)
-    build = (lambda: mabn_jax.MABN(**{field: value}),
-             lambda: mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0), **{field: value}))
+    build = (
+        lambda: mabn_jax.MABN(**{field: value}),
+        lambda: mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0), **{field: value}),
+    )
     for make in build:
         if ok:
             make()

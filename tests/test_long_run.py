@@ -34,8 +34,10 @@ def make_body(pool_x, pool_dy):
 
 
 def pools():
-    return (jax.random.normal(jax.random.PRNGKey(0), (POOL, 2, 2)),
-            jax.random.normal(jax.random.PRNGKey(1), (POOL, 2, 2)))
+    return (
+        jax.random.normal(jax.random.PRNGKey(0), (POOL, 2, 2)),
+        jax.random.normal(jax.random.PRNGKey(1), (POOL, 2, 2)),
+    )
 
 
 def trajectory():
@@ -57,8 +59,9 @@ def test_hundred_thousand_steps():
         np.testing.assert_allclose(state.var_window[t % M], x2_b[t - 1], rtol=1e-6)
     # The window statistic is a fresh mean of the buffer: equal to the f64 mean
     # of the last m recorded χ²_B, whatever happened 10⁵ steps earlier.
-    np.testing.assert_allclose(np.asarray(state.var_window, np.float64).mean(0),
-                               x2_b[-M:].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.var_window, np.float64).mean(0), x2_b[-M:].mean(0), rtol=1e-6
+    )
     # EMA of the window means in float64. α^3000 ≈ 4e-27, so starting 3000
     # steps back from any value is exact; float32 rounding stays ~1e-6
     # (measured 8e-7: python tests/test_long_run.py).
@@ -80,8 +83,7 @@ def test_float_step_counter_wraps_by_a_multiple_of_m():
     crossing, (_, _, y_crossing) = run(warm._replace(step=jnp.float32(start)))
     below, (_, _, y_below) = run(warm._replace(step=jnp.float32(start - period)))
     for name in ("step", "var_window", "psi_window", "ema_var", "skipped"):
-        np.testing.assert_array_equal(getattr(crossing, name), getattr(below, name),
-                                      err_msg=name)
+        np.testing.assert_array_equal(getattr(crossing, name), getattr(below, name), err_msg=name)
     np.testing.assert_array_equal(y_crossing, y_below)
     assert int(crossing.step) == start + 12 - period
     assert np.isfinite(np.asarray(y_crossing)).all()
@@ -90,12 +92,14 @@ def test_float_step_counter_wraps_by_a_multiple_of_m():
 def reference_ema(x2_b):
     ema = np.ones(2)
     for t in range(N - 3000, N + 1):
-        ema = CFG.momentum * ema + (1 - CFG.momentum) * x2_b[t - M:t].mean(0)
+        ema = CFG.momentum * ema + (1 - CFG.momentum) * x2_b[t - M : t].mean(0)
     return ema
 
 
 if __name__ == "__main__":  # prints the measured EMA error quoted in the README
     state, (x2_b, _, _) = trajectory()
     ema = reference_ema(np.asarray(x2_b, np.float64))
-    print("float32 EMA after 1e5 steps, max relative error vs float64:",
-          np.abs(np.asarray(state.ema_var) / ema - 1).max())
+    print(
+        "float32 EMA after 1e5 steps, max relative error vs float64:",
+        np.abs(np.asarray(state.ema_var) / ema - 1).max(),
+    )

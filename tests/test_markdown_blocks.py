@@ -32,16 +32,24 @@ def test_the_convention_is_findable():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if any(r for r, _ in blocks(p))],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if any(r for r, _ in blocks(p))], ids=lambda p: p.name
+)
 def test_page_code_blocks_run(page, tmp_path):
     code = "\n\n".join(c for runs, c in blocks(page) if runs)
     script = tmp_path / f"{page.stem}_blocks.py"
     script.write_text(code)
     env_path = str(ROOT)
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300,
-                            env={**__import__("os").environ, "PYTHONPATH": env_path})
-    assert result.returncode == 0, (f"{page.name}'s python blocks failed (mark a block that "
-                                    f"is not meant to run with {NO_RUN}: why -->):\n"
-                                    f"{result.stderr[-3000:]}")
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": env_path},
+    )
+    assert result.returncode == 0, (
+        f"{page.name}'s python blocks failed (mark a block that "
+        f"is not meant to run with {NO_RUN}: why -->):\n"
+        f"{result.stderr[-3000:]}"
+    )

@@ -35,13 +35,15 @@ def assert_trees_equal(got, want):
 
 def brn_apply(variables, x, mask=None):
     return mabn_jax.BatchRenorm(warmup_steps=1).apply(
-        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+    )
 
 
 def brn_variables():
     """A BatchRenorm after two steps (renormalizing: r, d are in use)."""
     variables = mabn_jax.BatchRenorm(warmup_steps=1).init(
-        jax.random.key(0), batch(), use_running_average=False)
+        jax.random.key(0), batch(), use_running_average=False
+    )
     for seed in (1, 2):
         _, upd = brn_apply(variables, batch(seed=seed))
         variables = {**variables, **upd}
@@ -66,7 +68,8 @@ def test_batch_renorm_fully_masked_batch_keeps_state_and_gives_finite_outputs(wr
         return jnp.sum(y * mask), (y, upd)
 
     (loss, (y, upd)), grads = wrap(jax.value_and_grad(masked_loss, has_aux=True))(
-        variables["params"])
+        variables["params"]
+    )
     assert_trees_equal(upd["batch_stats"], variables["batch_stats"])
     assert bool(jnp.isfinite(y).all()) and float(loss) == 0.0
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
@@ -79,18 +82,27 @@ class DenseNorm(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None):
         x = nn.Dense(C)(x)
-        return mabn_jax.MABN(use_running_average=False, centered=self.centered,
-                             norm_batch_size=self.norm_batch_size, **KW)(x, mask=mask)
+        return mabn_jax.MABN(
+            use_running_average=False,
+            centered=self.centered,
+            norm_batch_size=self.norm_batch_size,
+            **KW,
+        )(x, mask=mask)
 
 
 def mabn_step(model, variables, x, mask):
     def loss_fn(params):
-        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                             x, mask, mutable=["batch_stats"])
+        y, upd = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            mask,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(y * mask), (y, upd)
 
-    return mabn_jax.value_and_grad(loss_fn, has_aux=True,
-                                   batch_stats=variables["batch_stats"])(variables["params"])
+    return mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=variables["batch_stats"])(
+        variables["params"]
+    )
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -102,15 +114,19 @@ def test_mabn_fully_masked_batch_keeps_state_and_gives_finite_outputs(centered, 
     full = jnp.ones((4, 1), bool)
     for seed in (1, 2, 3):  # into the window phase
         (_, (_, upd)), _ = jax.jit(mabn_step, static_argnums=0)(
-            model, variables, batch(seed=seed), full)
+            model, variables, batch(seed=seed), full
+        )
         variables = {**variables, **upd}
     mask = jnp.zeros((4, 1), bool).at[2:].set(ghost)  # ghost: only the first group empty
     (loss, (y, upd)), grads = jax.jit(mabn_step, static_argnums=0)(
-        model, variables, batch(seed=4), mask)
+        model, variables, batch(seed=4), mask
+    )
     before, after = variables["batch_stats"]["MABN_0"], upd["batch_stats"]["MABN_0"]
     assert float(after["skipped"]) == float(before["skipped"]) + 1
-    assert_trees_equal({k: v for k, v in after.items() if k != "skipped"},
-                       {k: v for k, v in before.items() if k != "skipped"})
+    assert_trees_equal(
+        {k: v for k, v in after.items() if k != "skipped"},
+        {k: v for k, v in before.items() if k != "skipped"},
+    )
     assert bool(jnp.isfinite(y).all()) and bool(jnp.isfinite(loss))
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
@@ -149,8 +165,10 @@ def positional(sig):
 @pytest.mark.parametrize("cls", [mabn_jax.MABN, mabn_jax.BatchRenorm])
 def test_positional_arguments_follow_batchnorm(cls):
     assert positional(inspect.signature(cls)) == positional(inspect.signature(nn.BatchNorm))
-    bn, ours = nn.BatchNorm(False, -1, 0.9, 1e-3, jnp.bfloat16), cls(False, -1, 0.9, 1e-3,
-                                                                    jnp.bfloat16)
+    bn, ours = (
+        nn.BatchNorm(False, -1, 0.9, 1e-3, jnp.bfloat16),
+        cls(False, -1, 0.9, 1e-3, jnp.bfloat16),
+    )
     for name in ("use_running_average", "axis", "momentum", "epsilon", "dtype"):
         assert getattr(ours, name) == getattr(bn, name), name
     assert cls(True, -1, momentum=0.5).momentum == 0.5
@@ -179,14 +197,15 @@ class Between(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Conv(C, (3, 3), padding="SAME", name="conv")(x)
-        h = {"relu": nn.relu, "residual": lambda h: h + x, "none": lambda h: h}[
-            self.between](h)
+        h = {"relu": nn.relu, "residual": lambda h: h + x, "none": lambda h: h}[self.between](h)
         h = mabn_jax.MABN(use_running_average=True, name="norm")(h)
         return nn.Conv(C, (1, 1), name="after")(h)
 
 
-@pytest.mark.parametrize("between, pair", [
-    ("relu", ("conv", "norm")), ("residual", ("conv", "norm")), ("none", ("after", "norm"))])
+@pytest.mark.parametrize(
+    "between, pair",
+    [("relu", ("conv", "norm")), ("residual", ("conv", "norm")), ("none", ("after", "norm"))],
+)
 def test_fold_refuses_a_pair_with_something_in_between(between, pair):
     x = jnp.ones((2, 4, 4, C))
     variables = Between(between).init(jax.random.key(0), x)
@@ -208,12 +227,14 @@ def test_low_precision_state_is_refused_naming_the_cast(cls):
     bs = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables["batch_stats"])
 
     def loss_fn(params):
-        y, upd = model.apply({"params": params, "batch_stats": bs}, x,
-                             mutable=["batch_stats"])
+        y, upd = model.apply({"params": params, "batch_stats": bs}, x, mutable=["batch_stats"])
         return y.sum(), upd
 
-    grad = (mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)
-            if cls is mabn_jax.MABN else jax.value_and_grad(loss_fn, has_aux=True))
+    grad = (
+        mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)
+        if cls is mabn_jax.MABN
+        else jax.value_and_grad(loss_fn, has_aux=True)
+    )
     with pytest.raises(ValueError, match="bfloat16; it must be float32.*cast only the params"):
         jax.jit(grad)(variables["params"])
 
@@ -228,8 +249,9 @@ def test_value_and_grad_with_batch_stats_of_another_configuration():
     wrong = other.init(jax.random.key(0), x)["batch_stats"]
 
     def loss_fn(params):
-        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                             mutable=["batch_stats"])
+        y, upd = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
+        )
         return y.sum(), upd
 
     with pytest.raises(ValueError, match="MABN_0.*Pass the batch_stats the model is applied"):
@@ -255,9 +277,7 @@ def test_two_training_applies_with_params_cast_per_apply_are_an_error():
         return (y1 + y2).astype(jnp.float32).sum(), upd
 
     with pytest.raises(ValueError, match="twice in one loss.*concatenated into one batch"):
-        jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
-            variables["params"])
-
+        jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(variables["params"])
 
 
 # --- 7. a second network in training mode inside the helper (GAN) ---------------
@@ -279,15 +299,20 @@ def test_gan_discriminator_in_training_mode_names_the_layer_and_the_fixes():
     d_vars = Discriminator().init(jax.random.key(1), z)
 
     def g_loss(g_params):
-        fake, upd = Generator().apply({"params": g_params, "batch_stats": g_vars["batch_stats"]},
-                                      z, mutable=["batch_stats"])
+        fake, upd = Generator().apply(
+            {"params": g_params, "batch_stats": g_vars["batch_stats"]}, z, mutable=["batch_stats"]
+        )
         score, _ = Discriminator().apply(d_vars, fake, mutable=["batch_stats"])
         return score.mean(), upd
 
-    with pytest.raises(ValueError, match=r"'Discriminator/MABN_0'.*batch_stats were not "
-                       r"passed.*use_running_average=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"'Discriminator/MABN_0'.*batch_stats were not "
+        r"passed.*use_running_average=True",
+    ):
         mabn_jax.value_and_grad(g_loss, has_aux=True, batch_stats=g_vars["batch_stats"])(
-            g_vars["params"])
+            g_vars["params"]
+        )
 
 
 def test_nnx_gan_discriminator_in_training_mode_names_the_fixes():
@@ -297,8 +322,11 @@ def test_nnx_gan_discriminator_in_training_mode_names_the_fixes():
     def g_loss(gen, disc):
         return disc(gen(batch())).mean()
 
-    with pytest.raises(ValueError, match=r"MABN\(num_features=5\).*not a differentiated "
-                       r"argument.*model.eval\(\).*argnums=\(0, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN\(num_features=5\).*not a differentiated "
+        r"argument.*model.eval\(\).*argnums=\(0, 1\)",
+    ):
         mnnx.value_and_grad(g_loss)(gen, disc)
 
 
@@ -311,8 +339,14 @@ class DenseNamedNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(C, name="dense")(x)
-        return mabn_jax.MABN(use_running_average=False, centered=self.centered, buffer_size=2,
-                             warmup_steps=0, renorm_start=100, name="norm")(x)
+        return mabn_jax.MABN(
+            use_running_average=False,
+            centered=self.centered,
+            buffer_size=2,
+            warmup_steps=0,
+            renorm_start=100,
+            name="norm",
+        )(x)
 
 
 def linen_steps(centered, freeze_at, wrap):
@@ -327,12 +361,12 @@ def linen_steps(centered, freeze_at, wrap):
         def loss_fn(params, bs=bs, x=x, freeze=step == freeze_at):
             if freeze:
                 params = {**params, "norm": jax.lax.stop_gradient(params["norm"])}
-            y, upd = model.apply({"params": params, "batch_stats": bs}, x,
-                                 mutable=["batch_stats"])
+            y, upd = model.apply({"params": params, "batch_stats": bs}, x, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(y) * x), upd
 
         (_, upd), grads = wrap(mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs))(
-            variables["params"])
+            variables["params"]
+        )
         grads_seen.append(grads)
         bs = upd["batch_stats"]
     return grads_seen, bs
@@ -366,13 +400,18 @@ def test_freezing_inside_submodels_applied_separately_records_each_layers_statis
             p_enc = params["enc"]
             if freeze:
                 p_enc = {**p_enc, "norm": jax.lax.stop_gradient(p_enc["norm"])}
-            h, upd_enc = wrap(enc.apply)({"params": p_enc, "batch_stats": bs["enc"]}, x,
-                                         mutable=("batch_stats",))
-            y, upd_head = wrap(head.apply)({"params": params["norm"],
-                                            "batch_stats": bs["norm"]},
-                                           jnp.sin(h) * 3.0, mutable=("batch_stats",))
-            return jnp.sum(jnp.sin(y) * x), {"batch_stats": {
-                "enc": upd_enc["batch_stats"], "norm": upd_head["batch_stats"]}}
+            h, upd_enc = wrap(enc.apply)(
+                {"params": p_enc, "batch_stats": bs["enc"]}, x, mutable=("batch_stats",)
+            )
+            y, upd_head = wrap(head.apply)(
+                {"params": params["norm"], "batch_stats": bs["norm"]},
+                jnp.sin(h) * 3.0,
+                mutable=("batch_stats",),
+            )
+            return jnp.sum(jnp.sin(y) * x), {
+                "batch_stats": {"enc": upd_enc["batch_stats"], "norm": upd_head["batch_stats"]}
+            }
+
         (_, upd), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)(params)
         return upd["batch_stats"], grads
 
@@ -381,19 +420,27 @@ def test_freezing_inside_submodels_applied_separately_records_each_layers_statis
     reference, _ = run(False, functools.partial(jax.jit, static_argnames="mutable"))
     assert_trees_equal(frozen, plain)
     assert_trees_equal(g_frozen["norm"], g_plain["norm"])
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-                 frozen, reference)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), frozen, reference
+    )
 
 
 def nnx_model(centered=False):
     class Net(nnx.Module):
         def __init__(self):
             self.dense = nnx.Linear(C, C, rngs=nnx.Rngs(0))
-            self.norm = mnnx.MABN(C, rngs=nnx.Rngs(0), centered=centered, buffer_size=2,
-                                  warmup_steps=0, renorm_start=100)
+            self.norm = mnnx.MABN(
+                C,
+                rngs=nnx.Rngs(0),
+                centered=centered,
+                buffer_size=2,
+                warmup_steps=0,
+                renorm_start=100,
+            )
 
         def __call__(self, x):
             return self.norm(self.dense(x))
+
     return Net()
 
 
@@ -409,8 +456,11 @@ def nnx_steps(centered, freeze_at, how):
                 nnx.update(model.norm, jax.lax.stop_gradient(nnx.state(model.norm)))
             return jnp.sum(jnp.sin(model(x)) * x)
 
-        argnums = (nnx.DiffState(0, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("norm"))))
-                   if freeze and how == "DiffState" else 0)
+        argnums = (
+            nnx.DiffState(0, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("norm"))))
+            if freeze and how == "DiffState"
+            else 0
+        )
         _, grads = nnx.jit(mnnx.value_and_grad(loss_fn, argnums=argnums))(model)
         grads_seen.append(nnx.to_pure_dict(grads))
     return grads_seen, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -439,10 +489,13 @@ def test_micro_batches_scanned_inside_the_loss_raise_naming_ghost_batches(carry,
     def loss_fn(params):
         def body(i, state):
             bs, total = state
-            y, upd = model.apply({"params": params,
-                                  "batch_stats": bs if carry else variables["batch_stats"]},
-                                 micro[i], mutable=["batch_stats"])
-            return upd["batch_stats"], total + jnp.sum(y ** 2)
+            y, upd = model.apply(
+                {"params": params, "batch_stats": bs if carry else variables["batch_stats"]},
+                micro[i],
+                mutable=["batch_stats"],
+            )
+            return upd["batch_stats"], total + jnp.sum(y**2)
+
         init = (variables["batch_stats"], 0.0)
         if loop == "scan":
             (bs, total), _ = jax.lax.scan(lambda s, i: (body(i, s), None), init, jnp.arange(2))
@@ -450,10 +503,12 @@ def test_micro_batches_scanned_inside_the_loss_raise_naming_ghost_batches(carry,
             bs, total = jax.lax.fori_loop(0, 2, body, init)
         return total, {"batch_stats": bs}
 
-    helper = mabn_jax.value_and_grad(loss_fn, has_aux=True,
-                                     batch_stats=variables["batch_stats"])
-    with pytest.raises(ValueError, match=r"'MABN_0' is applied in training mode inside a loop "
-                       r"body.*norm_batch_size to the micro-batch size.*optax\.MultiSteps"):
+    helper = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=variables["batch_stats"])
+    with pytest.raises(
+        ValueError,
+        match=r"'MABN_0' is applied in training mode inside a loop "
+        r"body.*norm_batch_size to the micro-batch size.*optax\.MultiSteps",
+    ):
         jax.jit(helper)(variables["params"])
 
 
@@ -463,7 +518,8 @@ def test_ghost_batches_are_the_scan_over_micro_batches_that_works():
     x = batch(8)
     variables = model.init(jax.random.key(0), x)
     (_, (_, upd)), grads = jax.jit(mabn_step, static_argnums=0)(
-        model, variables, x, jnp.ones((8, 1), bool))
+        model, variables, x, jnp.ones((8, 1), bool)
+    )
     assert float(upd["batch_stats"]["MABN_0"]["step"]) == 4  # one window step per micro-batch
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
@@ -475,11 +531,15 @@ def test_nnx_scan_over_micro_batches_raises_naming_ghost_batches():
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def body(model, xb):
             return model, jnp.sum(model(xb) ** 2)
+
         _, losses = body(model, micro)
         return losses.sum()
 
-    with pytest.raises(ValueError, match=r"MABN\(num_features=3\).*inside a loop body.*"
-                       r"norm_batch_size to the micro-batch size"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN\(num_features=3\).*inside a loop body.*"
+        r"norm_batch_size to the micro-batch size",
+    ):
         nnx.jit(mnnx.value_and_grad(loss_fn))(model, batch(8).reshape(2, 4, C))
 
 

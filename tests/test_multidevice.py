@@ -47,8 +47,13 @@ class Net(nn.Module):
     def __call__(self, x):
         norm = lambda: mabn_jax.MABN(
             use_running_average=False,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            centered=self.centered, buffer_size=2, warmup_steps=3, renorm_start=6)
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            centered=self.centered,
+            buffer_size=2,
+            warmup_steps=3,
+            renorm_start=6,
+        )
         dense = nn.Dense if self.centered else mabn_jax.CenteredDense
         x = jnp.tanh(norm()(dense(6, use_bias=False)(x)))
         x = jnp.tanh(norm()(dense(6, use_bias=False)(x)))
@@ -61,8 +66,12 @@ def data(steps=STEPS, batch=GLOBAL, seed=0, per_device_scale=False):
     x = rng.standard_normal((steps, batch, 5), np.float32) + 0.3
     x = x * np.asarray(SCALES[:steps], np.float32)[:, None, None]
     if per_device_scale:  # make every device's statistics different
-        x = x * np.repeat(np.linspace(0.5, 4.0, N_DEV, dtype=np.float32),
-                          batch // N_DEV)[None, :, None]
+        x = (
+            x
+            * np.repeat(np.linspace(0.5, 4.0, N_DEV, dtype=np.float32), batch // N_DEV)[
+                None, :, None
+            ]
+        )
     return x, rng.integers(0, 3, (steps, batch)).astype(np.int32)
 
 
@@ -81,13 +90,15 @@ def loss_and_grads(model, params, batch_stats, x, y, denominator):
     """Loss sum / denominator: (logits, grads w.r.t. params, recorded batch_stats)."""
 
     def loss_fn(params):
-        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                  mutable=["batch_stats"])
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum() / denominator
         return loss, (logits, upd["batch_stats"])
 
     (_, (logits, new_bs)), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=batch_stats)(params)
+        loss_fn, has_aux=True, batch_stats=batch_stats
+    )(params)
     return logits, grads, new_bs
 
 
@@ -95,8 +106,7 @@ def make_step(model, reduce=None, denominator=GLOBAL):
     """A train step; ``reduce`` combines the devices' gradients (psum/pmean)."""
 
     def step(params, opt_state, batch_stats, x, y):
-        logits, grads, batch_stats = loss_and_grads(
-            model, params, batch_stats, x, y, denominator)
+        logits, grads, batch_stats = loss_and_grads(model, params, batch_stats, x, y, denominator)
         if reduce is not None:
             grads = reduce(grads)
         updates, opt_state = TX.update(grads, opt_state, params)
@@ -171,8 +181,7 @@ def test_sync_pmap_equals_single_device_global_batch(centered):
     variables = init(model)  # same parameters: init ignores axis_name
     params, bs = replicate(variables["params"]), replicate(variables["batch_stats"])
     opt_state = replicate(TX.init(variables["params"]))
-    step = jax.pmap(make_step(model, reduce=lambda g: lax.psum(g, "batch")),
-                    axis_name="batch")
+    step = jax.pmap(make_step(model, reduce=lambda g: lax.psum(g, "batch")), axis_name="batch")
     xs, ys = x.reshape(STEPS, N_DEV, PER_DEV, 5), y.reshape(STEPS, N_DEV, PER_DEV)
     for t in range(STEPS):
         params, opt_state, bs, logits, grads = step(params, opt_state, bs, xs[t], ys[t])
@@ -195,8 +204,10 @@ def test_sync_local_mean_loss_scales_psi_by_device_count():
     variables = init(model)
     params, bs = replicate(variables["params"]), replicate(variables["batch_stats"])
     opt_state = replicate(TX.init(variables["params"]))
-    step = jax.pmap(make_step(model, reduce=lambda g: lax.pmean(g, "batch"),
-                              denominator=PER_DEV), axis_name="batch")
+    step = jax.pmap(
+        make_step(model, reduce=lambda g: lax.pmean(g, "batch"), denominator=PER_DEV),
+        axis_name="batch",
+    )
     xs, ys = x[:6].reshape(6, N_DEV, PER_DEV, 5), y[:6].reshape(6, N_DEV, PER_DEV)
     for t in range(6):
         params, opt_state, bs, logits, _ = step(params, opt_state, bs, xs[t], ys[t])
@@ -207,8 +218,9 @@ def test_sync_local_mean_loss_scales_psi_by_device_count():
         for layer in ("MABN_0", "MABN_1"):
             for name in ("step", "x2_window", "ema_x2"):
                 assert_close(dev0[layer][name], r_bs[layer][name], what=name)
-            assert_close(dev0[layer]["psi_window"], N_DEV * r_bs[layer]["psi_window"],
-                         what="psi_window")
+            assert_close(
+                dev0[layer]["psi_window"], N_DEV * r_bs[layer]["psi_window"], what="psi_window"
+            )
 
 
 @pytest.mark.slow
@@ -221,24 +233,32 @@ def test_sync_axis_index_groups():
     variables = init(model)
     bs = replicate(variables["batch_stats"])
     half = GLOBAL // 2
-    grads_fn = jax.pmap(lambda p, b, x, y: loss_and_grads(model, p, b, x, y, half)[1:3],
-                        axis_name="batch", in_axes=(None, 0, 0, 0))
-    ref_fn = jax.jit(jax.vmap(lambda b, x, y: loss_and_grads(Net(), variables["params"],
-                                                             b, x, y, half)[1:3]))
+    grads_fn = jax.pmap(
+        lambda p, b, x, y: loss_and_grads(model, p, b, x, y, half)[1:3],
+        axis_name="batch",
+        in_axes=(None, 0, 0, 0),
+    )
+    ref_fn = jax.jit(
+        jax.vmap(lambda b, x, y: loss_and_grads(Net(), variables["params"], b, x, y, half)[1:3])
+    )
     ref_bs = replicate(variables["batch_stats"], 2, sharding=None)
     for t in range(steps):  # fixed parameters: only the statistics evolve
-        grads, bs = grads_fn(variables["params"], bs,
-                             x[t].reshape(N_DEV, PER_DEV, 5), y[t].reshape(N_DEV, PER_DEV))
+        grads, bs = grads_fn(
+            variables["params"], bs, x[t].reshape(N_DEV, PER_DEV, 5), y[t].reshape(N_DEV, PER_DEV)
+        )
         r_grads, ref_bs = ref_fn(ref_bs, x[t].reshape(2, half, 5), y[t].reshape(2, half))
         bs_host, ref_host = jax.device_get((bs, ref_bs))
         for d in range(N_DEV):
             g = d // 4
-            assert_close(jax.tree.map(lambda a: a[d], bs_host),
-                         jax.tree.map(lambda a: a[g], ref_host),
-                         what=f"device {d} step {t + 1}")
+            assert_close(
+                jax.tree.map(lambda a: a[d], bs_host),
+                jax.tree.map(lambda a: a[g], ref_host),
+                what=f"device {d} step {t + 1}",
+            )
         # A group's gradient is the sum of its devices' shares.
-        group_sum = jax.tree.map(lambda a: a.reshape(2, 4, *a.shape[1:]).sum(1),
-                                 jax.device_get(grads))
+        group_sum = jax.tree.map(
+            lambda a: a.reshape(2, 4, *a.shape[1:]).sum(1), jax.device_get(grads)
+        )
         assert_close(group_sum, r_grads, what=f"grads step {t + 1}")
     assert not np.allclose(bs["MABN_0"]["x2_window"][0], bs["MABN_0"]["x2_window"][4])
 
@@ -260,25 +280,35 @@ def test_sync_subgroups_shard_map_2d_mesh():
 
     def grads_and_state(params, bs, x, y):
         _, grads, new_bs = loss_and_grads(
-            model, params, jax.tree.map(lambda a: a[0], bs), x, y, half)
+            model, params, jax.tree.map(lambda a: a[0], bs), x, y, half
+        )
         return grads, jax.tree.map(lambda a: a[None], new_bs)
 
-    fn = jax.jit(jax.shard_map(grads_and_state, mesh=mesh,
-                               in_specs=(P(), P("group"), P(("group", "batch")),
-                                         P(("group", "batch"))),
-                               out_specs=(P(), P("group"))))
-    ref_fn = jax.jit(jax.vmap(lambda b, x, y: loss_and_grads(Net(), variables["params"],
-                                                             b, x, y, half)[1:3]))
+    fn = jax.jit(
+        jax.shard_map(
+            grads_and_state,
+            mesh=mesh,
+            in_specs=(P(), P("group"), P(("group", "batch")), P(("group", "batch"))),
+            out_specs=(P(), P("group")),
+        )
+    )
+    ref_fn = jax.jit(
+        jax.vmap(lambda b, x, y: loss_and_grads(Net(), variables["params"], b, x, y, half)[1:3])
+    )
     bs = replicate(variables["batch_stats"], 2, sharding=per_group)
     ref_bs = replicate(variables["batch_stats"], 2, sharding=None)
     for t in range(steps):
-        grads, bs = fn(variables["params"], bs, jax.device_put(x[t], split),
-                       jax.device_put(y[t], split))
+        grads, bs = fn(
+            variables["params"], bs, jax.device_put(x[t], split), jax.device_put(y[t], split)
+        )
         r_grads, ref_bs = ref_fn(ref_bs, x[t].reshape(2, half, 5), y[t].reshape(2, half))
         assert_close(bs, ref_bs, what=f"step {t + 1} batch_stats")
         # Replicated parameters: autodiff sums over both mesh axes.
-        assert_close(grads, jax.tree.map(lambda a: a.sum(0), jax.device_get(r_grads)),
-                     what=f"step {t + 1} grads")
+        assert_close(
+            grads,
+            jax.tree.map(lambda a: a.sum(0), jax.device_get(r_grads)),
+            what=f"step {t + 1} grads",
+        )
     window = np.asarray(bs["MABN_0"]["x2_window"])
     assert not np.allclose(window[0], window[1])
 
@@ -299,12 +329,17 @@ def test_per_device_statistics_stay_per_device_under_pmean_of_grads():
     params = replicate(variables["params"])
     opt_state = replicate(TX.init(variables["params"]))
     bs = replicate(variables["batch_stats"])
-    step = jax.pmap(make_step(model, reduce=lambda g: lax.pmean(g, "batch"),
-                              denominator=PER_DEV), axis_name="batch")
+    step = jax.pmap(
+        make_step(model, reduce=lambda g: lax.pmean(g, "batch"), denominator=PER_DEV),
+        axis_name="batch",
+    )
     # Reference: the same single-device step on each shard, vmapped (no collective).
-    ref_fn = jax.jit(jax.vmap(
-        lambda p, b, x, y: loss_and_grads(model, p, b, x, y, PER_DEV)[1:3],
-        in_axes=(None, 0, 0, 0)))
+    ref_fn = jax.jit(
+        jax.vmap(
+            lambda p, b, x, y: loss_and_grads(model, p, b, x, y, PER_DEV)[1:3],
+            in_axes=(None, 0, 0, 0),
+        )
+    )
     for t in range(steps):
         xd, yd = x[t].reshape(N_DEV, PER_DEV, 5), y[t].reshape(N_DEV, PER_DEV)
         # Host copies: the reference runs on one device, so only one program
@@ -315,8 +350,11 @@ def test_per_device_statistics_stay_per_device_under_pmean_of_grads():
         params, opt_state, bs, _, grads = step(params, opt_state, bs, xd, yd)
         assert_close(bs, r_bs, what=f"step {t + 1} batch_stats")
         grads, r_grads = jax.device_get((grads, r_grads))
-        assert_close(jax.tree.map(lambda a: a[0], grads),
-                     jax.tree.map(lambda a: a.mean(0), r_grads), what=f"step {t + 1} grads")
+        assert_close(
+            jax.tree.map(lambda a: a[0], grads),
+            jax.tree.map(lambda a: a.mean(0), r_grads),
+            what=f"step {t + 1} grads",
+        )
     for name in ("x2_window", "psi_window", "ema_x2"):
         leaf = np.asarray(bs["MABN_0"][name])
         assert not np.allclose(leaf[0], leaf[-1], rtol=1e-2), name
@@ -332,17 +370,23 @@ def test_sync_shard_map_equals_single_device_global_batch():
     mesh = batch_mesh(N_DEV)
     params, bs, opt_state = jax.device_put(
         (variables["params"], variables["batch_stats"], TX.init(variables["params"])),
-        NamedSharding(mesh, P()))
+        NamedSharding(mesh, P()),
+    )
     # Inside shard_map the loss of each device is varying and the parameters are
     # replicated, so jax.grad already sums the devices' gradients: no psum here.
-    step = jax.jit(jax.shard_map(
-        make_step(model), mesh=mesh,
-        in_specs=(P(), P(), P(), P("batch"), P("batch")),
-        out_specs=(P(), P(), P(), P("batch"), P())))
+    step = jax.jit(
+        jax.shard_map(
+            make_step(model),
+            mesh=mesh,
+            in_specs=(P(), P(), P(), P("batch"), P("batch")),
+            out_specs=(P(), P(), P(), P("batch"), P()),
+        )
+    )
     shard = NamedSharding(mesh, P("batch"))
     for t in range(steps):
         params, opt_state, bs, logits, grads = step(
-            params, opt_state, bs, jax.device_put(x[t], shard), jax.device_put(y[t], shard))
+            params, opt_state, bs, jax.device_put(x[t], shard), jax.device_put(y[t], shard)
+        )
         r_logits, r_grads, r_bs, r_params = ref[t]
         assert_close(logits, r_logits, what=f"step {t + 1} logits")
         assert_close(grads, r_grads, what=f"step {t + 1} grads")
@@ -363,24 +407,28 @@ def test_per_device_shard_map():
 
     def grads_and_state(params, bs, x, y):
         _, grads, new_bs = loss_and_grads(
-            model, params, jax.tree.map(lambda a: a[0], bs), x, y, GLOBAL)
+            model, params, jax.tree.map(lambda a: a[0], bs), x, y, GLOBAL
+        )
         return grads, jax.tree.map(lambda a: a[None], new_bs)
 
-    fn = jax.jit(jax.shard_map(grads_and_state, mesh=mesh,
-                               in_specs=(P(), P("batch"), P("batch"), P("batch")),
-                               out_specs=(P(), P("batch"))))
-    ref_fn = jax.jit(jax.vmap(lambda b, x, y: loss_and_grads(model, params, b, x, y,
-                                                             GLOBAL)[1:3]))
+    fn = jax.jit(
+        jax.shard_map(
+            grads_and_state,
+            mesh=mesh,
+            in_specs=(P(), P("batch"), P("batch"), P("batch")),
+            out_specs=(P(), P("batch")),
+        )
+    )
+    ref_fn = jax.jit(jax.vmap(lambda b, x, y: loss_and_grads(model, params, b, x, y, GLOBAL)[1:3]))
     shard = NamedSharding(mesh, P("batch"))
     ref_bs = replicate(variables["batch_stats"], sharding=None)  # on one device
     for t in range(steps):
-        grads, bs = fn(params, bs,
-                       jax.device_put(x[t], shard), jax.device_put(y[t], shard))
-        r_grads, ref_bs = ref_fn(ref_bs, x[t].reshape(N_DEV, PER_DEV, 5),
-                                 y[t].reshape(N_DEV, PER_DEV))
+        grads, bs = fn(params, bs, jax.device_put(x[t], shard), jax.device_put(y[t], shard))
+        r_grads, ref_bs = ref_fn(
+            ref_bs, x[t].reshape(N_DEV, PER_DEV, 5), y[t].reshape(N_DEV, PER_DEV)
+        )
         assert_close(bs, ref_bs, what=f"step {t + 1} batch_stats")
-        assert_close(grads, jax.tree.map(lambda a: a.sum(0), jax.device_get(r_grads)),
-                     what="grads")
+        assert_close(grads, jax.tree.map(lambda a: a.sum(0), jax.device_get(r_grads)), what="grads")
     leaf = np.asarray(bs["MABN_0"]["psi_window"])
     assert not np.allclose(leaf[0], leaf[-1], rtol=1e-2)
 
@@ -391,12 +439,19 @@ def test_shard_map_replicated_state_with_per_device_stats_is_an_error():
     mesh = batch_mesh(N_DEV)
     fn = jax.shard_map(
         lambda p, b, x, y: loss_and_grads(model, p, b, x, y, GLOBAL)[1],
-        mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P())
+        mesh=mesh,
+        in_specs=(P(), P(), P("batch"), P("batch")),
+        out_specs=P(),
+    )
     x, y = data(steps=1)
     shard = NamedSharding(mesh, P("batch"))
     with pytest.raises(ValueError, match="shard the batch_stats"):
-        jax.jit(fn)(variables["params"], variables["batch_stats"],
-                    jax.device_put(x[0], shard), jax.device_put(y[0], shard))
+        jax.jit(fn)(
+            variables["params"],
+            variables["batch_stats"],
+            jax.device_put(x[0], shard),
+            jax.device_put(y[0], shard),
+        )
 
 
 def test_spmd_jit_with_sharded_batch_uses_global_statistics():
@@ -415,7 +470,8 @@ def test_spmd_jit_with_sharded_batch_uses_global_statistics():
     for t in range(steps):
         xt = jax.device_put(x[t], shard)
         params, opt_state, bs, logits, grads = step(
-            params, opt_state, bs, xt, jax.device_put(y[t], shard))
+            params, opt_state, bs, xt, jax.device_put(y[t], shard)
+        )
         assert len(xt.sharding.device_set) == N_DEV
         r_logits, r_grads, r_bs, r_params = ref[t]
         assert_close(logits, r_logits, what=f"step {t + 1} logits")

@@ -51,7 +51,8 @@ def test_launcher_stops_hung_workers_and_their_children(tmp_path):
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         "open('child.pid', 'w').write(str(child.pid))\n"
         "print('xla', os.environ.get('XLA_FLAGS'), 'cwd', os.getcwd(), flush=True)\n"
-        "time.sleep(600)\n")
+        "time.sleep(600)\n"
+    )
     result = launch(str(script), [{}], cwd=str(tmp_path), timeout=2.0)
     assert result.timed_out and not result.ok  # 2 s: a hang guard, not a speed claim
     assert f"xla None cwd {tmp_path}" in result.outputs[0]  # clean env, neutral cwd
@@ -63,8 +64,9 @@ def test_launcher_stops_hung_workers_and_their_children(tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_sync_equals_single_process_and_sharded_state_resumes(tmp_path):
     t0 = time.time()
-    train = launch_distributed(WORKER, mp.NPROC, {"MP_MODE": "train"}, cwd=str(tmp_path),
-                               timeout=TIMEOUT)
+    train = launch_distributed(
+        WORKER, mp.NPROC, {"MP_MODE": "train"}, cwd=str(tmp_path), timeout=TIMEOUT
+    )
     assert train.ok, train.report()
     assert all(_gone(pid) for pid in train.pids)
 
@@ -73,25 +75,34 @@ def test_two_processes_sync_equals_single_process_and_sharded_state_resumes(tmp_
     for pid in range(mp.NPROC):
         dump = np.load(tmp_path / f"sync_p{pid}.npz")
         for t, (loss, state) in enumerate(ref):
-            got = {k[len(str(t)):]: dump[k] for k in dump.files if k.startswith(f"{t}[")}
+            got = {k[len(str(t)) :]: dump[k] for k in dump.files if k.startswith(f"{t}[")}
             want = mp.flat((np.float32(loss), state))
             assert sorted(got) == sorted(want)
-            assert_trees_close([got[k] for k in sorted(want)], [want[k] for k in sorted(want)],
-                               rtol=2e-5, atol=2e-6, what=f"process {pid} step {t + 1}")
+            assert_trees_close(
+                [got[k] for k in sorted(want)],
+                [want[k] for k in sorted(want)],
+                rtol=2e-5,
+                atol=2e-6,
+                what=f"process {pid} step {t + 1}",
+            )
         assert int(dump["9[1]['batch_stats']['MABN_0']['step']"]) == mp.STEPS
     for t in range(6, mp.STEPS):  # coverage: renormalization (t > 6) with r clipped
         layer, prev = ref[t][1]["batch_stats"]["MABN_1"], ref[t - 1][1]["batch_stats"]["MABN_1"]
-        var = layer["var_window"].mean(0) + ((layer["mean_window"]
-                                              - layer["mean_window"].mean(0)) ** 2).mean(0)
+        var = layer["var_window"].mean(0) + (
+            (layer["mean_window"] - layer["mean_window"].mean(0)) ** 2
+        ).mean(0)
         r = np.sqrt(var + 1e-5) / np.sqrt(prev["ema_var"] + 1e-5)  # before clipping
         inside = (r > 1 / mp.R_MAX) & (r < mp.R_MAX)
         clipped |= bool(np.any(inside) and np.any(~inside))
     assert clipped
 
-    resume = launch_distributed(WORKER, mp.NPROC, {"MP_MODE": "resume"}, cwd=str(tmp_path),
-                                timeout=TIMEOUT)
+    resume = launch_distributed(
+        WORKER, mp.NPROC, {"MP_MODE": "resume"}, cwd=str(tmp_path), timeout=TIMEOUT
+    )
     assert resume.ok, resume.report()
     assert all("resumed bitwise" in out for out in resume.outputs), resume.report()
     assert all(_gone(pid) for pid in resume.pids)
-    print(f"\ntrain {train.wall_s:.1f} s, resume {resume.wall_s:.1f} s, "
-          f"whole test {time.time() - t0:.1f} s")
+    print(
+        f"\ntrain {train.wall_s:.1f} s, resume {resume.wall_s:.1f} s, "
+        f"whole test {time.time() - t0:.1f} s"
+    )

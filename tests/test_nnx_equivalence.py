@@ -46,8 +46,9 @@ class LinenNet(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         x = mabn_jax.CenteredDense(6, param_dtype=jnp.float64, name="linear")(x)
-        x = self.norm(use_running_average=not train, param_dtype=jnp.float64, name="norm",
-                      **self.kwargs)(x)
+        x = self.norm(
+            use_running_average=not train, param_dtype=jnp.float64, name="norm", **self.kwargs
+        )(x)
         return nn.Dense(3, param_dtype=jnp.float64, name="head")(nn.relu(x))
 
 
@@ -77,15 +78,27 @@ def _linen_step(model, tx):
     @jax.jit
     def step(params, batch_stats, opt_state, x, y):
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                          train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return _loss(logits, y), (logits, updates)
 
         (loss, (logits, updates)), grads = mabn_jax.value_and_grad(
-            loss_fn, has_aux=True, batch_stats=batch_stats)(params)
+            loss_fn, has_aux=True, batch_stats=batch_stats
+        )(params)
         upd, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, upd), updates["batch_stats"], opt_state, loss,
-                logits, grads)
+        return (
+            optax.apply_updates(params, upd),
+            updates["batch_stats"],
+            opt_state,
+            loss,
+            logits,
+            grads,
+        )
+
     return step
 
 
@@ -109,17 +122,27 @@ def run_both(nnx_norm, linen_norm, kwargs):
     for x, y in zip(xs, ys):
         loss, logits, grads = nnx_step(model, optimizer, x, y)
         params, batch_stats, opt_state, l_loss, l_logits, l_grads = step(
-            params, batch_stats, opt_state, x, y)
-        out.append(((loss, logits, _pure(grads), _pure(nnx.state(model))),
-                    (l_loss, l_logits, l_grads, {k: {**params[k], **batch_stats.get(k, {})}
-                                                 for k in params})))
+            params, batch_stats, opt_state, x, y
+        )
+        out.append(
+            (
+                (loss, logits, _pure(grads), _pure(nnx.state(model))),
+                (
+                    l_loss,
+                    l_logits,
+                    l_grads,
+                    {k: {**params[k], **batch_stats.get(k, {})} for k in params},
+                ),
+            )
+        )
     assert nnx_step.jitted_fn._cache_size() - compiled == 1
     return out
 
 
 # plain and ghost+centered run by default; centered alone is covered by the latter
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "centered"
-                                  else n for n in CONFIGS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "centered" else n for n in CONFIGS]
+)
 def test_nnx_mabn_equals_linen_step_by_step(name):
     with jax.enable_x64(True):
         steps = run_both(mnnx.MABN, mabn_jax.MABN, CONFIGS[name])
@@ -146,8 +169,13 @@ def test_mabn_configured_as_batch_norm_is_nnx_batchnorm(fast_variance):
     training outputs, gradients, optimizer steps, the EMAs and inference all
     equal nnx.BatchNorm's (to float64 rounding)."""
     kwargs = dict(momentum=0.9, epsilon=1e-3, use_fast_variance=fast_variance)
-    as_bn = dict(kwargs, centered=True, buffer_size=1, warmup_steps=0,
-                 renorm_start=mabn_jax._config.MAX_SCHEDULE_STEP)
+    as_bn = dict(
+        kwargs,
+        centered=True,
+        buffer_size=1,
+        warmup_steps=0,
+        renorm_start=mabn_jax._config.MAX_SCHEDULE_STEP,
+    )
     xs, ys = _data()
     with jax.enable_x64(True):
         runs = {}
@@ -159,8 +187,7 @@ def test_mabn_configured_as_batch_norm_is_nnx_batchnorm(fast_variance):
             optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
             trace = [nnx_step(model, optimizer, x, y) for x, y in zip(xs, ys)]
             model.eval()
-            runs[name] = (trace, _pure(nnx.state(model, nnx.Param)), model(xs[0] * 3.0),
-                          model.norm)
+            runs[name] = (trace, _pure(nnx.state(model, nnx.Param)), model(xs[0] * 3.0), model.norm)
     (bn_trace, bn_params, bn_eval, bn), (trace, params, eval_out, mabn) = runs["bn"], runs["mabn"]
     assert_trees_close(trace, bn_trace, rtol=1e-12, atol=1e-12, what="train")
     assert_trees_close(params, bn_params, rtol=1e-12, atol=1e-12, what="params")

@@ -35,8 +35,14 @@ import mabn_jax
 import mabn_jax.nnx as mnnx
 from mabn_jax._config import MAX_SCHEDULE_STEP
 
-AS_BATCHNORM = dict(centered=True, buffer_size=1, warmup_steps=0,
-                    renorm_start=MAX_SCHEDULE_STEP, use_fast_variance=True, momentum=0.99)
+AS_BATCHNORM = dict(
+    centered=True,
+    buffer_size=1,
+    warmup_steps=0,
+    renorm_start=MAX_SCHEDULE_STEP,
+    use_fast_variance=True,
+    momentum=0.99,
+)
 MABNBatchNorm = functools.partial(mnnx.MABN, **AS_BATCHNORM)
 NORMS = {"BatchNorm": nnx.BatchNorm, "MABN": MABNBatchNorm}
 GRAD = {"BatchNorm": nnx.grad, "MABN": mnnx.grad}
@@ -51,14 +57,14 @@ def running(layer):
 
 # ------------------------------------------------- nn/normalization_test.py
 
+
 @pytest.mark.parametrize("use_fast_variance", [True, False])
 @pytest.mark.parametrize("mask", [None, np.array([True, False, True, False, True] * 2)[:, None]])
 def test_batchnorm_equivalence(use_fast_variance, mask):
     """test_nnx_linen_batchnorm_equivalence, with nnx.BatchNorm as the reference
     (float32; Flax's promote_dtype=identity, as the original passes)."""
     x = jax.random.normal(jax.random.key(0), (10, 5))
-    kw = dict(use_running_average=False, promote_dtype=lambda x, **kwargs: x,
-              rngs=nnx.Rngs(42))
+    kw = dict(use_running_average=False, promote_dtype=lambda x, **kwargs: x, rngs=nnx.Rngs(42))
     ref = nnx.BatchNorm(5, use_fast_variance=use_fast_variance, **kw)
     ours = mnnx.MABN(5, **dict(AS_BATCHNORM, use_fast_variance=use_fast_variance), **kw)
     np.testing.assert_allclose(ours(x, mask=mask), ref(x, mask=mask), rtol=1e-6, atol=1e-6)
@@ -84,6 +90,7 @@ def test_promote_dtype_is_nnx_batchnorm_hook():
 
 
 # ------------------------------------------------------------ module_test.py
+
 
 class _PickledBlock(nnx.Module):
     def __init__(self, rngs):
@@ -115,6 +122,7 @@ def test_set_attributes_view_and_pickle():
 
 # ----------------------------------------------------------- helpers_test.py
 
+
 class _TrainState(nnx.TrainState):
     batch_stats: nnx.State
 
@@ -122,6 +130,7 @@ class _TrainState(nnx.TrainState):
 def test_train_state_apply_in_training_mode():
     """test_train_state_methods: TrainState.apply(..., train=True) is a forward
     that nothing differentiates; it gives BatchNorm's output and statistics."""
+
     class Foo(nnx.Module):
         def __init__(self, norm, rngs):
             self.linear = nnx.Linear(2, 4, rngs=rngs)
@@ -132,10 +141,10 @@ def test_train_state_apply_in_training_mode():
 
     out = {}
     for name, norm in NORMS.items():
-        graphdef, params, batch_stats = nnx.split(Foo(norm, nnx.Rngs(0)), nnx.Param,
-                                                  nnx.BatchStat)
-        state = _TrainState.create(graphdef, params=params, tx=optax.sgd(1.0),
-                                   batch_stats=batch_stats)
+        graphdef, params, batch_stats = nnx.split(Foo(norm, nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+        state = _TrainState.create(
+            graphdef, params=params, tx=optax.sgd(1.0), batch_stats=batch_stats
+        )
         x = jnp.arange(6.0).reshape(3, 2)
         y, updates = state.apply("params", "batch_stats")(x, train=True)
         state = state.apply_gradients(jax.tree.map(jnp.ones_like, state.params))
@@ -147,9 +156,11 @@ def test_train_state_apply_in_training_mode():
 
 # ----------------------------------------------------------- summary_test.py
 
+
 def test_tabulate_in_training_mode_twice():
     """test_tabulate: the model in its default training mode; a second call
     works too (Flax's tabulate keeps its patches after a raise inside it)."""
+
     class Block(nnx.Module):
         def __init__(self, din, dout, rngs):
             self.linear = nnx.Linear(din, dout, rngs=rngs)
@@ -176,6 +187,7 @@ def test_tabulate_in_training_mode_twice():
 
 # ---------------------------------------------------- bridge/wrappers_test.py
 
+
 def test_nnx_to_linen_multiple_collections():
     class NNXInner(nnx.Module):
         def __init__(self, din, dout, rngs):
@@ -195,6 +207,7 @@ def test_nnx_to_linen_multiple_collections():
 
 
 # -------------------------------------------------------- integration_test.py
+
 
 def _shared_modules_run(name, graph):
     class Block(nnx.Module):
@@ -219,16 +232,20 @@ def _shared_modules_run(name, graph):
     loss_fn = lambda model: jnp.mean((y - model(x)) ** 2)
     model = Model(rngs=nnx.Rngs(0))
     if graph:
+
         @nnx.jit
         def train_step(model):
             grads = GRAD[name](loss_fn)(model)
-            nnx.update(model, jax.tree.map(lambda w, g: w - 0.1 * g,
-                                           nnx.state(model, nnx.Param), grads))
+            nnx.update(
+                model, jax.tree.map(lambda w, g: w - 0.1 * g, nnx.state(model, nnx.Param), grads)
+            )
     else:  # test_tree_mode_multi_module: tree mode end to end
+
         @nnx.jit(graph=False)
         def train_step(model):
             grads = GRAD[name](loss_fn, graph=False)(model)
             return jax.tree.map(lambda w, g: w - 0.1 * g, model, grads)
+
     for _ in range(3):
         model = train_step(model) or model
     assert model.block1.linear is model.block2.linear or not graph
@@ -239,13 +256,18 @@ def _shared_modules_run(name, graph):
 def test_shared_modules_and_tree_mode_train_as_batchnorm(graph):
     ours, ref = _shared_modules_run("MABN", graph), _shared_modules_run("BatchNorm", graph)
     assert int(ours.block2.bn.step[...]) == 3
-    assert_trees_close(nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
-                       nnx.to_pure_dict(nnx.state(ref, nnx.Param)), rtol=1e-5, atol=1e-6)
+    assert_trees_close(
+        nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(ref, nnx.Param)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     for got, want in zip(running(ours.block2.bn), running(ref.block2.bn)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------- graph_utils_test.py
+
 
 class _Foo(nnx.Module):
     def __init__(self, rngs):
@@ -275,10 +297,13 @@ def test_unpack_with_grad_and_optimizer():
     model = _Foo(nnx.Rngs(0))
     optimizer = Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     params, rest = nnx.unpack(model, nnx.Param, ...)
-    with pytest.raises(ValueError, match=r"inside mabn_jax\.nnx\.value_and_grad, but its "
-                                         r"model is not a differentiated argument.*split "
-                                         r"before the gradient.*attach_probes\(model\) before "
-                                         r"the model is split"):
+    with pytest.raises(
+        ValueError,
+        match=r"inside mabn_jax\.nnx\.value_and_grad, but its "
+        r"model is not a differentiated argument.*split "
+        r"before the gradient.*attach_probes\(model\) before "
+        r"the model is split",
+    ):
         mnnx.grad(loss_fn, graph=False)(params, rest)
     previous = mnnx.attach_probes(model)
     params, rest = nnx.unpack(model, (nnx.Param, mnnx.Probe), ...)
@@ -293,12 +318,18 @@ def test_unpack_with_grad_and_optimizer():
         def __init__(self, rngs):
             self.batch_norm = nnx.BatchNorm(2, rngs=rngs)
             self.linear = nnx.Linear(2, 3, rngs=rngs)
+
     ref_grads = nnx.grad(loss_fn, graph=False)(*nnx.unpack(RefFoo(nnx.Rngs(0)), nnx.Param, ...))
-    assert_trees_close(nnx.to_pure_dict(nnx.filter_state(grads, nnx.Param)),
-                       nnx.to_pure_dict(ref_grads), rtol=1e-5, atol=1e-6)
+    assert_trees_close(
+        nnx.to_pure_dict(nnx.filter_state(grads, nnx.Param)),
+        nnx.to_pure_dict(ref_grads),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ---------------------------------------------------------- transforms_test.py
+
 
 class _Block(nnx.Module):
     def __init__(self, rngs, norm=MABNBatchNorm):
@@ -331,8 +362,9 @@ def test_state_axes_simple_functional(graph):
     module, axes, vec_filter = _vectorized_blocks(graph, MABNBatchNorm)
     assert module.bn.ema_mean.shape == (5, 3) and module.bn.scale.shape == (3,)
     initial_mean = module.bn.ema_mean[...]
-    forward = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0), out_axes=0, graph=graph,
-                       graph_updates=False)
+    forward = nnx.vmap(
+        lambda m, x: m(x), in_axes=(axes, 0), out_axes=0, graph=graph, graph_updates=False
+    )
     x = jnp.ones((5, 1, 2))
     assert forward(module, x).shape == (5, 1, 3)
     assert not jnp.allclose(initial_mean, module.bn.ema_mean[...])
@@ -340,14 +372,19 @@ def test_state_axes_simple_functional(graph):
     if not graph:  # tree mode differentiates every leaf: drop the dropout keys first
         module.dropout.rngs = None
         module.dropout.deterministic = True
-    with pytest.raises(ValueError, match=r"axes inside the loss do not fit.*nnx\.prefix"
-                                         r"\(model, \{\.\.\.\}\) there"):
+    with pytest.raises(
+        ValueError,
+        match=r"axes inside the loss do not fit.*nnx\.prefix"
+        r"\(model, \{\.\.\.\}\) there",
+    ):
         mnnx.grad(lambda m: forward(m, x).sum(), graph=graph)(module)
 
     def loss(m):
         inside = nnx.prefix(m, {vec_filter: 0, ...: None}, graph=graph)
-        return nnx.vmap(lambda m, x: m(x), in_axes=(inside, 0), out_axes=0, graph=graph,
-                        graph_updates=False)(m, x).sum()
+        return nnx.vmap(
+            lambda m, x: m(x), in_axes=(inside, 0), out_axes=0, graph=graph, graph_updates=False
+        )(m, x).sum()
+
     mnnx.grad(loss, graph=graph)(module)
     assert (np.asarray(module.bn.step[...]) == 2).all()
     assert np.isfinite(module.bn.psi_window[...]).all()
@@ -359,6 +396,7 @@ def test_complex_scan_shares_state():
     transform drops the broadcast state's updates, for both); a gradient through
     the helper raises at trace time, under nnx.jit (one layer applied once per
     iteration of the scan), naming the StateAxes fix, with which it trains."""
+
     def mlp(state_axes):
         class MLP(nnx.Module):
             @nnx.split_rngs(splits=5)
@@ -370,15 +408,19 @@ def test_complex_scan_shares_state():
             @nnx.scan(in_axes=(state_axes, nnx.Carry))
             def __call__(self, x):
                 return nnx.gelu(self.bn(self.linear(x))), None
+
         return MLP(rngs=nnx.Rngs(0))
 
     x = jnp.arange(6.0).reshape(2, 3)
     loss = lambda m: jnp.sum(m(x)[0] ** 2)
     module = mlp(nnx.StateAxes({(nnx.Param, nnx.RngState): 0, ...: None}))
     assert module(x)[0].shape == (2, 3)
-    with pytest.raises(ValueError, match=r"applied in training mode inside a loop body.*"
-                                         r"nnx\.StateAxes\(\{\(nnx\.Param, "
-                                         r"nnx\.BatchStat\): 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"applied in training mode inside a loop body.*"
+        r"nnx\.StateAxes\(\{\(nnx\.Param, "
+        r"nnx\.BatchStat\): 0",
+    ):
         nnx.jit(mnnx.grad(loss))(module)
     module = mlp(nnx.StateAxes({(nnx.Param, nnx.BatchStat, nnx.RngState): 0, ...: None}))
     nnx.jit(mnnx.grad(loss))(module)
@@ -387,6 +429,7 @@ def test_complex_scan_shares_state():
 
 
 # ------------------------------------------------------ drop-in checks (issue 20)
+
 
 class _Net(nnx.Module):
     def __init__(self, norm, rngs, **kw):
@@ -415,13 +458,21 @@ def _vmap_trajectory(name, steps=3):
         def loss_fn(model):
             out = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(model, x)
             return jnp.mean((out - y) ** 2)
+
         loss, grads = grad_fn(loss_fn)(model)
         optimizer.update(model, grads)
         return loss
 
     rng = np.random.default_rng(0)
-    losses = [step(model, optimizer, jnp.asarray(rng.normal(size=(4, 2, 3))),
-                   jnp.asarray(rng.normal(size=(4, 2, 2)))) for _ in range(steps)]
+    losses = [
+        step(
+            model,
+            optimizer,
+            jnp.asarray(rng.normal(size=(4, 2, 3))),
+            jnp.asarray(rng.normal(size=(4, 2, 2))),
+        )
+        for _ in range(steps)
+    ]
     return np.asarray(losses), model
 
 
@@ -430,9 +481,12 @@ def test_axis_name_under_nnx_vmap_with_the_gradient_outside():
         ours, model = _vmap_trajectory("MABN")
         ref, ref_model = _vmap_trajectory("BatchNorm")
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
-    assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                       nnx.to_pure_dict(nnx.state(ref_model, nnx.Param)), rtol=1e-12,
-                       atol=1e-14)
+    assert_trees_close(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(ref_model, nnx.Param)),
+        rtol=1e-12,
+        atol=1e-14,
+    )
     for got, want in zip(running(model.bn), running(ref_model.bn)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     assert int(model.bn.step[...]) == 3 and np.isfinite(model.bn.psi_window[...]).all()
@@ -444,20 +498,22 @@ def test_axis_name_under_vmap_records_the_full_batch_statistics():
     kw = dict(centered=True, buffer_size=2, warmup_steps=0, renorm_start=1, r_max=1.5)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 4)))
     with jax.enable_x64(True):
-        vmapped = mnnx.MABN(4, rngs=nnx.Rngs(0), axis_name="batch", param_dtype=jnp.float64,
-                            **kw)
+        vmapped = mnnx.MABN(4, rngs=nnx.Rngs(0), axis_name="batch", param_dtype=jnp.float64, **kw)
         whole = mnnx.MABN(4, rngs=nnx.Rngs(0), param_dtype=jnp.float64, **kw)
-        vloss = lambda m: jnp.sum(jnp.sin(
-            nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(m, x)))
+        vloss = lambda m: jnp.sum(
+            jnp.sin(nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(m, x))
+        )
         wloss = lambda m: jnp.sum(jnp.sin(m(x.reshape(8, 4))))
         for _ in range(3):
             gv = mnnx.grad(vloss)(vmapped)
             gw = mnnx.grad(wloss)(whole)
-            assert_trees_close(nnx.to_pure_dict(gv), nnx.to_pure_dict(gw), rtol=1e-12,
-                               atol=1e-13)
-        assert_trees_close(nnx.to_pure_dict(nnx.state(vmapped, nnx.BatchStat)),
-                           nnx.to_pure_dict(nnx.state(whole, nnx.BatchStat)), rtol=1e-12,
-                           atol=1e-13)
+            assert_trees_close(nnx.to_pure_dict(gv), nnx.to_pure_dict(gw), rtol=1e-12, atol=1e-13)
+        assert_trees_close(
+            nnx.to_pure_dict(nnx.state(vmapped, nnx.BatchStat)),
+            nnx.to_pure_dict(nnx.state(whole, nnx.BatchStat)),
+            rtol=1e-12,
+            atol=1e-13,
+        )
 
 
 def test_axis_name_under_linen_vmap_with_the_gradient_outside():
@@ -466,28 +522,46 @@ def test_axis_name_under_linen_vmap_with_the_gradient_outside():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)))
 
     def vmapped(norm):
-        return nn.vmap(norm, variable_axes={"params": None, "batch_stats": None},
-                       split_rngs={"params": False}, in_axes=0, axis_name="batch")
+        return nn.vmap(
+            norm,
+            variable_axes={"params": None, "batch_stats": None},
+            split_rngs={"params": False},
+            in_axes=0,
+            axis_name="batch",
+        )
 
     def run(module, grad_fn, x, mabn):
         variables = module.init(jax.random.key(0), x)
         kw = dict(batch_stats=variables["batch_stats"]) if mabn else {}
 
         def loss(params):
-            y, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                  x, mutable=["batch_stats"])
+            y, upd = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(jnp.sin(y)), upd
+
         (_, upd), grads = grad_fn(loss, has_aux=True, **kw)(variables["params"])
         return grads, upd["batch_stats"]
 
     with jax.enable_x64(True):
         kw = dict(use_running_average=False, param_dtype=jnp.float64)
-        ours = run(vmapped(mabn_jax.MABN)(axis_name="batch", **kw, **AS_BATCHNORM),
-                   mabn_jax.value_and_grad, x, True)
-        whole = run(mabn_jax.MABN(**kw, **AS_BATCHNORM), mabn_jax.value_and_grad,
-                    x.reshape(8, 3), True)
-        ref = run(vmapped(nn.BatchNorm)(axis_name="batch", momentum=0.99, **kw),
-                  jax.value_and_grad, x, False)
+        ours = run(
+            vmapped(mabn_jax.MABN)(axis_name="batch", **kw, **AS_BATCHNORM),
+            mabn_jax.value_and_grad,
+            x,
+            True,
+        )
+        whole = run(
+            mabn_jax.MABN(**kw, **AS_BATCHNORM), mabn_jax.value_and_grad, x.reshape(8, 3), True
+        )
+        ref = run(
+            vmapped(nn.BatchNorm)(axis_name="batch", momentum=0.99, **kw),
+            jax.value_and_grad,
+            x,
+            False,
+        )
     assert_trees_close(ours, whole, rtol=1e-12, atol=1e-14)
     assert_trees_close(ours[0], ref[0], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(ours[1]["ema_var"], ref[1]["var"], rtol=1e-6)
@@ -505,18 +579,20 @@ def test_stacked_per_instance_state_synchronized_under_nnx_vmap():
     and the copies' γ/β gradients add up to its gradient."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 4)))
     with jax.enable_x64(True):
-        stacked = nnx.vmap(lambda key: mnnx.MABN(4, rngs=nnx.Rngs(key), axis_name="batch",
-                                                 param_dtype=jnp.float64, **_WINDOWED))(
-            jax.random.split(jax.random.key(0), 4))
+        stacked = nnx.vmap(
+            lambda key: mnnx.MABN(
+                4, rngs=nnx.Rngs(key), axis_name="batch", param_dtype=jnp.float64, **_WINDOWED
+            )
+        )(jax.random.split(jax.random.key(0), 4))
         whole = mnnx.MABN(4, rngs=nnx.Rngs(0), param_dtype=jnp.float64, **_WINDOWED)
-        vloss = lambda m: jnp.sum(jnp.sin(
-            nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), axis_name="batch")(m, x)))
+        vloss = lambda m: jnp.sum(
+            jnp.sin(nnx.vmap(lambda m, x: m(x), in_axes=(0, 0), axis_name="batch")(m, x))
+        )
         wloss = lambda m: jnp.sum(jnp.sin(m(x.reshape(8, 4))))
         for _ in range(3):  # the third step reads the windows of the first two
             gv = nnx.to_pure_dict(nnx.jit(mnnx.grad(vloss))(stacked))
             gw = nnx.to_pure_dict(mnnx.grad(wloss)(whole))
-            assert_trees_close(jax.tree.map(lambda g: g.sum(0), gv), gw, rtol=1e-12,
-                               atol=1e-13)
+            assert_trees_close(jax.tree.map(lambda g: g.sum(0), gv), gw, rtol=1e-12, atol=1e-13)
         want = nnx.to_pure_dict(nnx.state(whole, nnx.BatchStat))
         got = nnx.to_pure_dict(nnx.state(stacked, nnx.BatchStat))
         for i in range(4):
@@ -530,30 +606,36 @@ def test_stacked_per_instance_state_synchronized_under_linen_vmap():
     that of one layer on the whole batch."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)))
     with jax.enable_x64(True):
-        stacked = nn.vmap(mabn_jax.MABN, variable_axes={"params": 0, "batch_stats": 0},
-                          split_rngs={"params": True}, in_axes=0, axis_name="batch")(
-            use_running_average=False, axis_name="batch", param_dtype=jnp.float64,
-            **_WINDOWED)
+        stacked = nn.vmap(
+            mabn_jax.MABN,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            in_axes=0,
+            axis_name="batch",
+        )(use_running_average=False, axis_name="batch", param_dtype=jnp.float64, **_WINDOWED)
         whole = mabn_jax.MABN(use_running_average=False, param_dtype=jnp.float64, **_WINDOWED)
 
         def run(module, x):
             variables = module.init(jax.random.key(0), x)
             bs = variables["batch_stats"]
             for _ in range(3):
+
                 def loss(params, bs=bs):
-                    y, upd = module.apply({"params": params, "batch_stats": bs}, x,
-                                          mutable=["batch_stats"])
+                    y, upd = module.apply(
+                        {"params": params, "batch_stats": bs}, x, mutable=["batch_stats"]
+                    )
                     return jnp.sum(jnp.sin(y)), upd
-                (_, upd), grads = jax.jit(mabn_jax.value_and_grad(
-                    loss, has_aux=True, batch_stats=bs))(variables["params"])
+
+                (_, upd), grads = jax.jit(
+                    mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=bs)
+                )(variables["params"])
                 bs = upd["batch_stats"]
             return grads, bs
 
         (gv, got), (gw, want) = run(stacked, x), run(whole, x.reshape(8, 3))
         assert_trees_close(jax.tree.map(lambda g: g.sum(0), gv), gw, rtol=1e-12, atol=1e-13)
         for i in range(4):
-            assert_trees_close(jax.tree.map(lambda v: v[i], got), want, rtol=1e-12,
-                               atol=1e-13)
+            assert_trees_close(jax.tree.map(lambda v: v[i], got), want, rtol=1e-12, atol=1e-13)
         assert float(jnp.abs(want["psi_window"]).min()) > 0
 
 

@@ -15,10 +15,17 @@ import mabn_jax.nnx as mnnx
 
 
 def _layer(cfg, features):
-    return mnnx.MABN(features, momentum=cfg["momentum"], epsilon=cfg["eps"],
-                     buffer_size=cfg["buffer_size"], warmup_steps=cfg["warmup_iters"],
-                     renorm_start=cfg["renorm_start"], r_max=cfg["r_max"],
-                     param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    return mnnx.MABN(
+        features,
+        momentum=cfg["momentum"],
+        epsilon=cfg["eps"],
+        buffer_size=cfg["buffer_size"],
+        warmup_steps=cfg["warmup_iters"],
+        renorm_start=cfg["renorm_start"],
+        r_max=cfg["r_max"],
+        param_dtype=jnp.float64,
+        rngs=nnx.Rngs(0),
+    )
 
 
 @nnx.jit
@@ -43,16 +50,27 @@ def _run(name, reshape):
         x = jnp.asarray(d["x"][i].reshape(shape), jnp.float64)
         dy = jnp.asarray(d["dy"][i].reshape(shape), jnp.float64)
         y, dx, grads = _step(layer, x, dy)
-        results.append(jax.device_get({
-            "y": y, "dx": dx, "dweight": grads["scale"][...], "dbias": grads["bias"][...],
-            "running_var": layer.ema_x2[...], "buffer_x2": layer.x2_window[...],
-            "buffer_gz": layer.psi_window[...], "step": layer.step[...]}))
+        results.append(
+            jax.device_get(
+                {
+                    "y": y,
+                    "dx": dx,
+                    "dweight": grads["scale"][...],
+                    "dbias": grads["bias"][...],
+                    "running_var": layer.ema_x2[...],
+                    "buffer_x2": layer.x2_window[...],
+                    "buffer_gz": layer.psi_window[...],
+                    "step": layer.step[...],
+                }
+            )
+        )
     compiled = _step.jitted_fn._cache_size() - before
     return d, results, compiled
 
 
-@pytest.mark.parametrize("name,reshape", [CASES[0]] + [
-    pytest.param(*case, marks=pytest.mark.slow) for case in CASES[1:]])
+@pytest.mark.parametrize(
+    "name,reshape", [CASES[0]] + [pytest.param(*case, marks=pytest.mark.slow) for case in CASES[1:]]
+)
 def test_nnx_golden_float64(name, reshape):
     with jax.enable_x64(True):
         d, results, compiled = _run(name, reshape)

@@ -51,8 +51,10 @@ def test_returns_param_grads_and_records_the_step():
     (loss, y), grads = step(model, X, jnp.ones((4, 2)))
     # the gradient has the structure of the model's nnx.Param state: no probes
     assert jax.tree.structure(grads) == jax.tree.structure(nnx.state(model, nnx.Param))
-    assert not any(isinstance(v, mnnx.Probe) for v in jax.tree.leaves(
-        grads, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    assert not any(
+        isinstance(v, mnnx.Probe)
+        for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    )
     after = _bstats(model)
     assert int(after["norm"]["step"]) == 1 and int(after["norm"]["skipped"]) == 0
     # this step's Ψ_B is in its slot (t = 1, m = 2: slot 1), finite and nonzero
@@ -64,7 +66,8 @@ def test_returns_param_grads_and_records_the_step():
     # a DiffState filter is respected (and the layers still record)
     kernels = nnx.DiffState(0, nnx.PathContains("kernel"))
     _, grads = nnx.jit(mnnx.value_and_grad(loss_fn, argnums=kernels, has_aux=True))(
-        model, X, jnp.ones((4, 2)))
+        model, X, jnp.ones((4, 2))
+    )
     paths = [p for p, _ in nnx.to_flat_state(grads)]
     assert sorted(paths) == [("head", "kernel"), ("linear", "kernel")]
     assert int(model.norm.step[...]) == 2 and np.isfinite(model.norm.psi_window[...]).all()
@@ -90,6 +93,7 @@ def test_train_step_with_optimizer_learns():
     def train_step(model, optimizer, x):
         def loss(model):
             return jnp.mean((model(x) - target) ** 2)
+
         value, grads = mnnx.value_and_grad(loss)(model)
         optimizer.update(model, grads)
         return value
@@ -117,8 +121,11 @@ def test_backward_non_finite_step_is_undone():
 
 def test_plain_nnx_value_and_grad_raises_naming_the_helper():
     model = Net(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"without probes is being differentiated.*"
-                                         r"mabn_jax\.nnx\.value_and_grad"):
+    with pytest.raises(
+        ValueError,
+        match=r"without probes is being differentiated.*"
+        r"mabn_jax\.nnx\.value_and_grad",
+    ):
         nnx.value_and_grad(loss_fn, has_aux=True)(model, X, jnp.ones((4, 2)))
     assert int(model.norm.step[...]) == 0  # the failed step changed nothing
 
@@ -168,8 +175,11 @@ def test_constructor_errors_name_the_argument():
     rngs = nnx.Rngs(0)
     with pytest.raises(ValueError, match=r"MABN: buffer_size=0 is invalid; buffer_size must be"):
         mnnx.MABN(4, buffer_size=0, rngs=rngs)
-    with pytest.raises(TypeError, match=r"MABN: unexpected keyword argument 'bufer_size'.*"
-                                        r"buffer_size"):
+    with pytest.raises(
+        TypeError,
+        match=r"MABN: unexpected keyword argument 'bufer_size'.*"
+        r"buffer_size",
+    ):
         mnnx.MABN(4, bufer_size=8, rngs=rngs)
     with pytest.raises(ValueError, match=r"BatchRenorm: r_max=0.5 is invalid"):
         mnnx.BatchRenorm(4, r_max=0.5, rngs=rngs)
@@ -178,9 +188,12 @@ def test_constructor_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"CenteredConv: mask is not supported"):
         mnnx.CenteredConv(3, 4, 3, mask=jnp.ones((3, 3, 4)), rngs=rngs)
     layer = mnnx.MABN(4, use_running_average=True, rngs=rngs)
-    with pytest.raises(ValueError, match=r"features \(3,\) along axis=-1 but the layer was "
-                                         r"built with num_features=4; build it with "
-                                         r"num_features=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"features \(3,\) along axis=-1 but the layer was "
+        r"built with num_features=4; build it with "
+        r"num_features=3",
+    ):
         layer(jnp.ones((2, 3)))
 
 
@@ -201,12 +214,22 @@ def test_modes_eval_train_view_and_capture():
 
     def captured(model, x, dy):
         (loss, _), inter, stats = nnx.capture(loss_fn, nnx.Intermediate, mnnx.Statistic)(
-            model, x, dy)
+            model, x, dy
+        )
         return loss, (inter, stats)
+
     grad_fn = nnx.jit(mnnx.value_and_grad(captured, has_aux=True))
     (_, (inter, stats)), _ = grad_fn(model, X, jnp.ones((4, 2)))
-    assert set(stats["norm"]) == {"mu_B", "sigma2_B", "mu", "sigma2", "ema_mean", "ema_var",
-                                  "r", "d"}
+    assert set(stats["norm"]) == {
+        "mu_B",
+        "sigma2_B",
+        "mu",
+        "sigma2",
+        "ema_mean",
+        "ema_var",
+        "r",
+        "d",
+    }
     assert not nnx.to_flat_state(inter)  # a user's Intermediate capture holds only theirs
     assert int(model.norm.step[...]) == 1
 

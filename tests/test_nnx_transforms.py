@@ -32,20 +32,21 @@ def stacked_blocks(centered):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs):
         return Block(rngs, centered)
+
     return create(nnx.Rngs(0))
 
 
 def unstacked(blocks):
     """The stacked blocks as separate modules (nnx.split / nnx.merge)."""
     graphdef, state = nnx.split(blocks)
-    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-            for i in range(LAYERS)]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(LAYERS)]
 
 
 def scanned(x, blocks):
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def body(x, block):
         return block(x)
+
     return body(x, blocks)
 
 
@@ -58,6 +59,7 @@ def train_step(forward, model, x):
     def loss_fn(model):
         y = forward(x, model)
         return jnp.sum(jnp.sin(y)), y
+
     (_, y), grads = mnnx.value_and_grad(loss_fn, has_aux=True)(model)
     return y, grads
 
@@ -88,26 +90,44 @@ def test_stacked_layers_train_as_separate_layers(transform):
             y_loop, grads_loop = train_step(loop_fwd, separate, x)
             assert_trees_close(y, y_loop, rtol=1e-12, atol=1e-12, what=f"y {t}")
             stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-            assert_trees_close(nnx.to_pure_dict(grads),
-                               stack([nnx.to_pure_dict(g) for g in grads_loop]),
-                               rtol=1e-12, atol=1e-12, what=f"grads {t}")
-            assert_trees_close(nnx.to_pure_dict(nnx.state(blocks)),
-                               stack([nnx.to_pure_dict(nnx.state(b)) for b in separate]),
-                               rtol=1e-12, atol=1e-12, what=f"state {t}")
+            assert_trees_close(
+                nnx.to_pure_dict(grads),
+                stack([nnx.to_pure_dict(g) for g in grads_loop]),
+                rtol=1e-12,
+                atol=1e-12,
+                what=f"grads {t}",
+            )
+            assert_trees_close(
+                nnx.to_pure_dict(nnx.state(blocks)),
+                stack([nnx.to_pure_dict(nnx.state(b)) for b in separate]),
+                rtol=1e-12,
+                atol=1e-12,
+                what=f"state {t}",
+            )
     assert (np.asarray(blocks.norm.step[...]) == 4).all()
     assert np.isfinite(np.asarray(blocks.norm.psi_window[...])).all()
 
 
-@pytest.mark.parametrize("nnx_layer,linen_layer,kwargs", [
-    (mnnx.MABN, mabn_jax.MABN, {}),
-    (mnnx.MABN, mabn_jax.MABN, dict(centered=True)),
-    (mnnx.BatchRenorm, mabn_jax.BatchRenorm, {})])
+@pytest.mark.parametrize(
+    "nnx_layer,linen_layer,kwargs",
+    [
+        (mnnx.MABN, mabn_jax.MABN, {}),
+        (mnnx.MABN, mabn_jax.MABN, dict(centered=True)),
+        (mnnx.BatchRenorm, mabn_jax.BatchRenorm, {}),
+    ],
+)
 def test_state_has_the_linen_batch_stats_names(nnx_layer, linen_layer, kwargs):
-    layer = nnx_layer(5, buffer_size=3, rngs=nnx.Rngs(0), **kwargs) if nnx_layer is mnnx.MABN \
+    layer = (
+        nnx_layer(5, buffer_size=3, rngs=nnx.Rngs(0), **kwargs)
+        if nnx_layer is mnnx.MABN
         else nnx_layer(5, rngs=nnx.Rngs(0), **kwargs)
+    )
     linen_kwargs = dict(kwargs, buffer_size=3) if nnx_layer is mnnx.MABN else kwargs
-    want = jax.eval_shape(linen_layer(use_running_average=True, **linen_kwargs).init,
-                          jax.random.key(0), jnp.zeros((2, 5)))
+    want = jax.eval_shape(
+        linen_layer(use_running_average=True, **linen_kwargs).init,
+        jax.random.key(0),
+        jnp.zeros((2, 5)),
+    )
     _, params, stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
     shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(tree))
     assert shapes(stats) == jax.tree.map(lambda a: (a.shape, a.dtype), want["batch_stats"])
@@ -139,6 +159,7 @@ def create():
 def fit_step(model, optimizer, x, y):
     def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
     loss, grads = mnnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -167,8 +188,9 @@ def test_orbax_checkpoint_resumes_bitwise(tmp_path):
     abstract_model, abstract_opt = nnx.eval_shape(create)
     graphdef, abstract_state = nnx.split(abstract_model)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path, {"model": abstract_state,
-                                        "optimizer": nnx.state(abstract_opt)})
+        restored = ckptr.restore(
+            path, {"model": abstract_state, "optimizer": nnx.state(abstract_opt)}
+        )
     fresh = nnx.merge(graphdef, restored["model"])
     fresh_opt = nnx.Optimizer(fresh, optax.adam(1e-2), wrt=nnx.Param)
     nnx.update(fresh_opt, restored["optimizer"])

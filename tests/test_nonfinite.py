@@ -25,8 +25,7 @@ C = 3
 
 
 def config(centered, **kw):
-    return F.MABNConfig(buffer_size=3, warmup_steps=4, renorm_start=5,
-                        centered=centered, **kw)
+    return F.MABNConfig(buffer_size=3, warmup_steps=4, renorm_start=5, centered=centered, **kw)
 
 
 def batches(n):
@@ -50,7 +49,8 @@ def make_step(cfg):
             return jnp.sum(y * dy), (y, new)
 
         (_, (y, new)), (dx, stats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            x, F.init_probes(state))
+            x, F.init_probes(state)
+        )
         return F.record_backward_stats(new, stats, previous=state), y
 
     return step
@@ -74,7 +74,7 @@ def assert_same_apart_from_skipped(got, want, skipped):
 
 
 def without_bad(a):
-    return jnp.concatenate([a[:BAD], a[BAD + 1:]])
+    return jnp.concatenate([a[:BAD], a[BAD + 1 :]])
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -156,8 +156,9 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         x = mabn_jax.CenteredDense(4)(x)
-        x = mabn_jax.MABN(use_running_average=not train, buffer_size=3,
-                          warmup_steps=4, renorm_start=5)(x)
+        x = mabn_jax.MABN(
+            use_running_average=not train, buffer_size=3, warmup_steps=4, renorm_start=5
+        )(x)
         return nn.Dense(2)(nn.relu(x))
 
 
@@ -169,12 +170,13 @@ TX = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
 def flax_step(state, batch_stats, x, y, w):
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": batch_stats},
-            x, train=True, mutable=["batch_stats"])
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
         return w * optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-    (_, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=batch_stats)(state.params)
+    (_, updates), grads = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats)(
+        state.params
+    )
     state = state.apply_gradients(grads=grads)
     return state, updates["batch_stats"]
 
@@ -182,8 +184,7 @@ def flax_step(state, batch_stats, x, y, w):
 def flax_run(xs, ys, weights):
     """Trains with optax.apply_if_finite; ``weights`` scale each step's loss."""
     variables = MODEL.init(jax.random.PRNGKey(1), xs[0], train=False)
-    state = train_state.TrainState.create(
-        apply_fn=MODEL.apply, params=variables["params"], tx=TX)
+    state = train_state.TrainState.create(apply_fn=MODEL.apply, params=variables["params"], tx=TX)
     batch_stats = variables["batch_stats"]
     for x, y, w in zip(xs, ys, weights):
         state, batch_stats = flax_step(state, batch_stats, x, y, w)
@@ -222,8 +223,9 @@ def test_layers_stacked_by_scan_skip_independently():
     one = F.init_state((C,), cfg)._replace(step=jnp.asarray(3.0))
     previous = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), one)
     slot = 4 % 3  # step 4 reserves (NaN) its slot until recorded
-    advanced = previous._replace(step=previous.step + 1,
-                                 psi_window=previous.psi_window.at[:, slot].set(jnp.nan))
+    advanced = previous._replace(
+        step=previous.step + 1, psi_window=previous.psi_window.at[:, slot].set(jnp.nan)
+    )
     psi = jnp.zeros((2, 3, C)).at[:, slot].set(1.0).at[1, slot, 0].set(jnp.nan)
     new = jax.jit(F.record_backward_stats)(advanced, F.Probes(psi), previous)
     np.testing.assert_array_equal(new.step, [4, 3])
@@ -239,8 +241,9 @@ def test_module_skips_a_bad_batch():
     x = jnp.ones((4, C)) * jnp.arange(1.0, C + 1)
     variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
     probes = mabn_jax.init_probes(variables["batch_stats"])
-    apply = jax.jit(functools.partial(model.apply, use_running_average=False,
-                                      mutable=["batch_stats"]))
+    apply = jax.jit(
+        functools.partial(model.apply, use_running_average=False, mutable=["batch_stats"])
+    )
     y, updates = apply({**variables, "mabn_probes": probes}, x.at[0, 0].set(jnp.nan))
     stats, before = updates["batch_stats"], variables["batch_stats"]
     assert (int(stats["step"]), int(stats["skipped"])) == (0, 1)

@@ -43,9 +43,14 @@ class Net(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        norm = functools.partial(mabn_jax.MABN, use_running_average=not train,
-                                 axis_name=self.axis_name, buffer_size=2, warmup_steps=3,
-                                 renorm_start=6)
+        norm = functools.partial(
+            mabn_jax.MABN,
+            use_running_average=not train,
+            axis_name=self.axis_name,
+            buffer_size=2,
+            warmup_steps=3,
+            renorm_start=6,
+        )
         x = jnp.tanh(norm()(x))  # first layer: its χ²_B is that of the input
         x = jnp.tanh(norm()(mabn_jax.CenteredDense(6, use_bias=False)(x)))
         return nn.Dense(3)(x)
@@ -58,10 +63,13 @@ class TrainState(train_state.TrainState):
 def train_step(state, batch, pmean_batch_stats=True):
     """Flax ImageNet's train_step, trimmed; a non-finite step keeps params and
     opt_state as its DynamicScale branch does."""
+
     def loss_fn(params):
         logits, new_model_state = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, batch["x"],
-            mutable=["batch_stats"])
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["x"],
+            mutable=["batch_stats"],
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
         return loss, (new_model_state, logits)
 
@@ -76,7 +84,8 @@ def train_step(state, batch, pmean_batch_stats=True):
     keep = functools.partial(jnp.where, is_fin)
     new_state = new_state.replace(
         params=jax.tree.map(keep, new_state.params, state.params),
-        opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state))
+        opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
+    )
     return new_state, loss
 
 
@@ -88,18 +97,25 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 def p_train_step(pmean_batch_stats=True, state_in=None, state_out=None):
     """Flax's pmap: the state broadcast in and returned unreplicated (``None``), or
     with a leading device axis (``0``)."""
-    return jax.pmap(functools.partial(train_step, pmean_batch_stats=pmean_batch_stats),
-                    axis_name="batch", in_axes=(state_in, 0), out_axes=(state_out, 0),
-                    devices=DEVICES)
+    return jax.pmap(
+        functools.partial(train_step, pmean_batch_stats=pmean_batch_stats),
+        axis_name="batch",
+        in_axes=(state_in, 0),
+        out_axes=(state_out, 0),
+        devices=DEVICES,
+    )
 
 
 @functools.lru_cache  # one apply_fn and tx per model, so the steps' caches are shared
 def create_state(model):
     x = jnp.ones((PER_DEV, 5))
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             tx=optax.sgd(0.1, momentum=0.9),
-                             batch_stats=variables["batch_stats"])
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.1, momentum=0.9),
+        batch_stats=variables["batch_stats"],
+    )
 
 
 def batches(seed=0, per_device_scale=False):
@@ -144,11 +160,16 @@ def test_pmean_of_synchronized_batch_stats_changes_nothing(tmp_path):
         b, loss_b = without(b, batch)
         a_host, b_host = host(a), host(b)
         leaves_b = jax.tree.leaves((b_host.params, b_host.opt_state, b_host.batch_stats))
-        for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(
-                (a_host.params, a_host.opt_state, a_host.batch_stats))[0], leaves_b):
+        for (path, x), y in zip(
+            jax.tree_util.tree_flatten_with_path(
+                (a_host.params, a_host.opt_state, a_host.batch_stats)
+            )[0],
+            leaves_b,
+        ):
             for d in range(N_DEV):
-                np.testing.assert_array_equal(x, y[d], err_msg=f"step {t + 1} device {d} "
-                                              f"{jax.tree_util.keystr(path)}")
+                np.testing.assert_array_equal(
+                    x, y[d], err_msg=f"step {t + 1} device {d} {jax.tree_util.keystr(path)}"
+                )
         np.testing.assert_array_equal(np.asarray(loss_a), np.asarray(loss_b))
         for layer in a_host.batch_stats.values():
             assert layer["step"].dtype == np.float32 and layer["step"] == t + 1
@@ -184,14 +205,14 @@ def test_pmean_of_per_device_batch_stats_averages_the_devices():
         mean = jax.tree.map(lambda v: v.mean(0), ref)
         for path, x in jax.tree_util.tree_flatten_with_path(got)[0]:
             y = functools.reduce(lambda n, k: n[k.key], path, mean)
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7,
-                                       err_msg=f"step {t + 1} {jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(
+                x, y, rtol=1e-6, atol=1e-7, err_msg=f"step {t + 1} {jax.tree_util.keystr(path)}"
+            )
         assert all(layer["step"] == t + 1 for layer in got.values())
         assert not np.allclose(ref["MABN_0"]["x2_window"][0], ref["MABN_0"]["x2_window"][1])
         if t == 0:
             x = batch["x"].reshape(-1, 5)
-            np.testing.assert_allclose(got["MABN_0"]["x2_window"][1], (x * x).mean(0),
-                                       rtol=1e-6)
+            np.testing.assert_allclose(got["MABN_0"]["x2_window"][1], (x * x).mean(0), rtol=1e-6)
 
 
 def test_pmean_after_one_device_skips_a_nonfinite_batch():

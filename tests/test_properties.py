@@ -28,7 +28,7 @@ from mabn_jax import functional as F
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 DTYPES = ["float32", "bfloat16", "float64"]
 # Rounding tolerance of a result of this dtype, relative to its scale.
-TOL = {"float32": 2e-5, "bfloat16": 2 ** -6, "float64": 1e-12}
+TOL = {"float32": 2e-5, "bfloat16": 2**-6, "float64": 1e-12}
 
 
 @contextlib.contextmanager
@@ -43,13 +43,19 @@ def layouts(draw):
     rank = draw(st.integers(2, 4))
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
     n_feat = draw(st.integers(1, min(2, rank - 1)))
-    axes = draw(st.lists(st.integers(-rank, rank - 1), min_size=n_feat, max_size=n_feat,
-                         unique_by=lambda a: a % rank))
+    axes = draw(
+        st.lists(
+            st.integers(-rank, rank - 1),
+            min_size=n_feat,
+            max_size=n_feat,
+            unique_by=lambda a: a % rank,
+        )
+    )
     feature_axes = tuple(sorted(a % rank for a in axes))
     count = math.prod(n for i, n in enumerate(shape) if i not in feature_axes)
     if count < 2:  # widen the first batch axis rather than discard the example
         first = next(i for i in range(rank) if i not in feature_axes)
-        shape = shape[:first] + (2,) + shape[first + 1:]
+        shape = shape[:first] + (2,) + shape[first + 1 :]
     return shape, (axes[0] if n_feat == 1 else tuple(axes)), feature_axes
 
 
@@ -60,8 +66,13 @@ def bcast(v, ndim, feature_axes):
     return np.reshape(v, shape)
 
 
-@given(layout=layouts(), dtype=st.sampled_from(DTYPES), centered=st.booleans(),
-       m=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from(DTYPES),
+    centered=st.booleans(),
+    m=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_inference_is_a_per_channel_affine_map(layout, dtype, centered, m, seed):
     shape, axis, feature_axes = layout
@@ -77,8 +88,9 @@ def test_inference_is_a_per_channel_affine_map(layout, dtype, centered, m, seed)
             state = state._replace(ema_mean=jnp.asarray(mean, state.ema_mean.dtype))
         scale, bias = rng.normal(size=feat), rng.normal(size=feat)
         x = jnp.asarray(rng.normal(size=shape) * 3, dt)
-        y = F.mabn_inference(x, jnp.asarray(scale, dt), jnp.asarray(bias, dt), state, cfg,
-                             axis=axis)
+        y = F.mabn_inference(
+            x, jnp.asarray(scale, dt), jnp.asarray(bias, dt), state, cfg, axis=axis
+        )
         assert y.dtype == dt and y.shape == x.shape
 
     b = functools.partial(bcast, ndim=len(shape), feature_axes=feature_axes)
@@ -100,7 +112,8 @@ def run_steps(xs, dys, scale, *, cfg, axis):
             return jnp.sum(y.astype(jnp.float32) * dy), (y, new)
 
         (_, (y, new)), (dx, stats) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
-            x, F.init_probes(state))
+            x, F.init_probes(state)
+        )
         return F.record_backward_stats(new, stats, state), (y, dx)
 
     state = F.init_state(scale.shape, cfg, jnp.promote_types(xs.dtype, jnp.float32))
@@ -109,15 +122,20 @@ def run_steps(xs, dys, scale, *, cfg, axis):
 
 
 @pytest.mark.slow
-@given(layout=layouts(), dtype=st.sampled_from(DTYPES), centered=st.booleans(),
-       m=st.integers(1, 4), log2_c=st.sampled_from([-2, -1, 1, 2, 3]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from(DTYPES),
+    centered=st.booleans(),
+    m=st.integers(1, 4),
+    log2_c=st.sampled_from([-2, -1, 1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_window_phase_is_invariant_to_input_scale(layout, dtype, centered, m, log2_c, seed):
     shape, axis, feature_axes = layout
     rng = np.random.default_rng(seed)
     feat = tuple(shape[a] for a in feature_axes)
-    c = 2.0 ** log2_c
+    c = 2.0**log2_c
     steps = m + 2  # past the batch phase (warm-up 0), r = 1 (renorm at 1000)
     cfg = F.MABNConfig(buffer_size=m, warmup_steps=0, renorm_start=1000, centered=centered)
     with precision(dtype) as dt:
@@ -133,13 +151,15 @@ def test_window_phase_is_invariant_to_input_scale(layout, dtype, centered, m, lo
     # s: a lower bound of the window statistic (χ̃², or σ̃² = mean of the
     # within-step variances plus the between-step spread of the means).
     s = np.asarray(state.var_window, np.float64).mean(0).min()
-    eps_effect = cfg.epsilon * abs(1 - 1 / c ** 2) / (2 * s)
+    eps_effect = cfg.epsilon * abs(1 - 1 / c**2) / (2 * s)
     # Errors relative to each result's natural size: |z| ~ 1 for y, and
     # |dy·γ| / sqrt(s + ε) for dx, whose terms can cancel (e.g. 2 samples).
     dx_size = np.abs(np.asarray(dys[-1]) * np.asarray(scale, np.float64).max()).max()
     dx_size /= np.sqrt(s + cfg.epsilon)
-    for got, want, size in ((y_c, y, np.abs(np.asarray(y, np.float64)).max()),
-                            (np.asarray(dx_c, np.float64) * c, dx, dx_size)):
+    for got, want, size in (
+        (y_c, y, np.abs(np.asarray(y, np.float64)).max()),
+        (np.asarray(dx_c, np.float64) * c, dx, dx_size),
+    ):
         err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() / size
         assert err <= TOL[dtype] + 4 * eps_effect, (err, eps_effect)
 
@@ -159,16 +179,22 @@ def reference(x, scale, bias, cfg, feature_axes, sdt):
 
 
 @pytest.mark.slow
-@given(layout=layouts(), dtype=st.sampled_from(DTYPES), centered=st.booleans(),
-       m=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from(DTYPES),
+    centered=st.booleans(),
+    m=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_custom_vjp_equals_autodiff_in_the_batch_phase(layout, dtype, centered, m, seed):
     shape, axis, feature_axes = layout
     rng = np.random.default_rng(seed)
     feat = tuple(shape[a] for a in feature_axes)
     # m = 1: the window is the batch; m > 1: inside warm-up. r = 1 throughout.
-    cfg = F.MABNConfig(buffer_size=m, warmup_steps=0 if m == 1 else 100,
-                       renorm_start=1000, centered=centered)
+    cfg = F.MABNConfig(
+        buffer_size=m, warmup_steps=0 if m == 1 else 100, renorm_start=1000, centered=centered
+    )
     with precision(dtype) as dt:
         sdt = jnp.promote_types(dt, jnp.float32)
         state = F.init_state(feat, cfg, sdt)._replace(step=jnp.asarray(4, sdt))
@@ -194,10 +220,11 @@ def test_custom_vjp_equals_autodiff_in_the_batch_phase(layout, dtype, centered, 
     # relative to those terms, so measure the error against their size.
     red = tuple(i for i in range(len(shape)) if i not in feature_axes)
     x64 = np.asarray(x, np.float64)
-    var = (x64 - x64.mean(red, keepdims=True)).var(red) if centered else (x64 ** 2).mean(red)
+    var = (x64 - x64.mean(red, keepdims=True)).var(red) if centered else (x64**2).mean(red)
     b = functools.partial(bcast, ndim=len(shape), feature_axes=feature_axes)
-    terms = np.asarray(dy, np.float64) * b(np.asarray(scale, np.float64)
-                                           / np.sqrt(var + cfg.epsilon))
+    terms = np.asarray(dy, np.float64) * b(
+        np.asarray(scale, np.float64) / np.sqrt(var + cfg.epsilon)
+    )
     for name, g, w in zip(("x", "scale", "bias"), got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         size = max(np.linalg.norm(w), np.linalg.norm(terms) if name == "x" else 0.0)

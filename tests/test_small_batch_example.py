@@ -12,14 +12,19 @@ import sys
 import numpy as np
 from subprocess_env import env_with_this_mabn_jax
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                       "examples", "small_batch.py")
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "small_batch.py"
+)
 
 
 def test_small_batch_quick(tmp_path):
-    proc = subprocess.run([sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300,
-                          env=env_with_this_mabn_jax())
+    proc = subprocess.run(
+        [sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_with_this_mabn_jax(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| BatchNorm at 32 (reference) |" in proc.stdout and "Gap closed" in proc.stdout
     assert (tmp_path / "small_batch.png").stat().st_size > 0

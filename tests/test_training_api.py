@@ -50,8 +50,10 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         def norm(name, **kw):
-            return mabn_jax.MABN(use_running_average=not train or name in self.frozen,
-                                 name=name, **KW, **kw)
+            return mabn_jax.MABN(
+                use_running_average=not train or name in self.frozen, name=name, **KW, **kw
+            )
+
         x = norm("plain")(mabn_jax.CenteredDense(6)(x))
         x = norm("centered", centered=True)(nn.Dense(5)(nn.relu(x)))
         return nn.Dense(3)(nn.relu(x))
@@ -65,8 +67,12 @@ class Small(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        x = mabn_jax.MABN(use_running_average=not train or self.frozen, centered=True,
-                          axis_name=self.axis_name, **KW)(nn.Dense(5)(x))
+        x = mabn_jax.MABN(
+            use_running_average=not train or self.frozen,
+            centered=True,
+            axis_name=self.axis_name,
+            **KW,
+        )(nn.Dense(5)(x))
         return nn.Dense(3)(nn.relu(x))
 
 
@@ -97,55 +103,67 @@ def _variables(model, batch):
 def new_state(model=None, tx=TX, batch=BATCH):
     model = Net() if model is None else model
     v = _variables(model, batch)
-    return TrainState.create(apply_fn=model.apply, params=v["params"], tx=tx,
-                             batch_stats=v["batch_stats"])
+    return TrainState.create(
+        apply_fn=model.apply, params=v["params"], tx=tx, batch_stats=v["batch_stats"]
+    )
 
 
 # The nn.BatchNorm train step of the README, and the MABN one: only the
 # value_and_grad line differs (test_bn_step_becomes_mabn_step_by_one_line).
 
+
 def bn_train_step(state, x, y):
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {'params': params, 'batch_stats': state.batch_stats},
-            x, train=True, mutable=['batch_stats'])
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return xent(logits, y), updates
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, updates), grads = grad_fn(state.params)
     state = state.apply_gradients(grads=grads)
-    state = state.replace(batch_stats=updates['batch_stats'])
+    state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
 
 
 def mabn_train_step(state, x, y):
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {'params': params, 'batch_stats': state.batch_stats},
-            x, train=True, mutable=['batch_stats'])
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return xent(logits, y), updates
 
     grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats)
     (loss, updates), grads = grad_fn(state.params)
     state = state.apply_gradients(grads=grads)
-    state = state.replace(batch_stats=updates['batch_stats'])
+    state = state.replace(batch_stats=updates["batch_stats"])
     return state, loss
 
 
 def probed_loss(state, params, probes, x, y):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats, mabn_jax.PROBES: probes},
-        x, train=True, mutable=["batch_stats"])
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
     return xent(logits, y), updates
 
 
 def low_level_train_step(state, x, y):
     """The reference train step: the low-level API."""
     (loss, updates), (grads, probe_grads) = jax.value_and_grad(
-        functools.partial(probed_loss, state, x=x, y=y), argnums=(0, 1), has_aux=True)(
-        state.params, mabn_jax.init_probes(state.batch_stats))
-    batch_stats = mabn_jax.record_backward_stats(updates["batch_stats"], probe_grads,
-                                                 previous=state.batch_stats)
+        functools.partial(probed_loss, state, x=x, y=y), argnums=(0, 1), has_aux=True
+    )(state.params, mabn_jax.init_probes(state.batch_stats))
+    batch_stats = mabn_jax.record_backward_stats(
+        updates["batch_stats"], probe_grads, previous=state.batch_stats
+    )
     state = state.apply_gradients(grads=grads)
     return state.replace(batch_stats=batch_stats), loss
 
@@ -176,10 +194,12 @@ def _small_grads():
     state = new_state(Small())
 
     def grads(params, bs, x, y):
-        f = lambda params, x, probes: probed_loss(state.replace(batch_stats=bs), params,
-                                                  probes, x, y)
+        f = lambda params, x, probes: probed_loss(
+            state.replace(batch_stats=bs), params, probes, x, y
+        )
         (loss, updates), (g_params, g_x, probe_grads) = jax.value_and_grad(
-            f, (0, 1, 2), has_aux=True)(params, x, mabn_jax.init_probes(bs))
+            f, (0, 1, 2), has_aux=True
+        )(params, x, mabn_jax.init_probes(bs))
         return loss, updates["batch_stats"], (g_params, g_x), probe_grads
 
     return jax.jit(grads)
@@ -192,8 +212,7 @@ def small_reference(x, y, state=None):
     for t in range(x.shape[0]):
         loss, new, (grads, _), pg = _small_grads()(params, bs, x[t], y[t])
         bs = jax.device_get(RECORD(new, pg, bs))
-        params = jax.tree.map(lambda p, g: p - np.float32(LR) * g, params,
-                              jax.device_get(grads))
+        params = jax.tree.map(lambda p, g: p - np.float32(LR) * g, params, jax.device_get(grads))
         out.append((params, bs, loss))
     return out
 
@@ -226,8 +245,9 @@ def test_bn_step_becomes_mabn_step_by_one_line():
     changed = [(a, b) for a, b in zip(bn[1:], mabn[1:]) if a != b]
     assert len(bn) == len(mabn) and len(changed) == 1
     assert changed[0][0].strip() == "grad_fn = jax.value_and_grad(loss_fn, has_aux=True)"
-    assert changed[0][1].strip() == ("grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, "
-                                     "batch_stats=state.batch_stats)")
+    assert changed[0][1].strip() == (
+        "grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats)"
+    )
 
     x, y = data()
     got = run(mabn_train_step, new_state(), x, y)
@@ -239,9 +259,17 @@ def test_bn_step_becomes_mabn_step_by_one_line():
     # Coverage: the renormalization steps 6-8 clip r at r_max in some channels
     # (r from the state: window mean after the step vs the EMA before it).
     before, after = ref[4:7], ref[5:8]
-    r = np.stack([np.clip(np.sqrt(a.batch_stats["plain"]["x2_window"].mean(0) + 1e-5)
-                          / np.sqrt(b.batch_stats["plain"]["ema_x2"] + 1e-5), 0.2, 5.0)
-                  for (b, _), (a, _) in zip(before, after)])
+    r = np.stack(
+        [
+            np.clip(
+                np.sqrt(a.batch_stats["plain"]["x2_window"].mean(0) + 1e-5)
+                / np.sqrt(b.batch_stats["plain"]["ema_x2"] + 1e-5),
+                0.2,
+                5.0,
+            )
+            for (b, _), (a, _) in zip(before, after)
+        ]
+    )
     assert np.any(r == 5.0) and np.any(r < 5.0)
     assert int(got[-1][0].batch_stats["centered"]["step"]) == STEPS
 
@@ -260,8 +288,7 @@ def test_model_without_mabn_is_jax_value_and_grad():
         return xent(model.apply({"params": params}, x, train=True), y[0])
 
     want = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(params, x[0])
-    got = jax.jit(mabn_jax.value_and_grad(loss_fn, argnums=(0, 1), batch_stats={}))(
-        params, x[0])
+    got = jax.jit(mabn_jax.value_and_grad(loss_fn, argnums=(0, 1), batch_stats={}))(params, x[0])
     assert_same(got, want)
 
 
@@ -286,9 +313,9 @@ class Ghost(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=2, **KW)(
-            mabn_jax.CenteredDense(6)(x))
-        x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=4, centered=True,
-                          **KW)(x)
+            mabn_jax.CenteredDense(6)(x)
+        )
+        x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=4, centered=True, **KW)(x)
         return nn.Dense(3)(x)
 
 
@@ -298,7 +325,9 @@ def test_ghost_batches_need_no_group_count():
     state = new_state(Ghost(), batch=8)
     probes = mabn_jax.init_probes(state.batch_stats)  # window-shaped, whatever G is
     assert jax.tree.map(jnp.shape, probes) == {
-        "MABN_0": {"psi": (2, 6)}, "MABN_1": {"psi": (2, 6), "g": (2, 6)}}
+        "MABN_0": {"psi": (2, 6)},
+        "MABN_1": {"psi": (2, 6), "g": (2, 6)},
+    }
     got = run(mabn_train_step, state, x, y)
     assert_same(got, run(low_level_train_step, state, x, y))
     final = got[-1][0].batch_stats
@@ -314,17 +343,21 @@ def test_frozen_dict_params_and_batch_stats():
     params, bs = freeze(state.params), freeze(state.batch_stats)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": bs}, x[0],
-                                         train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": bs}, x[0], train=True, mutable=["batch_stats"]
+        )
         return xent(logits, y[0]), updates
 
-    (loss, updates), grads = jax.jit(mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=bs))(params)
+    (loss, updates), grads = jax.jit(
+        mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=bs)
+    )(params)
     assert isinstance(grads, FrozenDict)  # the params' structure, without probes
     # The low-level API on the same values (as dicts: no second compilation).
     r_loss, new, (r_grads, _), pg = _small_grads()(state.params, state.batch_stats, x[0], y[0])
-    assert_same(thaw((loss, updates["batch_stats"], grads)),
-                (r_loss, RECORD(new, pg, state.batch_stats), r_grads))
+    assert_same(
+        thaw((loss, updates["batch_stats"], grads)),
+        (r_loss, RECORD(new, pg, state.batch_stats), r_grads),
+    )
 
 
 def test_argnums_tuple():
@@ -333,18 +366,25 @@ def test_argnums_tuple():
     state = new_state(Small())
 
     def loss_fn(params, x):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x, train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return xent(logits, y[0]), updates
 
-    (loss, updates), grads = jax.jit(mabn_jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True, batch_stats=state.batch_stats))(
-        state.params, x[0])
+    (loss, updates), grads = jax.jit(
+        mabn_jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True, batch_stats=state.batch_stats
+        )
+    )(state.params, x[0])
     assert isinstance(grads, tuple) and grads[1].shape == x[0].shape
     assert jax.tree.structure(grads[0]) == jax.tree.structure(state.params)  # no probes
     r_loss, new, r_grads, pg = _small_grads()(state.params, state.batch_stats, x[0], y[0])
-    assert_same((loss, updates["batch_stats"], grads),
-                (r_loss, RECORD(new, pg, state.batch_stats), r_grads))
+    assert_same(
+        (loss, updates["batch_stats"], grads), (r_loss, RECORD(new, pg, state.batch_stats), r_grads)
+    )
 
 
 # --------------------------------------------------------------------------- transforms
@@ -373,8 +413,10 @@ def test_optax_multisteps():
     got = run(mabn_train_step, state, x, y)
     assert [int(s.batch_stats["MABN_0"]["step"]) for s, _ in got] == [1, 2, 3, 4]
     params = [state.params] + [s.params for s, _ in got]
-    moved = [not np.array_equal(a["Dense_0"]["kernel"], b["Dense_0"]["kernel"])
-             for a, b in zip(params, params[1:])]
+    moved = [
+        not np.array_equal(a["Dense_0"]["kernel"], b["Dense_0"]["kernel"])
+        for a, b in zip(params, params[1:])
+    ]
     assert moved == [False, True, False, True]
 
     # By hand, with the low-level API: two micro-batches on the same params.
@@ -402,12 +444,20 @@ class StackedBlocks(nn.Module):
     def __call__(self, x, train):
         block = functools.partial(_Block, train=train)
         if self.scan:
-            lift = (dict(variable_axes={"batch_stats": 0}, variable_broadcast="params",
-                         split_rngs={"params": False}) if self.broadcast_params else
-                    dict(variable_axes={"params": 0, "batch_stats": 0},
-                         split_rngs={"params": True}))
+            lift = (
+                dict(
+                    variable_axes={"batch_stats": 0},
+                    variable_broadcast="params",
+                    split_rngs={"params": False},
+                )
+                if self.broadcast_params
+                else dict(
+                    variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True}
+                )
+            )
             x, _ = nn.scan(lambda mdl, c, _: (mdl(c), None), length=LAYERS, **lift)(
-                block(name="blocks"), x, None)
+                block(name="blocks"), x, None
+            )
         else:
             for i in range(LAYERS):
                 x = block(name=f"blocks_{i}")(x)
@@ -420,8 +470,7 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(FEATURES)(x)
-        return jnp.tanh(mabn_jax.MABN(use_running_average=not self.train, centered=True,
-                                      **KW)(x))
+        return jnp.tanh(mabn_jax.MABN(use_running_average=not self.train, centered=True, **KW)(x))
 
 
 def _unstack(tree):
@@ -437,9 +486,11 @@ def test_nn_scan_over_stacked_mabn_layers_equals_unrolled():
     x, y = data(6)
     state = new_state(StackedBlocks())
     assert state.batch_stats["blocks"]["MABN_0"]["psi_window"].shape == (LAYERS, 2, FEATURES)
-    unrolled = state.replace(apply_fn=StackedBlocks(scan=False).apply,
-                             params=_unstack(state.params),
-                             batch_stats=_unstack(state.batch_stats))
+    unrolled = state.replace(
+        apply_fn=StackedBlocks(scan=False).apply,
+        params=_unstack(state.params),
+        batch_stats=_unstack(state.batch_stats),
+    )
     got = run(mabn_train_step, state, x, y)
     want = run(mabn_train_step, unrolled, x, y)
     for t, ((s, loss), (u, u_loss)) in enumerate(zip(got, want)):
@@ -456,11 +507,15 @@ def test_nn_scan_with_broadcast_params_but_stacked_batch_stats_is_a_clear_error(
     v = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x[0])
     assert v["batch_stats"]["blocks"]["MABN_0"]["psi_window"].shape == (LAYERS, 2, FEATURES)
     assert v["params"]["blocks"]["Dense_0"]["kernel"].ndim == 2  # shared by the layers
-    state = TrainState.create(apply_fn=model.apply, params=v["params"], tx=TX,
-                              batch_stats=v["batch_stats"])
-    with pytest.raises(ValueError, match=r"probe 'psi' has shape \(2, 2, 7\) but this layer's "
-                                         r"window is \(2, 7\); .*nn.scan.*variable_axes="
-                                         r"\{'params': 0, 'batch_stats': 0\}"):
+    state = TrainState.create(
+        apply_fn=model.apply, params=v["params"], tx=TX, batch_stats=v["batch_stats"]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"probe 'psi' has shape \(2, 2, 7\) but this layer's "
+        r"window is \(2, 7\); .*nn.scan.*variable_axes="
+        r"\{'params': 0, 'batch_stats': 0\}",
+    ):
         jax.eval_shape(mabn_train_step, state, x[0], y[0])
 
 
@@ -470,13 +525,19 @@ def test_nn_scan_with_broadcast_params_but_stacked_batch_stats_is_a_clear_error(
 @jax.jit
 def scaled_step(state, ds, x, y):
     """The DynamicScale train step (flax's pattern: params kept on a non-finite step)."""
+
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x, train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return xent(logits, y), updates
 
-    result = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats,
-                                     dynamic_scale=ds)(state.params)
+    result = mabn_jax.value_and_grad(
+        loss_fn, has_aux=True, batch_stats=state.batch_stats, dynamic_scale=ds
+    )(state.params)
     assert isinstance(result, DynamicScaleResult)  # as DynamicScale.value_and_grad's
     ds, is_fin, (loss, updates), grads = result
     new = state.apply_gradients(grads=grads)
@@ -485,8 +546,11 @@ def scaled_step(state, ds, x, y):
 
 
 def new_dynamic_scale():
-    return DynamicScale(growth_interval=3, fin_steps=jnp.zeros((), jnp.int32),
-                        scale=jnp.asarray(2.0 ** 10, jnp.float32))
+    return DynamicScale(
+        growth_interval=3,
+        fin_steps=jnp.zeros((), jnp.int32),
+        scale=jnp.asarray(2.0**10, jnp.float32),
+    )
 
 
 def flax_dynamic_scale(finite):
@@ -516,21 +580,24 @@ def test_dynamic_scale_trains_as_without_loss_scaling():
         assert_close(state.batch_stats, r_bs, what=what + " batch_stats")
         assert_close(state.params, r_params, what=what + " params")
     assert book == flax_dynamic_scale([True] * 6)
-    assert book[0][0] == 2.0 ** 10 and book[-1][0] == 2.0 ** 11
+    assert book[0][0] == 2.0**10 and book[-1][0] == 2.0**11
 
 
 @jax.jit
 def low_level_scaled_step(state, x, y, scale):
     """The low-level API with a loss scaled by ``scale``: the probes carry it."""
+
     def loss_fn(params, probes):
         loss, updates = probed_loss(state, params, probes, x, y)
         return scale * loss, updates
 
     (_, updates), (grads, probe_grads) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
-        state.params, mabn_jax.init_probes(state.batch_stats, loss_scale=scale))
+        state.params, mabn_jax.init_probes(state.batch_stats, loss_scale=scale)
+    )
     unscale = lambda g: g / scale
     batch_stats = mabn_jax.record_backward_stats(
-        updates["batch_stats"], jax.tree.map(unscale, probe_grads), previous=state.batch_stats)
+        updates["batch_stats"], jax.tree.map(unscale, probe_grads), previous=state.batch_stats
+    )
     state = state.apply_gradients(grads=jax.tree.map(unscale, grads))
     return state.replace(batch_stats=batch_stats)
 
@@ -574,14 +641,20 @@ DEV_STEPS = 6
 
 def sum_loss_step(state, x, y, denominator, reduce=None):
     """The helper step on loss sum/denominator; ``reduce`` combines device grads."""
+
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x, train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
         return loss / denominator, updates
 
     (loss, updates), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
+        loss_fn, has_aux=True, batch_stats=state.batch_stats
+    )(state.params)
     if reduce is not None:
         grads = reduce(grads)
     state = state.apply_gradients(grads=grads)
@@ -611,12 +684,15 @@ def global_batch_reference():
 def test_pmap_synchronized_statistics_equal_one_device():
     x, y = data(DEV_STEPS)
     state = stacked(synchronized_state())
-    step = jax.pmap(functools.partial(sum_loss_step, denominator=BATCH,
-                                      reduce=lambda g: lax.psum(g, "batch")),
-                    axis_name="batch", devices=jax.devices()[:N_DEV])
+    step = jax.pmap(
+        functools.partial(sum_loss_step, denominator=BATCH, reduce=lambda g: lax.psum(g, "batch")),
+        axis_name="batch",
+        devices=jax.devices()[:N_DEV],
+    )
     for t, (r_params, r_bs, _) in enumerate(global_batch_reference()):
         state, _ = jax.block_until_ready(
-            step(state, x[t].reshape(N_DEV, -1, FEATURES), y[t].reshape(N_DEV, -1)))
+            step(state, x[t].reshape(N_DEV, -1, FEATURES), y[t].reshape(N_DEV, -1))
+        )
         for d in range(N_DEV):  # every device holds the global batch's values
             pick = jax.tree.map(lambda a: np.asarray(a)[d], (state.params, state.batch_stats))
             assert_close(pick, (r_params, r_bs), what=f"step {t + 1} device {d}")
@@ -627,14 +703,20 @@ def test_shard_map_synchronized_statistics_equal_one_device():
     devices' gradients; the result is the one-device global-batch run."""
     x, y = data(DEV_STEPS)
     mesh = batch_mesh(N_DEV)
-    step = jax.jit(jax.shard_map(
-        functools.partial(sum_loss_step, denominator=BATCH), mesh=mesh,
-        in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P())))
+    step = jax.jit(
+        jax.shard_map(
+            functools.partial(sum_loss_step, denominator=BATCH),
+            mesh=mesh,
+            in_specs=(P(), P("batch"), P("batch")),
+            out_specs=(P(), P()),
+        )
+    )
     shard = NamedSharding(mesh, P("batch"))
     state = jax.device_put(synchronized_state(), NamedSharding(mesh, P()))
     for t, (r_params, r_bs, _) in enumerate(global_batch_reference()):
         state, _ = jax.block_until_ready(
-            step(state, jax.device_put(x[t], shard), jax.device_put(y[t], shard)))
+            step(state, jax.device_put(x[t], shard), jax.device_put(y[t], shard))
+        )
         assert_close((state.params, state.batch_stats), (r_params, r_bs), what=f"step {t + 1}")
 
 
@@ -655,9 +737,11 @@ def pmap_per_device():
     """
     x, y = per_device_data()
     state = stacked(new_state(Small()))
-    step = jax.pmap(functools.partial(sum_loss_step, denominator=BATCH,
-                                      reduce=lambda g: lax.pmean(g, "batch")),
-                    axis_name="batch", devices=jax.devices()[:N_DEV])
+    step = jax.pmap(
+        functools.partial(sum_loss_step, denominator=BATCH, reduce=lambda g: lax.pmean(g, "batch")),
+        axis_name="batch",
+        devices=jax.devices()[:N_DEV],
+    )
     out = []
     for t in range(DEV_STEPS):
         host = jax.device_get(state)
@@ -672,8 +756,9 @@ def pmap_per_device():
         mean = jax.tree.map(lambda *g: (g[0] + g[1]) / 2, *(g for _, g in refs))
         for d in range(N_DEV):
             pick = lambda tree: jax.tree.map(lambda a: np.asarray(a)[d], tree)
-            assert_close(pick(state.batch_stats), refs[d][0],
-                         what=f"step {t + 1} device {d} batch_stats")
+            assert_close(
+                pick(state.batch_stats), refs[d][0], what=f"step {t + 1} device {d} batch_stats"
+            )
             assert_close(pick(grads), mean, what=f"step {t + 1} device {d} grads")
         out.append(jax.device_get(state))
     return out
@@ -695,15 +780,27 @@ def test_shard_map_per_device_statistics():
     mesh = batch_mesh(N_DEV)
 
     def step(params, opt_state, bs, x, y):
-        state = TrainState(step=0, apply_fn=Small().apply, params=params, tx=TX,
-                           opt_state=opt_state, batch_stats=jax.tree.map(lambda a: a[0], bs))
-        state, _ = sum_loss_step(state, x, y, denominator=BATCH,
-                                 reduce=lambda g: jax.tree.map(lambda a: a / N_DEV, g))
-        return state.params, state.opt_state, jax.tree.map(lambda a: a[None],
-                                                           state.batch_stats)
+        state = TrainState(
+            step=0,
+            apply_fn=Small().apply,
+            params=params,
+            tx=TX,
+            opt_state=opt_state,
+            batch_stats=jax.tree.map(lambda a: a[0], bs),
+        )
+        state, _ = sum_loss_step(
+            state, x, y, denominator=BATCH, reduce=lambda g: jax.tree.map(lambda a: a / N_DEV, g)
+        )
+        return state.params, state.opt_state, jax.tree.map(lambda a: a[None], state.batch_stats)
 
-    fn = jax.jit(jax.shard_map(step, mesh=mesh, out_specs=(P(), P(), P("batch")),
-                               in_specs=(P(), P(), P("batch"), P("batch"), P("batch"))))
+    fn = jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh,
+            out_specs=(P(), P(), P("batch")),
+            in_specs=(P(), P(), P("batch"), P("batch"), P("batch")),
+        )
+    )
     shard, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
     state = new_state(Small())
     params, opt_state = jax.device_put((state.params, state.opt_state), replicated)
@@ -711,10 +808,10 @@ def test_shard_map_per_device_statistics():
     flat = lambda a: jax.device_put(a.reshape((-1,) + a.shape[2:]), shard)
     for t, ref in enumerate(pmap_per_device()):
         params, opt_state, bs = jax.block_until_ready(
-            fn(params, opt_state, bs, flat(x[t]), flat(y[t])))
+            fn(params, opt_state, bs, flat(x[t]), flat(y[t]))
+        )
         assert_close(bs, ref.batch_stats, what=f"step {t + 1} batch_stats")
-        assert_close(params, jax.tree.map(lambda a: a[0], ref.params),
-                     what=f"step {t + 1} params")
+        assert_close(params, jax.tree.map(lambda a: a[0], ref.params), what=f"step {t + 1} params")
 
 
 # --------------------------------------------------------------------------- skipped steps
@@ -723,13 +820,19 @@ def test_shard_map_per_device_statistics():
 @jax.jit
 def weighted_step(state, x, y, w):
     """The helper on loss ``w · xent``: the loss and the new batch_stats."""
+
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x, train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return w * xent(logits, y), updates
 
     (loss, updates), _ = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=state.batch_stats)(state.params)
+        loss_fn, has_aux=True, batch_stats=state.batch_stats
+    )(state.params)
     return loss, updates["batch_stats"]
 
 
@@ -744,12 +847,17 @@ def test_non_finite_step_through_the_helper_rolls_back_the_statistics(where):
     bad_x = x[3].copy()
     bad_x[1, 2] = np.nan
     one, nan = np.float32(1.0), np.float32(np.nan)
-    loss, new = (weighted_step(state, bad_x, y[3], one) if where == "input" else
-                 weighted_step(state, x[3], y[3], nan))
+    loss, new = (
+        weighted_step(state, bad_x, y[3], one)
+        if where == "input"
+        else weighted_step(state, x[3], y[3], nan)
+    )
     assert np.isnan(loss)
     assert int(new["MABN_0"]["skipped"]) == 1
-    assert_same({k: v for k, v in new["MABN_0"].items() if k != "skipped"},
-                {k: v for k, v in previous["MABN_0"].items() if k != "skipped"})
+    assert_same(
+        {k: v for k, v in new["MABN_0"].items() if k != "skipped"},
+        {k: v for k, v in previous["MABN_0"].items() if k != "skipped"},
+    )
     # The same step on the finite batch does advance.
     _, ok = weighted_step(state, x[3], y[3], one)
     assert int(ok["MABN_0"]["step"]) == 4 and int(ok["MABN_0"]["skipped"]) == 0
@@ -861,8 +969,11 @@ def test_stale_previous_and_recording_twice_raise_eagerly_and_poison_under_jit()
 def test_init_probes_of_the_whole_variables_dict():
     """(d) init_probes(variables) instead of init_probes(variables['batch_stats'])."""
     v = _variables(Small(), BATCH)
-    with pytest.raises(ValueError, match=r"has a top-level 'params' entry: it is a whole "
-                                         r"variables dict. Pass variables\['batch_stats'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"has a top-level 'params' entry: it is a whole "
+        r"variables dict. Pass variables\['batch_stats'\]",
+    ):
         mabn_jax.init_probes(v)
     with pytest.raises(ValueError, match=r"Pass variables\['batch_stats'\]"):
         mabn_jax.value_and_grad(lambda p: 0.0, batch_stats=v)(v["params"])
@@ -871,10 +982,13 @@ def test_init_probes_of_the_whole_variables_dict():
 def test_training_apply_without_probes_or_helper_names_the_helper():
     """(e) The unchanged nn.BatchNorm step (jax.value_and_grad) on an MABN model."""
     x, y = data(1)
-    with pytest.raises(ValueError, match=r"MABN layer 'plain' is applied in training mode "
-                                         r"without its probes.*mabn_jax\.value_and_grad\("
-                                         r"loss_fn, has_aux=True, batch_stats=batch_stats\) "
-                                         r"in place of jax\.value_and_grad"):
+    with pytest.raises(
+        ValueError,
+        match=r"MABN layer 'plain' is applied in training mode "
+        r"without its probes.*mabn_jax\.value_and_grad\("
+        r"loss_fn, has_aux=True, batch_stats=batch_stats\) "
+        r"in place of jax\.value_and_grad",
+    ):
         jax.eval_shape(bn_train_step, new_state(), x[0], y[0])
 
 
@@ -884,13 +998,18 @@ def _helper_with_aux(make_aux, has_aux=True, **kw):
     x, y = data(1)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x[0], train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x[0],
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss = xent(logits, y[0])
         return (loss, make_aux(logits, updates, state.batch_stats)) if has_aux else loss
 
-    return jax.jit(mabn_jax.value_and_grad(loss_fn, has_aux=has_aux,
-                                           batch_stats=state.batch_stats, **kw))
+    return jax.jit(
+        mabn_jax.value_and_grad(loss_fn, has_aux=has_aux, batch_stats=state.batch_stats, **kw)
+    )
 
 
 def _helper_aux_error(make_aux, has_aux=True, **kw):
@@ -903,13 +1022,21 @@ def test_aux_without_the_updated_batch_stats_says_what_it_found():
     """(f) No tree of batch_stats' layout in aux: the message lists what aux
     holds and the layers expected, and says what to return."""
     message = _helper_aux_error(lambda logits, updates, old: {"logits": logits})
-    for phrase in ("found no tree with the layout of batch_stats", "'MABN_0'",
-                   "a dict (aux['logits']: an array of shape (", "mutable=['batch_stats']",
-                   "has_aux=True", "aux_batch_stats="):
+    for phrase in (
+        "found no tree with the layout of batch_stats",
+        "'MABN_0'",
+        "a dict (aux['logits']: an array of shape (",
+        "mutable=['batch_stats']",
+        "has_aux=True",
+        "aux_batch_stats=",
+    ):
         assert phrase in message, message
     # a tree of another layout (one layer dropped) is not taken for it
-    message = _helper_aux_error(lambda logits, updates, old: {
-        k: v for k, v in updates["batch_stats"].items() if k != "MABN_0"})
+    message = _helper_aux_error(
+        lambda logits, updates, old: {
+            k: v for k, v in updates["batch_stats"].items() if k != "MABN_0"
+        }
+    )
     assert "found no tree with the layout of batch_stats" in message, message
 
 
@@ -922,8 +1049,11 @@ def test_aux_with_two_updated_trees_lists_them_and_names_aux_batch_stats():
     """(f) Two trees of the layout, neither the given one: ambiguous; the
     message gives both paths and a ready aux_batch_stats value."""
     message = _helper_aux_error(lambda logits, updates, old: (updates, updates["batch_stats"]))
-    for phrase in ("holds 2 trees with the layout of batch_stats",
-                   "aux[0]['batch_stats'], aux[1]", "aux_batch_stats=(0, 'batch_stats')"):
+    for phrase in (
+        "holds 2 trees with the layout of batch_stats",
+        "aux[0]['batch_stats'], aux[1]",
+        "aux_batch_stats=(0, 'batch_stats')",
+    ):
         assert phrase in message, message
 
 
@@ -932,34 +1062,43 @@ def _doubled(updates):
     return jax.tree.map(lambda v: v * 1.0, updates["batch_stats"])
 
 
-@pytest.mark.parametrize("select", [
-    (1, "batch_stats"),  # a path
-    (1,),  # a path to the updates dict: its 'batch_stats'
-    lambda aux: aux[1]["batch_stats"],  # a function of aux
-])
+@pytest.mark.parametrize(
+    "select",
+    [
+        (1, "batch_stats"),  # a path
+        (1,),  # a path to the updates dict: its 'batch_stats'
+        lambda aux: aux[1]["batch_stats"],  # a function of aux
+    ],
+)
 def test_aux_batch_stats_points_at_the_update(select):
     """(f) The explicit route: with two candidates, aux_batch_stats picks the
     updated tree; the result is the one the search records when unambiguous."""
     state = new_state(Small())
     make = lambda logits, updates, old: (_doubled(updates), updates)
-    (loss, (other, updates)), grads = _helper_with_aux(make, aux_batch_stats=select)(
-        state.params)
+    (loss, (other, updates)), grads = _helper_with_aux(make, aux_batch_stats=select)(state.params)
     (r_loss, (_, r_updates)), r_grads = _helper_with_aux(
-        lambda logits, updates, old: (None, updates))(state.params)
+        lambda logits, updates, old: (None, updates)
+    )(state.params)
     assert_same((loss, updates, grads), (r_loss, r_updates, r_grads))
     unrecorded = other["MABN_0"]["psi_window"]  # reserved slots stay NaN: not recorded
-    assert np.isnan(unrecorded).any() and not np.isnan(updates["batch_stats"]["MABN_0"][
-        "psi_window"]).any()
+    assert (
+        np.isnan(unrecorded).any()
+        and not np.isnan(updates["batch_stats"]["MABN_0"]["psi_window"]).any()
+    )
 
 
-@pytest.mark.parametrize("select, phrase", [
-    ((2,), "aux has no entry 2; it is a tuple (aux[0]: an array of shape ("),
-    ((0,), "aux[0], which is not a batch_stats tree of this model (found "),
-    (lambda aux: dict(aux[1]["batch_stats"]), "not part of aux (a copy or a new dict)"),
-])
+@pytest.mark.parametrize(
+    "select, phrase",
+    [
+        ((2,), "aux has no entry 2; it is a tuple (aux[0]: an array of shape ("),
+        ((0,), "aux[0], which is not a batch_stats tree of this model (found "),
+        (lambda aux: dict(aux[1]["batch_stats"]), "not part of aux (a copy or a new dict)"),
+    ],
+)
 def test_aux_batch_stats_pointing_elsewhere_says_where(select, phrase):
-    message = _helper_aux_error(lambda logits, updates, old: (logits, updates),
-                                aux_batch_stats=select)
+    message = _helper_aux_error(
+        lambda logits, updates, old: (logits, updates), aux_batch_stats=select
+    )
     assert phrase in message, message
 
 
@@ -977,9 +1116,12 @@ def test_aux_with_only_the_old_batch_stats():
         return xent(logits, y[0]), {"batch_stats": state.batch_stats}
 
     helper = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats)
-    with pytest.raises(ValueError, match=r"fun returned the batch_stats it was given, "
-                                         r"unchanged, although MABN layers were applied in "
-                                         r"training mode; return the updated batch_stats"):
+    with pytest.raises(
+        ValueError,
+        match=r"fun returned the batch_stats it was given, "
+        r"unchanged, although MABN layers were applied in "
+        r"training mode; return the updated batch_stats",
+    ):
         helper(state.params)
     (_, aux), _ = jax.jit(helper)(state.params)
     for name in ("mean_window", "var_window", "psi_window", "g_window", "ema_var"):
@@ -991,9 +1133,11 @@ def test_aux_with_the_old_and_the_updated_batch_stats():
     """(g) Both trees in aux: the updated one is recorded, the old one left alone."""
     state = new_state(Small())
     x, y = data(1)
-    (loss, (old, updates)), grads = _helper_with_aux(
-        lambda logits, updates, old: (old, updates))(state.params)
+    (loss, (old, updates)), grads = _helper_with_aux(lambda logits, updates, old: (old, updates))(
+        state.params
+    )
     assert_same(old, state.batch_stats)
     r_loss, new, (r_grads, _), pg = _small_grads()(state.params, state.batch_stats, x[0], y[0])
-    assert_same((loss, updates["batch_stats"], grads),
-                (r_loss, RECORD(new, pg, state.batch_stats), r_grads))
+    assert_same(
+        (loss, updates["batch_stats"], grads), (r_loss, RECORD(new, pg, state.batch_stats), r_grads)
+    )

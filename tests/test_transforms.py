@@ -39,8 +39,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = mabn_jax.CenteredDense(FEATURES, use_bias=False, dtype=self.dtype)(x)
-        return jnp.tanh(mabn_jax.MABN(use_running_average=False, dtype=self.dtype,
-                                      **MABN_KW)(x))
+        return jnp.tanh(mabn_jax.MABN(use_running_average=False, dtype=self.dtype, **MABN_KW)(x))
 
 
 class Net(nn.Module):
@@ -74,25 +73,27 @@ def grads_fn(model, params, batch_stats, x, y, checkpoint=False, low_level=False
         if probes is not None:
             variables[mabn_jax.PROBES] = probes
         logits, upd = model.apply(variables, x, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), y).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
         return loss, (logits, upd["batch_stats"])
 
     if checkpoint:
         loss_fn = jax.checkpoint(loss_fn)
     if low_level:
         (_, (logits, new_bs)), (grads, stats) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(params, mabn_jax.init_probes(batch_stats))
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(params, mabn_jax.init_probes(batch_stats))
         return logits, grads, mabn_jax.record_backward_stats(new_bs, stats, batch_stats)
     (_, (logits, new_bs)), grads = mabn_jax.value_and_grad(
-        loss_fn, has_aux=True, batch_stats=batch_stats)(params)
+        loss_fn, has_aux=True, batch_stats=batch_stats
+    )(params)
     return logits, grads, new_bs
 
 
 def make_step(model, tx, checkpoint=False, low_level=False):
     def step(params, opt_state, batch_stats, x, y):
-        logits, grads, batch_stats = grads_fn(model, params, batch_stats, x, y, checkpoint,
-                                              low_level)
+        logits, grads, batch_stats = grads_fn(
+            model, params, batch_stats, x, y, checkpoint, low_level
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, batch_stats, logits
 
@@ -136,6 +137,7 @@ def test_lax_scan_over_train_steps_equals_python_loop_of_jitted_steps():
         def body(carry, batch):
             params, opt_state, bs, logits = step(*carry, *batch)
             return (params, opt_state, bs), logits
+
         return lax.scan(body, (params, opt_state, bs), (xs, ys))
 
     (params, _, bs), logits = train(v["params"], TX.init(v["params"]), v["batch_stats"], x, y)
@@ -183,8 +185,9 @@ def test_vmap_ensemble_member_equals_independent_run():
         assert_close(pick(bs), b, rtol=1e-5, atol=1e-6, what=f"member {i}")
         assert_close(pick(params), p, rtol=1e-5, atol=1e-6, what=f"member {i}")
         assert_close(pick(logits), out, rtol=1e-5, atol=1e-6, what=f"member {i}")
-    assert not np.allclose(bs["block"]["MABN_0"]["psi_window"][0],
-                           bs["block"]["MABN_0"]["psi_window"][1])
+    assert not np.allclose(
+        bs["block"]["MABN_0"]["psi_window"][0], bs["block"]["MABN_0"]["psi_window"][1]
+    )
 
 
 class ScanNet(nn.Module):
@@ -197,7 +200,9 @@ class ScanNet(nn.Module):
         scan = nn.scan(
             lambda block, carry, _: (block(carry), None),
             variable_axes={"params": 0, "batch_stats": 0, mabn_jax.PROBES: 0},
-            split_rngs={"params": True}, length=self.layers)
+            split_rngs={"params": True},
+            length=self.layers,
+        )
         x, _ = scan(Block(name="blocks"), x, None)
         return nn.Dense(3)(x)
 
@@ -287,7 +292,8 @@ def test_bf16_activations_keep_float32_statistics_and_state():
     config = F.MABNConfig(**MABN_KW)
     state = F.init_state((4,), config)
     y, new = jax.jit(lambda x, s: F.mabn_train(x, None, None, s, F.init_probes(s), config))(
-        x, state)
+        x, state
+    )
     assert y.dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))  # counters too
     exact = (np.asarray(x, np.float64) ** 2).mean(0)
@@ -300,8 +306,9 @@ def test_bf16_activations_keep_float32_statistics_and_state():
     step = jax.jit(make_step(model, TX))
     params, bs, opt_state = v["params"], v["batch_stats"], TX.init(v["params"])
     for t in range(STEPS):
-        params, opt_state, bs, logits = step(params, opt_state, bs,
-                                             xs[t].astype(jnp.bfloat16), ys[t])
+        params, opt_state, bs, logits = step(
+            params, opt_state, bs, xs[t].astype(jnp.bfloat16), ys[t]
+        )
     assert logits.dtype == jnp.bfloat16
     leaves = jax.tree.leaves((params, bs))
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)

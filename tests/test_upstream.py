@@ -16,9 +16,11 @@ from mabn_jax import _upstream
 
 
 def _broke(function: str, what: str) -> str:
-    return (f"mabn_jax._upstream.{function}: {what} with jax {jax.__version__}, flax "
-            f"{__import__('flax').__version__} (tested with {_upstream.TESTED_WITH}); "
-            "adapt that function to the new behaviour.")
+    return (
+        f"mabn_jax._upstream.{function}: {what} with jax {jax.__version__}, flax "
+        f"{__import__('flax').__version__} (tested with {_upstream.TESTED_WITH}); "
+        "adapt that function to the new behaviour."
+    )
 
 
 def test_per_apply_registry_is_private_to_each_apply_and_each_lifted_trace():
@@ -37,8 +39,12 @@ def test_per_apply_registry_is_private_to_each_apply_and_each_lifted_trace():
         def __call__(self, x):
             x = Leaf()(x)
             x = Leaf()(x)
-            body = nn.scan(lambda mdl, c, _: (Leaf()(c), None), variable_broadcast=False,
-                           split_rngs={}, length=2)
+            body = nn.scan(
+                lambda mdl, c, _: (Leaf()(c), None),
+                variable_broadcast=False,
+                split_rngs={},
+                length=2,
+            )
             return body(self, x, None)[0]
 
     model = Model()
@@ -46,16 +52,20 @@ def test_per_apply_registry_is_private_to_each_apply_and_each_lifted_trace():
     model.apply({}, x)
     first = seen[:]
     assert len(first) == 4  # two Leafs, then the scan body traced (and run) once more
-    assert first[0] is first[1], _broke("per_apply_registry",
-                                        "two modules of one apply got different root scopes")
+    assert first[0] is first[1], _broke(
+        "per_apply_registry", "two modules of one apply got different root scopes"
+    )
     assert first[0] == {("Leaf_0",), ("Leaf_1",)}, _broke(
-        "per_apply_registry", "the registry did not keep entries within one apply")
+        "per_apply_registry", "the registry did not keep entries within one apply"
+    )
     assert all(r is not first[0] for r in first[2:]), _broke(
-        "per_apply_registry", "an nn.scan body shares the outer apply's root scope")
+        "per_apply_registry", "an nn.scan body shares the outer apply's root scope"
+    )
     seen.clear()
     model.apply({}, x)
     assert seen[0] is not first[0] and len(seen[0]) == 2, _broke(
-        "per_apply_registry", "a second apply sees the first apply's registry")
+        "per_apply_registry", "a second apply sees the first apply's registry"
+    )
 
 
 def test_forward_mode_through_custom_vjp_is_recognized():
@@ -67,7 +77,8 @@ def test_forward_mode_through_custom_vjp_is_recognized():
     with pytest.raises(TypeError) as info:
         jax.jvp(f, (1.0,), (1.0,))
     assert _upstream.is_forward_mode_error(info.value), _broke(
-        "is_forward_mode_error", f"JAX's forward-mode error reads {str(info.value)!r}")
+        "is_forward_mode_error", f"JAX's forward-mode error reads {str(info.value)!r}"
+    )
     assert not _upstream.is_forward_mode_error(TypeError("unsupported operand"))
 
 
@@ -83,7 +94,8 @@ def test_in_nnx_capture_is_true_exactly_inside_nnx_capture():
     model(1.0)
     nnx.capture(model, nnx.Intermediate)(1.0)
     assert seen == [False, True], _broke(
-        "in_nnx_capture", f"outside / inside nnx.capture it read {seen}")
+        "in_nnx_capture", f"outside / inside nnx.capture it read {seen}"
+    )
 
 
 def test_the_layers_use_no_private_flax_module():
@@ -93,10 +105,21 @@ def test_the_layers_use_no_private_flax_module():
     import re
 
     root = pathlib.Path(mabn_jax.__file__).parent
-    imports = {p.name: re.findall(r"^\s*(?:from|import) (flax[\w.]*)", p.read_text(), re.M)
-               for p in root.glob("*.py")}
-    public = {"flax", "flax.core", "flax.linen", "flax.nnx", "flax.training.dynamic_scale",
-              "flax.linen.initializers", "flax.typing", "flax.traverse_util", "flax.nnx.nn"}
+    imports = {
+        p.name: re.findall(r"^\s*(?:from|import) (flax[\w.]*)", p.read_text(), re.M)
+        for p in root.glob("*.py")
+    }
+    public = {
+        "flax",
+        "flax.core",
+        "flax.linen",
+        "flax.nnx",
+        "flax.training.dynamic_scale",
+        "flax.linen.initializers",
+        "flax.typing",
+        "flax.traverse_util",
+        "flax.nnx.nn",
+    }
     private = {f: sorted(set(m) - public) for f, m in imports.items() if set(m) - public}
     assert not private, private
 
@@ -115,16 +138,27 @@ def test_inside_loop_since_sees_loop_bodies_between_two_traces():
         jax.vmap(lambda q: (record("vmap"), q)[1])(jnp.ones(2) * p)
         jax.lax.scan(lambda c, _: (record("scan"), (c, None))[1], p, None, length=2)
         jax.lax.fori_loop(0, 2, lambda i, c: (record("fori_loop"), c)[1], p)
-        jax.lax.while_loop(lambda c: (record("while_cond"), c < 1)[1],
-                           lambda c: (record("while_body"), c + 1)[1], p)
-        jax.jit(lambda q: jax.lax.scan(lambda c, _: (jax.jit(lambda: record("jit in scan"))(),
-                                                     (c, None))[1], q, None, length=2))(p)
+        jax.lax.while_loop(
+            lambda c: (record("while_cond"), c < 1)[1],
+            lambda c: (record("while_body"), c + 1)[1],
+            p,
+        )
+        jax.jit(
+            lambda q: jax.lax.scan(
+                lambda c, _: (jax.jit(lambda: record("jit in scan"))(), (c, None))[1],
+                q,
+                None,
+                length=2,
+            )
+        )(p)
         return p
 
     jax.grad(f)(0.0)
     loops = {"scan", "fori_loop", "while_cond", "while_body", "jit in scan"}
     for name, inside in seen.items():
         assert inside == (name in loops), _broke(
-            "inside_loop_since", f"code run {name!r} reads {inside}")
+            "inside_loop_since", f"code run {name!r} reads {inside}"
+        )
     assert not _upstream.inside_loop_since(object()), _broke(
-        "inside_loop_since", "an unrelated trace token is taken for an outer trace")
+        "inside_loop_since", "an unrelated trace token is taken for an outer trace"
+    )

@@ -10,9 +10,13 @@ def assert_trees_close(actual, expected, *, rtol, atol, what=""):
     flat_e = jax.tree.leaves(expected)
     assert len(flat_a) == len(flat_e)
     for (path, a), e in zip(flat_a, flat_e):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                                   rtol=rtol, atol=atol,
-                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64),
+            np.asarray(e, np.float64),
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"{what} {jax.tree_util.keystr(path)}",
+        )
 
 
 def assert_close(actual, expected, rtol=1e-6, atol=1e-7, what=""):
