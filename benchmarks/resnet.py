@@ -19,6 +19,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
+def _conv_norm(block, h, feats, kernel, strides, name, train):
+    """conv → norm (the conv keeps its bias only when the block has no norm)."""
+    conv = block.conv(feats, kernel, strides, use_bias=block.norm is None, name=f"{name}_conv")
+    h = conv(h)
+    if block.norm is not None:
+        h = block.norm(use_running_average=not train, name=f"{name}_norm")(h)
+    return h
+
+
 class BasicBlock(nn.Module):
     features: int
     strides: int
@@ -28,12 +37,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         def conv_norm(h, feats, kernel, strides, name):
-            h = self.conv(feats, kernel, strides, use_bias=self.norm is None, name=f"{name}_conv")(
-                h
-            )
-            if self.norm is not None:
-                h = self.norm(use_running_average=not train, name=f"{name}_norm")(h)
-            return h
+            return _conv_norm(self, h, feats, kernel, strides, name, train)
 
         h = nn.relu(conv_norm(x, self.features, (3, 3), self.strides, "a"))
         h = conv_norm(h, self.features, (3, 3), 1, "b")
@@ -53,12 +57,7 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         def conv_norm(h, feats, kernel, strides, name):
-            h = self.conv(feats, kernel, strides, use_bias=self.norm is None, name=f"{name}_conv")(
-                h
-            )
-            if self.norm is not None:
-                h = self.norm(use_running_average=not train, name=f"{name}_norm")(h)
-            return h
+            return _conv_norm(self, h, feats, kernel, strides, name, train)
 
         h = nn.relu(conv_norm(x, self.features, (1, 1), 1, "a"))
         h = nn.relu(conv_norm(h, self.features, (3, 3), self.strides, "b"))
