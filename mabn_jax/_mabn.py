@@ -365,12 +365,16 @@ def mabn_train_with_stats(
     check_probes_vary(probes.psi, inv, cfg.axis_name)
     scale, bias = S.affine_params(scale, bias, feature_shape, sdt)
     x_axes = varying_axes(x)
-    scale, bias = vary_like(scale, x_axes), vary_like(bias, x_axes)
+    in_backward = _sync_in_backward(cfg, x_axes)
+    # Synchronized in the backward pass: γ, β stay replicated over the synchronized
+    # axes, and their gradients come from that pass's all-reduce (see _normalize_bwd).
+    param_axes = x_axes - frozenset(_axis_names(cfg.axis_name)) if in_backward else x_axes
+    scale, bias = vary_like(scale, param_axes), vary_like(bias, param_axes)
     spec = _Spec(
         split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg, recorded
     )
     try:
-        normalize = _normalize if cfg.axis_name is None else _normalize_named
+        normalize = _normalize if cfg.axis_name is None or in_backward else _normalize_named
         y = normalize(spec, split.x, scale, bias, probes, ctx)
     except TypeError as e:
         if not _upstream.is_forward_mode_error(e):
@@ -450,15 +454,42 @@ def _normalize_fwd(spec: _Spec, x, scale, bias, probes, ctx):
 def _normalize_bwd(spec: _Spec, res, dy):
     x, scale, bias, probes, ctx = res
     sums, dscale, dbias = _local_sums(spec, res, dy)
-    sync = functools.partial(
-        S.pmean, axis_name=spec.config.axis_name, axis_index_groups=spec.config.axis_index_groups
-    )
-    dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sync(sums))
+    name = spec.config.axis_name
+    if name is not None:  # synchronized over shard_map axes (_sync_in_backward)
+        # One all-reduce serves both: the mean of the devices' sums normalizes, and
+        # γ, β (replicated over these axes) take its total as their gradient.
+        sums = lax.pmean(sums, name)
+        devices = lax.psum(1, name)
+        dscale, dbias = (
+            (devices * v.reshape((-1,) + v.shape[-len(scale.shape) :]).sum(0)).astype(p.dtype)
+            for v, p in zip(sums, (scale, bias))
+        )
+    dx, dprobes = _finish(spec, x, scale, probes, ctx, dy, sums)
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
 
+def _axis_names(axis_name) -> tuple:
+    return () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _sync_in_backward(cfg: MABNConfig, x_axes: frozenset) -> bool:
+    """Whether the backward sums can be synchronized inside the backward pass:
+    the axes are ``shard_map``'s (bound wherever the gradient is taken) and the
+    whole axis is averaged. Otherwise (``vmap``/``pmap`` axes, which a gradient
+    taken outside them no longer binds, or ``axis_index_groups``) the two-stage
+    path below is used."""
+    names = _axis_names(cfg.axis_name)
+    return bool(names) and cfg.axis_index_groups is None and set(names) <= x_axes
+
+
 def _local_sums(spec: _Spec, res, dy):
-    """(``a·Σdy·z`` and ``a·Σdy`` of this device's batch, stacked; dγ; dβ)."""
+    """(this device's backward sums; dγ; dβ).
+
+    The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group, i.e. the groups' own
+    dγ and dβ: with one group they *are* dγ and dβ, so under ``shard_map``
+    the all-reduce that synchronizes them is the one that sums the replicated
+    γ's and β's gradients over devices, and XLA keeps one of the two.
+    """
     if not spec.recorded:
         raise ValueError(_UNRECORDED)
     x, scale, bias, probes, ctx = res
@@ -475,17 +506,13 @@ def _local_sums(spec: _Spec, res, dy):
         if ctx.mean is None
         else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean))
     )
-    sum_dyz = (dy * xc).sum(spec.reduction_axes) * ctx.inv
-    a = scale * ctx.r  # ĝ = dy · a
-    dscale = ctx.r * sum_dyz
+    dscale = ctx.r * ((dy * xc).sum(spec.reduction_axes) * ctx.inv)
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
-    dscale, dbias = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
-    return (
-        jnp.stack([a * sum_dyz, a * sum_dy]),
-        dscale.astype(scale.dtype),
-        dbias.astype(bias.dtype),
-    )
+    dscale_all, dbias_all = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
+    dscale_all, dbias_all = dscale_all.astype(scale.dtype), dbias_all.astype(bias.dtype)
+    sums = (dscale_all, dbias_all) if dscale.shape[0] == 1 else (dscale, sum_dy)
+    return sums, dscale_all, dbias_all
 
 
 def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
@@ -508,17 +535,20 @@ def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         return used, weight(_final_window(sl, jnp.zeros_like(window), replicate(value)))
 
     def replicate(value):
-        # Two-stage (named axis): under shard_map the averaged sums arrive typed as
-        # varying over the synchronized axes, though equal across them; a state
-        # (probe) replicated over those axes takes them back as replicated.
+        # Under shard_map the statistic can be typed as varying over axes where it is
+        # equal (the two-stage path's averaged sums) or not (a per-device mask
+        # count); a state (probe) replicated over those axes takes their mean.
         extra = tuple(sorted(varying_axes(value) - varying_axes(probes.psi)))
-        return lax.pmean(value, extra) if probe_weight is not None and extra else value
+        return lax.pmean(value, extra) if extra else value
 
-    psi, psi_cot = windowed(ctx.psi_window, sums[0])
+    sum_dscale, sum_dy = (v.astype(dtype).reshape(ctx.inv.shape) for v in sums)
+    # a·Σdy·z = γ·(dγ − d·Σdy) and a·Σdy = γ·r·Σdy, with a = γ·r.
+    sum_dyz = sum_dscale if ctx.d is None else sum_dscale - ctx.d * sum_dy
+    psi, psi_cot = windowed(ctx.psi_window, scale * sum_dyz)
     dxs = dy * b(a) - keep(z * b(psi))
     g_cot = None
     if ctx.g_window is not None:
-        g, g_cot = windowed(ctx.g_window, sums[1])
+        g, g_cot = windowed(ctx.g_window, a * sum_dy)
         dxs = dxs - keep(b(g))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
     dprobes = Probes(
@@ -547,7 +577,7 @@ def _normalize_named(spec: _Spec, x, scale, bias, probes, ctx):
     cfg = spec.config
     axes = varying_axes(x)
     x1, zeros = _enter(spec, x, scale, probes, ctx, _probe_weight(x, probes.psi))
-    synced = vary_like(S.pmean(zeros, cfg.axis_name, cfg.axis_index_groups), axes)
+    synced = tuple(vary_like(S.pmean(z, cfg.axis_name, cfg.axis_index_groups), axes) for z in zeros)
     return _normalize_synced(spec, x1, scale, bias, ctx, synced)
 
 
@@ -563,11 +593,14 @@ def _enter(spec: _Spec, x, scale, probes, ctx, probe_weight):
 def _enter_fwd(spec: _Spec, x, scale, probes, ctx, probe_weight):
     # Zeros that vary (are batched) like x: their pmean then transposes to the mean
     # of the per-instance sums, not to their total.
+    # Shaped like the sums of _local_sums: γ's shape with one group.
     first = lax.stop_gradient(x.reshape(-1)[0])
-    zeros = jnp.zeros((2,) + ctx.inv.shape, ctx.inv.dtype) + jnp.where(
-        first == first, 0.0, 0.0
-    ).astype(ctx.inv.dtype)
-    out = (x.astype(_carry_dtype(spec, x)), vary_like(zeros, varying_axes(x)))
+    shape = ctx.inv.shape[1:] if ctx.inv.shape[0] == 1 else ctx.inv.shape
+    zero = jnp.zeros(shape, ctx.inv.dtype) + jnp.where(first == first, 0.0, 0.0).astype(
+        ctx.inv.dtype
+    )
+    zeros = (vary_like(zero, varying_axes(x)),) * 2
+    out = (x.astype(_carry_dtype(spec, x)), zeros)
     return out, (x, scale, probes, ctx, probe_weight)
 
 
