@@ -80,7 +80,7 @@ _BYTES = {
 }
 
 
-def make_model(kind, axis_name=None):
+def make_model(kind, axis_name=None, net=ResNet50):
     """``kind``: MABN, BN, GN (GroupNorm(32), cannot fold) or folded (conv + bias)."""
     if kind == "MABN":
         conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, axis_name=axis_name)
@@ -96,7 +96,7 @@ def make_model(kind, axis_name=None):
         conv, norm = nn.Conv, None
     else:
         raise ValueError(kind)
-    return ResNet50(conv=conv, norm=norm, dtype=jnp.bfloat16)
+    return net(conv=conv, norm=norm, dtype=jnp.bfloat16)
 
 
 def train_step(kind, model, tx, global_batch):
@@ -125,9 +125,8 @@ def train_step(kind, model, tx, global_batch):
     return step
 
 
-def _abstract_state(kind, tx):
-    model = make_model(kind)
-    x = jax.ShapeDtypeStruct((1, *IMAGE), jnp.bfloat16)
+def _abstract_state(model, tx, image):
+    x = jax.ShapeDtypeStruct((1, *image), jnp.bfloat16)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
     params = variables["params"]
     return params, variables.get("batch_stats", {}), jax.eval_shape(tx.init, params)
@@ -143,14 +142,17 @@ def _sds(tree, sharding, lead=None):
     return jax.tree_util.tree_map(one, tree)
 
 
-def compile_train(kind, mode, devices):
+def compile_train(kind, mode, devices, make=None, image=IMAGE):
+    """The compiled train step; ``make(kind, axis_name)`` builds the model
+    (default :func:`make_model`, ResNet-50) for ``image``-sized inputs."""
+    make = make or make_model
     n = len(devices)
     mesh = Mesh(devices, (AXIS,))
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     tx = optax.sgd(0.1, momentum=0.9)
-    params, stats, opt = _abstract_state(kind, tx)
+    params, stats, opt = _abstract_state(make(kind), tx, image)
     gb = n * PER_CHIP
-    x = jax.ShapeDtypeStruct((gb, *IMAGE), jnp.bfloat16, sharding=shard)
+    x = jax.ShapeDtypeStruct((gb, *image), jnp.bfloat16, sharding=shard)
     y = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=shard)
     local = mode == "local"
     args = (
@@ -161,10 +163,10 @@ def compile_train(kind, mode, devices):
         y,
     )
     if mode == "spmd":
-        step = train_step(kind, make_model(kind), tx, gb)
+        step = train_step(kind, make(kind), tx, gb)
         fn = jax.jit(step, out_shardings=(rep, rep, rep, rep))
     else:
-        model = make_model(kind, axis_name=None if local else AXIS)
+        model = make(kind, axis_name=None if local else AXIS)
         inner = train_step(kind, model, tx, gb)
 
         def body(params, stats, opt, x, y):
