@@ -307,6 +307,37 @@ def _other(b, m):
     return f"{one(b)}; {one(m)}"
 
 
+def split_table():
+    """Where MABN's step differs from BN's: each of its two changes alone, one v5e chip."""
+    print(
+        "\n### ResNet-50 train step on one v5e chip: the convolution and the norm swapped "
+        "separately (TPU compiler's cost model and memory plan)\n"
+    )
+    device = tpu_devices("v5e:2x2")[:1]
+    rows, base = [], None
+    for conv in ("nn.Conv", "CenteredConv"):
+        for kind in ("BN", "MABN"):
+
+            def make(kind, axis_name=None, conv=conv):
+                model = make_model(kind, axis_name)
+                cls = nn.Conv if conv == "nn.Conv" else mabn_jax.CenteredConv
+                return model.clone(conv=cls)
+
+            f = figures(compile_train(kind, "spmd", device, make=make))
+            base = base or f
+            print(f"  {conv} + {kind}: {f}", file=sys.stderr, flush=True)
+            rows.append(
+                [
+                    f"{conv} + {kind}",
+                    _mib(f["bytes"]),
+                    f"{f['bytes'] / base['bytes']:.3f}",
+                    _mib(f["peak"]),
+                    f"{f['peak'] / base['peak']:.3f}",
+                ]
+            )
+    table(["model", "MiB accessed", "bytes / BN", "peak MiB", "peak / BN"], rows)
+
+
 def infer_table(batch):
     """Inference on one v5e chip: MABN and BN folded by fold_params, GroupNorm unfolded."""
     print(
@@ -360,7 +391,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="16 chips of v5e only")
-    p.add_argument("--only", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument(
+        "--only", default="train,split,infer", help="comma-separated: train, split, infer"
+    )
     p.add_argument("--gens", default="v5e,v5p", help="comma-separated of: " + ",".join(TOPOLOGIES))
     p.add_argument("--chips", default="16,256", help="comma-separated of: 16, 256")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated of: spmd, sync, local")
@@ -372,6 +405,8 @@ def main(argv=None):
     only = args.only.split(",")
     if "train" in only:
         train_table(gens, chips, args.modes.split(","))
+    if "split" in only:
+        split_table()
     if "infer" in only:
         infer_table(PER_CHIP)
 
