@@ -54,6 +54,7 @@ aot-install: $(AOT_STAMP)
 aot: $(AOT_STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_resnet.py $(AOT_ARGS) $(RESNET_ARGS)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_pallas.py
 
 demo: $(STAMP)
 	$(PY) examples/small_batch.py
