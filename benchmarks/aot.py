@@ -105,13 +105,17 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="one batch-2 and one batch-32 shape")
+    p.add_argument("--smoke", action="store_true", help="a test: one tiny float32 shape")
     args = p.parse_args(argv)
     print(f"## mabn_jax on the TPU compiler (deviceless; jax {jax.__version__})")
     device = tpu_device()
     shapes = [(b, h, w, c) for b in (2, 32) for h, w, c in STAGES]
     if args.quick:
         shapes = [(2, 7, 7, 2048), (32, 56, 56, 256)]
-    layer_table(shapes, (jnp.float32, jnp.bfloat16), device)
+    dtypes = (jnp.float32, jnp.bfloat16)
+    if args.smoke:  # the table's code in seconds (tests/test_scripts_smoke.py)
+        shapes, dtypes = [(2, 4, 4, 32)], (jnp.float32,)
+    layer_table(shapes, dtypes, device)
 
 
 if __name__ == "__main__":

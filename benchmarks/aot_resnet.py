@@ -397,7 +397,16 @@ def main(argv=None):
     p.add_argument("--gens", default="v5e,v5p", help="comma-separated of: " + ",".join(TOPOLOGIES))
     p.add_argument("--chips", default="16,256", help="comma-separated of: 16, 256")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated of: spmd, sync, local")
+    p.add_argument(
+        "--smoke", action="store_true", help="a test: a one-block ResNet, 4 v5e chips, sync"
+    )
     args = p.parse_args(argv)
+    if args.smoke:  # the tables' code on a small model, in seconds (tests/test_scripts_smoke.py)
+        global ResNet50, IMAGE
+        ResNet50 = functools.partial(ResNet50, stage_sizes=(1,), widths=(32,), num_classes=10)
+        IMAGE, TOPOLOGIES["v5e"][4] = (32, 32, 3), "v5e:2x2"
+        args.gens, args.chips, args.modes = "v5e", "4", "sync"
+        print("(smoke: a one-block ResNet at 32×32 stands in for ResNet-50)")
     gens, chips = args.gens.split(","), [int(c) for c in args.chips.split(",")]
     if args.quick:
         gens, chips = ["v5e"], [16]

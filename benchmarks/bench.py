@@ -1,8 +1,10 @@
 """MABN vs nn.BatchNorm / GroupNorm / LayerNorm: speed and memory, side by side.
 
 Run with ``make bench`` (``python benchmarks/bench.py``); ``--full`` runs more
-repetitions and the ResNet train step at a larger batch. Every number is a
-ratio to ``nn.BatchNorm`` measured in the same process: all variants are
+repetitions and the ResNet train step at a larger batch; ``--smoke`` runs every
+section once on tiny programs, compiled without most optimizations (a test that the
+script works: its numbers mean nothing). Every number is a ratio to
+``nn.BatchNorm`` measured in the same process: all variants are
 compiled and warmed up first, then timed in interleaved rounds (each round
 times every variant once, in rotating order, so background load hits all of
 them alike); the ratio is the median over rounds of the per-round ratios.
@@ -167,13 +169,13 @@ def layer_modules(dtype, channels):
     }
 
 
-def bench_layers(batches, dtypes, rounds):
+def bench_layers(batches, dtypes, rounds, stages=STAGES):
     print(f"\n### Layer fwd+bwd (time / nn.BatchNorm, median of {rounds} rounds)\n")
     names = list(layer_modules(jnp.float32, 32))
     rows = []
     for dtype in dtypes:
         for b in batches:
-            for h, w, c in STAGES:
+            for h, w, c in stages:
                 key = jax.random.PRNGKey(b * c)
                 x = jax.random.normal(key, (b, h, w, c), dtype)
                 dy = jax.random.normal(jax.random.fold_in(key, 1), (b, h, w, c), dtype)
@@ -194,22 +196,29 @@ def bench_layers(batches, dtypes, rounds):
 # ---------------------------------------------------------------- ResNet
 
 
+# Keyword arguments of the ResNet the train, infer and memory sections build: none
+# (resnet.py's ResNet10); --smoke sets one stage of 16 channels.
+RESNET: dict = {}
+
+
 def make_model(kind, dtype=jnp.float32):
     if kind == "MABN":
-        return ResNet(conv=mabn_jax.CenteredConv, norm=mabn_jax.MABN, dtype=dtype)
-    if kind == "BN":
-        return ResNet(conv=nn.Conv, norm=nn.BatchNorm, dtype=dtype)
-    if kind == "GN":
+        conv, norm = mabn_jax.CenteredConv, mabn_jax.MABN
+    elif kind == "BN":
+        conv, norm = nn.Conv, nn.BatchNorm
+    elif kind == "GN":
         gn = lambda use_running_average, **kw: nn.GroupNorm(num_groups=16, **kw)
-        return ResNet(conv=nn.Conv, norm=gn, dtype=dtype)
-    if kind == "LN":
+        conv, norm = nn.Conv, gn
+    elif kind == "LN":
         ln = lambda use_running_average, **kw: nn.LayerNorm(
             reduction_axes=(1, 2, 3), feature_axes=-1, **kw
         )
-        return ResNet(conv=nn.Conv, norm=ln, dtype=dtype)
-    if kind == "folded":
-        return ResNet(conv=nn.Conv, norm=None, dtype=dtype)
-    raise ValueError(kind)
+        conv, norm = nn.Conv, ln
+    elif kind == "folded":
+        conv, norm = nn.Conv, None
+    else:
+        raise ValueError(kind)
+    return ResNet(conv=conv, norm=norm, dtype=dtype, **RESNET)
 
 
 def train_step_fn(kind, model, tx):
@@ -385,10 +394,10 @@ def residual_bytes_layer(module, x):
     return _nbytes(vjp)
 
 
-def bench_memory(train_mem, batch):
+def bench_memory(train_mem, batch, shape=(2, 56, 56, 256)):
     print("\n### Memory: residuals saved for the backward pass, and XLA temp buffers\n")
     rows = []
-    x = jnp.ones((2, 56, 56, 256))
+    x = jnp.ones(shape)
     for name, m in (
         ("BN", nn.BatchNorm()),
         ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
@@ -399,7 +408,7 @@ def bench_memory(train_mem, batch):
         mem = f.lower(*args).compile().memory_analysis()
         rows.append(
             [
-                f"{name} layer (2,56,56,256) f32",
+                f"{name} layer ({','.join(map(str, shape))}) f32",
                 f"{residual_bytes_layer(m, x) / 2**20:.2f} MiB",
                 f"{mem.temp_size_in_bytes / 2**20:.2f} MiB",
                 f"{(mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20:.2f} MiB",
@@ -497,13 +506,28 @@ def main(argv=None):
     )
     p.add_argument("--full", action="store_true", help="more rounds; batch 32 train step")
     p.add_argument(
+        "--smoke", action="store_true", help="one round on tiny shapes (a test, not a measurement)"
+    )
+    p.add_argument(
         "--only", default="layer,train,infer,memory,hlo", help="comma-separated sections to run"
     )
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
     rounds = 15 if args.full else 5
     train_batch = 32 if args.full else 8
-    print(f"## mabn_jax benchmark ({'full' if args.full else 'quick'})\n")
+    batches, dtypes, stages = (2, 32), (jnp.float32, jnp.bfloat16), STAGES
+    shape = (2, 56, 56, 256)  # the memory and hlo sections' layer input
+    if args.smoke:  # every section's code on tiny programs, compiled fast: no measurement
+        rounds, train_batch, batches, dtypes = 1, 2, (2,), (jnp.float32,)
+        stages, shape = [(4, 4, 32)], (2, 4, 4, 32)
+        RESNET.update(stage_sizes=(1,), widths=(16,))
+        jax.config.update("jax_disable_most_optimizations", True)
+    mode = (
+        "smoke: a one-block ResNet stands in for ResNet10"
+        if args.smoke
+        else ("full" if args.full else "quick")
+    )
+    print(f"## mabn_jax benchmark ({mode})\n")
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, devices "
         f"{[d.device_kind for d in jax.devices()]}, {os.cpu_count()} CPUs, "
@@ -511,17 +535,17 @@ def main(argv=None):
     )
     t0 = time.time()
     if "layer" in sections:
-        bench_layers(batches=(2, 32), dtypes=(jnp.float32, jnp.bfloat16), rounds=rounds)
+        bench_layers(batches, dtypes, rounds, stages)
     train_mem = None
     if "train" in sections or "memory" in sections:
         train_mem = bench_train(train_batch, rounds=3 * rounds)
     if "infer" in sections:
         bench_inference(train_batch, rounds=3 * rounds)
     if "memory" in sections:
-        bench_memory(train_mem, train_batch)
+        bench_memory(train_mem, train_batch, shape)
     if "hlo" in sections:
-        hlo_report(jnp.float32)
-        hlo_report(jnp.bfloat16)
+        for dtype in dtypes:
+            hlo_report(dtype, shape)
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 

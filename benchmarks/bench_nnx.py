@@ -1,6 +1,8 @@
 """MABN in Flax NNX vs ``nnx.BatchNorm``: the train step, as a time ratio.
 
-``python benchmarks/bench_nnx.py [--rounds 15] [--batch 8]``. The model is
+``python benchmarks/bench_nnx.py [--rounds 15] [--batch 8] [--smoke]`` (``--smoke``: a
+one-block model, one round, compiled without most optimizations: a test that the
+script works, whose numbers mean nothing). The model is
 bench.py's ResNet10 (BasicBlock, stages 1-1-1-1, widths 16-32-64-128, 3×3
 stem) written in NNX, on 32×32×3 images, float32, SGD with momentum via
 ``nnx.Optimizer``: ``nnx.Conv`` + ``nnx.BatchNorm`` with ``nnx.value_and_grad``
@@ -98,9 +100,9 @@ def step_fn(value_and_grad):
     return train_step
 
 
-def setup(kind: str, batch: int):
+def setup(kind: str, batch: int, widths=(16, 32, 64, 128)):
     mabn = kind == "MABN"
-    model = ResNet10(mabn, nnx.Rngs(0))
+    model = ResNet10(mabn, nnx.Rngs(0), widths)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
@@ -119,10 +121,10 @@ def compiled_step(model, optimizer, x, y, step):
     return functools.partial(jax.jit(pure).lower(state, x, y).compile(), state, x, y)
 
 
-def bench(batch: int, rounds: int) -> dict:
+def bench(batch: int, rounds: int, widths=(16, 32, 64, 128)) -> dict:
     jitted, cached, compiled = {}, {}, {}
     for kind in ("BN", "MABN"):
-        model, optimizer, x, y, step = setup(kind, batch)
+        model, optimizer, x, y, step = setup(kind, batch, widths)
         compiled[kind] = compiled_step(model, optimizer, x, y, step)
         fn = nnx.jit(step)
         jax.block_until_ready(fn(model, optimizer, x, y))  # compile
@@ -141,7 +143,12 @@ def main(argv=None):
     )
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="a test, not a measurement (see above)")
     args = p.parse_args(argv)
+    widths = (16, 32, 64, 128)
+    if args.smoke:
+        args.rounds, args.batch, widths = 1, 2, (16,)
+        jax.config.update("jax_disable_most_optimizations", True)
     print(
         f"## mabn_jax NNX train step vs nnx.BatchNorm\n\njax {jax.__version__}, backend "
         f"{jax.default_backend()}, {os.cpu_count()} CPUs, "
@@ -152,7 +159,7 @@ def main(argv=None):
         f"SGD+momentum (median of {args.rounds} rounds)\n"
     )
     t0 = time.time()
-    results = bench(args.batch, args.rounds)
+    results = bench(args.batch, args.rounds, widths)
     rows = []
     for how, res in results.items():
         for kind in ("BN", "MABN"):

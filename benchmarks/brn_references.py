@@ -21,11 +21,14 @@ warm-up (y is about unit scale: γ = 1, β = 0), the largest |Δ ∂L/∂x| afte
 warm-up relative to the largest |∂L/∂x|, and the largest |Δy| at inference
 after the run.
 
-Run: ``python benchmarks/brn_references.py`` (about 25 s on 2 CPU cores).
+Run: ``python benchmarks/brn_references.py`` (about 25 s on 2 CPU cores);
+``--smoke``: 60 steps (past sbx's warm-up of 50) instead of 300, a test that the
+script works.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -255,9 +258,15 @@ def cases():
     return out
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true", help="60 steps instead of 300 (a test)")
+    steps = 60 if p.parse_args(argv).smoke else 300
     print(
-        f"jax {jax.__version__}, float64; 300 steps of 16 drifting features; gamma = 1, beta = 0\n"
+        f"jax {jax.__version__}, float64; {steps} steps of 16 drifting features; "
+        "gamma = 1, beta = 0\n"
     )
     print(
         "| reference and setting | max abs Δy, warm-up | max abs Δy, training | "
@@ -265,7 +274,7 @@ def main():
     )
     print("| --- | --- | --- | --- | --- |")
     for case in cases():
-        warm, dy, dx, infer = run(case)
+        warm, dy, dx, infer = run(case, steps)
         warm = "-" if warm is None else f"{warm:.1e}"
         print(f"| {case.name} | {warm} | {dy:.1e} | {dx:.1e} | {infer:.1e} |", flush=True)
 

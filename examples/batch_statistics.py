@@ -15,7 +15,7 @@ statistics moving-averaged, is not drawn; what it needs at batch 2 on this
 MLP is in docs/centered.md.)
 
 Run: ``python examples/batch_statistics.py`` (about a minute on 2 CPU cores);
-writes ``out/batch_statistics.png``.
+writes ``out/batch_statistics.png``. ``--quick``: 20 steps, a smoke test.
 """
 
 from __future__ import annotations
@@ -111,7 +111,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--out", default="out")
+    p.add_argument("--quick", action="store_true", help="smoke test: 20 steps")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps = 20
     runs = {
         "BN, batch 32": record(32, False, args.steps),
         "BN, batch 2": record(2, False, args.steps),

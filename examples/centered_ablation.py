@@ -200,14 +200,24 @@ def main(argv=None):
     )
     p.add_argument("--size", type=int, default=16, help="convnet: image size (upsampled)")
     p.add_argument("--lr", type=float, default=0.1 * 2 / 32, help="convnet: peak learning rate")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: MLP rows plain, centered and BN's backward (the patch); 1 seed, "
+        "1 epoch, true batch 2",
+    )
     args = p.parse_args(argv)
+    variants = VARIANTS
+    if args.quick:
+        args.seeds, args.epochs, args.regimes = 1, 1, "true"
+        variants = [VARIANTS[i] for i in (0, 1, 4)]
     if args.model == "convnet":
         return convnet_main(args)
     regimes = args.regimes.split(",")
     data = sb.load_data("digits", None)
     t0 = time.time()
     rows = []
-    for label, norm, raw, batch_stats in VARIANTS:
+    for label, norm, raw, batch_stats in variants:
         cells = []
         for regime in regimes:
             nb, gb = REGIMES[regime]

@@ -15,6 +15,7 @@ follows plain ones. At evaluation every model uses its running statistics,
 averaged over the devices. Run::
 
     python examples/data_parallel.py            # ~1-2 minutes on 2 CPU cores
+    python examples/data_parallel.py --quick    # a smoke test: 1 seed, 20 steps
 
 "train loss" is the mean training-mode loss over the last 10% of the steps.
 """
@@ -147,11 +148,14 @@ def run(norm, sync, data, steps, seed):
     return tail, float((np.asarray(logits).argmax(-1) == y_test).mean())
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 1 seed, 20 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds = 20, 1
     assert jax.device_count() == N_DEV, jax.devices()
 
     digits = load_digits()

@@ -297,10 +297,6 @@ def finetune(method: str, batch: int, lrs, pretrained, tasks, epochs: int, width
 # ----------------------------------------------------------------------------- main
 
 
-def cell(errors) -> str:
-    return f"{errors.mean():5.2f} ± {errors.std():4.2f}"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -323,7 +319,7 @@ def main(argv=None):
     pretrained, pre_err = pretrain(tasks, seeds, pre_epochs, widths)
     print(
         f"pretrained BN ResNet{widths} on digits 0-4 at batch 32, {pre_epochs} epochs: "
-        f"test error {cell(pre_err)} % on digits 0-4",
+        f"test error {sb.cell(pre_err)} % on digits 0-4",
         flush=True,
     )
     ref = ("BN", sb.REFERENCE_BATCH)
@@ -347,26 +343,20 @@ def main(argv=None):
         f"jax {jax.__version__} ({jax.default_backend()})\n"
     )
     best = {k: int(np.argmin(v[0].mean(axis=1))) for k, v in results.items()}
-    print("| fine-tuning |" + "".join(f" batch {b} |" for b in batches))
-    print("|" + " --- |" * (len(batches) + 1))
-    for method in METHODS:
-        print(
-            f"| {LABELS[method]} |"
-            + "".join(
-                f" {cell(results[(method, b)][1][best[(method, b)]])}"
-                f" (lr {lrs[best[(method, b)]]}) |"
-                for b in batches
-            )
-        )
-    print(
-        f"| {LABELS['BN@32']} |"
-        + f" {cell(results[ref][1][best[ref]])} (lr {lrs[best[ref]]}) |" * len(batches)
+    at_best = lambda k: f"{sb.cell(results[k][1][best[k]])} (lr {lrs[best[k]]})"
+    sb.print_table(
+        ["fine-tuning"] + [f"batch {b}" for b in batches],
+        [[LABELS[m]] + [at_best((m, b)) for b in batches] for m in METHODS]
+        + [[LABELS["BN@32"]] + [at_best(ref)] * len(batches)],
     )
     print("\nValidation error (%) for each learning rate (mean over seeds):\n")
-    print("| fine-tuning, batch |" + "".join(f" lr {lr} |" for lr in lrs))
-    print("|" + " --- |" * (len(lrs) + 1))
-    for (method, batch), (val, _) in results.items():
-        print(f"| {method}, {batch} |" + "".join(f" {v:5.2f} |" for v in val.mean(axis=1)))
+    sb.print_table(
+        ["fine-tuning, batch"] + [f"lr {lr}" for lr in lrs],
+        [
+            [f"{m}, {b}"] + [f"{v:5.2f}" for v in val.mean(axis=1)]
+            for (m, b), (val, _) in results.items()
+        ],
+    )
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "finetune.json")

@@ -363,6 +363,12 @@ def cell(errors) -> str:
     return f"{errors.mean():5.2f} ± {errors.std():4.2f}"
 
 
+def print_table(header, rows) -> None:
+    """A Markdown table (as docs/*.md quote it): a header row, then one row per list of cells."""
+    for cells in [header, ["---"] * len(header), *rows]:
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
 def gap_closed(bn_ref: float, bn_n: float, err: float) -> float | None:
     """(err BN@n − err X@n) / (err BN@n − err BN@32); None if no real gap (≤ 1 point)."""
     gap = bn_n - bn_ref
@@ -441,15 +447,14 @@ def main(argv=None):
     )
     for model in models:
         print(f"\n{model}:\n")
-        print("| normalization |" + "".join(f" {COLUMNS[c][0]} |" for c in columns))
-        print("|" + " --- |" * (len(columns) + 1))
-        print("| BatchNorm at 32 (reference) |" + f" {cell(results[ref[model]])} |" * len(columns))
-        for norm in norms:
-            print(
-                f"| {LABELS[norm]} | "
-                + " | ".join(cell(results[table[(model, c, norm)]]) for c in columns)
-                + " |"
-            )
+        print_table(
+            ["normalization"] + [COLUMNS[c][0] for c in columns],
+            [["BatchNorm at 32 (reference)"] + [cell(results[ref[model]])] * len(columns)]
+            + [
+                [LABELS[norm]] + [cell(results[table[(model, c, norm)]]) for c in columns]
+                for norm in norms
+            ],
+        )
 
     summary = {}
     print(
@@ -457,8 +462,7 @@ def main(argv=None):
         "above (two-pass variance); '-' where BN@n is within 1 point of BN@32 (no gap):\n"
     )
     others = [n for n in norms if n != "BN"]
-    print("| model, regime | BN@32 | BN@n |" + "".join(f" {LABELS[n]} |" for n in others))
-    print("|" + " --- |" * (len(others) + 3))
+    rows = []
     for model in models:
         for c in columns:
             bn_ref, bn_n = err(ref[model]), err(table[(model, c, "BN")])
@@ -470,11 +474,8 @@ def main(argv=None):
                     bn32=bn_ref, bn_n=bn_n, err=e, gap=bn_n - bn_ref, closed=closed
                 )
                 row.append("-" if closed is None else f"{100 * closed:.0f} %")
-            print(
-                f"| {model}, {COLUMNS[c][0]} | {bn_ref:.2f} | {bn_n:.2f} | "
-                + " | ".join(row)
-                + " |"
-            )
+            rows.append([f"{model}, {COLUMNS[c][0]}", f"{bn_ref:.2f}", f"{bn_n:.2f}", *row])
+    print_table(["model, regime", "BN@32", "BN@n"] + [LABELS[n] for n in others], rows)
     print(
         "\nThe paper (ResNet-50, ImageNet, top-1 error %): "
         + ", ".join(f"{k} {v}" for k, v in PAPER_IMAGENET_ERROR.items())
@@ -487,34 +488,27 @@ def main(argv=None):
             "rules: ghost_ema='step' (one update per call, the authors' layer; the table "
             "above) and 'group' (one per ghost batch):\n"
         )
-        print(
-            "| normalization |"
-            + "".join(f" {m}, '{r}' |" for m in models for r in ("step", "group"))
-        )
-        print("|" + " --- |" * (2 * len(models) + 1))
-        for norm in mabn_norms:
-            print(
-                f"| {LABELS[norm]} | "
-                + " | ".join(
+        print_table(
+            ["normalization"] + [f"{m}, '{r}'" for m in models for r in ("step", "group")],
+            [
+                [LABELS[norm]]
+                + [
                     cell(results[s])
                     for m in models
                     for s in (table[(m, "simulated", norm)], group_rule[(m, norm)])
-                )
-                + " |"
-            )
+                ]
+                for norm in mabn_norms
+            ],
+        )
 
     print(
         f"\nTest error (%) against normalization batch size, {sweep_model}, gradient batch "
         f"{REFERENCE_BATCH} (the plot):\n"
     )
-    print("| normalization |" + "".join(f" {nb} |" for nb in sweep_sizes))
-    print("|" + " --- |" * (len(sweep_sizes) + 1))
-    for norm in sweep_norms:
-        print(
-            f"| {LABELS[norm]} | "
-            + " | ".join(cell(results[sweep[(norm, nb)]]) for nb in sweep_sizes)
-            + " |"
-        )
+    print_table(
+        ["normalization", *sweep_sizes],
+        [[LABELS[n]] + [cell(results[sweep[(n, nb)]]) for nb in sweep_sizes] for n in sweep_norms],
+    )
     if "true1" in columns:
         print(
             "\nBatchNorm at batch 1 normalizes each feature over one example: dense "

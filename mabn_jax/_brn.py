@@ -73,6 +73,13 @@ class BatchRenormState(NamedTuple):
 def init_state(feature_shape, dtype=jnp.float32) -> BatchRenormState:
     """The layer's state before the first step: mean 0, variance 1, step 0.
 
+    Args:
+      feature_shape: the features' shape (one entry per feature axis).
+      dtype: the state's dtype (float32 or wider).
+
+    Returns:
+      A :class:`BatchRenormState`.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax.functional as F
       >>> config = F.BatchRenormConfig()
@@ -87,6 +94,10 @@ def init_state(feature_shape, dtype=jnp.float32) -> BatchRenormState:
 
 class Clips(NamedTuple):
     """The clips of one step: ``r ∈ [r_min, r_max]``, ``d ∈ [−d_max, d_max]``.
+
+    Attributes:
+      r_min, r_max: the bounds of ``r``.
+      d_max: the bound of ``|d|``.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax.functional as F
@@ -114,6 +125,13 @@ def clip_schedule(step: Array, config: BatchRenormConfig) -> Clips:
     ``1, 1, 0`` during warm-up; then ``r_max`` (and ``r_min``, if set) move
     linearly from 1 over ``ramp_steps`` and ``d_max`` from 0 over
     ``d_ramp_steps``. ``r_min=None`` is ``1/r_max(t)``.
+
+    Args:
+      step: the state's ``step`` (completed training steps).
+      config: the schedule's hyper-parameters.
+
+    Returns:
+      The step's :class:`Clips`.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax.functional as F
@@ -161,6 +179,25 @@ def batch_renorm_train(
     ``r``, ``d`` against the moving averages as updated by the groups before
     it (one update per group); ``step`` advances by one per call. ``stats``:
     ``mu_B``, ``sigma2_B``, ``r``, ``d`` (``[G, *features]`` with ghost batches).
+
+    Args:
+      x: input of rank >= 2, any float dtype.
+      scale, bias: ``γ`` and ``β`` of shape ``[*features]``, or ``None``.
+      state: from :func:`init_batch_renorm_state` or a previous step.
+      config: the layer's hyper-parameters.
+      axis: the feature axis or axes (default last, NHWC).
+      dtype: output dtype (default: the input's).
+      mask: optional boolean array broadcastable to ``x``: the entries the
+        statistics are computed from (as in ``nn.BatchNorm``).
+
+    Returns:
+      ``(y, new_state, stats)``; a batch whose statistics are not finite (or
+      that ``mask`` empties) leaves the state as it was.
+
+    Raises:
+      TypeError: ``x`` is not a float array.
+      ValueError: the state is below float32, or ``x`` does not fit ``axis``
+        (or is an empty batch) or ``config.norm_batch_size``.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax.functional as F
@@ -246,13 +283,24 @@ def batch_renorm_inference(
 ) -> Array:
     """``y = γ · (x − mean) / sqrt(var + ε) + β`` (``nn.BatchNorm``'s inference).
 
+    Args:
+      x, scale, bias, state, config, axis, dtype: as for :func:`batch_renorm_train`.
+
+    Returns:
+      ``y``, in ``dtype`` (default: ``x``'s).
+
+    Raises:
+      TypeError: ``x`` is not a float array.
+      ValueError: ``x`` does not fit ``axis``.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax.functional as F
       >>> config = F.BatchRenormConfig()
       >>> state = F.init_batch_renorm_state((2,))
       >>> x = jnp.arange(8.0).reshape(4, 2)
-      >>> F.batch_renorm_inference(x, None, None, state, config)[1]  # x[1] / sqrt(1 + eps)
-      Array([1.99999 , 2.999985], dtype=float32)
+      >>> y = F.batch_renorm_inference(x, None, None, state, config)
+      >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + config.epsilon)))  # mean 0, var 1 at the start
+      True
     """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)

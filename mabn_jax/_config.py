@@ -179,6 +179,9 @@ class MABNConfig(_NormConfig):
     Steps ``t`` count window steps: one per call, or one per group with ghost
     batches. ``warmup_steps`` and ``renorm_start`` must be at most 2**22.
 
+    Raises:
+      ValueError: a hyper-parameter out of its range (named in the message).
+
     Example:
       >>> import mabn_jax
       >>> mabn_jax.MABNConfig(buffer_size=4).momentum
@@ -260,6 +263,9 @@ class BatchRenormConfig(_NormConfig):
 
     Momentum conventions: ``momentum`` is a decay (``0.99`` here is
     PyTorch's ``momentum=0.01`` and Keras' ``momentum=0.99``).
+
+    Raises:
+      ValueError: a hyper-parameter out of its range (named in the message).
 
     Example:
       >>> import mabn_jax

@@ -241,6 +241,15 @@ def mabn_train(
       mask: optional boolean array broadcastable to ``x``: the entries the
         statistics are computed from (as in ``nn.BatchNorm``).
 
+    Returns:
+      ``(y, new_state)``: the output, in ``dtype``, and the advanced state.
+
+    Raises:
+      TypeError: ``x`` is not a float array.
+      ValueError: ``x`` does not fit ``axis`` (or is an empty batch); the
+        state or probes are not this layer's (variant, window or feature
+        shape), or the state is below float32.
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
       >>> config = F.MABNConfig(buffer_size=4)
@@ -276,6 +285,16 @@ def mabn_train_with_stats(
     normalize), ``ema_x2`` (the EMA ``r`` is measured against), ``r``.
     Centered: ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``,
     ``ema_var``, ``r``, ``d``.
+
+    Args:
+      x, scale, bias, state, probes, config, axis, dtype, mask: as for
+        :func:`mabn_train`.
+
+    Returns:
+      ``(y, new_state, stats)``.
+
+    Raises:
+      TypeError, ValueError: as :func:`mabn_train`.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
@@ -687,6 +706,14 @@ def inference_affine(
 ) -> tuple[Array, Array]:
     """``(a, c)`` such that inference is ``y = a · x + c`` per channel.
 
+    Args:
+      scale, bias: ``γ`` and ``β``, shaped like the features.
+      state: the layer's state (its EMAs).
+      epsilon: the layer's ``ε``.
+
+    Returns:
+      ``(a, c)``, per channel.
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
       >>> config = F.MABNConfig(buffer_size=4)
@@ -723,14 +750,26 @@ def mabn_inference(
     """The inference map: ``y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β``
     (``ema_mean = 0`` for the plain layer), one per-channel affine function.
 
+    Args:
+      x, scale, bias, state, config, axis, dtype: as for :func:`mabn_train`.
+
+    Returns:
+      ``y``, in ``dtype`` (default: ``x``'s).
+
+    Raises:
+      TypeError: ``x`` is not a float array.
+      ValueError: ``x`` does not fit ``axis``, or the state is not this
+        layer's (variant or feature shape).
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
       >>> config = F.MABNConfig(buffer_size=4)
       >>> state = F.init_state((2,), config)
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> scale, bias = jnp.ones(2), jnp.zeros(2)
-      >>> F.mabn_inference(x, scale, bias, state, config)[0]  # ema_var is 1 at the start
-      Array([0.      , 0.999995], dtype=float32)
+      >>> y = F.mabn_inference(x, scale, bias, state, config)
+      >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + config.epsilon)))  # ema_var is 1 at the start
+      True
     """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)

@@ -155,6 +155,11 @@ def replace_batchnorm(model: nnx.Module, **mabn_config) -> nnx.Module:
     Returns:
       ``model`` itself (changed in place).
 
+    Raises:
+      TypeError: ``model`` is not an NNX module, or is an ``nnx.BatchNorm``
+        itself; a name in ``mabn_config`` is not an MABN hyper-parameter.
+      ValueError: a hyper-parameter's value is invalid or refused here.
+
     Example::
 
         >>> import jax.numpy as jnp

@@ -59,6 +59,10 @@ class Probe(nnx.BatchStat):
     ``nnx.BatchStat``, so transforms' axes for the state (``nnx.StateAxes``,
     ``nnx.prefix`` filters) give the probes the state's axes.
 
+    Args:
+      value: the probe's array (zeros; its value is unused).
+      **metadata: as for ``nnx.Variable``.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax.nnx
       >>> probe = mabn_jax.nnx.Probe(jnp.zeros(3))
@@ -71,6 +75,10 @@ class Statistic(nnx.Variable):
     """The kind of the forward statistics a training call sows: captured with
     ``nnx.capture(f, mabn_jax.nnx.Statistic)``, and only then (a user's
     ``nnx.capture(f, nnx.Intermediate)`` holds only the user's own values).
+
+    Args:
+      value: the statistic's array.
+      **metadata: as for ``nnx.Variable``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -295,6 +303,11 @@ class MABN(_Norm):
         ``norm_batch_size``, ``buffer_size``, ``warmup_steps``,
         ``renorm_start``, ``r_max``, ``centered``, ``d_max``, ``ghost_ema``.
 
+    Raises:
+      TypeError: an unknown keyword.
+      ValueError: an invalid hyper-parameter, or ``num_features`` that does
+        not fit ``axis``.
+
     Inside ``nnx.capture(..., mabn_jax.nnx.Statistic)`` a training call sows the
     forward statistics (``chi2_B``, ``chi2``, ``ema_x2``, ``r``; centered
     ``mu_B``, ``sigma2_B``, ``mu``, ``sigma2``, ``ema_mean``, ``ema_var``,
@@ -332,6 +345,15 @@ class MABN(_Norm):
           use_running_average: overrides the attribute of the same name.
           mask: optional boolean array broadcastable to ``x``: the entries the
             statistics are computed from (as in ``nnx.BatchNorm``).
+
+        Returns:
+          The normalized ``x``, in ``dtype`` (default: ``x``'s).
+
+        Raises:
+          ValueError: no ``use_running_average`` (attribute or argument), or
+            ``x``'s features are not ``num_features``; a training call inside
+            :func:`mabn_jax.nnx.value_and_grad` whose model is not
+            differentiated, twice in one step, or in a loop body of the loss.
         """
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
         state = _state.as_state(stored)
@@ -404,13 +426,24 @@ class BatchRenorm(_Norm):
     step. State (``nnx.BatchStat``): ``step``, ``mean``, ``var`` (used at
     inference), ``renorm_mean``, ``renorm_var`` (used for ``r``, ``d``).
 
-    Args: ``nnx.BatchNorm``'s, as for :class:`MABN`, and ``**hyper``: the
-    hyper-parameters of :class:`~mabn_jax.BatchRenormConfig` with its
-    defaults (``momentum`` 0.99, ``epsilon``, ``axis_name``,
-    ``axis_index_groups``, ``use_fast_variance``, ``force_float32_reductions``,
-    ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
-    ``ramp_steps``, ``renorm_momentum``). Inside ``nnx.capture`` a training
-    call sows ``mu_B``, ``sigma2_B``, ``r``, ``d`` (as :class:`Statistic`).
+    Inside ``nnx.capture`` a training call sows ``mu_B``, ``sigma2_B``,
+    ``r``, ``d`` (as :class:`Statistic`).
+
+    Args:
+      num_features, rngs, use_running_average, axis, dtype: as for :class:`MABN`.
+      param_dtype, use_bias, use_scale, bias_init, scale_init: as for :class:`MABN`.
+      bias_metadata, scale_metadata, promote_dtype: as for :class:`MABN`.
+      hyper: (keywords) the hyper-parameters of
+        :class:`~mabn_jax.BatchRenormConfig` with its defaults (``momentum``
+        0.99, ``epsilon``, ``axis_name``, ``axis_index_groups``,
+        ``use_fast_variance``, ``force_float32_reductions``,
+        ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
+        ``ramp_steps``, ``renorm_momentum``).
+
+    Raises:
+      TypeError: an unknown keyword.
+      ValueError: an invalid hyper-parameter, or ``num_features`` that does
+        not fit ``axis``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -434,7 +467,19 @@ class BatchRenorm(_Norm):
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
     ) -> Array:
-        """Normalizes ``x``; in training mode also advances the state."""
+        """Normalizes ``x`` (renormalized by ``r``, ``d``); in training mode also
+        advances the state.
+
+        Args:
+          x, use_running_average, mask: as for :meth:`MABN.__call__`.
+
+        Returns:
+          The normalized ``x``, in ``dtype`` (default: ``x``'s).
+
+        Raises:
+          ValueError: no ``use_running_average`` (attribute or argument), or
+            ``x``'s features are not ``num_features``.
+        """
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
         state = _brn.BatchRenormState(**stored)
         if inference:
@@ -469,6 +514,10 @@ class CenteredLinear(nnx.Linear):
     is ``W``. The centering runs inside ``promote_dtype`` (yours, if given,
     runs after it).
 
+    Args:
+      in_features, out_features, use_bias, ..., rngs: as for ``nnx.Linear``.
+      promote_dtype: as for ``nnx.Linear``; it receives the centered kernel.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -490,6 +539,15 @@ class CenteredConv(nnx.Conv):
     axes, per output feature, as :class:`mabn_jax.CenteredConv`. ``mask`` is
     not supported (centering a masked kernel moves the masked-out weights off
     zero).
+
+    Args:
+      in_features, out_features, kernel_size, strides, padding, ..., rngs: as
+        for ``nnx.Conv``.
+      promote_dtype: as for ``nnx.Conv``; it receives the centered kernel.
+      mask: must be None.
+
+    Raises:
+      ValueError: a ``mask`` is given.
 
     Example:
       >>> import jax.numpy as jnp

@@ -51,23 +51,31 @@ def _name(path: Path) -> str:
 def attach_probes(model) -> nnx.State:
     """Attaches zero probes to each MABN layer of ``model`` (low-level API).
 
-    Returns the layers' state before the step (pure arrays, nested by path):
-    pass it as ``previous`` to :func:`record_backward_stats` after taking the
-    gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``.
+    Take the gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``
+    next, then call :func:`record_backward_stats` (its example shows the whole
+    step; :func:`value_and_grad` does all three).
+
+    Args:
+      model: an NNX module (or graph node) holding :class:`MABN` layers; a
+        layer alone is a model.
+
+    Returns:
+      The layers' state before the step (pure arrays, nested by path): pass it
+      as ``previous`` to :func:`record_backward_stats`.
+
+    Raises:
+      ValueError: a layer already has probes attached (the previous step's
+        :func:`record_backward_stats` was not called).
 
     Example:
-      >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(
-      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
-      ... )
-      >>> x = jnp.arange(8.0).reshape(4, 2)
-      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
-      >>> probes = mabn_jax.nnx.attach_probes(model)
-      >>> model.layers[1].psi_probe[...].shape
+      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
+      >>> previous = mabn_jax.nnx.attach_probes(layer)
+      >>> layer.psi_probe[...].shape  # one Ψ_B slot per window step
       (4, 3)
+      >>> sorted(previous)
+      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
     """
     return _attach(model, 0)
 
@@ -141,6 +149,13 @@ def record_backward_stats(model, grads, previous) -> None:
     Arguments that are not one step apart raise eagerly; under ``jit`` the
     layer's statistics become NaN (the next training output is NaN).
 
+    Returns:
+      None: the layers are updated in place.
+
+    Raises:
+      ValueError: a layer has no probes attached, or ``grads`` / ``previous``
+        lacks one of its entries.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -150,8 +165,12 @@ def record_backward_stats(model, grads, previous) -> None:
       ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
       ... )
       >>> x = jnp.arange(8.0).reshape(4, 2)
-      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
-      >>> probes = mabn_jax.nnx.attach_probes(model)
+      >>> previous = mabn_jax.nnx.attach_probes(model)
+      >>> wrt = nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe))
+      >>> grads = nnx.grad(lambda model: jnp.mean(model(x) ** 2), argnums=wrt)(model)
+      >>> mabn_jax.nnx.record_backward_stats(model, grads, previous)
+      >>> float(model.layers[1].step[...]), hasattr(model.layers[1], "psi_probe")
+      (1.0, False)
     """
     grad_fix = (
         "differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
@@ -271,6 +290,17 @@ def value_and_grad(
       **kwargs: passed on to ``nnx.value_and_grad`` (``holomorphic``,
         ``allow_int``, ``graph``, ``graph_updates``).
 
+    Returns:
+      A function with ``f``'s arguments returning ``(value, grads)`` as
+      ``nnx.value_and_grad``'s does (see above).
+
+    Raises:
+      ValueError: ``graph_updates=False`` in graph mode; (when the returned function is
+        called) a layer's state or probes did not reach the loss as the
+        gradient needs (e.g. broadcast by a transform), or a misuse the layer
+        names (see :meth:`MABN.__call__`).
+      TypeError: ``f`` is called with keyword-only arguments.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -372,19 +402,23 @@ def grad(
     """``nnx.grad`` for models with MABN layers: :func:`value_and_grad` without
     the value (``(grads, aux)`` with ``has_aux``).
 
+    Args:
+      f, argnums, has_aux: as for :func:`value_and_grad`.
+      **kwargs: as for :func:`value_and_grad`.
+
+    Returns:
+      A function with ``f``'s arguments that returns the gradient (and ``aux``
+      with ``has_aux``) and records the MABN layers' backward statistics.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(
-      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
-      ... )
-      >>> x = jnp.arange(8.0).reshape(4, 2)
-      >>> loss_fn = lambda model: jnp.mean(model(x) ** 2)
-      >>> grads = mabn_jax.nnx.grad(loss_fn)(model)
-      >>> grads["layers"][0]["kernel"][...].shape
-      (2, 3)
+      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> grads = mabn_jax.nnx.grad(lambda layer: jnp.mean(layer(x) ** 2))(layer)
+      >>> grads["scale"][...].shape, float(layer.step[...])
+      ((3,), 1.0)
     """
     value_and_grad_fn = value_and_grad(f, argnums=argnums, has_aux=has_aux, **kwargs)
 

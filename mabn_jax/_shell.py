@@ -69,6 +69,12 @@ def center_kernel(kernel: Array) -> Array:
     combination of its inputs (weight centralization, which makes the
     non-centered MABN safe).
 
+    Args:
+      kernel: a ``Dense`` or ``Conv`` kernel, output units along the last axis.
+
+    Returns:
+      The centered kernel, of ``kernel``'s shape and dtype.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax
       >>> kernel = jnp.array([[1.0, 2.0], [3.0, 6.0]])

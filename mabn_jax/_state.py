@@ -73,12 +73,15 @@ class MABNState(NamedTuple):
 class Probes(NamedTuple):
     """Inputs whose cotangents carry a step's backward statistics out.
 
-    ``psi`` (and ``g``, centered) have the window's shape ``[m, *features]``;
-    their forward values are unused. The gradient w.r.t. them holds this
-    step's Ψ_B (g_B) in the slots it writes and zeros elsewhere, whatever the
-    number of ghost batches. ``loss_scale`` (optional, default 1): the factor
-    the loss was multiplied by (dynamic loss scaling), so the stored windows,
-    kept unscaled, are scaled to match the incoming gradient.
+    The gradient w.r.t. ``psi`` (``g``) holds this step's Ψ_B (g_B) in the
+    slots it writes and zeros elsewhere, whatever the number of ghost batches.
+
+    Attributes:
+      psi: window-shaped, ``[m, *features]``; its forward value is unused.
+      g: the same for g_B (centered layers; None for the plain one).
+      loss_scale: optional (default 1): the factor the loss was multiplied by
+        (dynamic loss scaling), so the stored windows, kept unscaled, are
+        scaled to match the incoming gradient.
 
     Example:
       >>> import mabn_jax.functional as F
@@ -176,6 +179,14 @@ def init_state(
 ) -> MABNState:
     """The state before the first training step (EMA of the variance at 1).
 
+    Args:
+      feature_shape: the features' shape (one entry per feature axis).
+      config: the layer's hyper-parameters (``buffer_size``, ``centered``).
+      dtype: the state's dtype (float32 or wider).
+
+    Returns:
+      A :class:`MABNState` with empty windows at step 0.
+
     Example:
       >>> import mabn_jax.functional as F
       >>> state = F.init_state((3,), F.MABNConfig(buffer_size=4))
@@ -195,6 +206,12 @@ def init_state(
 
 def init_probes(state: MABNState) -> Probes:
     """Zero probes of the windows' shape (any leading vmap/scan axes included).
+
+    Args:
+      state: the layer's state before the step.
+
+    Returns:
+      :class:`Probes` of zeros (``g`` None for the plain layer).
 
     Example:
       >>> import mabn_jax.functional as F

@@ -40,6 +40,16 @@ def check_batch_stats(
     says which setting differs (``buffer_size``, the features, ``centered``)
     or that the checkpoint predates the ``skipped`` counter.
 
+    Args:
+      stored: the checkpoint's ``batch_stats`` (arrays or their metadata).
+      expected: the model's ``batch_stats`` (e.g. from ``init`` or
+        ``jax.eval_shape``).
+      path: the name of the tree's root in the messages.
+
+    Raises:
+      ValueError: a key, shape or dtype differs (the message names the entry
+        and, for an MABN layer, the setting).
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
       >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)

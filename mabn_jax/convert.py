@@ -166,6 +166,15 @@ class ReplacedBatchNorm(nn.Module):
         nn.share_scope(self, self.module)
 
     def __call__(self, *args, **kwargs):
+        """Calls ``module`` with MABN in place of BatchNorm.
+
+        Args:
+          *args: ``module``'s positional ``__call__`` arguments.
+          **kwargs: its keyword arguments.
+
+        Returns:
+          What ``module`` returns.
+        """
         with nn.intercept_methods(functools.partial(_replacing, self.mabn_config)):
             return self.module(*args, **kwargs)
 
@@ -173,7 +182,16 @@ class ReplacedBatchNorm(nn.Module):
         """Calls ``module``'s method ``name`` with MABN in place of BatchNorm
         (``apply(variables, x, method=ReplacedBatchNorm.run, name='encode')``
         would clash with Flax's ``name``; pass it positionally:
-        ``apply(variables, 'encode', x, method=ReplacedBatchNorm.run)``)."""
+        ``apply(variables, 'encode', x, method=ReplacedBatchNorm.run)``).
+
+        Args:
+          name: the name of ``module``'s method.
+          *args: its positional arguments.
+          **kwargs: its keyword arguments.
+
+        Returns:
+          What the method returns.
+        """
         with nn.intercept_methods(functools.partial(_replacing, self.mabn_config)):
             return getattr(self.module, name)(*args, **kwargs)
 
@@ -208,6 +226,15 @@ def replace_batchnorm(module: nn.Module, **mabn_config) -> ReplacedBatchNorm:
         override every BatchNorm's). ``epsilon`` and the other attributes
         that define the function are the BatchNorms' own (refused here);
         ``centered=False`` is refused (see :mod:`mabn_jax.convert`).
+
+    Returns:
+      A :class:`~mabn_jax.convert.ReplacedBatchNorm` wrapping ``module``: init
+      and apply it as ``module``.
+
+    Raises:
+      TypeError: ``module`` is not a linen Module, or a name in
+        ``mabn_config`` is not an MABN hyper-parameter.
+      ValueError: a hyper-parameter's value is invalid or refused here.
 
     Example::
 
@@ -258,6 +285,16 @@ def convert_batchnorm_variables(
       args, kwargs: an input and the keyword arguments of an inference-mode
         ``apply`` (e.g. ``x, train=False``); the model runs once (eagerly) to
         find its BatchNorms, so every BatchNorm must be called by it.
+
+    Returns:
+      ``bn_variables`` with ``batch_stats`` in MABN's layout (a ``FrozenDict``
+      if ``bn_variables`` is one).
+
+    Raises:
+      TypeError: ``mabn_module`` is not what :func:`~mabn_jax.replace_batchnorm`
+        returned.
+      ValueError: ``bn_variables`` has no ``batch_stats``, a BatchNorm has no
+        ``mean``/``var`` there, or is not called by the apply.
 
     Example::
 

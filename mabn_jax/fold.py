@@ -57,9 +57,18 @@ def norm_affine(
     """``(a, c)`` with inference ``y = a · h + c`` for an MABN, BatchRenorm or
     ``nn.BatchNorm`` layer, recognized from its ``batch_stats`` entries.
 
-    ``norm_params`` may lack ``scale``/``bias`` (``use_scale=False`` /
-    ``use_bias=False``). ``epsilon`` is the layer's own (required: the
-    default differs between libraries and a wrong one is silently off).
+    Args:
+      norm_params: the layer's ``params`` entry; it may lack ``scale``/``bias``
+        (``use_scale=False`` / ``use_bias=False``).
+      norm_stats: the layer's ``batch_stats`` entry.
+      epsilon: the layer's own (required: the default differs between
+        libraries and a wrong one is silently off).
+
+    Returns:
+      ``(a, c)``, per feature, in at least float32.
+
+    Raises:
+      ValueError: ``norm_stats`` is none of those layers' entries.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
@@ -106,6 +115,9 @@ def fold_affine(
       ``{'kernel', 'bias'}`` for the same layer type with ``use_bias=True``, in
       the dtypes of the original kernel.
 
+    Raises:
+      ValueError: the kernel's output features are not ``a``'s.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax
       >>> layer = {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}
@@ -138,6 +150,17 @@ def fold_norm(
 ) -> dict[str, Array]:
     """Folds one inference-mode norm into the layer before it (see :func:`norm_affine`
     and :func:`fold_affine`; both keywords are required).
+
+    Args:
+      layer_params: the ``nn.Conv``/``nn.Dense`` layer's ``params`` entry.
+      norm_params, norm_stats, epsilon: the norm's, as for :func:`norm_affine`.
+      centered_kernel: as for :func:`fold_affine`.
+
+    Returns:
+      The layer's folded ``{'kernel', 'bias'}`` (see :func:`fold_affine`).
+
+    Raises:
+      ValueError: as :func:`norm_affine` and :func:`fold_affine` do.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax
@@ -175,6 +198,14 @@ def fold_params(
       A new ``params`` dict for the deployment model: each layer holds the
       folded ``kernel`` and ``bias``, the norms' parameters are gone, all other
       parameters are unchanged.
+
+    Raises:
+      KeyError: a path names no module the model calls, or no entry of
+        ``variables``.
+      TypeError: a pair is not (``nn.Conv``/``nn.Dense``, a norm of this
+        package or ``nn.BatchNorm``).
+      ValueError: a norm is not applied directly to its layer's output, or
+        its features are not on the last axis.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, mabn_jax

@@ -215,6 +215,15 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
           use_running_average: overrides the attribute of the same name.
           mask: optional boolean array broadcastable to ``x``: the entries the
             statistics are computed from (as in ``nn.BatchNorm``).
+
+        Returns:
+          The normalized ``x``, in ``dtype`` (default: ``x``'s).
+
+        Raises:
+          ValueError: the ``batch_stats`` are another variant's or shape's; a
+            training call is not under :func:`mabn_jax.value_and_grad` (or the
+            probes of :func:`mabn_jax.init_probes`), or is the layer's second in
+            one ``apply``.
         """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
@@ -383,11 +392,13 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     step. State (``batch_stats``): ``step``, ``mean``, ``var`` (used at
     inference), ``renorm_mean``, ``renorm_var`` (used for ``r``, ``d``).
 
-    Attributes: the hyper-parameters of :class:`~mabn_jax.BatchRenormConfig`,
-    and ``use_running_average``, ``axis``, ``dtype``, ``param_dtype``,
-    ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init`` as in
-    ``nn.BatchNorm``. In training mode the layer sows ``mu_B``, ``sigma2_B``,
-    ``r``, ``d`` into ``'intermediates'``.
+    The hyper-parameters are those of :class:`~mabn_jax.BatchRenormConfig`.
+    In training mode the layer sows ``mu_B``, ``sigma2_B``, ``r``, ``d`` into
+    ``'intermediates'``.
+
+    Attributes:
+      use_running_average, axis, dtype, param_dtype: as in :class:`MABN`.
+      use_bias, use_scale, bias_init, scale_init: as in :class:`MABN`.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
@@ -418,6 +429,15 @@ class BatchRenorm(_BatchNormPositional, nn.Module, BatchRenormConfig):
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
     ) -> Array:
+        """Normalizes ``x`` (renormalized by ``r``, ``d``); in training mode also
+        advances the state.
+
+        Args:
+          x, use_running_average, mask: as for :meth:`MABN.__call__`.
+
+        Returns:
+          The normalized ``x``, in ``dtype`` (default: ``x``'s).
+        """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -460,6 +480,11 @@ class _CenteredKernel:
 class CenteredConv(_CenteredKernel, nn.Conv):
     """:class:`flax.linen.Conv` with a weight-centralized kernel (same attributes).
 
+    Attributes:
+      features, kernel_size, strides, padding, use_bias, ...: as in
+        :class:`flax.linen.Conv`; the kernel applied is
+        :func:`center_kernel` of the stored ``kernel`` parameter.
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
       >>> conv = mabn_jax.CenteredConv(4, (3, 3), use_bias=False)
@@ -472,6 +497,11 @@ class CenteredConv(_CenteredKernel, nn.Conv):
 
 class CenteredDense(_CenteredKernel, nn.Dense):
     """:class:`flax.linen.Dense` with a weight-centralized kernel (same attributes).
+
+    Attributes:
+      features, use_bias, dtype, param_dtype, kernel_init, ...: as in
+        :class:`flax.linen.Dense`; the kernel applied is :func:`center_kernel`
+        of the stored ``kernel`` parameter.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax

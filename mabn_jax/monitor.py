@@ -42,6 +42,13 @@ def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
 def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Flattens a sown ``'intermediates'`` tree; ``sow``'s tuples become their last entry.
 
+    Args:
+      intermediates: the ``'intermediates'`` collection of a training-mode
+        ``apply`` (``mutable=[..., 'intermediates']``).
+
+    Returns:
+      ``{'path/to/layer/name': array}`` for each sown statistic.
+
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
       >>> layer = mabn_jax.BatchRenorm(use_running_average=False)
@@ -60,6 +67,12 @@ def forward_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
 def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Flattens the probe-gradient tree: ``'layer/psi'`` is Ψ_B, ``'layer/g'`` is g_B.
 
+    Args:
+      probe_grads: the gradient w.r.t. the probes (:func:`mabn_jax.init_probes`).
+
+    Returns:
+      ``{'path/to/layer/psi': array, ...}``, each shaped like the layer's window.
+
     Example:
       >>> import jax.numpy as jnp, mabn_jax
       >>> grads = {"MABN_0": {"psi": jnp.ones(3)}}
@@ -72,6 +85,13 @@ def backward_stats(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
 def l2_norms(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The l2 norm over channels of each statistic (per group for ghost batches,
     per window slot for backward statistics).
+
+    Args:
+      stats: flat statistics, as :func:`forward_stats` or :func:`backward_stats`
+        return them; channels along the last axis.
+
+    Returns:
+      The same keys, each statistic's l2 norm over its last axis.
 
     Example:
       >>> import jax.numpy as jnp, mabn_jax

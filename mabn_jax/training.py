@@ -96,13 +96,21 @@ def _zero_probes(batch_stats: Tree, loss_scale) -> dict[tuple[str, ...], dict[st
 def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
     """Zero probes for every MABN layer in a ``batch_stats`` tree (low-level API).
 
-    Returns a tree with the nesting of the MABN layers (``{'psi': ...}``, plus
-    ``'g'`` for centered layers), each shaped like the layer's windows, to pass
-    as the ``'mabn_probes'`` collection and to differentiate with respect to.
-    ``loss_scale``: if the loss is multiplied by a factor (dynamic loss
-    scaling, e.g. ``DynamicScale.scale``), pass it, so that the layers scale
-    their stored (unscaled) windows to the incoming gradient; divide the probe
-    gradients by it before :func:`record_backward_stats`.
+    Args:
+      batch_stats: the model's ``batch_stats`` collection.
+      loss_scale: if the loss is multiplied by a factor (dynamic loss
+        scaling, e.g. ``DynamicScale.scale``), pass it, so that the layers scale
+        their stored (unscaled) windows to the incoming gradient; divide the probe
+        gradients by it before :func:`record_backward_stats`.
+
+    Returns:
+      A tree with the nesting of the MABN layers (``{'psi': ...}``, plus
+      ``'g'`` for centered layers), each shaped like the layer's windows, to pass
+      as the ``'mabn_probes'`` collection and to differentiate with respect to.
+
+    Raises:
+      TypeError: ``batch_stats`` is not a mapping.
+      ValueError: ``batch_stats`` is a whole ``variables`` dict.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
@@ -131,11 +139,15 @@ def record_backward_stats(batch_stats: Tree, probe_grads: Tree, previous: Tree) 
         (unscaled, if the loss was scaled).
       previous: the ``batch_stats`` given to that ``apply``.
 
-    Returns ``batch_stats`` with the windows filled (non-MABN entries as they
-    are). A layer whose backward statistics are not finite returns to its
-    ``previous`` state, with ``skipped`` one higher. Trees that are not one
-    ``apply`` apart raise (or, under ``jit``, give NaN statistics); see
-    :func:`mabn_jax.functional.record_backward_stats`.
+    Returns:
+      ``batch_stats`` with the windows filled (non-MABN entries as they
+      are). A layer whose backward statistics are not finite returns to its
+      ``previous`` state, with ``skipped`` one higher.
+
+    Raises:
+      ValueError: the three trees hold different MABN layers, or are not one
+        ``apply`` apart (eagerly; under ``jit`` the statistics become NaN); see
+        :func:`mabn_jax.functional.record_backward_stats`.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
@@ -280,6 +292,18 @@ def value_and_grad(
         function of aux returning that subtree itself (not a copy), e.g.
         ``lambda aux: aux.student``. It must have the layout of
         ``batch_stats``.
+
+    Returns:
+      A function with ``fun``'s arguments returning ``(value, grad)`` (``value``
+      is ``(loss, aux)`` with ``has_aux``), as ``jax.value_and_grad``'s does; with
+      ``dynamic_scale``, ``(dynamic_scale, is_finite, value, grad)``.
+
+    Raises:
+      ValueError: (when the returned function is called) the updated
+        ``batch_stats`` is not found in aux, or more than one candidate is; an
+        MABN layer is applied in training mode without probes (its
+        ``batch_stats`` not the ones given), twice in one step, or inside a
+        loop body of the loss.
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax

@@ -1,35 +1,21 @@
 """Smoke test: `examples/finetune.py --quick` runs end to end (pretrain with BN,
 fine-tune with every method, MABN through the converter) and prints finite errors.
 
-A separate process: the example sets JAX's default PRNG, which must not leak
-into the other tests.
+(Through tests/subprocess_env.py's ``run_script``, as every script's smoke test;
+the scripts without assertions of their own are in tests/test_scripts_smoke.py.)
 """
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-from subprocess_env import env_with_this_mabn_jax
-
-EXAMPLE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "finetune.py"
-)
+from subprocess_env import run_script
 
 
 @pytest.mark.slow  # ~70 s of CPU: six compilations of a scanned ResNet
 def test_finetune_quick(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_with_this_mabn_jax(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| MABN through the converter |" in proc.stdout
+    stdout = run_script("examples/finetune.py", "--quick", "--out", str(tmp_path), timeout=600)
+    assert "| MABN through the converter |" in stdout
     saved = json.loads((tmp_path / "finetune.json").read_text())
     assert set(saved["results"]) == {
         "BN@2",

@@ -1,32 +1,18 @@
 """Smoke test: `examples/small_batch.py --quick` runs end to end (CI runs it).
 
-A separate process: the example sets JAX's default PRNG, which must not leak
-into the other tests.
+(Through tests/subprocess_env.py's ``run_script``, as every script's smoke test;
+the scripts without assertions of their own are in tests/test_scripts_smoke.py.)
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
-from subprocess_env import env_with_this_mabn_jax
-
-EXAMPLE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "small_batch.py"
-)
+from subprocess_env import run_script
 
 
 def test_small_batch_quick(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, EXAMPLE, "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env_with_this_mabn_jax(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| BatchNorm at 32 (reference) |" in proc.stdout and "Gap closed" in proc.stdout
+    stdout = run_script("examples/small_batch.py", "--quick", "--out", str(tmp_path))
+    assert "| BatchNorm at 32 (reference) |" in stdout and "Gap closed" in stdout
     assert (tmp_path / "small_batch.png").stat().st_size > 0
     saved = json.loads((tmp_path / "small_batch.json").read_text())
     assert len(saved["results"]) == 6
