@@ -80,7 +80,7 @@ _BYTES = {
 }
 
 
-def make_model(kind, axis_name=None, net=ResNet50):
+def make_model(kind, axis_name=None, net=None):
     """``kind``: MABN, BN, GN (GroupNorm(32), cannot fold) or folded (conv + bias)."""
     if kind == "MABN":
         conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, axis_name=axis_name)
@@ -96,7 +96,7 @@ def make_model(kind, axis_name=None, net=ResNet50):
         conv, norm = nn.Conv, None
     else:
         raise ValueError(kind)
-    return net(conv=conv, norm=norm, dtype=jnp.bfloat16)
+    return (net or ResNet50)(conv=conv, norm=norm, dtype=jnp.bfloat16)
 
 
 def train_step(kind, model, tx, global_batch):
@@ -142,10 +142,10 @@ def _sds(tree, sharding, lead=None):
     return jax.tree_util.tree_map(one, tree)
 
 
-def compile_train(kind, mode, devices, make=None, image=IMAGE):
+def compile_train(kind, mode, devices, make=None, image=None):
     """The compiled train step; ``make(kind, axis_name)`` builds the model
     (default :func:`make_model`, ResNet-50) for ``image``-sized inputs."""
-    make = make or make_model
+    make, image = make or make_model, image or IMAGE
     n = len(devices)
     mesh = Mesh(devices, (AXIS,))
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
