@@ -7,7 +7,7 @@ checked for exit 0, the lines of its tables, and no NaN anywhere in its output;
 timings are printed, never asserted. The scripts with assertions of their own
 have their own files: examples/small_batch.py (test_small_batch_example.py),
 finetune.py (test_finetune_example.py), quickstart.py (test_train_digits.py),
-quickstart_nnx.py (test_quickstart_nnx.py). The three TPU-compiler scripts need
+quickstart_nnx.py (test_quickstart_nnx.py). The four TPU-compiler scripts need
 libtpu (``pip install -e '.[aot]'``) and are skipped, saying so, without it.
 """
 
@@ -89,6 +89,12 @@ SCRIPTS = [
         "benchmarks/aot_resnet.py",
         ["--smoke"],
         ["| v5e:2x2  | sync ", "| CenteredConv + MABN ", "| MABN folded ", "| GN unfolded "],
+        marks=_needs_libtpu,
+    ),
+    _case(
+        "benchmarks/aot_ops.py",
+        ["MABN", "float32", "2,4,4,32", "--top", "5"],
+        ["MABN float32 (2, 4, 4, 32): bytes accessed", "| fusion |"],
         marks=_needs_libtpu,
     ),
     _case(
