@@ -21,6 +21,8 @@ __all__ = ["MABNConfig", "BatchRenormConfig", "config_of"]
 # `lax.pmean(batch_stats)` work, as for nn.BatchNorm); schedule thresholds must
 # stay well inside float32's exact-integer range (see _mabn._advance).
 MAX_SCHEDULE_STEP = 2**22
+# buffer_size=None: the window each variant gets (docs/centered.md, issue 19).
+DEFAULT_BUFFER_SIZE = {False: 16, True: 2}
 
 
 def _fail(layer: str, name: str, value: Any, want: str) -> None:
@@ -161,6 +163,15 @@ class MABNConfig(_NormConfig):
     Attributes:
       buffer_size: ``m``, the steps in the simple-moving-average windows
         (the paper: real batch / normalization batch, 16 for ImageNet).
+        ``None`` (default): 16 for the plain layer, 2 for the centered one.
+        A window averages statistics measured under the last ``m`` versions
+        of the weights; the centered layer's mean ``μ̃ = mean(μ_w)`` (and
+        ``g̃``) follows every weight update of a plain ``nn.Conv``, so after
+        ``m`` optimizer steps it is stale by ``(m − 1)/2`` steps of drift.
+        At a true batch of 2 and a high learning rate that made ``m = 16``
+        diverge where ``m = 2`` trains as well as the plain layer
+        (``docs/centered.md``). With ghost batches (one optimizer step per
+        ``G`` groups) the paper's ``m = G`` spans one step: set it.
       warmup_steps: while ``t < warmup_steps`` the batch statistics are used.
       renorm_start: renormalization by ``r`` (and ``d``) starts after step
         ``max(renorm_start, warmup_steps)``.
@@ -190,7 +201,7 @@ class MABNConfig(_NormConfig):
     """
 
     momentum: float = 0.98
-    buffer_size: int = 16
+    buffer_size: int | None = None
     warmup_steps: int = 100
     renorm_start: int = 1000
     r_max: float = 5.0
@@ -201,11 +212,24 @@ class MABNConfig(_NormConfig):
     def __post_init__(self):
         self._validate()
 
+    @property
+    def window(self) -> int:
+        """``m``: ``buffer_size``, or where that is ``None`` its variant's default.
+
+        Example:
+          >>> import mabn_jax
+          >>> mabn_jax.MABNConfig().window, mabn_jax.MABNConfig(centered=True).window
+          (16, 2)
+        """
+        return self.buffer_size or DEFAULT_BUFFER_SIZE[bool(self.centered)]
+
     def _validate(self, layer: str = "MABN") -> None:
         """Checks (and canonicalizes to Python types) every hyper-parameter."""
         values = self._check_common(layer)
+        centered = check_bool(layer, "centered", self.centered)
         values.update(
-            buffer_size=check_int(layer, "buffer_size", self.buffer_size, 1),
+            buffer_size=check_int(layer, "buffer_size", self.buffer_size, 1, allow_none=True)
+            or DEFAULT_BUFFER_SIZE[centered],
             warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0, MAX_SCHEDULE_STEP),
             renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0, MAX_SCHEDULE_STEP),
             r_max=check_float(
@@ -214,9 +238,9 @@ class MABNConfig(_NormConfig):
             d_max=check_float(
                 layer, "d_max", self.d_max, 0.0, hint=" (d is clipped to [-d_max, d_max])"
             ),
-            centered=check_bool(layer, "centered", self.centered),
+            centered=centered,
         )
-        if self.buffer_size > MAX_SCHEDULE_STEP:
+        if values["buffer_size"] > MAX_SCHEDULE_STEP:
             _fail(layer, "buffer_size", self.buffer_size, f"<= {MAX_SCHEDULE_STEP}")
         if self.ghost_ema not in ("step", "group"):
             _fail(layer, "ghost_ema", self.ghost_ema, "'step' or 'group'")
