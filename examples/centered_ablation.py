@@ -56,7 +56,7 @@ _M16_WARM500 = {"buffer_size": 16, "warmup_steps": 500}
 # (label, norm, MABN keyword overrides, backward statistics taken from the batch)
 VARIANTS = [
     ("plain MABN (reference)", "MABN", {}, ()),
-    ("centered: g̃ and Ψ̃ windowed (default)", "MABN-centered", {}, ()),
+    ("centered: g̃ and Ψ̃ windowed (the demo: m = 16)", "MABN-centered", {}, ()),
     ("centered: batch g_B, windowed Ψ̃", "MABN-centered", {}, ("g",)),
     ("centered: windowed g̃, batch Ψ_B", "MABN-centered", {}, ("psi",)),
     ("centered: batch g_B and Ψ_B (BN's backward)", "MABN-centered", {}, ("g", "psi")),
