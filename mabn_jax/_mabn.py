@@ -78,7 +78,7 @@ class _Phase(NamedTuple):
 
 
 def _phase(t: Array, cfg: MABNConfig) -> _Phase:
-    m = cfg.buffer_size
+    m = cfg.window
     return _Phase(
         jnp.arange(m) == t % m,
         (t <= m) | (t < cfg.warmup_steps),
@@ -358,7 +358,7 @@ def mabn_train_with_stats(
     fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
     reserve = lambda w: jnp.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
-        _advance(state.step, split.groups, cfg.buffer_size),
+        _advance(state.step, split.groups, cfg.window),
         var_w,
         reserve(state.psi_window),
         ema_var,

@@ -101,7 +101,7 @@ def converter_config(mabn_config: Mapping[str, Any], caller: str) -> dict[str, A
 def start_step(config: MABNConfig) -> int:
     """The counter a converted layer starts at: past the batch phase
     (``t > m``, ``t ≥ warmup_steps``) and the renormalization start."""
-    return max(config.buffer_size, config.warmup_steps, config.renorm_start)
+    return max(config.window, config.warmup_steps, config.renorm_start)
 
 
 def state_from_batchnorm(
@@ -125,7 +125,7 @@ def state_from_batchnorm(
             f"convert: the batch norm's mean {mean.shape} and var {var.shape} "
             "have different shapes; pass one layer's batch_stats."
         )
-    m = config.buffer_size
+    m = config.window
     window = lambda v: jnp.broadcast_to(
         jnp.expand_dims(v, lead), v.shape[:lead] + (m,) + v.shape[lead:]
     )

@@ -194,7 +194,7 @@ def init_state(
       Array([1., 1., 1.], dtype=float32)
     """
     feature_shape = tuple(feature_shape)
-    window = jnp.zeros((config.buffer_size,) + feature_shape, dtype)
+    window = jnp.zeros((config.window,) + feature_shape, dtype)
     zero = jnp.zeros((), dtype)
     ones = jnp.ones(feature_shape, dtype)
     if not config.centered:
@@ -250,11 +250,11 @@ def check_state(
             f"{layer}: config.centered={config.centered} but the state is a "
             f"centered={state.centered} state; build it with init_state(..., config)."
         )
-    want = (config.buffer_size,) + tuple(feature_shape)
+    want = (config.window,) + tuple(feature_shape)
     if tuple(state.psi_window.shape) != want:
         raise ValueError(
             f"{layer}: state window shape {tuple(state.psi_window.shape)} does not fit "
-            f"buffer_size={config.buffer_size} and features {tuple(feature_shape)} "
+            f"buffer_size={config.window} and features {tuple(feature_shape)} "
             f"(expected {want}); the state was built for another configuration or input. "
             "Re-initialize it (model.init, or init_state(features, config)), or load a "
             "checkpoint made with the same buffer_size and feature size."

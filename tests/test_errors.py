@@ -28,9 +28,9 @@ def train_apply(model, variables, x=X):
 @pytest.mark.parametrize(
     "attr, value, fix",
     [
-        ("buffer_size", 0, "int >= 1"),
-        ("buffer_size", True, "int >= 1 (got a bool)"),
-        ("buffer_size", 2.0, "int >= 1 (got a float)"),
+        ("buffer_size", 0, "int >= 1, or None"),
+        ("buffer_size", True, "int >= 1, or None (got a bool)"),
+        ("buffer_size", 2.0, "int >= 1, or None (got a float)"),
         ("momentum", 1.0, "float in [0.0, 1.0) (a decay: new = momentum*old"),
         ("momentum", -0.1, "float in [0.0, 1.0)"),
         ("epsilon", 0.0, "float in (0.0, inf)"),

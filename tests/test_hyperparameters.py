@@ -11,6 +11,7 @@ import dataclasses
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ INF = math.inf
 MABN_RULES = {
     "momentum": ("float", 0.0, 1.0, False, True),
     "epsilon": ("float", 0.0, INF, True, False),
-    "buffer_size": ("int", 1, 2**22, False, False),
+    "buffer_size": ("int?", 1, 2**22, False, False),  # None: the variant's default
     "warmup_steps": ("int", 0, 2**22, False, False),
     "renorm_start": ("int", 0, 2**22, False, False),
     "r_max": ("float", 1.0, INF, False, False),
@@ -51,6 +52,8 @@ BRN_RULES = {
     "force_float32_reductions": ("bool",),
     "average_stddev": ("bool",),
 }
+# What None becomes where it stands for a default (the plain MABN's window).
+RESOLVED = {"buffer_size": 16}
 
 VALUES = st.one_of(
     st.integers(-5, 2**23),
@@ -87,6 +90,8 @@ def expected(rule, value):
 
 def check(config_cls, rules, layer, field, value):
     ok, canonical = expected(rules[field], value)
+    if value is None and config_cls is mabn_jax.MABNConfig:
+        canonical = RESOLVED.get(field)
     if ok:
         config = config_cls(**{field: value})
         got = getattr(config, field)
@@ -142,3 +147,24 @@ def test_the_other_fields():
     config = mabn_jax.MABNConfig(axis_name="batch", axis_index_groups=np.array([[0, 1], [2, 3]]))
     assert config.axis_index_groups == ((0, 1), (2, 3))  # hashable
     hash(config)
+
+
+@pytest.mark.parametrize("centered, m", [(False, 16), (True, 2)])
+def test_default_window_per_variant(centered, m):
+    """buffer_size=None (the default) is 16 for the plain layer, 2 for the
+    centered one (docs/centered.md); the config, the linen layer's state and the
+    NNX layer agree, and an explicit buffer_size wins in all three."""
+    x = jnp.ones((2, 3))
+    names = ("mean_window", "var_window", "g_window") if centered else ("x2_window",)
+    for given_m, want in ((None, m), (16, 16), (5, 5)):
+        kw = dict(centered=centered, buffer_size=given_m)
+        config = mabn_jax.MABNConfig(**kw)
+        assert (config.buffer_size, config.window) == (want, want)
+        assert config == mabn_jax.MABNConfig(centered=centered, buffer_size=want)
+        linen = mabn_jax.MABN(use_running_average=True, **kw)
+        stats = linen.init(jax.random.key(0), x)["batch_stats"]
+        layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0), **kw)
+        assert layer.buffer_size == want
+        for name in names + ("psi_window",):
+            assert stats[name].shape == (want, 3), name
+            assert getattr(layer, name)[...].shape == (want, 3), name

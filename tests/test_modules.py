@@ -49,13 +49,15 @@ def test_accepts_every_batchnorm_attribute_and_paper_defaults():
     assert (
         m.momentum,
         m.epsilon,
-        m.buffer_size,
+        m.window,  # buffer_size=None: 16 for the plain layer
         m.warmup_steps,
         m.renorm_start,
         m.r_max,
         m.centered,
         m.d_max,
     ) == (0.98, 1e-5, 16, 100, 1000, 5.0, False, 5.0)
+    # The centered layer's window is 2 (docs/centered.md, issue 19).
+    assert (m.buffer_size, mabn_jax.MABN(centered=True).window) == (None, 2)
     # Deliberate departures from nn.BatchNorm's defaults: the paper's momentum, and
     # the two-pass variance (the one-pass form cancels at batches of 1-4).
     assert (m.momentum, m.use_fast_variance) == (0.98, False)
