@@ -307,6 +307,18 @@ def _other(b, m):
     return f"{one(b)}; {one(m)}"
 
 
+def _against(label, f, base):
+    """A table row: ``f``'s bytes and peak, and their ratios to ``base``'s."""
+    print(f"  {label}: {f}", file=sys.stderr, flush=True)
+    return [
+        label,
+        _mib(f["bytes"]),
+        f"{f['bytes'] / base['bytes']:.3f}",
+        _mib(f["peak"]),
+        f"{f['peak'] / base['peak']:.3f}",
+    ]
+
+
 def split_table():
     """Where MABN's step differs from BN's: each of its two changes alone, one v5e chip."""
     print(
@@ -325,16 +337,7 @@ def split_table():
 
             f = figures(compile_train(kind, "spmd", device, make=make))
             base = base or f
-            print(f"  {conv} + {kind}: {f}", file=sys.stderr, flush=True)
-            rows.append(
-                [
-                    f"{conv} + {kind}",
-                    _mib(f["bytes"]),
-                    f"{f['bytes'] / base['bytes']:.3f}",
-                    _mib(f["peak"]),
-                    f"{f['peak'] / base['peak']:.3f}",
-                ]
-            )
+            rows.append(_against(f"{conv} + {kind}", f, base))
     table(["model", "MiB accessed", "bytes / BN", "peak MiB", "peak / BN"], rows)
 
 
@@ -367,16 +370,7 @@ def infer_table(batch):
             fn = jax.jit(functools.partial(m.apply, train=False))
             f = figures(fn.lower(_sds(v, rep), x).compile())
             base = base or f
-            print(f"  {kind} {form}: {f}", file=sys.stderr, flush=True)
-            rows.append(
-                [
-                    f"{kind} {form}",
-                    _mib(f["bytes"]),
-                    f"{f['bytes'] / base['bytes']:.3f}",
-                    _mib(f["peak"]),
-                    f"{f['peak'] / base['peak']:.3f}",
-                ]
-            )
+            rows.append(_against(f"{kind} {form}", f, base))
     table(["model", "MiB accessed", "bytes / BN folded", "peak MiB", "peak / BN folded"], rows)
 
 
