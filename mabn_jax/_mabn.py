@@ -506,8 +506,8 @@ def _local_sums(spec: _Spec, res, dy):
 
     The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group, i.e. the groups' own
     dγ and dβ: with one group they *are* dγ and dβ, so under ``shard_map``
-    the all-reduce that synchronizes them is the one that sums the replicated
-    γ's and β's gradients over devices, and XLA keeps one of the two.
+    the all-reduce that synchronizes them also gives the replicated γ's and
+    β's gradients (:func:`_normalize_bwd`), with no all-reduce of its own.
     """
     if not spec.recorded:
         raise ValueError(_UNRECORDED)
