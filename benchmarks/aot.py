@@ -100,6 +100,47 @@ def layer_table(shapes, dtypes, device):
     print(f"\n({n} compiles in {time.time() - t0:.0f} s)")
 
 
+# The rows of the full table where plain MABN (window 16) is above nn.BatchNorm.
+ABOVE_BN = [
+    (jnp.float32, (2, 7, 7, 2048)),
+    (jnp.bfloat16, (2, 7, 7, 2048)),
+    (jnp.bfloat16, (2, 14, 14, 1024)),
+    (jnp.bfloat16, (32, 14, 14, 1024)),
+    (jnp.bfloat16, (32, 28, 28, 512)),
+    (jnp.bfloat16, (32, 56, 56, 256)),
+]
+WINDOWS = (1, 2, 4, 16)
+
+
+def window_table(rows, device):
+    """Plain MABN's bytes against nn.BatchNorm's as its window ``m`` grows.
+
+    The program is the same for every ``m``; only the state's two ``[m, C]``
+    float32 windows grow, so the column for ``m = 1`` is the rest of MABN's
+    step and the others show what the windows cost.
+    """
+    print(
+        "\n### Plain MABN / nn.BatchNorm bytes by window length m (the same "
+        "program; only the state's two [m, C] windows grow)\n"
+    )
+    out = []
+    for dtype, shape in rows:
+        x = jnp.zeros(shape, dtype)
+        nx = x.size * x.dtype.itemsize
+        bn_layer = bench_layer_modules(dtype, shape[-1])["BN"]
+        bn = compile_layer(bn_layer, x, device).cost_analysis()["bytes accessed"]
+        cells = []
+        for m in WINDOWS:
+            comp = compile_layer(mabn_jax.MABN(dtype=dtype, buffer_size=m), x, device)
+            cells.append(f"{comp.cost_analysis()['bytes accessed'] / bn:.4f}")
+        window = WINDOWS[-1] * shape[-1] * 4  # one float32 [16, C] window
+        out.append(
+            [jnp.dtype(dtype).name, "(" + ",".join(map(str, shape)) + ")", f"{window / nx:.4f}"]
+            + cells
+        )
+    table(["dtype", "shape", "16-row window / x (bytes)"] + [f"m = {m}" for m in WINDOWS], out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,9 +154,12 @@ def main(argv=None):
     if args.quick:
         shapes = [(2, 7, 7, 2048), (32, 56, 56, 256)]
     dtypes = (jnp.float32, jnp.bfloat16)
-    if args.smoke:  # the table's code in seconds (tests/test_scripts_smoke.py)
+    windows = ABOVE_BN[:2] if args.quick else ABOVE_BN
+    if args.smoke:  # the tables' code in seconds (tests/test_scripts_smoke.py)
         shapes, dtypes = [(2, 4, 4, 32)], (jnp.float32,)
+        windows = [(jnp.float32, (2, 4, 4, 32))]
     layer_table(shapes, dtypes, device)
+    window_table(windows, device)
 
 
 if __name__ == "__main__":
