@@ -319,6 +319,16 @@ def _against(label, f, base):
     ]
 
 
+SPLIT_ROWS = (  # label, kind, convolution, keyword arguments of the MABN layer
+    ("nn.Conv + BN", "BN", nn.Conv, {}),
+    ("nn.Conv + MABN", "MABN", nn.Conv, {}),
+    ("nn.Conv + MABN(buffer_size=1)", "MABN", nn.Conv, {"buffer_size": 1}),
+    ("nn.Conv + MABN(centered=True)", "MABN", nn.Conv, {"centered": True}),
+    ("CenteredConv + BN", "BN", mabn_jax.CenteredConv, {}),
+    ("CenteredConv + MABN", "MABN", mabn_jax.CenteredConv, {}),
+)
+
+
 def split_table():
     """Where MABN's step differs from BN's: each of its two changes alone, one v5e chip."""
     print(
@@ -326,19 +336,29 @@ def split_table():
         "separately (TPU compiler's cost model and memory plan)\n"
     )
     device = tpu_devices("v5e:2x2")[:1]
-    rows, base = [], None
-    for conv in ("nn.Conv", "CenteredConv"):
-        for kind in ("BN", "MABN"):
+    rows, base, state = [], None, {}
+    for label, kind, conv, kwargs in SPLIT_ROWS:
 
-            def make(kind, axis_name=None, conv=conv):
-                model = make_model(kind, axis_name)
-                cls = nn.Conv if conv == "nn.Conv" else mabn_jax.CenteredConv
-                return model.clone(conv=cls)
+        def make(kind, axis_name=None, conv=conv, kwargs=kwargs):
+            model = make_model(kind, axis_name).clone(conv=conv)
+            if kind == "MABN":
+                model = model.clone(
+                    norm=functools.partial(mabn_jax.MABN, axis_name=axis_name, **kwargs)
+                )
+            return model
 
-            f = figures(compile_train(kind, "spmd", device, make=make))
-            base = base or f
-            rows.append(_against(f"{conv} + {kind}", f, base))
+        f = figures(compile_train(kind, "spmd", device, make=make))
+        base = base or f
+        rows.append(_against(label, f, base))
+        stats = _abstract_state(make(kind), optax.sgd(0.1), IMAGE)[1]
+        state[label.split(" + ")[1]] = sum(
+            a.size * a.dtype.itemsize for a in jax.tree.leaves(stats)
+        )
     table(["model", "MiB accessed", "bytes / BN", "peak MiB", "peak / BN"], rows)
+    print(
+        "\nbatch_stats per chip (MiB): "
+        + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in state.items())
+    )
 
 
 def infer_table(batch):
