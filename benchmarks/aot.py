@@ -36,7 +36,7 @@ from bench import layer_modules as bench_layer_modules  # noqa: E402
 
 import mabn_jax  # noqa: E402
 
-TWO_PASS = ("BN two-pass", "MABN-centered", "BatchRenorm")
+TWO_PASS = ("BN two-pass", "MABN-centered (m=16)", "MABN-centered (m=2)", "BatchRenorm")
 
 
 def tpu_device(topology="v5e:2x2"):
@@ -46,11 +46,20 @@ def tpu_device(topology="v5e:2x2"):
 
 
 def layer_modules(dtype, channels):
-    """bench.py's layers (less LayerNorm), plus BatchRenorm before GroupNorm."""
+    """bench.py's layers (less LayerNorm), the centered MABN at its default
+    window (2) beside bench.py's 16, and BatchRenorm before GroupNorm."""
     mods = bench_layer_modules(dtype, channels)
     mods.pop("LayerNorm")
     gn = mods.pop("GroupNorm(32)")
-    return {**mods, "BatchRenorm": mabn_jax.BatchRenorm(dtype=dtype), "GroupNorm(32)": gn}
+    return {
+        "BN": mods["BN"],
+        "BN two-pass": mods["BN two-pass"],
+        "MABN": mods["MABN"],
+        "MABN-centered (m=16)": mods["MABN-centered"],
+        "MABN-centered (m=2)": mabn_jax.MABN(centered=True, dtype=dtype),
+        "BatchRenorm": mabn_jax.BatchRenorm(dtype=dtype),
+        "GroupNorm(32)": gn,
+    }
 
 
 def compile_layer(module, x, device):
@@ -80,21 +89,28 @@ def layer_table(shapes, dtypes, device):
                 if name == "MABN":
                     floor = fl
                 cells.append(comp.cost_analysis()["bytes accessed"] / nx)
-            mabn = cells[names.index("MABN")]
+            c = dict(zip(names, cells))
             rows.append(
                 [jnp.dtype(dtype).name, "(" + ",".join(map(str, shape)) + ")"]
-                + [f"{c:.2f}" for c in cells]
+                + [f"{v:.2f}" for v in cells]
                 + [
                     f"{floor / nx:.2f}",
-                    f"{mabn * nx / floor:.2f}",
-                    f"{mabn / cells[0]:.2f}",
-                    f"{cells[3] / cells[1]:.2f}",
+                    f"{c['MABN'] * nx / floor:.2f}",
+                    f"{c['MABN'] / c['BN']:.3f}",
+                    f"{c['MABN-centered (m=16)'] / c['BN two-pass']:.3f}",
+                    f"{c['MABN-centered (m=2)'] / c['BN two-pass']:.3f}",
                 ]
             )
     table(
         ["dtype", "shape"]
         + names
-        + ["MABN floor", "MABN / floor", "MABN / BN", "centered / BN two-pass"],
+        + [
+            "MABN floor",
+            "MABN / floor",
+            "MABN / BN",
+            "centered (m=16) / BN two-pass",
+            "centered (m=2) / BN two-pass",
+        ],
         rows,
     )
     print(f"\n({n} compiles in {time.time() - t0:.0f} s)")

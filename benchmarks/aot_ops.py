@@ -75,7 +75,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("layer", help="e.g. MABN, BN, 'MABN-centered'")
+    p.add_argument("layer", help="e.g. MABN, BN, 'MABN-centered (m=2)'")
     p.add_argument("dtype", choices=["float32", "bfloat16"])
     p.add_argument("shape", help="NHWC, e.g. 2,7,7,2048")
     p.add_argument("--top", type=int, default=25, help="how many ops to list")

@@ -82,13 +82,24 @@ SCRIPTS = [
     _case(
         "benchmarks/aot.py",
         ["--smoke"],
-        ["### Layer fwd+bwd on the TPU compiler", "| float32 | (2,4,4,32) |"],
+        [
+            "### Layer fwd+bwd on the TPU compiler",
+            "| float32 | (2,4,4,32) |",
+            "### Plain MABN / nn.BatchNorm bytes by window length",
+        ],
         marks=_needs_libtpu,
     ),
     _case(
         "benchmarks/aot_resnet.py",
         ["--smoke"],
-        ["| v5e:2x2  | sync ", "| CenteredConv + MABN ", "| MABN folded ", "| GN unfolded "],
+        [
+            "| v5e:2x2  | sync ",
+            "| CenteredConv + MABN ",
+            "| nn.Conv + MABN(buffer_size=1) ",
+            "batch_stats per chip (MiB): BN ",
+            "| MABN folded ",
+            "| GN unfolded ",
+        ],
         marks=_needs_libtpu,
     ),
     _case(
