@@ -529,9 +529,9 @@ def _local_sums(spec: _Spec, res, dy):
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
     dscale_all, dbias_all = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
-    dscale_all, dbias_all = dscale_all.astype(scale.dtype), dbias_all.astype(bias.dtype)
+    # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
     sums = (dscale_all, dbias_all) if dscale.shape[0] == 1 else (dscale, sum_dy)
-    return sums, dscale_all, dbias_all
+    return sums, dscale_all.astype(scale.dtype), dbias_all.astype(bias.dtype)
 
 
 def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
