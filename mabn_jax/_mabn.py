@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mabn_jax import _stats as S
@@ -80,7 +81,7 @@ class _Phase(NamedTuple):
 def _phase(t: Array, cfg: MABNConfig) -> _Phase:
     m = cfg.window
     return _Phase(
-        jnp.arange(m) == t % m,
+        jnp.arange(m) == lax.rem(t, m),  # t >= 1: rem is mod
         (t <= m) | (t < cfg.warmup_steps),
         t > max(cfg.renorm_start, cfg.warmup_steps),
     )
@@ -88,7 +89,7 @@ def _phase(t: Array, cfg: MABNConfig) -> _Phase:
 
 def as_count(step: Array) -> Array:
     """A stored counter as int32 (it may have been averaged by lax.pmean)."""
-    return jnp.round(step).astype(jnp.int32)
+    return lax.round(step, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
 
 
 def wrap_period(m: int) -> int:
@@ -98,7 +99,7 @@ def wrap_period(m: int) -> int:
 
 def _advance(step: Array, n: int, m: int) -> Array:
     new = as_count(step) + n
-    return jnp.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
+    return S.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
 
 
 class _Slide(NamedTuple):
@@ -116,6 +117,8 @@ class _Slide(NamedTuple):
 
 def _slide(slot_mask: Array) -> _Slide:
     groups, m = slot_mask.shape
+    if groups == 1:  # one window step (no ghost batches): nothing to slide
+        return _Slide(np.ones((1, 1), bool), ~slot_mask, slot_mask)
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)
@@ -130,19 +133,40 @@ def _dot(mask: Array, v: Array) -> Array:
 
 def _masked_sum(mask: Array, v: Array) -> Array:
     """``Σ_b v[a, b]`` over the ``b`` where ``mask[a, b]``."""
-    return jnp.where(S.lead(mask, v), v, 0.0).sum(1)
+    return S.where(S.lead(mask, v), v, 0.0).sum(1)
+
+
+def _written(sl: _Slide, window: Array, values: Array) -> Array:
+    """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
+    return S.where(S.lead(sl.last[0], window), values, window.astype(values.dtype))
 
 
 def _window_mean(sl: _Slide, window: Array, values: Array) -> Array:
     """Each group's window mean: ``[G, *features]``."""
+    if values.shape[0] == 1:
+        return _written(sl, window, values).mean(0, keepdims=True)
     m = window.shape[0]
     return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / m
 
 
 def _final_window(sl: _Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
+    if values.shape[0] == 1:
+        return S.where(S.lead(sl.last[0], window), values.astype(window.dtype), window)
     written = sl.last.any(0)
-    return jnp.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
+    return S.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
+
+
+def _spread(sl: _Slide, window: Array, values: Array, mu: Array) -> Array:
+    """Each group's between-step variance of the window's values about ``mu``
+    (its window mean), in two passes."""
+    if values.shape[0] == 1:
+        return jnp.square(_written(sl, window, values) - mu).mean(0, keepdims=True)
+    m = window.shape[0]
+    return (
+        _masked_sum(sl.in_window, jnp.square(values[None] - mu[:, None]))
+        + _masked_sum(sl.old_kept, jnp.square(window[None].astype(mu.dtype) - mu[:, None]))
+    ) / m
 
 
 def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
@@ -151,22 +175,15 @@ def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
     var_w = _final_window(sl, state.var_window, var_b)
     var_win = _window_mean(sl, state.var_window, var_b)
     if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
-        return None, var_w, None, jnp.where(ub(var_b), var_b, var_win)
-    m = state.mean_window.shape[0]
+        return None, var_w, None, S.where(ub(var_b), var_b, var_win)
     mean_w = _final_window(sl, state.mean_window, mean_b)
     mu_win = _window_mean(sl, state.mean_window, mean_b)
-    # Between-step variance of μ_B over each window, in two passes.
-    spread = (
-        _masked_sum(sl.in_window, jnp.square(mean_b[None] - mu_win[:, None]))
-        + _masked_sum(
-            sl.old_kept, jnp.square(state.mean_window[None].astype(mu_win.dtype) - mu_win[:, None])
-        )
-    ) / m
+    spread = _spread(sl, state.mean_window, mean_b, mu_win)
     return (
         mean_w,
         var_w,
-        jnp.where(ub(mean_b), mean_b, mu_win),
-        jnp.where(ub(var_b), var_b, var_win + spread),
+        S.where(ub(mean_b), mean_b, mu_win),
+        S.where(ub(var_b), var_b, var_win + spread),
     )
 
 
@@ -351,12 +368,12 @@ def mabn_train_with_stats(
     healthy = S.all_finite(state.psi_window)
     ok = S.all_finite(mean_b, var_b) & ~empty  # this step's statistics
     bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
-    inv = jnp.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
+    inv = S.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
     written = sl.last.any(0)
     # The slots this step's Ψ_B (g_B) will fill are reserved (NaN). Without probes
     # they take the window's own estimate instead: its mean before the step.
     fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
-    reserve = lambda w: jnp.where(S.lead(written, w), fill(w), w)
+    reserve = lambda w: S.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
         _advance(state.step, split.groups, cfg.window),
         var_w,
@@ -435,7 +452,7 @@ def _emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
             # The authors' simulated-small-batch layer: one update per call with the
             # groups' mean, which the first call takes as the EMA outright.
             target = new.mean(0)
-            updated = jnp.where(
+            updated = S.where(
                 as_count(state.step) == 0,
                 target.astype(old.dtype),
                 S.ema(old, target, cfg.momentum),
@@ -541,7 +558,7 @@ def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
     z = _z(x, ctx, spec, dtype)
     dy = dy.astype(dtype)
     a = scale * ctx.r
-    keep = (lambda v: v) if ctx.mask is None else (lambda v: jnp.where(ctx.mask, v, 0.0))
+    keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
     sl = _slide(ctx.slot_mask)
     weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
@@ -550,7 +567,7 @@ def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
-        used = jnp.where(S.lead(ctx.use_batch, value), value, _window_mean(sl, window, value))
+        used = S.where(S.lead(ctx.use_batch, value), value, _window_mean(sl, window, value))
         return used, weight(_final_window(sl, jnp.zeros_like(window), replicate(value)))
 
     def replicate(value):
@@ -615,9 +632,7 @@ def _enter_fwd(spec: _Spec, x, scale, probes, ctx, probe_weight):
     # Shaped like the sums of _local_sums: γ's shape with one group.
     first = lax.stop_gradient(x.reshape(-1)[0])
     shape = ctx.inv.shape[1:] if ctx.inv.shape[0] == 1 else ctx.inv.shape
-    zero = jnp.zeros(shape, ctx.inv.dtype) + jnp.where(first == first, 0.0, 0.0).astype(
-        ctx.inv.dtype
-    )
+    zero = jnp.zeros(shape, ctx.inv.dtype) + S.where(first == first, 0.0, 0.0).astype(ctx.inv.dtype)
     zeros = (vary_like(zero, varying_axes(x)),) * 2
     out = (x.astype(_carry_dtype(spec, x)), zeros)
     return out, (x, scale, probes, ctx, probe_weight)

@@ -75,7 +75,7 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
         return (
             None
             if window is None
-            else jnp.where(jnp.isnan(window), grads.astype(window.dtype), window)
+            else S.where(jnp.isnan(window), grads.astype(window.dtype), window)
         )
 
     filled = state._replace(
@@ -85,11 +85,9 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead)
     result = S.select(ok, filled, previous._replace(skipped=previous.skipped + 1))
     consistent = _one_apply_apart(state, previous, probe_grads)
-    try:
-        inconsistent = not bool(jnp.all(consistent))
-    except jax.errors.ConcretizationTypeError:  # traced: poison instead of raising
-        inconsistent = False
-    if inconsistent:
+    # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
+    # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
+    if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
         raise ValueError(_NOT_ONE_APPLY_APART)
     poisoned = result._replace(
         **{
@@ -125,7 +123,7 @@ def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -
     feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
     reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1)
     advance = as_count(new.step) - as_count(previous.step)
-    advance = jnp.where(advance < 0, advance + wrap_period(m), advance)
+    advance = S.where(advance < 0, advance + wrap_period(m), advance)
     # The difference, not the rounded counts: after lax.pmean over devices of which
     # some skipped, `skipped` is fractional (0.5 + 1 rounds like 2, 0.5 like 0).
     skips = as_count(new.skipped - previous.skipped)

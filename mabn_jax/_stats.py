@@ -166,8 +166,8 @@ def moments(
     with ``use_fast_variance``, else ``E[(x − μ)²]``: two passes, exact in the
     small batches where the one-pass form cancels.
     """
-    axes, where = split.reduction_axes, split.mask
-    mean = functools.partial(jnp.mean, axis=axes, where=where)
+    axes, mask = split.reduction_axes, split.mask
+    mean = functools.partial(jnp.mean, axis=axes, where=mask)
     sync = functools.partial(pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
     if not use_mean:
         return None, sync(mean(xs * xs))
@@ -199,7 +199,7 @@ def fill_empty(split: Split, stats: Array | None, stored: Array | None):
     if split.mask is None or stats is None or stored is None:  # (None: both, plain layer)
         return stats, jnp.asarray(False)
     empty = count(split) == 0
-    return (jnp.where(empty, stored.astype(stats.dtype), stats), jnp.asarray(empty).any())
+    return (where(empty, stored.astype(stats.dtype), stats), jnp.asarray(empty).any())
 
 
 def ema(old: Array, new: Array, momentum: float) -> Array:
@@ -216,8 +216,10 @@ def ema_per_group(old: Array, new: Array, momentum: float, grouped: bool):
     if not grouped:
         return ema(old, new, momentum), old
     groups = new.shape[0]
+    if groups == 1:
+        return ema(old, new[0], momentum), old[None]
     i, j = jnp.arange(groups + 1)[:, None], jnp.arange(groups)[None, :]
-    weights = jnp.where(j < i, (1 - momentum) * momentum ** jnp.maximum(i - 1 - j, 0), 0.0)
+    weights = where(j < i, (1 - momentum) * momentum ** jnp.maximum(i - 1 - j, 0), 0.0)
     decay = momentum ** jnp.arange(groups + 1)
     track = lead(decay, new[:1]).astype(old.dtype) * old[None] + jnp.tensordot(
         weights.astype(old.dtype),
@@ -257,12 +259,12 @@ def renorm_factors(
     """
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
-    r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min, r_max)
-    r = stop(jnp.where(lead(active, r), r, jnp.ones_like(r)))
+    r = clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min, r_max)
+    r = stop(where(lead(active, r), r, jnp.ones_like(r)))
     if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
-    d = jnp.clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
-    return r, stop(jnp.where(lead(active, d), d, jnp.zeros_like(d)))
+    d = clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
+    return r, stop(where(lead(active, d), d, jnp.zeros_like(d)))
 
 
 def affine_params(
@@ -272,6 +274,27 @@ def affine_params(
     scale = jnp.ones(feature_shape, dtype) if scale is None else jnp.asarray(scale)
     bias = jnp.zeros(feature_shape, dtype) if bias is None else jnp.asarray(bias)
     return scale.astype(dtype), bias.astype(dtype)
+
+
+def where(cond, x, y) -> Array:
+    """``where(cond, x, y)`` as a single ``select_n``.
+
+    ``jnp.where`` traces as a nested ``jit`` (a sub-jaxpr per call); a layer
+    step makes dozens of small selects, so this keeps its graph and trace
+    time small. Broadcasting and dtype promotion are ``jnp.where``'s.
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    dtype = jnp.result_type(x, y)
+    shape = jnp.broadcast_shapes(jnp.shape(cond), x.shape, y.shape)
+    fit = lambda v: jnp.broadcast_to(
+        v if v.dtype == dtype else lax.convert_element_type(v, dtype), shape
+    )
+    return lax.select(jnp.broadcast_to(cond, shape), fit(x), fit(y))
+
+
+def clip(x, low, high) -> Array:
+    """``jnp.clip`` without its nested ``jit`` (see :func:`where`)."""
+    return jnp.minimum(jnp.maximum(x, low), high)
 
 
 def all_finite(*arrays: Array | None, lead_axes: int = 0) -> Array:
@@ -288,4 +311,4 @@ def all_finite(*arrays: Array | None, lead_axes: int = 0) -> Array:
 
 def select(ok: Array, new, old):
     """``new`` where ``ok`` else ``old``, leaf by leaf (``ok`` has the leading axes)."""
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(lead(ok, n), n, o), new, old)
+    return jax.tree_util.tree_map(lambda n, o: where(lead(ok, n), n, o), new, old)

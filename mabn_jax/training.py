@@ -422,10 +422,10 @@ def _record_in_aux(
 def _trained(probe_grads) -> bool:
     """Whether some probe got a gradient (False when unknown, under ``jit``:
     then record_backward_stats poisons the state instead)."""
-    try:
-        return any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(probe_grads))
-    except jax.errors.ConcretizationTypeError:
+    leaves = jax.tree_util.tree_leaves(probe_grads)
+    if any(isinstance(g, jax.core.Tracer) for g in leaves):
         return False
+    return any(bool(jnp.any(g != 0)) for g in leaves)
 
 
 def _dynamic_scale_update(ds, out, grads, axis_name) -> DynamicScaleResult:
