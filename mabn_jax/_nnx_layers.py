@@ -234,9 +234,11 @@ class _Norm(nnx.Module):
 
     def _store(self, values: Mapping[str, Array], stats: Mapping[str, Array]) -> None:
         """Writes the new state (no gradient flows into it, as in linen's mutable
-        collections) and sows ``stats`` inside ``nnx.capture`` only."""
+        collections) and sows ``stats`` inside ``nnx.capture`` only. ``set_value``,
+        not ``var[...] = v``: Flax's indexed write compares the tracers' sharding, and
+        a tracer's missing sharding raises an error whose text walks the whole graph."""
         for name, value in values.items():
-            getattr(self, name)[...] = jax.lax.stop_gradient(value)
+            getattr(self, name).set_value(jax.lax.stop_gradient(value))
         if _upstream.in_nnx_capture(self):
             for name, value in stats.items():
                 self.sow(Statistic, name, value)

@@ -193,7 +193,7 @@ def record_backward_stats(model, grads, previous) -> None:
         probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None)
         recorded = _record.record_backward_stats(new, probe_grads, before)
         for key, value in _state.to_mapping(recorded).items():
-            getattr(layer, key)[...] = value
+            getattr(layer, key).set_value(value)
     _detach(model)
 
 
