@@ -79,9 +79,10 @@ class _Phase(NamedTuple):
 
 
 def _phase(t: Array, cfg: MABNConfig) -> _Phase:
+    """The phase of each window step ``t`` (``[G]``, every ``t >= 1``)."""
     m = cfg.window
     return _Phase(
-        jnp.arange(m) == lax.rem(t, m),  # t >= 1: rem is mod
+        jnp.arange(m)[None] == lax.rem(t, m)[:, None],  # t >= 1: rem is mod
         (t <= m) | (t < cfg.warmup_steps),
         t > max(cfg.renorm_start, cfg.warmup_steps),
     )
@@ -172,11 +173,13 @@ def _spread(sl: _Slide, window: Array, values: Array, mu: Array) -> Array:
 def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
     """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
     ub = lambda v: S.lead(use_batch, v)
-    var_w = _final_window(sl, state.var_window, var_b)
+    # The stored windows take no gradient: stopping it here keeps reverse mode
+    # from tracing the state update a second time (as its linearization).
+    var_w = _final_window(sl, state.var_window, lax.stop_gradient(var_b))
     var_win = _window_mean(sl, state.var_window, var_b)
     if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
         return None, var_w, None, S.where(ub(var_b), var_b, var_win)
-    mean_w = _final_window(sl, state.mean_window, mean_b)
+    mean_w = _final_window(sl, state.mean_window, lax.stop_gradient(mean_b))
     mu_win = _window_mean(sl, state.mean_window, mean_b)
     spread = _spread(sl, state.mean_window, mean_b, mu_win)
     return (
@@ -348,10 +351,13 @@ def mabn_train_with_stats(
     )
     var_b, empty = S.fill_empty(split, var_b, state.ema_var)
     mean_b, _ = S.fill_empty(split, mean_b, state.ema_mean)
-    phase = jax.vmap(_phase, (0, None))(as_count(state.step) + 1 + jnp.arange(split.groups), cfg)
+    t = as_count(state.step) + 1 + jnp.arange(split.groups)
+    phase = _phase(t, cfg)
     sl = _slide(phase.slot_mask)
     mean_w, var_w, mean, var = _forward_windows(state, sl, phase.use_batch, mean_b, var_b)
-    (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _emas(state, var, mean, ghost, cfg)
+    (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _emas(
+        state, *lax.stop_gradient((var, mean)), ghost, cfg
+    )
     r, d = S.renorm_factors(
         var,
         ema_var_used,

@@ -37,6 +37,9 @@ _NOT_ONE_APPLY_APART = (
 )
 
 
+_STATISTICS = ("var_window", "psi_window", "ema_var", "mean_window", "g_window", "ema_mean")
+
+
 def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNState) -> MABNState:
     """Fills this step's reserved Ψ (g) slots from the probes' gradients.
 
@@ -82,31 +85,21 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
         psi_window=fill(state.psi_window, probe_grads.psi),
         g_window=fill(state.g_window, probe_grads.g),
     )
-    ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead)
-    result = S.select(ok, filled, previous._replace(skipped=previous.skipped + 1))
     consistent = _one_apply_apart(state, previous, probe_grads)
     # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
     # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
     if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
         raise ValueError(_NOT_ONE_APPLY_APART)
-    poisoned = result._replace(
-        **{
-            name: _nan_like(getattr(result, name))
-            for name in (
-                "var_window",
-                "psi_window",
-                "ema_var",
-                "mean_window",
-                "g_window",
-                "ema_mean",
-            )
-        }
+    # One flag, one select per leaf: a step whose statistics are not finite (a bad
+    # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
+    # apart give NaN statistics (the next training output, and inference, are NaN).
+    ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead) & consistent
+    poison = lambda a: None if a is None else S.where(S.lead(consistent, a), a, jnp.nan)
+    undone = previous._replace(
+        skipped=previous.skipped + 1,
+        **{name: poison(getattr(previous, name)) for name in _STATISTICS},
     )
-    return S.select(consistent, result, poisoned)
-
-
-def _nan_like(a):
-    return None if a is None else jnp.full_like(a, jnp.nan)
+    return S.select(ok, filled, undone)
 
 
 def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -> jax.Array:
