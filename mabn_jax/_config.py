@@ -25,6 +25,18 @@ MAX_SCHEDULE_STEP = 2**22
 DEFAULT_BUFFER_SIZE = {False: 16, True: 2}
 
 
+class _DefaultWindow(int):
+    """A ``buffer_size`` that was left ``None``: the variant's default window.
+
+    It is the int (``MABNConfig().buffer_size == 16``), and it says where it
+    came from, so that ``dataclasses.replace(config, centered=True)`` resolves
+    the default again for the other variant instead of keeping this one's.
+    """
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
 def _fail(layer: str, name: str, value: Any, want: str) -> None:
     raise ValueError(f"{layer}: {name}={value!r} is invalid; {name} must be {want}.")
 
@@ -231,9 +243,10 @@ class MABNConfig(_NormConfig):
         """Checks (and canonicalizes to Python types) every hyper-parameter."""
         values = self._check_common(layer)
         centered = check_bool(layer, "centered", self.centered)
+        given = None if isinstance(self.buffer_size, _DefaultWindow) else self.buffer_size
         values.update(
-            buffer_size=check_int(layer, "buffer_size", self.buffer_size, 1, allow_none=True)
-            or DEFAULT_BUFFER_SIZE[centered],
+            buffer_size=check_int(layer, "buffer_size", given, 1, allow_none=True)
+            or _DefaultWindow(DEFAULT_BUFFER_SIZE[centered]),
             warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0, MAX_SCHEDULE_STEP),
             renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0, MAX_SCHEDULE_STEP),
             r_max=check_float(

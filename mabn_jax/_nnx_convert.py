@@ -22,7 +22,7 @@ from flax import nnx
 from mabn_jax import _shell, _state
 from mabn_jax._config import MABNConfig, config_of
 from mabn_jax._nnx_layers import MABN
-from mabn_jax._pretrained import converter_config, state_from_batchnorm
+from mabn_jax._pretrained import check_statistics, converter_config, state_from_batchnorm
 
 __all__ = ["replace_batchnorm"]
 
@@ -32,7 +32,7 @@ _OVERRIDABLE = ("momentum", "axis_name", "axis_index_groups")
 _WALKED = (nnx.Pytree, list, dict, tuple)
 
 
-def _converted(bn: nnx.BatchNorm, config: dict[str, Any]) -> MABN:
+def _converted(bn: nnx.BatchNorm, config: dict[str, Any], path: str) -> MABN:
     """The centered MABN computing what ``bn`` computes at inference, with
     ``bn``'s own ``scale``/``bias`` variables and its statistics as state."""
     attrs = {name: getattr(bn, name) for name in _OVERRIDABLE}
@@ -55,6 +55,7 @@ def _converted(bn: nnx.BatchNorm, config: dict[str, Any]) -> MABN:
     # The variables themselves move over (their metadata, e.g. sharding, kept).
     layer.scale, layer.bias = bn.scale, bn.bias
     mean, var = bn.mean[...], bn.var[...]
+    check_statistics(mean, var, path, "mabn_jax.nnx.replace_batchnorm")
     # Layers made under nnx.vmap hold stacked statistics: [*lead, features].
     lead = mean.ndim - 1
     state = state_from_batchnorm(
@@ -82,20 +83,20 @@ def _children(node):
     return list(children.items())
 
 
-def _replace_in(node, config: dict[str, Any], done: dict[int, Any]):
+def _replace_in(node, config: dict[str, Any], done: dict[int, Any], path: tuple = ()):
     """``node`` with its BatchNorms replaced (in place where it is mutable; a
     tuple comes back rebuilt). ``done`` maps ids of visited nodes to their
     result, so a BatchNorm shared by several parents becomes one MABN."""
     if id(node) in done:
         return done[id(node)]
     if isinstance(node, nnx.BatchNorm):
-        done[id(node)] = _converted(node, config)
+        done[id(node)] = _converted(node, config, "/".join(map(str, path)) or "<the model>")
         return done[id(node)]
     done[id(node)] = node
     if isinstance(node, nnx.Variable):  # a leaf of the graph
         return node
     children = list(_children(node))
-    new = {key: _replace_in(child, config, done) for key, child in children}
+    new = {key: _replace_in(child, config, done, path + (key,)) for key, child in children}
     if isinstance(node, tuple):
         rebuilt = tuple(new.get(i, v) for i, v in enumerate(node))
         done[id(node)] = rebuilt if any(rebuilt[i] is not node[i] for i in new) else node
@@ -190,5 +191,36 @@ def replace_batchnorm(model: nnx.Module, **mabn_config) -> nnx.Module:
             "mabn_jax.replace_batchnorm(module)."
         )
     config = converter_config(mabn_config, "mabn_jax.nnx.replace_batchnorm")
-    _replace_in(model, config, {})
+    done: dict[int, Any] = {}
+    _replace_in(model, config, done)
+    if not any(isinstance(n, nnx.BatchNorm) for n in _visited(done)):
+        _check_replaced_before(model, config)
     return model
+
+
+def _visited(done: dict[int, Any]) -> list:
+    return [node for node in done.values() if isinstance(node, nnx.Module)]
+
+
+def _check_replaced_before(model: nnx.Module, config: dict[str, Any]) -> None:
+    """A model without BatchNorms: a second call is a no-op with the same
+    hyper-parameters and an error with others (which it could not apply)."""
+    layers = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, MABN)]
+    differ = [
+        f"{'/'.join(map(str, path))}: {name}={getattr(layer, name)!r}"
+        for path, layer in layers
+        for name, value in config.items()
+        if getattr(layer, name) != value
+    ]
+    if not layers:
+        raise ValueError(
+            "mabn_jax.nnx.replace_batchnorm: the model holds no nnx.BatchNorm (nor an "
+            "MABN from an earlier replacement); nothing would change."
+        )
+    if differ:
+        raise ValueError(
+            "mabn_jax.nnx.replace_batchnorm: the model's BatchNorms were already replaced, "
+            f"with other hyper-parameters than {config} ({differ[0]}); a second call cannot "
+            "change them. Call it once, on a fresh copy of the BatchNorm model, with the "
+            "configuration you want."
+        )

@@ -41,13 +41,21 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mabn_jax import _shell
 from mabn_jax._config import MABNConfig
 from mabn_jax._state import MABNState
 
-__all__ = ["start_step", "state_from_batchnorm", "converter_config", "PLAIN_REFUSED"]
+__all__ = [
+    "start_step",
+    "state_from_batchnorm",
+    "check_statistics",
+    "converter_config",
+    "PLAIN_REFUSED",
+]
 
 # Structural or function-changing: taken from each batch norm, refused in a
 # converter's mabn_config (linen and NNX alike).
@@ -104,10 +112,40 @@ def start_step(config: MABNConfig) -> int:
     return max(config.window, config.warmup_steps, config.renorm_start)
 
 
+def check_statistics(mean: Any, var: Any, layer: str, caller: str) -> None:
+    """Raises unless ``mean`` is finite and ``var`` finite and ``>= 0``.
+
+    A corrupt pretrained statistic would not fail by itself: a NaN makes every
+    training step non-finite (each one skipped, forever), and a variance just
+    below zero (``−ε/2``, from a one-pass ``E[x²] − E[x]²``) makes
+    ``1/sqrt(σ² + ε)`` huge, so training diverges. Traced values (a
+    conversion under ``jit``) cannot be read and are not checked.
+    """
+    if isinstance(mean, jax.core.Tracer) or isinstance(var, jax.core.Tracer):
+        return
+    mean, var = np.asarray(mean), np.asarray(var)
+    for name, values, bad in (
+        ("mean", mean, ~np.isfinite(mean)),
+        ("var", var, ~np.isfinite(var) | (var < 0)),
+    ):
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            what = "not finite" if name == "mean" else "negative or not finite"
+            at = f"{name}[{', '.join(map(str, index))}] = {float(values[index])}"
+            raise ValueError(
+                f"{caller}: the batch norm at {layer!r} has an invalid running {name}: {at} "
+                f"({int(bad.sum())} of {bad.size} entries are {what}"
+                "). Its training must have diverged or the checkpoint is corrupt; convert "
+                "from a healthy checkpoint, or repair the statistics first (e.g. "
+                "var = max(var, 0), or recompute them over some batches of data)."
+            )
+
+
 def state_from_batchnorm(
     mean: Any, var: Any, config: MABNConfig, *, lead: int = 0, dtype: Any = jnp.float32
 ) -> MABNState:
-    """The centered MABN state equivalent to a batch norm's ``(mean, var)``.
+    """The centered MABN state equivalent to a batch norm's ``(mean, var)``
+    (checked first with :func:`check_statistics` by the converters).
 
     Args:
       mean, var: the batch norm's running statistics, ``[*lead_axes, *features]``.

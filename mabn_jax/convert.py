@@ -46,7 +46,7 @@ from flax.core import FrozenDict
 
 from mabn_jax import _mabn, _shell, _state
 from mabn_jax._config import MABNConfig, config_of
-from mabn_jax._pretrained import converter_config, state_from_batchnorm
+from mabn_jax._pretrained import check_statistics, converter_config, state_from_batchnorm
 from mabn_jax.linen import MABN
 
 __all__ = ["replace_batchnorm", "convert_batchnorm_variables", "ReplacedBatchNorm"]
@@ -122,9 +122,11 @@ def _converting(overrides, next_fun, args, kwargs, context):
             "(model.init or a trained state) for the same architecture."
         )
     layer = MABN(parent=scope, **attrs)
+    mean, var = scope.get_variable("batch_stats", "mean"), scope.get_variable("batch_stats", "var")
+    check_statistics(mean, var, path, "convert_batchnorm_variables")
     state = state_from_batchnorm(
-        scope.get_variable("batch_stats", "mean"),
-        scope.get_variable("batch_stats", "var"),
+        mean,
+        var,
         config_of(MABNConfig, layer),
         dtype=_shell.state_dtype(bn.param_dtype),
     )
@@ -255,7 +257,17 @@ def replace_batchnorm(module: nn.Module, **mabn_config) -> ReplacedBatchNorm:
             f"{type(module).__name__}; for Flax NNX use "
             "mabn_jax.nnx.replace_batchnorm(model)."
         )
-    return ReplacedBatchNorm(module, _check_config(mabn_config))
+    config = _check_config(mabn_config)
+    if isinstance(module, ReplacedBatchNorm):  # replaced already: same config, same model
+        if module.mabn_config == config:
+            return module
+        raise ValueError(
+            "replace_batchnorm: this model was already replaced with "
+            f"{dict(module.mabn_config)}; to replace its BatchNorms with another "
+            "configuration, call replace_batchnorm on the original model: "
+            f"replace_batchnorm(replaced.module, **{dict(config)})."
+        )
+    return ReplacedBatchNorm(module, config)
 
 
 def convert_batchnorm_variables(
@@ -318,9 +330,12 @@ def convert_batchnorm_variables(
             f"{type(mabn_module).__name__}."
         )
     if not isinstance(bn_variables, Mapping) or "batch_stats" not in bn_variables:
+        got = sorted(bn_variables) if isinstance(bn_variables, Mapping) else type(bn_variables)
         raise ValueError(
-            "convert_batchnorm_variables: bn_variables must be the BatchNorm "
-            "model's variables dict, with 'params' and 'batch_stats'."
+            "convert_batchnorm_variables: bn_variables must be the BatchNorm model's whole "
+            f"variables dict, with 'params' and 'batch_stats' (got {got}). Pass "
+            "variables, not variables['params']; a model without nn.BatchNorm layers has no "
+            "batch_stats and needs no conversion (use its variables as they are)."
         )
     interceptor = functools.partial(_converting, mabn_module.mabn_config)
     with nn.intercept_methods(interceptor):
@@ -346,6 +361,14 @@ def _drop_batchnorm_entries(tree: dict, path: tuple[str, ...] = ()) -> dict:
         )
     if keys == mabn_keys | {"mean", "var"}:
         return {k: v for k, v in tree.items() if k not in ("mean", "var")}
+    if mabn_keys | {"mean", "var"} <= keys:  # a converted BatchNorm with more entries
+        extra = sorted(keys - mabn_keys - {"mean", "var"})
+        raise ValueError(
+            f"convert_batchnorm_variables: the nn.BatchNorm at {'/'.join(path)!r} has "
+            f"batch_stats entries besides 'mean' and 'var': {extra}. An nn.BatchNorm "
+            "keeps only those two; remove the others from bn_variables "
+            "(they belong to no layer of the model) and convert again."
+        )
     return {
         k: _drop_batchnorm_entries(v, path + (k,)) if isinstance(v, dict) else v
         for k, v in tree.items()
