@@ -131,7 +131,7 @@ def check_statistics(mean: Any, var: Any, layer: str, caller: str) -> None:
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             what = "not finite" if name == "mean" else "negative or not finite"
-            at = f"{name}[{', '.join(map(str, index))}] = {float(values[index])}"
+            at = f"{name}[{', '.join(map(str, index))}] = {float(values[index]):.6g}"
             raise ValueError(
                 f"{caller}: the batch norm at {layer!r} has an invalid running {name}: {at} "
                 f"({int(bad.sum())} of {bad.size} entries are {what}"
