@@ -229,7 +229,8 @@ def batch_renorm_train(
     var_b, empty = S.fill_empty(split, var_b, state.var)
     mean_b, _ = S.fill_empty(split, mean_b, state.mean)
     # A batch with non-finite (or no) statistics never enters the state, as in MABN.
-    ok = S.all_finite(mean_b, var_b) & ~empty
+    ok = S.all_finite(mean_b, var_b)
+    ok = ok if empty is False else ok & ~empty
 
     renorm_momentum = cfg.momentum if cfg.renorm_momentum is None else cfg.renorm_momentum
     if cfg.average_stddev:  # average std = sqrt(σ² + ε); store std² − ε as the variance

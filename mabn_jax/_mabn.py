@@ -98,8 +98,9 @@ def wrap_period(m: int) -> int:
     return m * ((_WRAP // 2) // m)
 
 
-def _advance(step: Array, n: int, m: int) -> Array:
-    new = as_count(step) + n
+def _advance(step: Array, count: Array, n: int, m: int) -> Array:
+    """``step`` (whose :func:`as_count` is ``count``) advanced by ``n``, wrapped."""
+    new = count + n
     return S.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
 
 
@@ -158,6 +159,19 @@ def _final_window(sl: _Slide, window: Array, values: Array) -> Array:
     return S.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
 
 
+def _step_window(sl: _Slide, window: Array, values: Array) -> tuple[Array, Array]:
+    """(the window after the call, each group's window mean). The stored window
+    takes no gradient: stopping it keeps reverse mode from tracing the state
+    update a second time (as its linearization)."""
+    if values.shape[0] == 1:
+        written = _written(sl, window, values)
+        return lax.stop_gradient(written).astype(window.dtype), written.mean(0, keepdims=True)
+    return (
+        _final_window(sl, window, lax.stop_gradient(values)),
+        _window_mean(sl, window, values),
+    )
+
+
 def _spread(sl: _Slide, window: Array, values: Array, mu: Array) -> Array:
     """Each group's between-step variance of the window's values about ``mu``
     (its window mean), in two passes."""
@@ -173,14 +187,10 @@ def _spread(sl: _Slide, window: Array, values: Array, mu: Array) -> Array:
 def _forward_windows(state: MABNState, sl: _Slide, use_batch, mean_b, var_b):
     """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
     ub = lambda v: S.lead(use_batch, v)
-    # The stored windows take no gradient: stopping it here keeps reverse mode
-    # from tracing the state update a second time (as its linearization).
-    var_w = _final_window(sl, state.var_window, lax.stop_gradient(var_b))
-    var_win = _window_mean(sl, state.var_window, var_b)
+    var_w, var_win = _step_window(sl, state.var_window, var_b)
     if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
         return None, var_w, None, S.where(ub(var_b), var_b, var_win)
-    mean_w = _final_window(sl, state.mean_window, lax.stop_gradient(mean_b))
-    mu_win = _window_mean(sl, state.mean_window, mean_b)
+    mean_w, mu_win = _step_window(sl, state.mean_window, mean_b)
     spread = _spread(sl, state.mean_window, mean_b, mu_win)
     return (
         mean_w,
@@ -351,7 +361,8 @@ def mabn_train_with_stats(
     )
     var_b, empty = S.fill_empty(split, var_b, state.ema_var)
     mean_b, _ = S.fill_empty(split, mean_b, state.ema_mean)
-    t = as_count(state.step) + 1 + jnp.arange(split.groups)
+    count = as_count(state.step)
+    t = count + 1 + jnp.arange(split.groups)
     phase = _phase(t, cfg)
     sl = _slide(phase.slot_mask)
     mean_w, var_w, mean, var = _forward_windows(state, sl, phase.use_batch, mean_b, var_b)
@@ -372,16 +383,18 @@ def mabn_train_with_stats(
 
     # An unrecorded (reserved) slot or a poisoned state shows in psi_window: NaN output.
     healthy = S.all_finite(state.psi_window)
-    ok = S.all_finite(mean_b, var_b) & ~empty  # this step's statistics
-    bad = ~jnp.isfinite(var) | (False if mean is None else ~jnp.isfinite(mean))
-    inv = S.where(bad | ~healthy, jnp.nan, lax.rsqrt(var + cfg.epsilon))
+    ok = S.all_finite(mean_b, var_b)
+    ok = ok if empty is False else ok & ~empty  # this step's statistics
+    finite = jnp.isfinite(var) if mean is None else jnp.isfinite(var) & jnp.isfinite(mean)
+    bad = ~(finite & healthy)
+    inv = S.where(bad, jnp.nan, lax.rsqrt(var + cfg.epsilon))
     written = sl.last.any(0)
     # The slots this step's Ψ_B (g_B) will fill are reserved (NaN). Without probes
     # they take the window's own estimate instead: its mean before the step.
     fill = (lambda w: jnp.nan) if recorded else (lambda w: w.mean(0, keepdims=True))
     reserve = lambda w: S.where(S.lead(written, w), fill(w), w)
     new_state = MABNState(
-        _advance(state.step, split.groups, cfg.window),
+        _advance(state.step, count, split.groups, cfg.window),
         var_w,
         reserve(state.psi_window),
         ema_var,

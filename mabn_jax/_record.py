@@ -121,26 +121,22 @@ def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -
     # some skipped, `skipped` is fractional (0.5 + 1 rounds like 2, 0.5 like 0).
     skips = as_count(new.skipped - previous.skipped)
     stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & (skips == 0)
-    skipped = (advance == 0) & (reserved == 0) & (skips == 1)
     # Only a training step changes the state, so equal counters and no reservation
-    # mean the layer did not step; zero probe gradients tell a frozen layer from
-    # the old tree passed as the new one. Reserved (NaN) slots, and the NaN of a
-    # poisoned state, always show in psi_window: it is the one window checked.
-    untouched = (
-        (advance == 0)
-        & (reserved == 0)
-        & (skips == 0)
-        & functools.reduce(
-            jnp.logical_and,
-            [
-                (g == 0).all(axis=tuple(range(lead, g.ndim)))
-                for g in (probe_grads.psi, probe_grads.g)
-                if g is not None
-            ],
-        )
+    # mean the layer did not step: skipped (one more `skipped`), or frozen, which
+    # zero probe gradients tell from the old tree passed as the new one. Reserved
+    # (NaN) slots, and the NaN of a poisoned state, always show in psi_window: it
+    # is the one window checked.
+    frozen = functools.reduce(
+        jnp.logical_and,
+        [
+            (g == 0).all(axis=tuple(range(lead, g.ndim)))
+            for g in (probe_grads.psi, probe_grads.g)
+            if g is not None
+        ],
     )
+    still = (advance == 0) & (reserved == 0) & ((skips == 1) | ((skips == 0) & frozen))
     clean = S.all_finite(previous.psi_window, lead_axes=lead)
-    return clean & (stepped | skipped | untouched)
+    return clean & (stepped | still)
 
 
 def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:

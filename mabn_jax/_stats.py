@@ -189,7 +189,8 @@ def count(split: Split) -> Array | int:
 
 
 def fill_empty(split: Split, stats: Array | None, stored: Array | None):
-    """``(stats with the running value where no entry is unmasked, any empty)``.
+    """``(stats with the running value where no entry is unmasked, any empty)``;
+    without a mask, ``(stats, False)`` (a Python bool: no op to trace).
 
     A fully masked batch (or ghost group, or channel) has no statistics; its
     0/0 would make the output NaN, also at the masked positions a masked loss
@@ -197,7 +198,7 @@ def fill_empty(split: Split, stats: Array | None, stored: Array | None):
     its running statistics instead, and the step leaves the state alone.
     """
     if split.mask is None or stats is None or stored is None:  # (None: both, plain layer)
-        return stats, jnp.asarray(False)
+        return stats, False
     empty = count(split) == 0
     return (where(empty, stored.astype(stats.dtype), stats), jnp.asarray(empty).any())
 
@@ -232,6 +233,8 @@ def ema_per_group(old: Array, new: Array, momentum: float, grouped: bool):
 
 def lead(mask: Array, like: Array) -> Array:
     """Reshapes a per-group (or scalar) array to broadcast against ``like``."""
+    if jnp.ndim(mask) == 0:  # broadcasts as it is (and selects take a scalar predicate)
+        return mask
     return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
@@ -289,7 +292,8 @@ def where(cond, x, y) -> Array:
     fit = lambda v: jnp.broadcast_to(
         v if v.dtype == dtype else lax.convert_element_type(v, dtype), shape
     )
-    return lax.select(jnp.broadcast_to(cond, shape), fit(x), fit(y))
+    cond = jnp.asarray(cond)
+    return lax.select(cond if cond.ndim == 0 else jnp.broadcast_to(cond, shape), fit(x), fit(y))
 
 
 def clip(x, low, high) -> Array:

@@ -42,7 +42,7 @@ from flax.core import FrozenDict
 
 from mabn_jax import _shell, _state, _stats
 from mabn_jax._mabn import affine_from_ema
-from mabn_jax.linen import MABN, BatchRenorm, _CenteredKernel, center_kernel
+from mabn_jax.linen import MABN, BatchRenorm, CenteredConv, CenteredDense, center_kernel
 
 __all__ = ["norm_affine", "fold_affine", "fold_norm", "fold_params"]
 
@@ -233,7 +233,7 @@ def fold_params(
             _get(params, np_, "params", default={}, required=False),
             _get(stats, np_, "batch_stats"),
             epsilon=norm.epsilon,
-            centered_kernel=isinstance(layer, _CenteredKernel),
+            centered_kernel=isinstance(layer, (CenteredConv, CenteredDense)),
         )
         _set(out, lp, folded)
         if _get(out, np_, "params", required=False) is not None:

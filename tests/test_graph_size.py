@@ -1,0 +1,47 @@
+"""One layer's train step stays small: jaxpr lines, optimized HLO lines and
+fusions against nn.BatchNorm's (deterministic figures of benchmarks/graph_size.py).
+
+The bounds are today's figures with a little room, so that a change that
+grows the graph fails here; `python benchmarks/graph_size.py` prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import graph_size  # noqa: E402
+
+# (jaxpr, HLO lines, fusions) at most this many times BN's.
+BOUNDS = {
+    "MABN": (4.3, 5.6, 2.5),
+    "MABN centered": (6.7, 8.6, 3.9),
+    "BatchRenorm": (2.3, 2.3, 2.2),
+}
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    return {name: graph_size.sizes(layer) for name, layer in graph_size.layers().items()}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_layer_graph_within_bounds_of_batchnorm(sizes, name):
+    bn, got = sizes["BN"], sizes[name]
+    for key, bound in zip(("jaxpr", "hlo", "fusions"), BOUNDS[name]):
+        assert got[key] <= bound * bn[key], (name, key, got[key], bn[key])
+
+
+def test_no_nested_jit_per_select(sizes):
+    """The layer's selects and clips are single ops (mabn_jax._stats.where),
+    not jnp.where's nested jit: the graph does not grow by a sub-jaxpr each."""
+    import jax
+
+    import mabn_jax
+
+    step, args = graph_size.layer_step(mabn_jax.MABN())
+    text = str(jax.make_jaxpr(step)(*args))
+    assert "name=_where" not in text and "name=clip" not in text
