@@ -5,11 +5,12 @@ Layers (``flax.linen``): :class:`MABN`, :class:`BatchRenorm`,
 :class:`CenteredConv`, :class:`CenteredDense`. Training: :func:`value_and_grad`
 (a drop-in for ``jax.value_and_grad``), over the low-level :func:`init_probes`
 and :func:`record_backward_stats`. Deployment: :func:`fold_params`.
-Checkpoints: :func:`check_batch_stats`. The math: :mod:`mabn_jax.functional`.
+Checkpoints: :func:`check_batch_stats`. Centered kernels kept by the
+optimizer: :mod:`mabn_jax.optax`. The math: :mod:`mabn_jax.functional`.
 Flax NNX: :mod:`mabn_jax.nnx` (imported on first use).
 """
 
-from mabn_jax import functional, monitor
+from mabn_jax import functional, monitor, optax
 from mabn_jax._config import BatchRenormConfig, MABNConfig
 from mabn_jax.checkpoint import check_batch_stats
 from mabn_jax.convert import convert_batchnorm_variables, replace_batchnorm
@@ -50,4 +51,5 @@ __all__ = [
     "norm_affine",
     "functional",
     "monitor",
+    "optax",
 ]

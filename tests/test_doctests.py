@@ -21,7 +21,7 @@ import pytest
 import mabn_jax
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(mabn_jax.__path__, "mabn_jax."))
-PUBLIC = ["mabn_jax", "mabn_jax.nnx", "mabn_jax.functional", "mabn_jax.monitor"]
+PUBLIC = ["mabn_jax", "mabn_jax.nnx", "mabn_jax.functional", "mabn_jax.monitor", "mabn_jax.optax"]
 NOT_DOCTESTED = {"PROBES"}  # a constant (the probes' collection name), documented in api.md
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
