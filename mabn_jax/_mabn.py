@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +120,7 @@ class _Slide(NamedTuple):
 def _slide(slot_mask: Array) -> _Slide:
     groups, m = slot_mask.shape
     if groups == 1:  # one window step (no ghost batches): nothing to slide
-        return _Slide(np.ones((1, 1), bool), ~slot_mask, slot_mask)
+        return _Slide(cast(Array, np.ones((1, 1), bool)), ~slot_mask, slot_mask)
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)

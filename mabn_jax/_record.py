@@ -17,6 +17,7 @@ is ``previous`` itself and its probes received no gradient.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,8 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
     # apart give NaN statistics (the next training output, and inference, are NaN).
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead) & consistent
     poison = lambda a: None if a is None else S.where(S.lead(consistent, a), a, jnp.nan)
-    undone = previous._replace(
-        skipped=previous.skipped + 1,
-        **{name: poison(getattr(previous, name)) for name in _STATISTICS},
-    )
+    poisoned: dict[str, Any] = {name: poison(getattr(previous, name)) for name in _STATISTICS}
+    undone = previous._replace(skipped=previous.skipped + 1, **poisoned)
     return S.select(ok, filled, undone)
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import optax
+import optax  # a dependency of flax
 
 from mabn_jax._shell import center_kernel
 
@@ -62,7 +62,7 @@ class CentralizeState(NamedTuple):
 
 def _resolve(mask: Mask | Callable[[Any], Any], params) -> Any:
     tree = mask(params) if callable(mask) else mask
-    if jax.tree.structure(tree) != jax.tree.structure(params):
+    if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
         raise ValueError(
             "mabn_jax.optax: the mask must have the structure of the params (one bool per "
             "leaf: True for the kernels to keep centered), or be a function of the params "
