@@ -81,9 +81,12 @@ _BYTES = {
 
 
 def make_model(kind, axis_name=None, net=None):
-    """``kind``: MABN, BN, GN (GroupNorm(32), cannot fold) or folded (conv + bias)."""
-    if kind == "MABN":
-        conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, axis_name=axis_name)
+    """``kind``: MABN, MABN-centralize (plain ``nn.Conv`` with kernels kept centered
+    by ``mabn_jax.optax.centralize``), BN, GN (GroupNorm(32), cannot fold) or
+    folded (conv + bias)."""
+    if kind in ("MABN", "MABN-centralize"):
+        conv = mabn_jax.CenteredConv if kind == "MABN" else nn.Conv
+        norm = functools.partial(mabn_jax.MABN, axis_name=axis_name)
     elif kind == "BN":
         conv, norm = (
             nn.Conv,
@@ -114,7 +117,7 @@ def train_step(kind, model, tx, global_batch):
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
             return loss / global_batch, upd["batch_stats"]
 
-        if kind == "MABN":
+        if kind.startswith("MABN"):
             grad_fn = mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=batch_stats)
         else:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -150,6 +153,8 @@ def compile_train(kind, mode, devices, make=None, image=None):
     mesh = Mesh(devices, (AXIS,))
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     tx = optax.sgd(0.1, momentum=0.9)
+    if kind == "MABN-centralize":
+        tx = mabn_jax.optax.centralize(tx, _norm_kernels, center_updates=False)  # SGD: linear
     params, stats, opt = _abstract_state(make(kind), tx, image)
     gb = n * PER_CHIP
     x = jax.ShapeDtypeStruct((gb, *image), jnp.bfloat16, sharding=shard)
@@ -187,6 +192,17 @@ def compile_train(kind, mode, devices, make=None, image=None):
             )
         )
     return fn.lower(*args).compile()
+
+
+def _norm_kernels(params):
+    """True at the kernels of the convolutions followed by a norm (``…_conv``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: (
+            str(getattr(path[-2], "key", "")).endswith("_conv")
+            and getattr(path[-1], "key", None) == "kernel"
+        ),
+        params,
+    )
 
 
 def _result_bytes(type_str):
@@ -256,7 +272,7 @@ def train_table(gens, chip_counts, modes=MODES):
             devices = tpu_devices(topo)
             for mode in modes:
                 f = {}
-                for kind in ("BN", "MABN"):
+                for kind in ("BN", "MABN", "MABN-centralize"):
                     t = time.time()
                     f[kind] = figures(compile_train(kind, mode, devices))
                     print(
@@ -264,7 +280,7 @@ def train_table(gens, chip_counts, modes=MODES):
                         file=sys.stderr,
                         flush=True,
                     )
-                b, m = f["BN"], f["MABN"]
+                b, m, c = f["BN"], f["MABN"], f["MABN-centralize"]
                 rows.append(
                     [
                         topo,
@@ -275,6 +291,7 @@ def train_table(gens, chip_counts, modes=MODES):
                         _mib(b["peak"]),
                         _mib(m["peak"]),
                         f"{m['peak'] / b['peak']:.3f}",
+                        f"{c['bytes'] / b['bytes']:.3f} / {c['peak'] / b['peak']:.3f}",
                         f"{b['ar_n']} / {_mib(b['ar_bytes'])}",
                         f"{m['ar_n']} / {_mib(m['ar_bytes'])}",
                         _other(b, m),
@@ -290,13 +307,14 @@ def train_table(gens, chip_counts, modes=MODES):
             "BN peak MiB",
             "MABN peak MiB",
             "MABN / BN peak",
+            "nn.Conv + MABN + centralize: bytes / peak vs BN",
             "BN all-reduces / MiB",
             "MABN all-reduces / MiB",
             "other collectives, host transfers (BN; MABN)",
         ],
         rows,
     )
-    print(f"\n({2 * len(rows)} compiles in {time.time() - t0:.0f} s)")
+    print(f"\n({3 * len(rows)} compiles in {time.time() - t0:.0f} s)")
 
 
 def _other(b, m):

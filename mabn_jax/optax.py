@@ -110,7 +110,9 @@ def center(params, mask: Mask) -> Any:
     return _centered(params, _resolve(mask, params))
 
 
-def centralize(inner: optax.GradientTransformation, mask: Mask) -> optax.GradientTransformation:
+def centralize(
+    inner: optax.GradientTransformation, mask: Mask, *, center_updates: bool = True
+) -> optax.GradientTransformation:
     """``inner`` that keeps the masked (centered) kernels centered.
 
     ``g̃ = C(g)`` before ``inner``, ``C(u)`` after it, on the masked leaves
@@ -124,6 +126,13 @@ def centralize(inner: optax.GradientTransformation, mask: Mask) -> optax.Gradien
       inner: the optimizer (any ``optax.GradientTransformation``).
       mask: ``True`` at the kernels that feed a plain MABN (a tree like the
         params, or a function of the params returning one, as for ``optax.masked``).
+      center_updates: center ``inner``'s update too (default). With an
+        optimizer whose update is a linear combination of the (centered)
+        gradients and params, from zero state (``optax.sgd`` with or without
+        momentum or Nesterov, learning-rate schedules, ``add_decayed_weights``),
+        the update is centered already: ``False`` skips that pass over the
+        kernels. Keep ``True`` for anything elementwise-nonlinear (Adam, AdamW,
+        RMSProp, clipping per element).
 
     Returns:
       An ``optax.GradientTransformation`` (state: :class:`CentralizeState`);
@@ -146,6 +155,8 @@ def centralize(inner: optax.GradientTransformation, mask: Mask) -> optax.Gradien
     def update(updates, state, params=None):
         mask_tree = _resolve(mask, updates if params is None else params)
         updates, inner_state = inner.update(_centered(updates, mask_tree), state.inner, params)
-        return _centered(updates, mask_tree), CentralizeState(inner_state)
+        if center_updates:
+            updates = _centered(updates, mask_tree)
+        return updates, CentralizeState(inner_state)
 
     return optax.GradientTransformation(init, update)

@@ -79,20 +79,31 @@ def _run(model, params, tx, steps=100):
     return np.stack(kernels), np.array(losses)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_centralized_conv_has_centered_convs_effective_weights(name):
+@pytest.mark.parametrize(
+    "name, center_updates",
+    [(name, True) for name in sorted(OPTIMIZERS)] + [("sgd-momentum", False), ("schedule", False)],
+)
+def test_centralized_conv_has_centered_convs_effective_weights(name, center_updates):
     with jax.enable_x64(True):
         init = Net(mabn_jax.CenteredConv).init(
             jax.random.key(2), jnp.ones((2, 6, 6, 2)), train=False
         )["params"]
         stored, ref_losses = _run(Net(mabn_jax.CenteredConv), init, OPTIMIZERS[name]())
-        tx = mabn_jax.optax.centralize(OPTIMIZERS[name](), _mask)
+        tx = mabn_jax.optax.centralize(OPTIMIZERS[name](), _mask, center_updates=center_updates)
         kernels, losses = _run(Net(nn.Conv), mabn_jax.optax.center(init, _mask), tx)
         effective = np.asarray(jax.vmap(mabn_jax.center_kernel)(stored))
         np.testing.assert_allclose(kernels, effective, rtol=0, atol=1e-12)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
         assert np.abs(kernels.reshape(100, -1, 6).mean(1)).max() < 1e-15  # stays centered
         assert np.abs(effective - stored).max() > 1e-3  # CenteredConv's stored kernel is not
+
+
+def test_adam_needs_its_updates_centered():
+    """Without center_updates, Adam's elementwise update leaves the kernel uncentered."""
+    params = mabn_jax.optax.center({"kernel": jnp.array([[1.0], [3.0], [2.0]])}, {"kernel": True})
+    tx = mabn_jax.optax.centralize(optax.adam(0.1), {"kernel": True}, center_updates=False)
+    updates, _ = tx.update({"kernel": jnp.array([[1.0], [0.0], [0.0]])}, tx.init(params), params)
+    assert abs(float(optax.apply_updates(params, updates)["kernel"].sum())) > 1e-3
 
 
 def test_mask_must_fit_and_mark_kernels():
