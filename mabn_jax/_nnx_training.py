@@ -250,7 +250,9 @@ _BROADCAST_STATE = (
     "summed into one window slot. Give the layer's state the axis of its parameters, "
     "e.g. nnx.StateAxes({{(nnx.Param, nnx.BatchStat): 0, ...: None}}) (mabn_jax.nnx.Probe "
     "is an nnx.BatchStat), so that each application has its own layer; or apply a shared "
-    "layer once per step."
+    "layer once per step. If a JAX transform wraps the loss or the model "
+    "(jax.checkpoint, jax.remat, jax.jit, jax.vmap), it drops NNX state updates: use its "
+    "NNX version (nnx.remat, nnx.jit, nnx.vmap), which carries them out."
 )
 
 

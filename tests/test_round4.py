@@ -98,3 +98,17 @@ def test_convert_errors_say_what_to_pass():
         mabn_jax.convert_batchnorm_variables(model, variables, X, train=False)
     with pytest.raises(ValueError, match=r"not variables\['params'\].*needs no conversion"):
         mabn_jax.convert_batchnorm_variables(model, {"params": {}}, X, train=False)
+
+
+def test_nnx_jax_checkpoint_of_the_loss_names_nnx_remat():
+    """Case 13: a JAX transform of an NNX loss drops the state update; the error names
+    the NNX transform to use."""
+    model = nnx.Sequential(
+        mabn_jax.nnx.CenteredLinear(3, 4, rngs=nnx.Rngs(0)), mabn_jax.nnx.MABN(4, rngs=nnx.Rngs(0))
+    )
+
+    def loss(m):
+        return (m(X) ** 2).mean()
+
+    with pytest.raises(ValueError, match=r"jax\.checkpoint.*nnx\.remat"):
+        mabn_jax.nnx.value_and_grad(jax.checkpoint(loss))(model)
