@@ -338,6 +338,21 @@ def mabn_train_with_stats(
     """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
+    try:
+        return _train_step(x, scale, bias, state, probes, mask, config, feature_axes, dtype)
+    except TypeError as e:  # jax.jvp reaches the custom VJP through the jit
+        if not _upstream.is_forward_mode_error(e):
+            raise
+        raise TypeError(_FORWARD_MODE) from None
+
+
+# One jitted step per (shapes, config): a model's layers of one shape and
+# configuration are traced once, and JAX reuses that trace (and its derivatives)
+# for every other call, so tracing a deep model costs about one layer per shape.
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _train_step(x, scale, bias, state, probes, mask, config, axis, dtype):
+    """:func:`mabn_train_with_stats` with canonical ``axis`` (static: config, axis, dtype)."""
+    feature_axes = axis
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     check_state(state, config, feature_shape)
@@ -428,13 +443,8 @@ def mabn_train_with_stats(
     spec = _Spec(
         split.reduction_axes, split.feature_axes, jnp.dtype(dtype or x.dtype), cfg, recorded
     )
-    try:
-        normalize = _normalize if cfg.axis_name is None or in_backward else _normalize_named
-        y = normalize(spec, split.x, scale, bias, probes, ctx)
-    except TypeError as e:
-        if not _upstream.is_forward_mode_error(e):
-            raise
-        raise TypeError(_FORWARD_MODE) from None
+    normalize = _normalize if cfg.axis_name is None or in_backward else _normalize_named
+    y = normalize(spec, split.x, scale, bias, probes, ctx)
     squeeze = (lambda v: v) if ghost else (lambda v: v[0])
     stats: dict[str, Any]  # Arrays (mean_b, mean, d are not None when centered)
     if cfg.centered:
@@ -606,12 +616,25 @@ def _finish(spec: _Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         g, g_cot = windowed(ctx.g_window, a * sum_dy)
         dxs = dxs - keep(b(g))
     dx = (dxs * b(ctx.inv)).astype(x.dtype)
+    uses = None if probes.uses is None else weight(_one_use(sum_dy, jnp.shape(probes.uses)))
+    uses = None if uses is None else replicate(uses)  # one use per device, too
     dprobes = Probes(
         probe_cotangent(psi_cot, probes.psi),
         None if g_cot is None else probe_cotangent(g_cot, probes.g),
         None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale),
+        None if uses is None else probe_cotangent(uses, probes.uses),
     )
     return dx, dprobes
+
+
+def _one_use(sums: Array, shape) -> Array:
+    """1, as the cotangent of the ``uses`` probe: one per application, whatever dy
+    is. It is made to vary with the backward sums (``where(a == a, 1, 1)``, which
+    no NaN changes), so that under ``vmap`` each instance counts and a probe
+    shared by the instances sums their uses (vmapped instances of one shared,
+    synchronized state weigh 1/n each: ``probe_weight``)."""
+    first = lax.stop_gradient(sums.reshape(-1)[0])
+    return jnp.broadcast_to(jnp.where(first == first, 1.0, 1.0), shape)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)

@@ -86,11 +86,11 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
         psi_window=fill(state.psi_window, probe_grads.psi),
         g_window=fill(state.g_window, probe_grads.g),
     )
-    consistent = _one_apply_apart(state, previous, probe_grads)
+    consistent, uses = _one_apply_apart(state, previous, probe_grads)
     # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
     # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
     if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
-        raise ValueError(_NOT_ONE_APPLY_APART)
+        raise ValueError(_uses_error(uses) or _NOT_ONE_APPLY_APART)
     # One flag, one select per leaf: a step whose statistics are not finite (a bad
     # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
     # apart give NaN statistics (the next training output, and inference, are NaN).
@@ -101,8 +101,11 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
     return S.select(ok, filled, undone)
 
 
-def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -> jax.Array:
-    """Whether ``new`` is ``previous`` after one training step (per leading index).
+def _one_apply_apart(
+    new: MABNState, previous: MABNState, probe_grads: Probes
+) -> tuple[jax.Array, jax.Array | None]:
+    """Whether ``new`` is ``previous`` after one training step (per leading index),
+    and, where the helper counted them, the applications of a layer that stepped.
 
     A step advances ``step`` by its window steps and reserves that many slots
     (at most ``m``), or was skipped: same ``step``, no reservation, one more
@@ -135,7 +138,40 @@ def _one_apply_apart(new: MABNState, previous: MABNState, probe_grads: Probes) -
     )
     still = (advance == 0) & (reserved == 0) & ((skips == 1) | ((skips == 0) & frozen))
     clean = S.all_finite(previous.psi_window, lead_axes=lead)
-    return clean & (stepped | still)
+    if probe_grads.uses is None:  # the low-level API: the applications are not counted
+        return clean & (stepped | still), None
+    # Counted (value_and_grad): a layer that stepped was applied exactly once, with
+    # its probes in the gradient; one that did not was not applied.
+    uses = as_count(probe_grads.uses)
+    applied = stepped | (still & (skips == 1))
+    once = jnp.where(applied, uses == 1, uses == 0)
+    return clean & (stepped | still) & once, S.where(applied, uses, 1)
+
+
+def _uses_error(uses) -> str | None:
+    """The message for a layer whose applications in the step were not one."""
+    if uses is None:
+        return None
+    uses = jnp.asarray(uses)
+    if bool(jnp.any(uses >= 2)):
+        return (
+            f"MABN: a layer was applied in training mode {int(jnp.max(uses))} times in one "
+            "loss with the same batch_stats (e.g. two views of a batch, each through its "
+            "own jax.jit, or both through jax.vmap): their backward statistics would be "
+            "added into one window slot. Apply the model once per step, on the views "
+            "concatenated into one batch (or give each apply its own layers)."
+        )
+    if bool(jnp.any(uses == 0)):
+        return (
+            "MABN: a layer stepped in training mode, but its probes received no gradient, so "
+            "its backward statistics would be recorded as 0. Its params were cut from the "
+            "gradient (jax.lax.stop_gradient, e.g. to freeze γ/β) where the model runs "
+            "inside a transform of the loss (jax.jit of apply, jax.checkpoint, nn.scan, "
+            "nn.remat), which read the probes that travel in the params. Freeze γ/β in the "
+            "optimizer instead (optax.masked / optax.set_to_zero), or stop the gradient "
+            "outside the transform."
+        )
+    return None
 
 
 def _check_structure(state: MABNState, probe_grads: Probes, previous: MABNState) -> None:

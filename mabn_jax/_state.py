@@ -82,6 +82,12 @@ class Probes(NamedTuple):
       loss_scale: optional (default 1): the factor the loss was multiplied by
         (dynamic loss scaling), so the stored windows, kept unscaled, are
         scaled to match the incoming gradient.
+      uses: optional, shaped like the state's ``step``: its cotangent counts
+        the layer's training applications whose backward reached these probes
+        (1 per application, whatever the loss). :func:`record_backward_stats`
+        then requires exactly one: it catches two applications summed into one
+        slot (two views, each through its own ``jit``, or a ``vmap``) and probes cut
+        from the gradient (a ``stop_gradient`` of the params that carry them).
 
     Example:
       >>> import mabn_jax.functional as F
@@ -93,6 +99,7 @@ class Probes(NamedTuple):
     psi: Array
     g: Array | None = None
     loss_scale: Array | None = None
+    uses: Array | None = None
 
 
 # Stored name -> MABNState field, in storage order.

@@ -290,7 +290,9 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         _shell.check_not_in_loop(key, state.psi_window, name, fix=_LOOP_FIX)
         direct = _shell.direct_probes(("state", id(state.psi_window)), state.psi_window)
         if direct is None:  # inside a transform of the loss: the copy in the params
-            return _state.Probes(probes["psi"], probes.get("g"), probes.get("loss_scale"))
+            return _state.Probes(
+                probes["psi"], probes.get("g"), probes.get("loss_scale"), probes.get("uses")
+            )
         return direct
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)

@@ -80,15 +80,18 @@ def _nest(flat: dict[tuple[str, ...], Any], like: Tree):
     return FrozenDict(tree) if isinstance(like, FrozenDict) else tree
 
 
-def _zero_probes(batch_stats: Tree, loss_scale) -> dict[tuple[str, ...], dict[str, jax.Array]]:
-    """``{layer path: {'psi': zeros, ('g': zeros,) ('loss_scale': ...)}}``."""
+def _zero_probes(
+    batch_stats: Tree, loss_scale, uses: bool = False
+) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """``{layer path: {'psi': zeros, ('g': zeros,) ('loss_scale': ...,) ('uses': zeros)}}``."""
     scale = None if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
+
+    def probes(state):
+        count = jnp.zeros_like(state.step) if uses else None
+        return _state.init_probes(state)._replace(loss_scale=scale, uses=count)
+
     return {
-        path: {
-            k: v
-            for k, v in _state.init_probes(state)._replace(loss_scale=scale)._asdict().items()
-            if v is not None
-        }
+        path: {k: v for k, v in probes(state)._asdict().items() if v is not None}
         for path, state in _layers(batch_stats).items()
     }
 
@@ -181,7 +184,7 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
     for path, state in layers.items():
         g = grads[path]  # a 'loss_scale' entry's gradient is ignored
         new = _record_lib.record_backward_stats(
-            state, _state.Probes(g["psi"], g.get("g")), before[path]
+            state, _state.Probes(g["psi"], g.get("g"), uses=g.get("uses")), before[path]
         )
         _node(tree, path).update(_state.to_mapping(new))
     return FrozenDict(tree) if isinstance(batch_stats, FrozenDict) else tree
@@ -326,11 +329,12 @@ def value_and_grad(
 
     def wrapped(*args):
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
-        probes = _zero_probes(batch_stats, scale)
+        # Each layer counts its applications into 'uses' (record_backward_stats wants 1).
+        probes = _zero_probes(batch_stats, scale, uses=True)
         # A second set, given to the layers directly: what a user does to the params
         # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
         # serves where a lifted transform (nn.scan, nn.vmap) slices it.
-        direct = _zero_probes(batch_stats, scale)
+        direct = _zero_probes(batch_stats, scale, uses=True)
         windows = {path: state.psi_window for path, state in _layers(batch_stats).items()}
 
         def probed(probe_tree, direct_tree, *diff_args):
@@ -351,10 +355,10 @@ def value_and_grad(
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             unscale = lambda g: jnp.asarray(g, jnp.float32) / scale
-            value, grads, probe_grads = (
-                value / scale,
-                jax.tree.map(unscale, grads),
-                jax.tree.map(unscale, probe_grads),
+            value, grads = value / scale, jax.tree.map(unscale, grads)
+            probe_grads = jax.tree_util.tree_map_with_path(  # a use is not scaled
+                lambda path, g: g if path[-1] == jax.tree_util.DictKey("uses") else unscale(g),
+                probe_grads,
             )
         if probes:
             aux = _record_in_aux(aux, probe_grads, batch_stats, has_aux, aux_batch_stats)
@@ -374,7 +378,7 @@ def _direct_keys(direct_tree, windows) -> dict:
     out: dict = {}
     ids = [id(w) for w in windows.values()]
     for path, p in direct_tree.items():
-        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"))
+        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"), p.get("uses"))
         if ids.count(id(windows[path])) == 1:  # one array shared by layers: ambiguous
             out[("state", id(windows[path]))] = probes
     return out
