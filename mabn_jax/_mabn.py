@@ -634,7 +634,8 @@ def _one_use(sums: Array, shape) -> Array:
     shared by the instances sums their uses (vmapped instances of one shared,
     synchronized state weigh 1/n each: ``probe_weight``)."""
     first = lax.stop_gradient(sums.reshape(-1)[0])
-    return jnp.broadcast_to(jnp.where(first == first, 1.0, 1.0), shape)
+    one = jnp.ones_like(first)
+    return jnp.broadcast_to(S.where(first == first, one, one), shape)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)

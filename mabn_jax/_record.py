@@ -73,6 +73,17 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
       (4, 2)
     """
     _check_structure(state, probe_grads, previous)
+    result, consistent, uses = _record(state, probe_grads, previous)
+    # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
+    # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
+    if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
+        raise ValueError(_uses_error(uses) or _NOT_ONE_APPLY_APART)
+    return result
+
+
+@jax.jit  # traced once per layer shape: a deep model's layers share the trace
+def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
+    """(the recorded state, whether the trees are one apply apart, the uses)."""
     lead = state.step.ndim
 
     def fill(window, grads):
@@ -87,10 +98,6 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
         g_window=fill(state.g_window, probe_grads.g),
     )
     consistent, uses = _one_apply_apart(state, previous, probe_grads)
-    # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
-    # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
-    if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
-        raise ValueError(_uses_error(uses) or _NOT_ONE_APPLY_APART)
     # One flag, one select per leaf: a step whose statistics are not finite (a bad
     # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
     # apart give NaN statistics (the next training output, and inference, are NaN).
@@ -98,7 +105,7 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
     poison = lambda a: None if a is None else S.where(S.lead(consistent, a), a, jnp.nan)
     poisoned: dict[str, Any] = {name: poison(getattr(previous, name)) for name in _STATISTICS}
     undone = previous._replace(skipped=previous.skipped + 1, **poisoned)
-    return S.select(ok, filled, undone)
+    return S.select(ok, filled, undone), consistent, uses
 
 
 def _one_apply_apart(
@@ -144,7 +151,7 @@ def _one_apply_apart(
     # its probes in the gradient; one that did not was not applied.
     uses = as_count(probe_grads.uses)
     applied = stepped | (still & (skips == 1))
-    once = jnp.where(applied, uses == 1, uses == 0)
+    once = S.where(applied, uses == 1, uses == 0)
     return clean & (stepped | still) & once, S.where(applied, uses, 1)
 
 
