@@ -338,8 +338,11 @@ def mabn_train_with_stats(
     """
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
+    # Traced (inside a jit, grad, scan...): the cached per-layer jit. Eagerly, op by
+    # op, as any eager JAX code runs (and with its rounding).
+    step = _train_step if isinstance(x, jax.core.Tracer) else _train_body
     try:
-        return _train_step(x, scale, bias, state, probes, mask, config, feature_axes, dtype)
+        return step(x, scale, bias, state, probes, mask, config, feature_axes, dtype)
     except TypeError as e:  # jax.jvp reaches the custom VJP through the jit
         if not _upstream.is_forward_mode_error(e):
             raise
@@ -349,8 +352,7 @@ def mabn_train_with_stats(
 # One jitted step per (shapes, config): a model's layers of one shape and
 # configuration are traced once, and JAX reuses that trace (and its derivatives)
 # for every other call, so tracing a deep model costs about one layer per shape.
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def _train_step(x, scale, bias, state, probes, mask, config, axis, dtype):
+def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
     """:func:`mabn_train_with_stats` with canonical ``axis`` (static: config, axis, dtype)."""
     feature_axes = axis
     S.check_input(x, S.other_axes(x.ndim, feature_axes), _LAYER)
@@ -461,6 +463,9 @@ def _train_step(x, scale, bias, state, probes, mask, config, axis, dtype):
     else:
         stats = dict(chi2_B=var_b, chi2=var, ema_x2=ema_var_used, r=r)
     return y.reshape(x.shape), new_state, {k: squeeze(v) for k, v in stats.items()}
+
+
+_train_step = jax.jit(_train_body, static_argnums=(6, 7, 8))
 
 
 def _count(split: S.Split, dtype) -> Array:

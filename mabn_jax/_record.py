@@ -73,7 +73,9 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
       (4, 2)
     """
     _check_structure(state, probe_grads, previous)
-    result, consistent, uses = _record(state, probe_grads, previous)
+    traced = isinstance(state.step, jax.core.Tracer)
+    record = _record_step if traced else _record  # eagerly op by op, as eager JAX runs
+    result, consistent, uses = record(state, probe_grads, previous)
     # Eagerly the check can raise; traced (a jax.core.Tracer) it poisons instead.
     # Never bool() a tracer to find out: JAX's error for it walks the whole graph.
     if not isinstance(consistent, jax.core.Tracer) and not bool(jnp.all(consistent)):
@@ -81,7 +83,6 @@ def record_backward_stats(state: MABNState, probe_grads: Probes, previous: MABNS
     return result
 
 
-@jax.jit  # traced once per layer shape: a deep model's layers share the trace
 def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     """(the recorded state, whether the trees are one apply apart, the uses)."""
     lead = state.step.ndim
@@ -106,6 +107,9 @@ def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     poisoned: dict[str, Any] = {name: poison(getattr(previous, name)) for name in _STATISTICS}
     undone = previous._replace(skipped=previous.skipped + 1, **poisoned)
     return S.select(ok, filled, undone), consistent, uses
+
+
+_record_step = jax.jit(_record)  # traced once per layer shape: a deep model's layers share it
 
 
 def _one_apply_apart(

@@ -281,7 +281,9 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         return _state.init_probes(state)
     if module.has_variable(PROBES, "psi"):
         get = lambda n: module.get_variable(PROBES, n) if module.has_variable(PROBES, n) else None
-        return _state.Probes(module.get_variable(PROBES, "psi"), get("g"), get("loss_scale"))
+        return _state.Probes(
+            module.get_variable(PROBES, "psi"), get("g"), get("loss_scale"), get("uses")
+        )
     if module.has_variable("params", PROBES):
         probes: Mapping[str, Array] = module.get_variable("params", PROBES)
         _check_helper_probes(module, probes, state)
