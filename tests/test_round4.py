@@ -112,3 +112,93 @@ def test_nnx_jax_checkpoint_of_the_loss_names_nnx_remat():
 
     with pytest.raises(ValueError, match=r"jax\.checkpoint.*nnx\.remat"):
         mabn_jax.nnx.value_and_grad(jax.checkpoint(loss))(model)
+
+
+class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = mabn_jax.CenteredDense(4)(x)
+        return mabn_jax.MABN(use_running_average=not train, buffer_size=4)(x)
+
+
+def _views():
+    model = Small()
+    x1 = jax.random.normal(jax.random.key(0), (4, 3))
+    variables = model.init(jax.random.key(1), x1, train=False)
+    bs = variables["batch_stats"]
+
+    def apply(params, x):
+        return model.apply(
+            {"params": params, "batch_stats": bs}, x, train=True, mutable=["batch_stats"]
+        )
+
+    return variables["params"], bs, apply, x1, 2 * x1 + 1
+
+
+def _loss_cases():
+    params, bs, apply, x1, x2 = _views()
+
+    def two_jits(p):  # each view through its own jax.jit
+        (y1, u1), (y2, _) = jax.jit(apply)(p, x1), jax.jit(apply)(p, x2)
+        return (y1**2).mean() + (y2**2).mean(), u1
+
+    def vmapped(p):  # both views through jax.vmap, one view's update returned
+        ys, us = jax.vmap(apply, (None, 0))(p, jnp.stack([x1, x2]))
+        return (ys**2).mean(), jax.tree.map(lambda a: a[0], us)
+
+    def frozen_in_jit(p):  # γ/β frozen by stop_gradient, the apply jitted in the loss
+        p = {**p, "MABN_0": jax.lax.stop_gradient(p["MABN_0"])}
+        y, u = jax.jit(apply)(p, x1)
+        return (y**2).mean(), u
+
+    def frozen_in_checkpoint(p):
+        p = {**p, "MABN_0": jax.lax.stop_gradient(p["MABN_0"])}
+        y, u = jax.checkpoint(apply)(p, x1)
+        return (y**2).mean(), u
+
+    return (
+        params,
+        bs,
+        {
+            "two_jits": (two_jits, "applied in training mode 2 times"),
+            "vmap": (vmapped, "applied in training mode 2 times"),
+            "frozen_jit": (frozen_in_jit, "probes received no gradient.*optax.masked"),
+            "frozen_checkpoint": (frozen_in_checkpoint, "probes received no gradient"),
+        },
+    )
+
+
+@pytest.mark.parametrize("case", ["two_jits", "vmap", "frozen_jit", "frozen_checkpoint"])
+def test_views_and_freezing_under_transforms_are_loud(case):
+    """Cases 1 and 2: two views through inner jits or a vmap (their Ψ_B would be
+    summed), γ/β frozen by stop_gradient inside a transform (Ψ_B would be 0).
+    Eagerly: ValueError naming the cause; under jit: the statistics are NaN, so
+    the next training loss is NaN instead of silently wrong."""
+    params, bs, cases = _loss_cases()
+    loss, says = cases[case]
+    grad_fn = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=bs)
+    with pytest.raises(ValueError, match=says):
+        grad_fn(params)
+    (_, updates), _ = jax.jit(grad_fn)(params)
+    assert not np.isfinite(updates["batch_stats"]["MABN_0"]["psi_window"]).all()
+
+
+def test_one_view_in_an_inner_jit_still_trains():
+    """The same loss with one jitted apply records Ψ_B as the plain loss does."""
+    params, bs, apply, x1, _ = _views()
+
+    def jitted(p):
+        y, u = jax.jit(apply)(p, x1)
+        return (y**2).mean(), u
+
+    def plain(p):
+        y, u = apply(p, x1)
+        return (y**2).mean(), u
+
+    got = mabn_jax.value_and_grad(jitted, has_aux=True, batch_stats=bs)(params)
+    want = mabn_jax.value_and_grad(plain, has_aux=True, batch_stats=bs)(params)
+    np.testing.assert_allclose(
+        got[0][1]["batch_stats"]["MABN_0"]["psi_window"],
+        want[0][1]["batch_stats"]["MABN_0"]["psi_window"],
+        rtol=1e-6,
+    )
