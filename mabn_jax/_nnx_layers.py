@@ -38,6 +38,7 @@ __all__ = [
     "Probe",
     "Statistic",
     "PROBE_NAMES",
+    "USES_NAME",
 ]
 
 _EXPLICIT = (
@@ -109,6 +110,8 @@ _TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar(
 
 #: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
 PROBE_NAMES = ("psi_probe", "g_probe")
+#: The probe that counts a layer's training applications (value_and_grad attaches it).
+USES_NAME = "uses_probe"
 
 
 def _with_config_signature(init: Callable, config_cls: type) -> Callable:
@@ -407,7 +410,10 @@ class MABN(_Norm):
         _shell.check_not_in_loop(token, window, name, fix=_LOOP_FIX)
         direct = _shell.direct_probes(token, window)
         if direct is None:  # inside a transform of the loss: the variables' own
-            return _state.Probes(psi[...], None if g is None else g[...])
+            uses = getattr(self, USES_NAME, None)
+            return _state.Probes(
+                psi[...], None if g is None else g[...], uses=None if uses is None else uses[...]
+            )
         return direct
 
 

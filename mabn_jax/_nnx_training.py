@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mabn_jax import _record, _shell, _state
-from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, Probe
+from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
 
 __all__ = ["value_and_grad", "grad", "attach_probes", "record_backward_stats"]
 
@@ -91,7 +92,9 @@ def _probe_token(layer: MABN):
     return getattr(layer, PROBE_NAMES[0]).get_metadata().get(PROBE_TOKEN)
 
 
-def _attach(model, k: int) -> nnx.State:
+def _attach(model, k: int, count: bool = False) -> nnx.State:
+    """Attaches the probes (``count``: also the ``uses`` probe that counts each
+    layer's applications, so that record_backward_stats can require one)."""
     flat = {}
     for path, layer in _layers(model):
         if hasattr(layer, PROBE_NAMES[0]):
@@ -105,6 +108,9 @@ def _attach(model, k: int) -> nnx.State:
         for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
             if value is not None:
                 setattr(layer, name, Probe(value, **{PROBE_TOKEN: _token(k, path)}))  # type: ignore[arg-type]
+        if count:
+            uses = Probe(jnp.zeros_like(state.step), **{PROBE_TOKEN: _token(k, path)})  # type: ignore[arg-type]
+            setattr(layer, USES_NAME, uses)
         for key, value in _state.to_mapping(state).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
@@ -112,7 +118,7 @@ def _attach(model, k: int) -> nnx.State:
 
 def _detach(model) -> None:
     for _, layer in _layers(model):
-        for name in PROBE_NAMES:
+        for name in (*PROBE_NAMES, USES_NAME):
             if hasattr(layer, name):
                 delattr(layer, name)
 
@@ -190,7 +196,8 @@ def record_backward_stats(model, grads, previous) -> None:
         )
         grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
         psi, g = PROBE_NAMES
-        probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None)
+        uses = grad(USES_NAME) if hasattr(layer, USES_NAME) else None
+        probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None, uses=uses)
         recorded = _record.record_backward_stats(new, probe_grads, before)
         for key, value in _state.to_mapping(recorded).items():
             getattr(layer, key).set_value(value)
@@ -335,9 +342,12 @@ def value_and_grad(
         for i in indices:
             for _, layer in _layers(args[i]) if i < len(args) else ():
                 psi, g = (getattr(layer, n, None) for n in PROBE_NAMES)
+                uses = getattr(layer, USES_NAME, None)
                 if isinstance(psi, Probe):
                     direct[psi.get_metadata().get(PROBE_TOKEN)] = _state.Probes(
-                        psi[...], None if g is None else g[...]
+                        psi[...],
+                        None if g is None else g[...],
+                        uses=None if uses is None else uses[...],
                     )
         with _shell.probe_scope(direct):
             return f(*args, **kw)
@@ -380,7 +390,7 @@ def value_and_grad(
         previous = []
         try:
             for k, m in enumerate(models):
-                previous.append(_attach(m, k))
+                previous.append(_attach(m, k, count=True))
             out, grads = checked_grad_fn(models, *args)
         except BaseException:
             for m in models:

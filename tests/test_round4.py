@@ -202,3 +202,25 @@ def test_one_view_in_an_inner_jit_still_trains():
         want[0][1]["batch_stats"]["MABN_0"]["psi_window"],
         rtol=1e-6,
     )
+
+
+def test_nnx_two_views_each_in_its_own_nnx_jit_are_loud():
+    """Case 1, NNX: each view through its own nnx.jit call; the helper counts the
+    layer's uses (before: NaN loss and a skipped step, with no message)."""
+    model = nnx.Sequential(
+        mabn_jax.nnx.CenteredLinear(3, 4, rngs=nnx.Rngs(0)),
+        mabn_jax.nnx.MABN(4, buffer_size=4, rngs=nnx.Rngs(0)),
+    )
+    x1 = jax.random.normal(jax.random.key(0), (4, 3))
+    apply = nnx.jit(lambda m, x: m(x))
+
+    def loss(m):
+        return (apply(m, x1) ** 2).mean() + (apply(m, 2 * x1 + 1) ** 2).mean()
+
+    with pytest.raises(ValueError, match="applied in training mode 2 times"):
+        mabn_jax.nnx.value_and_grad(loss)(model)
+    assert not hasattr(model.layers[1], "uses_probe")  # detached after the error
+    loss_one = lambda m: (apply(m, x1) ** 2).mean()  # noqa: E731
+    mabn_jax.nnx.value_and_grad(loss_one)(model)  # one view: trains
+    assert np.isfinite(model.layers[1].psi_window[...]).all()
+    assert int(model.layers[1].step[...]) == 1
