@@ -116,6 +116,14 @@ def _attach(model, k: int, count: bool = False) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
+def _restore(model, previous: nnx.State) -> None:
+    """Puts back the layers' state from before the step (``_attach``'s return)."""
+    for path, layer in _layers(model):
+        for key in layer._state_names:
+            layer_prev = _at(previous, path + (key,), "previous", "")
+            getattr(layer, key).set_value(layer_prev)
+
+
 def _detach(model) -> None:
     for _, layer in _layers(model):
         for name in (*PROBE_NAMES, USES_NAME):
@@ -398,11 +406,17 @@ def value_and_grad(
             raise
         grads = (grads,) if single else tuple(grads)
         clean = []
-        for m, g, prev in zip(models, grads, previous):
-            if len(prev):  # the argument has MABN layers
-                record_backward_stats(m, g, prev)
-                g = _without_probes(g)
-            clean.append(g)
+        try:
+            for m, g, prev in zip(models, grads, previous):
+                if len(prev):  # the argument has MABN layers
+                    record_backward_stats(m, g, prev)
+                    g = _without_probes(g)
+                clean.append(g)
+        except BaseException:  # e.g. a layer applied twice: the model is as it was
+            for m, prev in zip(models, previous):
+                _restore(m, prev)
+                _detach(m)
+            raise
         return out, clean[0] if single else tuple(clean)
 
     return wrapped
