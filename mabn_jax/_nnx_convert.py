@@ -193,13 +193,11 @@ def replace_batchnorm(model: nnx.Module, **mabn_config) -> nnx.Module:
     config = converter_config(mabn_config, "mabn_jax.nnx.replace_batchnorm")
     done: dict[int, Any] = {}
     _replace_in(model, config, done)
-    if not any(isinstance(n, nnx.BatchNorm) for n in _visited(done)):
+    # `done` maps each visited node's id to its result: a converted BatchNorm is the
+    # one entry whose result is an MABN under another object's id.
+    if not any(isinstance(new, MABN) and id(new) != old for old, new in done.items()):
         _check_replaced_before(model, config)
     return model
-
-
-def _visited(done: dict[int, Any]) -> list:
-    return [node for node in done.values() if isinstance(node, nnx.Module)]
 
 
 def _check_replaced_before(model: nnx.Module, config: dict[str, Any]) -> None:

@@ -67,6 +67,15 @@ def test_nnx_second_replace_is_a_no_op_or_loud():
         mabn_jax.nnx.replace_batchnorm(model, buffer_size=8)
     with pytest.raises(ValueError, match="holds no nnx.BatchNorm"):
         mabn_jax.nnx.replace_batchnorm(nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0))))
+    # A model's own MABN of another configuration beside a BatchNorm is no earlier
+    # replacement: the BatchNorm is replaced, the MABN left as it is.
+    mixed = nnx.Sequential(
+        mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    )
+    own = mixed.layers[0]
+    mabn_jax.nnx.replace_batchnorm(mixed)
+    assert mixed.layers[0] is own and not own.centered
+    assert isinstance(mixed.layers[1], mabn_jax.nnx.MABN) and mixed.layers[1].centered
 
 
 @pytest.mark.parametrize("centered, other", [(False, 2), (True, 16)])
