@@ -27,6 +27,7 @@ __all__ = [
     "init_probes",
     "to_mapping",
     "from_mapping",
+    "probes_from_mapping",
     "as_state",
     "layout_error",
     "check_state",
@@ -128,6 +129,12 @@ _KEYS = {centered: frozenset(k for k, _ in names) for centered, names in LAYOUTS
 def to_mapping(state: MABNState) -> dict[str, Array]:
     """The ``batch_stats`` entries of a layer's state."""
     return {key: getattr(state, field) for key, field in LAYOUTS[state.centered]}
+
+
+def probes_from_mapping(probes: Mapping[str, Any]) -> Probes:
+    """:class:`Probes` from their entries by name (``'psi'``; optional ``'g'``,
+    ``'loss_scale'``, ``'uses'``), as the helpers and collections carry them."""
+    return Probes(probes["psi"], *(probes.get(name) for name in Probes._fields[1:]))
 
 
 def from_mapping(node: Any) -> MABNState | None:

@@ -280,10 +280,7 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
     if module.is_initializing():
         return _state.init_probes(state)
     if module.has_variable(PROBES, "psi"):
-        get = lambda n: module.get_variable(PROBES, n) if module.has_variable(PROBES, n) else None
-        return _state.Probes(
-            module.get_variable(PROBES, "psi"), get("g"), get("loss_scale"), get("uses")
-        )
+        return _state.probes_from_mapping(module.variables[PROBES])
     if module.has_variable("params", PROBES):
         probes: Mapping[str, Array] = module.get_variable("params", PROBES)
         _check_helper_probes(module, probes, state)
@@ -292,9 +289,7 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         _shell.check_not_in_loop(key, state.psi_window, name, fix=_LOOP_FIX)
         direct = _shell.direct_probes(("state", id(state.psi_window)), state.psi_window)
         if direct is None:  # inside a transform of the loss: the copy in the params
-            return _state.Probes(
-                probes["psi"], probes.get("g"), probes.get("loss_scale"), probes.get("uses")
-            )
+            return _state.probes_from_mapping(probes)
         return direct
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)

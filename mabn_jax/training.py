@@ -183,9 +183,7 @@ def _record(batch_stats: Tree, grads: dict[tuple[str, ...], Mapping], previous: 
     tree = _shell.to_dicts(batch_stats)
     for path, state in layers.items():
         g = grads[path]  # a 'loss_scale' entry's gradient is ignored
-        new = _record_lib.record_backward_stats(
-            state, _state.Probes(g["psi"], g.get("g"), uses=g.get("uses")), before[path]
-        )
+        new = _record_lib.record_backward_stats(state, _state.probes_from_mapping(g), before[path])
         _node(tree, path).update(_state.to_mapping(new))
     return FrozenDict(tree) if isinstance(batch_stats, FrozenDict) else tree
 
@@ -378,7 +376,7 @@ def _direct_keys(direct_tree, windows) -> dict:
     out: dict = {}
     ids = [id(w) for w in windows.values()]
     for path, p in direct_tree.items():
-        out[path] = probes = _state.Probes(p["psi"], p.get("g"), p.get("loss_scale"), p.get("uses"))
+        out[path] = probes = _state.probes_from_mapping(p)
         if ids.count(id(windows[path])) == 1:  # one array shared by layers: ambiguous
             out[("state", id(windows[path]))] = probes
     return out
