@@ -21,7 +21,8 @@ norm at its library defaults instead, one row per entry of ``CONV_VARIANTS``
 length of the centered layer, the mean μ̃ or g̃ taken from the batch, and the
 centered layer after ``CenteredConv``.
 
-The backward variants patch a private function of ``mabn_jax._mabn`` for the
+The backward variants patch private functions of ``mabn_jax._window`` and
+``mabn_jax._backward`` for the
 duration of this script (an experiment, not an option of the layer): while the
 custom VJP's backward pass is traced, the window mean of the chosen statistic
 is replaced by the batch value (the forward mean likewise, in
@@ -43,7 +44,7 @@ import jax
 from flax import linen as nn
 
 import mabn_jax
-from mabn_jax import _mabn
+from mabn_jax import _backward, _window
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import small_batch as sb  # noqa: E402
@@ -122,9 +123,9 @@ CONV_VARIANTS = {
     ),
 }
 
-_window_mean = _mabn._window_mean
-_normalize_bwd = _mabn._normalize_bwd
-_forward_windows = _mabn._forward_windows
+_window_mean = _window.window_mean
+_normalize_bwd = _backward.normalize_bwd
+_forward_windows = _window.forward_windows
 _batch_stats: set[str] = set()  # which backward statistics use the batch value
 _trace: dict = {}
 
@@ -149,7 +150,7 @@ def _patched_bwd(spec, res, dy):
         seen, _trace["ctx"] = _trace["seen"], None
     want = {"psi"} | ({"g"} if ctx.g_window is not None else set())
     if seen != want:
-        raise RuntimeError(f"the backward patch saw {seen}, not {want}: mabn_jax._mabn changed")
+        raise RuntimeError(f"the backward patch saw {seen}, not {want}: mabn_jax._backward changed")
     return out
 
 
@@ -159,9 +160,9 @@ def _patched_forward_windows(state, sl, use_batch, mean_b, var_b):
     return mean_w, var_w, mean_b if "mu" in _batch_stats and mean is not None else mean, var
 
 
-_mabn._window_mean = _patched_window_mean
-_mabn._forward_windows = _patched_forward_windows
-_mabn._normalize.defvjp(_mabn._normalize_fwd, _patched_bwd)
+_window.window_mean = _patched_window_mean
+_window.forward_windows = _patched_forward_windows
+_backward.normalize.defvjp(_backward.normalize_fwd, _patched_bwd)
 
 
 def overrides_for(setup: sb.Setup, data, epochs: int, raw: dict) -> dict:

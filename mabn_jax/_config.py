@@ -19,7 +19,7 @@ __all__ = ["MABNConfig", "BatchRenormConfig", "config_of"]
 
 # Counters are floats (so `jax.grad` over a whole variables dict and
 # `lax.pmean(batch_stats)` work, as for nn.BatchNorm); schedule thresholds must
-# stay well inside float32's exact-integer range (see _mabn._advance).
+# stay well inside float32's exact-integer range (see _window.advance).
 MAX_SCHEDULE_STEP = 2**22
 # buffer_size=None: the window each variant gets (docs/centered.md, issue 19).
 DEFAULT_BUFFER_SIZE = {False: 16, True: 2}

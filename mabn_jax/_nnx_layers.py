@@ -23,7 +23,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import PromoteDtypeFn
 
-from mabn_jax import _brn, _mabn, _shell, _state, _upstream
+from mabn_jax import _brn, _inference, _mabn, _shell, _state, _upstream
 from mabn_jax import _stats as S
 from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 
@@ -363,7 +363,7 @@ class MABN(_Norm):
         inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
         state = _state.as_state(stored)
         if inference:
-            return _mabn.mabn_inference(
+            return _inference.mabn_inference(
                 x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
             )
         y, new_state, stats = _mabn.mabn_train_with_stats(

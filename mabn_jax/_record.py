@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from mabn_jax import _stats as S
-from mabn_jax._mabn import as_count, wrap_period
 from mabn_jax._state import MABNState, Probes
+from mabn_jax._window import as_count, wrap_period
 
 __all__ = ["record_backward_stats"]
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
-from mabn_jax import _mabn, _shell, _state
+from mabn_jax import _inference, _shell, _state
 from mabn_jax._config import MABNConfig, config_of
 from mabn_jax._pretrained import check_statistics, converter_config, state_from_batchnorm
 from mabn_jax.linen import MABN
@@ -135,7 +135,7 @@ def _converting(overrides, next_fun, args, kwargs, context):
     # The output only feeds the layers after it (their shapes); computed from the
     # state directly, as the scope still holds the BatchNorm's mean and var.
     get = lambda name, used: scope.get_variable("params", name) if used else None
-    return _mabn.mabn_inference(
+    return _inference.mabn_inference(
         x,
         get("scale", bn.use_scale),
         get("bias", bn.use_bias),

@@ -41,7 +41,7 @@ from flax import linen as nn
 from flax.core import FrozenDict
 
 from mabn_jax import _shell, _state, _stats
-from mabn_jax._mabn import affine_from_ema
+from mabn_jax._inference import affine_from_ema
 from mabn_jax.linen import MABN, BatchRenorm, CenteredConv, CenteredDense, center_kernel
 
 __all__ = ["norm_affine", "fold_affine", "fold_norm", "fold_params"]

@@ -23,7 +23,8 @@ from mabn_jax._brn import (
 )
 from mabn_jax._brn import init_state as init_batch_renorm_state
 from mabn_jax._config import BatchRenormConfig, MABNConfig
-from mabn_jax._mabn import inference_affine, mabn_inference, mabn_train, mabn_train_with_stats
+from mabn_jax._inference import inference_affine, mabn_inference
+from mabn_jax._mabn import mabn_train, mabn_train_with_stats
 from mabn_jax._record import record_backward_stats
 from mabn_jax._state import MABNState, Probes, init_probes, init_state
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from mabn_jax import _brn, _mabn, _shell, _state, _upstream
+from mabn_jax import _brn, _inference, _mabn, _shell, _state, _upstream
 from mabn_jax import _stats as S
 from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
 from mabn_jax._shell import center_kernel
@@ -243,7 +243,7 @@ class MABN(_BatchNormPositional, nn.Module, MABNConfig):
         _state.check_state(state, config, feature_shape)  # before params: clearer errors
         scale, bias = _params(self, feature_shape)
         if use_running_average:
-            return _mabn.mabn_inference(
+            return _inference.mabn_inference(
                 x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
             )
         _one_training_call(self)
@@ -291,6 +291,11 @@ def _probes(module: nn.Module, state: _state.MABNState) -> _state.Probes:
         if direct is None:  # inside a transform of the loss: the copy in the params
             return _state.probes_from_mapping(probes)
         return direct
+    if _shell.in_helper():  # the params of its top-level module were not differentiated
+        direct = _shell.direct_probes(("state", id(state.psi_window)), state.psi_window)
+        if direct is not None:
+            _shell.consume_probe(direct.psi, "/".join(module.path), state.psi_window)
+            return direct
     if module.is_mutable_collection(PROBES):
         zeros = _state.init_probes(state)
         create = lambda name, z: module.variable(PROBES, name, lambda: z).value

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mabn_jax import _mabn
+from mabn_jax import _window
 from mabn_jax import functional as F
 
 N = 100_000
@@ -73,9 +73,9 @@ def test_float_step_counter_wraps_by_a_multiple_of_m():
     """A run crossing the counter's wrap point equals the same run started
     ``wrap_period(m)`` steps earlier, which does not cross it: same windows,
     EMAs, outputs and counter after every step."""
-    period = _mabn.wrap_period(M)
+    period = _window.wrap_period(M)
     assert period % M == 0 and period > max(CFG.warmup_steps, CFG.renorm_start)
-    start = _mabn._WRAP - 4  # steps _WRAP - 3 ... cross the wrap at step 4
+    start = _window._WRAP - 4  # steps _WRAP - 3 ... cross the wrap at step 4
     assert start + 12 < 2**24  # float32 still holds every integer up to here
     body = make_body(*pools())  # the same 12 batches for every run
     run = jax.jit(lambda s: jax.lax.scan(body, s, jnp.arange(1, 13)))

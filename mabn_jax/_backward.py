@@ -1,0 +1,217 @@
+"""MABN's backward rule: the custom VJP that injects the moving averages.
+
+With ``ĝ = ∂L/∂y · γ · r`` and ``z = (x − μ̃) / sqrt(σ̃² + ε)``::
+
+    Ψ_B = mean(ĝ · z),   g_B = mean(ĝ)                 (this step's, per group)
+    Ψ̃, g̃ = Ψ_B, g_B in the batch phase, else their window means
+    ∂L/∂x = (ĝ − g̃ − z · Ψ̃) / sqrt(σ̃² + ε)             (plain: no g)
+
+Ψ_B and g_B exist only here; they leave as the cotangents of the window-shaped
+*probes* (:class:`~mabn_jax._state.Probes`), each written into this step's
+slot, and the ``uses`` probe's cotangent counts the applications (1 each).
+Under ``shard_map`` the backward sums are synchronized in this pass by one
+all-reduce (:func:`normalize_bwd`); the two-stage path that other named axes
+need is :mod:`mabn_jax._synced`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mabn_jax import _stats as S
+from mabn_jax import _window
+from mabn_jax._config import MABNConfig
+from mabn_jax._sharding import probe_cotangent, varying_axes
+from mabn_jax._state import Probes
+
+Array = jax.Array
+
+__all__ = [
+    "UNRECORDED",
+    "Spec",
+    "Ctx",
+    "z_of",
+    "normalize",
+    "normalize_fwd",
+    "local_sums",
+    "finish",
+]
+
+
+UNRECORDED = (
+    "MABN: a training-mode call without probes is being differentiated. Its gradient "
+    "would use this step's backward statistics (Psi_B, g_B), but without probes they "
+    "cannot leave the backward pass, so the layer's windows would never hold them. "
+    "Differentiate with mabn_jax.nnx.value_and_grad / mabn_jax.nnx.grad (NNX) or "
+    "mabn_jax.value_and_grad (linen), which attach the probes and record the statistics; "
+    "with the low-level NNX API, call mabn_jax.nnx.attach_probes(model) before the model "
+    "is split (nnx.split / nnx.unpack) and differentiate w.r.t. (nnx.Param, "
+    "mabn_jax.nnx.Probe). A training-mode call that nothing differentiates is fine."
+)
+
+
+class Spec(NamedTuple):
+    """Static description of one normalization call (hashable)."""
+
+    reduction_axes: tuple[int, ...]
+    feature_axes: tuple[int, ...]  # axis 0 (the groups) first
+    out_dtype: Any
+    config: MABNConfig
+    recorded: bool = True  # probes given: the backward statistics can leave the VJP
+
+
+class Ctx(NamedTuple):
+    """Per-group, per-channel values of one step. The custom VJP treats them as
+    constants, but they stay differentiable functions of x, so second-order
+    derivatives see how the statistics move with x."""
+
+    mean: Array | None  # μ̃ (centered) or None
+    inv: Array  # 1 / sqrt(σ̃² + ε)
+    r: Array
+    d: Array | None
+    psi_window: Array  # windows as before this step
+    g_window: Array | None
+    slot_mask: Array  # [G, m]
+    use_batch: Array  # [G]
+    count: Array  # type: ignore[assignment]  # examples per statistic (shadows tuple.count)
+    mask: Array | None
+
+
+def z_of(x: Array, ctx: Ctx, spec: Spec, dtype) -> Array:
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    xs = x.astype(dtype)
+    if ctx.mean is not None:
+        xs = xs - b(ctx.mean)
+    return xs * b(ctx.inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def normalize(spec: Spec, x, scale, bias, probes, ctx):
+    return normalize_fwd(spec, x, scale, bias, probes, ctx)[0]
+
+
+def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
+    dtype = ctx.inv.dtype
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    a = scale * ctx.r
+    shift = jnp.broadcast_to(bias, a.shape)
+    if ctx.d is not None:
+        shift = shift + scale * ctx.d
+    y = (z_of(x, ctx, spec, dtype) * b(a) + b(shift)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx)
+
+
+def normalize_bwd(spec: Spec, res, dy):
+    x, scale, bias, probes, ctx = res
+    sums, dscale, dbias = local_sums(spec, res, dy)
+    name = spec.config.axis_name
+    if name is not None:  # synchronized over shard_map axes (_sync_in_backward)
+        # One all-reduce serves both: the mean of the devices' sums normalizes, and
+        # γ, β (replicated over these axes) take its total as their gradient.
+        sums = lax.pmean(sums, name)
+        devices = lax.psum(1, name)
+        dscale, dbias = (
+            (devices * v.reshape((-1,) + v.shape[-len(scale.shape) :]).sum(0)).astype(p.dtype)
+            for v, p in zip(sums, (scale, bias))
+        )
+    dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums)
+    return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
+
+
+def local_sums(spec: Spec, res, dy):
+    """(this device's backward sums; dγ; dβ).
+
+    The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group, i.e. the groups' own
+    dγ and dβ: with one group they *are* dγ and dβ, so under ``shard_map``
+    the all-reduce that synchronizes them also gives the replicated γ's and
+    β's gradients (:func:`normalize_bwd`), with no all-reduce of its own.
+    """
+    if not spec.recorded:
+        raise ValueError(UNRECORDED)
+    x, scale, bias, probes, ctx = res
+    dtype = ctx.inv.dtype
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    dy = dy.astype(dtype)
+    sum_dy = dy.sum(spec.reduction_axes)
+    # Σ dy·z = inv · Σ dy·(x − μ̃): scaling after the reduction lets XLA fuse it
+    # into one pass over (x, dy) instead of materializing z first. The barrier
+    # keeps μ̃'s (per-channel) select out of that fusion; otherwise XLA CPU
+    # writes x − μ̃ to memory before reducing.
+    xc = (
+        x.astype(dtype)
+        if ctx.mean is None
+        else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean))
+    )
+    dscale = ctx.r * ((dy * xc).sum(spec.reduction_axes) * ctx.inv)
+    if ctx.d is not None:
+        dscale = dscale + ctx.d * sum_dy
+    dscale_all, dbias_all = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
+    # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
+    sums = (dscale_all, dbias_all) if dscale.shape[0] == 1 else (dscale, sum_dy)
+    return sums, dscale_all.astype(scale.dtype), dbias_all.astype(bias.dtype)
+
+
+def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
+    """(dx, probe cotangents) from the synchronized sums of :func:`local_sums`."""
+    dtype = ctx.inv.dtype
+    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    z = z_of(x, ctx, spec, dtype)
+    dy = dy.astype(dtype)
+    a = scale * ctx.r
+    keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
+    sl = _window.slide(ctx.slot_mask)
+    weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
+
+    def windowed(window, total):
+        """(the step's statistic in use, the probe cotangent)."""
+        value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
+        if probes.loss_scale is not None:  # the stored windows are unscaled
+            window = (window * probes.loss_scale).astype(window.dtype)
+        used = S.where(S.lead(ctx.use_batch, value), value, _window.window_mean(sl, window, value))
+        return used, weight(_window.final_window(sl, jnp.zeros_like(window), replicate(value)))
+
+    def replicate(value):
+        # Under shard_map the statistic can be typed as varying over axes where it is
+        # equal (the two-stage path's averaged sums) or not (a per-device mask
+        # count); a state (probe) replicated over those axes takes their mean.
+        extra = tuple(sorted(varying_axes(value) - varying_axes(probes.psi)))
+        return lax.pmean(value, extra) if extra else value
+
+    sum_dscale, sum_dy = (v.astype(dtype).reshape(ctx.inv.shape) for v in sums)
+    # a·Σdy·z = γ·(dγ − d·Σdy) and a·Σdy = γ·r·Σdy, with a = γ·r.
+    sum_dyz = sum_dscale if ctx.d is None else sum_dscale - ctx.d * sum_dy
+    psi, psi_cot = windowed(ctx.psi_window, scale * sum_dyz)
+    dxs = dy * b(a) - keep(z * b(psi))
+    g_cot = None
+    if ctx.g_window is not None:
+        g, g_cot = windowed(ctx.g_window, a * sum_dy)
+        dxs = dxs - keep(b(g))
+    dx = (dxs * b(ctx.inv)).astype(x.dtype)
+    uses = None if probes.uses is None else weight(_one_use(sum_dy, jnp.shape(probes.uses)))
+    uses = None if uses is None else replicate(uses)  # one use per device, too
+    dprobes = Probes(
+        probe_cotangent(psi_cot, probes.psi),
+        None if g_cot is None else probe_cotangent(g_cot, probes.g),
+        None if probes.loss_scale is None else jnp.zeros_like(probes.loss_scale),
+        None if uses is None else probe_cotangent(uses, probes.uses),
+    )
+    return dx, dprobes
+
+
+def _one_use(sums: Array, shape) -> Array:
+    """1, as the cotangent of the ``uses`` probe: one per application, whatever dy
+    is. It is made to vary with the backward sums (``where(a == a, 1, 1)``, which
+    no NaN changes), so that under ``vmap`` each instance counts and a probe
+    shared by the instances sums their uses (vmapped instances of one shared,
+    synchronized state weigh 1/n each: ``probe_weight``)."""
+    first = lax.stop_gradient(sums.reshape(-1)[0])
+    one = jnp.ones_like(first)
+    return jnp.broadcast_to(S.where(first == first, one, one), shape)
+
+
+normalize.defvjp(normalize_fwd, normalize_bwd)

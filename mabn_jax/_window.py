@@ -1,0 +1,196 @@
+"""The moving-average windows of MABN: counters, phases, ring buffers, EMAs.
+
+A training call of ``G`` window steps (``G`` ghost batches; 1 without) is
+steps ``t = step + 1 … step + G``. Step ``t`` writes slot ``t mod m`` of each
+window and, past the batch phase (``t ≤ m`` or ``t < warmup_steps``),
+normalizes with the mean of the last ``m`` writes up to its own::
+
+    μ̃ = mean(μ_w),   σ̃² = mean(σ²_w) + mean((μ_w − μ̃)²)     (centered)
+    χ̃² = mean(χ²_w)                                           (plain)
+
+Everything here is pure array code on :class:`~mabn_jax._state.MABNState`
+fields; one code path serves every phase (traced selects, no branching).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mabn_jax import _stats as S
+from mabn_jax._config import MABNConfig
+from mabn_jax._state import MABNState
+
+Array = jax.Array
+# Counters are floats; past _WRAP they step back by a multiple of m (slots and
+# phases unchanged, as every schedule threshold is below _WRAP - period).
+_WRAP = 2**23
+
+__all__ = [
+    "Phase",
+    "phase",
+    "as_count",
+    "wrap_period",
+    "advance",
+    "Slide",
+    "slide",
+    "window_mean",
+    "final_window",
+    "step_window",
+    "forward_windows",
+    "emas",
+]
+
+
+class Phase(NamedTuple):
+    slot_mask: Array  # [m] bool (or [G, m]): the ring-buffer slot t mod m
+    use_batch: Array  # bool (or [G]): t <= m or t < warmup
+    renorm: Array  # bool (or [G]): t > max(renorm_start, warmup)
+
+
+def phase(t: Array, cfg: MABNConfig) -> Phase:
+    """The phase of each window step ``t`` (``[G]``, every ``t >= 1``)."""
+    m = cfg.window
+    return Phase(
+        jnp.arange(m)[None] == lax.rem(t, m)[:, None],  # t >= 1: rem is mod
+        (t <= m) | (t < cfg.warmup_steps),
+        t > max(cfg.renorm_start, cfg.warmup_steps),
+    )
+
+
+def as_count(step: Array) -> Array:
+    """A stored counter as int32 (it may have been averaged by lax.pmean)."""
+    return lax.round(step, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
+
+
+def wrap_period(m: int) -> int:
+    """What a counter past ``_WRAP`` steps back by: a multiple of ``m``."""
+    return m * ((_WRAP // 2) // m)
+
+
+def advance(step: Array, count: Array, n: int, m: int) -> Array:
+    """``step`` (whose :func:`as_count` is ``count``) advanced by ``n``, wrapped."""
+    new = count + n
+    return S.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
+
+
+class Slide(NamedTuple):
+    """How the ``G`` window steps of one call share the ring buffer.
+
+    Group ``i`` writes slot ``t_i mod m`` and reads the last ``m`` writes up
+    to its own: the values of groups ``i − m < j ≤ i`` (``in_window``) and the
+    slots no such group wrote (``old_kept``). A plain call is ``G = 1``.
+    """
+
+    in_window: Array  # [G, G]: group j's value is in group i's window
+    old_kept: Array  # [G, m]: slot s still holds its value from before the call
+    last: Array  # [G, m]: group j is the last to write slot s
+
+
+def slide(slot_mask: Array) -> Slide:
+    groups, m = slot_mask.shape
+    if groups == 1:  # one window step (no ghost batches): nothing to slide
+        return Slide(cast(Array, np.ones((1, 1), bool)), ~slot_mask, slot_mask)
+    i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
+    in_window = (j <= i) & (j > i - m)
+    old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)
+    later = jnp.cumsum(slot_mask[::-1], 0)[::-1] - slot_mask  # writes after group j
+    return Slide(in_window, old_kept, slot_mask & (later == 0))
+
+
+def _dot(mask: Array, v: Array) -> Array:
+    """``Σ_b mask[a, b] · v[b]``, exactly (no reduced-precision matmul)."""
+    return jnp.tensordot(mask.astype(v.dtype), v, axes=(1, 0), precision=lax.Precision.HIGHEST)
+
+
+def _masked_sum(mask: Array, v: Array) -> Array:
+    """``Σ_b v[a, b]`` over the ``b`` where ``mask[a, b]``."""
+    return S.where(S.lead(mask, v), v, 0.0).sum(1)
+
+
+def _written(sl: Slide, window: Array, values: Array) -> Array:
+    """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
+    return S.where(S.lead(sl.last[0], window), values, window.astype(values.dtype))
+
+
+def window_mean(sl: Slide, window: Array, values: Array) -> Array:
+    """Each group's window mean: ``[G, *features]``."""
+    if values.shape[0] == 1:
+        return _written(sl, window, values).mean(0, keepdims=True)
+    m = window.shape[0]
+    return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / m
+
+
+def final_window(sl: Slide, window: Array, values: Array) -> Array:
+    """The window after the call: each written slot holds its last writer's value."""
+    if values.shape[0] == 1:
+        return S.where(S.lead(sl.last[0], window), values.astype(window.dtype), window)
+    written = sl.last.any(0)
+    return S.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
+
+
+def step_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array]:
+    """(the window after the call, each group's window mean). The stored window
+    takes no gradient: stopping it keeps reverse mode from tracing the state
+    update a second time (as its linearization)."""
+    if values.shape[0] == 1:
+        written = _written(sl, window, values)
+        return lax.stop_gradient(written).astype(window.dtype), written.mean(0, keepdims=True)
+    return (
+        final_window(sl, window, lax.stop_gradient(values)),
+        window_mean(sl, window, values),
+    )
+
+
+def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
+    """Each group's between-step variance of the window's values about ``mu``
+    (its window mean), in two passes."""
+    if values.shape[0] == 1:
+        return jnp.square(_written(sl, window, values) - mu).mean(0, keepdims=True)
+    m = window.shape[0]
+    return (
+        _masked_sum(sl.in_window, jnp.square(values[None] - mu[:, None]))
+        + _masked_sum(sl.old_kept, jnp.square(window[None].astype(mu.dtype) - mu[:, None]))
+    ) / m
+
+
+def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):
+    """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
+    ub = lambda v: S.lead(use_batch, v)
+    var_w, var_win = step_window(sl, state.var_window, var_b)
+    if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
+        return None, var_w, None, S.where(ub(var_b), var_b, var_win)
+    mean_w, mu_win = step_window(sl, state.mean_window, mean_b)
+    spread = _spread(sl, state.mean_window, mean_b, mu_win)
+    return (
+        mean_w,
+        var_w,
+        S.where(ub(mean_b), mean_b, mu_win),
+        S.where(ub(var_b), var_b, var_win + spread),
+    )
+
+
+def emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
+    """((new ema_var, ema_var r sees), (new ema_mean, ema_mean d sees)), the
+    latter per group."""
+
+    def track(old, new):
+        if old is None:
+            return None, None
+        if ghost and cfg.ghost_ema == "step":
+            # The authors' simulated-small-batch layer: one update per call with the
+            # groups' mean, which the first call takes as the EMA outright.
+            target = new.mean(0)
+            updated = S.where(
+                as_count(state.step) == 0,
+                target.astype(old.dtype),
+                S.ema(old, target, cfg.momentum),
+            )
+            return updated, jnp.broadcast_to(old, new.shape)
+        return S.ema_per_group(old, new, cfg.momentum, grouped=True)
+
+    return track(state.ema_var, var), track(state.ema_mean, mean)
