@@ -16,7 +16,7 @@ from mabn_jax.checkpoint import check_batch_stats
 from mabn_jax.convert import convert_batchnorm_variables, replace_batchnorm
 from mabn_jax.fold import fold_affine, fold_norm, fold_params, norm_affine
 from mabn_jax.linen import MABN, PROBES, BatchRenorm, CenteredConv, CenteredDense, center_kernel
-from mabn_jax.training import init_probes, record_backward_stats, value_and_grad
+from mabn_jax.training import init_probes, record_backward_stats, value_and_grad, without_probes
 
 __version__ = "0.2.0"  # the single source: pyproject.toml reads it (dynamic version)
 
@@ -41,6 +41,7 @@ __all__ = [
     "value_and_grad",
     "init_probes",
     "record_backward_stats",
+    "without_probes",
     "PROBES",
     "check_batch_stats",
     "replace_batchnorm",

@@ -21,6 +21,7 @@ for the ``'mabn_probes'`` collection) and :func:`record_backward_stats`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
@@ -35,7 +36,7 @@ from mabn_jax import _aux, _shell, _state
 from mabn_jax import _record as _record_lib
 from mabn_jax.linen import PROBES
 
-__all__ = ["value_and_grad", "init_probes", "record_backward_stats"]
+__all__ = ["value_and_grad", "init_probes", "record_backward_stats", "without_probes"]
 
 Tree = Mapping[str, Any]
 _TOP_LEVEL = ("params", "batch_stats", PROBES)
@@ -326,6 +327,7 @@ def value_and_grad(
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
     def wrapped(*args):
+        _aux.check_current(args, batch_stats)
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
         # Each layer counts its applications into 'uses' (record_backward_stats wants 1).
         probes = _zero_probes(batch_stats, scale, uses=True)
@@ -341,7 +343,12 @@ def value_and_grad(
                 call_args[i] = a
             call_args[nums[0]] = _insert(call_args[nums[0]], probe_tree)
             with _shell.probe_scope(_direct_keys(direct_tree, windows)):
-                out = fun(*call_args)
+                try:
+                    out = fun(*call_args)
+                except (ValueError, TypeError) as e:
+                    if probe_tree and not _raised_here(e):
+                        e.add_note(_PROBES_IN_PARAMS)
+                    raise
             value, aux = out if has_aux else (out, None)
             return (value if scale is None else scale * value), aux
 
@@ -366,6 +373,58 @@ def value_and_grad(
         return _dynamic_scale_update(dynamic_scale, out, grads, axis_name)
 
     return wrapped
+
+
+_PROBES_IN_PARAMS = (
+    f"mabn_jax.value_and_grad: the params the loss receives carry a {PROBES!r} entry in "
+    "each MABN layer (its backward-statistics probes). If the error above comes from "
+    "pairing them with another tree (jax.tree.map against pretrained params, e.g. an "
+    "L2-SP penalty), pair mabn_jax.without_probes(params) instead."
+)
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether ``error`` was raised by mabn_jax's own code (its messages say what
+    to do), not by the user's loss or a library it calls."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def without_probes(params: Tree) -> Any:
+    """``params`` without the ``'mabn_probes'`` entries that :func:`value_and_grad`
+    adds for the loss, e.g. to pair them with pretrained params (L2-SP)::
+
+        penalty = sum(
+            jax.tree.leaves(
+                jax.tree.map(
+                    lambda p, p0: jnp.sum((p - p0) ** 2),
+                    mabn_jax.without_probes(params),
+                    pretrained,
+                )
+            )
+        )
+
+    Args:
+      params: the params (or variables dict) the loss function received.
+
+    Returns:
+      The same nest of mappings without the ``'mabn_probes'`` entries; it shares
+      the arrays, so gradients flow through it as through ``params``.
+
+    Example:
+      >>> import mabn_jax
+      >>> mabn_jax.without_probes({"norm": {"scale": 1.0, "mabn_probes": {"psi": 0.0}}})
+      {'norm': {'scale': 1.0}}
+    """
+    if not isinstance(params, Mapping):
+        return params
+    tree = {k: without_probes(v) for k, v in params.items() if k != PROBES}
+    return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
 
 
 def _direct_keys(direct_tree, windows) -> dict:
@@ -405,8 +464,12 @@ def _insert(params: Tree, probes: dict[tuple[str, ...], dict]) -> Any:
             {path + (k,): v for path, probe in probes.items() for k, v in probe.items()}, {}
         )
     else:
+        # A layer whose top-level module is not in this argument (params split into
+        # frozen and trainable dicts, merged in the loss) reads the helper's direct
+        # probes: a node created here would shadow the frozen part in the merge.
         for path, probe in probes.items():
-            _node(tree, path, create=True)[PROBES] = probe
+            if not path or path[0] in tree:
+                _node(tree, path, create=True)[PROBES] = probe
     return FrozenDict(tree) if isinstance(params, FrozenDict) else tree
 
 

@@ -233,3 +233,87 @@ def test_nnx_two_views_each_in_its_own_nnx_jit_are_loud():
     mabn_jax.nnx.value_and_grad(loss_one)(model)  # one view: trains
     assert np.isfinite(model.layers[1].psi_window[...]).all()
     assert int(model.layers[1].step[...]) == 1
+
+
+class _Tuned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4)(x)
+        return mabn_jax.MABN(use_running_average=False, buffer_size=4, name="norm")(x)
+
+
+def _tuned_setup():
+    variables = _Tuned().init(jax.random.key(0), X)
+    return variables["params"], variables["batch_stats"]
+
+
+def _tuned_loss(batch_stats, merge=lambda p: p, penalty=lambda p: 0.0):
+    def loss(params):
+        y, updates = _Tuned().apply(
+            {"params": merge(params), "batch_stats": batch_stats}, X, mutable=["batch_stats"]
+        )
+        return jnp.sum(y**2) + penalty(params), updates
+
+    return loss
+
+
+def test_frozen_and_trainable_params_merged_in_the_loss_train():
+    """Case 8: ``{**frozen, **trainable}`` with the norm frozen trains as the whole
+    params do: the same loss, the Dense gradient and the recorded state."""
+    params, stats = _tuned_setup()
+    frozen, trainable = {"norm": params["norm"]}, {"Dense_0": params["Dense_0"]}
+    merged = _tuned_loss(stats, merge=lambda p: {**frozen, **p})
+    (loss, updates), grads = mabn_jax.value_and_grad(merged, has_aux=True, batch_stats=stats)(
+        trainable
+    )
+    whole = mabn_jax.value_and_grad(_tuned_loss(stats), has_aux=True, batch_stats=stats)
+    (want_loss, want_updates), want_grads = whole(params)
+    assert sorted(grads) == ["Dense_0"]
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        (grads["Dense_0"], updates),
+        (want_grads["Dense_0"], want_updates),
+    )
+
+
+def test_l2sp_against_pretrained_params_names_without_probes():
+    """Case 10: tree_map of the loss's params against pretrained ones fails with a
+    note naming mabn_jax.without_probes, and works with it."""
+    params, stats = _tuned_setup()
+    pretrained = jax.tree.map(lambda a: a + 0.1, params)
+    l2 = lambda p: sum(
+        jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), p, pretrained))
+    )
+    naive = _tuned_loss(stats, penalty=l2)
+    with pytest.raises(ValueError) as info:
+        mabn_jax.value_and_grad(naive, has_aux=True, batch_stats=stats)(params)
+    assert any("mabn_jax.without_probes(params)" in n for n in info.value.__notes__)
+    fixed = _tuned_loss(stats, penalty=lambda p: l2(mabn_jax.without_probes(p)))
+    (loss, _), grads = mabn_jax.value_and_grad(fixed, has_aux=True, batch_stats=stats)(params)
+    (plain, _), plain_grads = mabn_jax.value_and_grad(
+        _tuned_loss(stats), has_aux=True, batch_stats=stats
+    )(params)
+    np.testing.assert_allclose(loss - plain, l2(params), rtol=1e-5)
+    jax.tree.map(  # d/dp of sum (p - p0)^2 = 2 (p - p0) = -0.2
+        lambda g, g0: np.testing.assert_allclose(g - g0, -0.2, rtol=1e-4), grads, plain_grads
+    )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_helper_built_once_with_the_first_batch_stats_is_loud(jit):
+    """Case 11: built once outside the loop with a fixed batch_stats=, called with
+    the next step's tree: eagerly and under jit a ValueError says to build it in
+    the step (before: a blame for not using the helper, or NaN under jit)."""
+    params, stats = _tuned_setup()
+
+    def loss(params, batch_stats):
+        return _tuned_loss(batch_stats)(params)
+
+    grad_fn = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=stats)
+    grad_fn = jax.jit(grad_fn) if jit else grad_fn
+    if not jit:
+        (_, updates), _ = grad_fn(params, stats)  # the first step is the given tree
+        stats = updates["batch_stats"]
+    with pytest.raises(ValueError, match="built once.*inside the train step"):
+        grad_fn(params, stats)
