@@ -19,7 +19,7 @@ from typing import Any
 
 from flax import nnx
 
-from mabn_jax import _shell, _state
+from mabn_jax import _shell, _state, _upstream
 from mabn_jax._config import MABNConfig, config_of
 from mabn_jax._nnx_layers import MABN
 from mabn_jax._pretrained import check_statistics, converter_config, state_from_batchnorm
@@ -75,11 +75,7 @@ def _children(node):
     if isinstance(node, dict):
         return [(k, v) for k, v in node.items() if isinstance(v, _WALKED)]
     children = dict(nnx.iter_children(node))
-    children.update(
-        (k, v)
-        for k, v in vars(node).items()
-        if isinstance(v, (list, dict, tuple)) and not k.startswith("_pytree__")
-    )
+    children.update(_upstream.container_attributes(node))
     return list(children.items())
 
 

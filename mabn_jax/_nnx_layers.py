@@ -1,4 +1,4 @@
-"""Flax NNX modules: MABN, BatchRenorm and weight-centralized Conv/Linear.
+"""Flax NNX MABN, and the shell it shares with BatchRenorm (:mod:`mabn_jax._nnx_renorm`).
 
 Shells over the pure functions of :mod:`mabn_jax.functional`, with
 ``nnx.BatchNorm``'s constructor arguments plus the layer's hyper-parameters
@@ -9,9 +9,7 @@ Shells over the pure functions of :mod:`mabn_jax.functional`, with
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -20,21 +18,20 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes, initializers
-from flax.typing import PromoteDtypeFn
+from flax.nnx.nn import initializers
 
-from mabn_jax import _brn, _inference, _mabn, _shell, _state, _upstream
+from mabn_jax import _inference, _mabn, _shell, _state, _upstream
 from mabn_jax import _stats as S
-from mabn_jax._config import BatchRenormConfig, MABNConfig, config_of
+from mabn_jax._config import MABNConfig, config_of
+from mabn_jax._signature import peer_init
 
 Array = jax.Array
 _Arrays = TypeVar("_Arrays", bound=tuple)  # flax.typing.PromoteDtypeFn's TupleArg
 
 __all__ = [
     "MABN",
-    "BatchRenorm",
-    "CenteredConv",
-    "CenteredLinear",
+    "Norm",
+    "config_signature",
     "Probe",
     "Statistic",
     "PROBE_NAMES",
@@ -102,36 +99,24 @@ def keep_dtypes(arrays, dtype=None):
 #: The metadata key of a probe's identity (it survives nnx transforms' split/merge).
 PROBE_TOKEN = "mabn_probe_token"
 
-# The probe tokens of the layers applied in training mode inside the NNX helper.
-_TRAINED: contextvars.ContextVar[set | None] = contextvars.ContextVar(
-    "mabn_nnx_trained", default=None
-)
-
-
 #: Attribute names of the probes on an MABN layer, in ``_state.Probes`` order.
 PROBE_NAMES = ("psi_probe", "g_probe")
 #: The probe that counts a layer's training applications (value_and_grad attaches it).
 USES_NAME = "uses_probe"
 
 
-def _with_config_signature(init: Callable, config_cls: type) -> Callable:
-    """``init`` with the config's fields (and defaults) shown as keyword-only
-    parameters (``help``, IDEs); it takes them as ``**hyper``."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-
-    sig = inspect.signature(init)
-    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    params += [
+def config_signature(init: Callable, config_cls: type, layer: str) -> Callable:
+    """``init`` showing the config's fields (and defaults) as keyword-only
+    parameters (``help``, IDEs) after ``nnx.BatchNorm``'s; it takes them as
+    ``**hyper`` (see :mod:`mabn_jax._signature`)."""
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    fields = [
         inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
         )
         for f in dataclasses.fields(config_cls)
     ]
-    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return __init__
+    return peer_init(init, layer, ("num_features",), own[1:] + fields, "nnx.BatchNorm")
 
 
 def _feature_shape(layer: str, num_features, axis) -> tuple[int, ...]:
@@ -145,7 +130,7 @@ def _feature_shape(layer: str, num_features, axis) -> tuple[int, ...]:
     return shape
 
 
-class _Norm(nnx.Module):
+class Norm(nnx.Module):
     """The shell both norms share: parameters, mode, config, input check."""
 
     _config_cls: type
@@ -257,7 +242,7 @@ class _Norm(nnx.Module):
             self.use_running_average = use_running_average
 
 
-class MABN(_Norm):
+class MABN(Norm):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020) for Flax NNX.
 
     A drop-in for :class:`flax.nnx.BatchNorm` for small per-device batches;
@@ -331,7 +316,7 @@ class MABN(_Norm):
     """
 
     _config_cls = MABNConfig
-    __init__ = _with_config_signature(_Norm.__init__, MABNConfig)
+    __init__ = config_signature(Norm.__init__, MABNConfig, "MABN")
     _initial_state = staticmethod(_shell.initial_state)
 
     @property
@@ -399,22 +384,15 @@ class MABN(_Norm):
         if psi is None:
             return None
         token = psi.get_metadata().get(PROBE_TOKEN)
-        trained = _TRAINED.get()
-        if trained is not None:  # the helper checks that this step's state arrives
-            trained.add(token)
+        uses = getattr(self, USES_NAME, None)
+        carried = _state.Probes(
+            psi[...], None if g is None else g[...], uses=None if uses is None else uses[...]
+        )
         name = f"{type(self).__name__}(num_features={self.num_features})"
         window = self.psi_window[...]  # type: ignore[attr-defined]
-        _shell.consume_probe(psi[...], name, window, key=token)
-        # The probes the helper differentiates, as they entered the loss: a
-        # stop_gradient over this layer's state inside the loss cannot cut them.
-        _shell.check_not_in_loop(token, window, name, fix=_LOOP_FIX)
-        direct = _shell.direct_probes(token, window)
-        if direct is None:  # inside a transform of the loss: the variables' own
-            uses = getattr(self, USES_NAME, None)
-            return _state.Probes(
-                psi[...], None if g is None else g[...], uses=None if uses is None else uses[...]
-            )
-        return direct
+        return _shell.resolve_probes(
+            carried, window, name, key=token, loop_key=token, fix=_LOOP_FIX, token=token
+        )
 
 
 _LOOP_FIX = (
@@ -424,156 +402,3 @@ _LOOP_FIX = (
     "(e.g. optax.MultiSteps); a loop over layers stacks them (nnx.vmap to create, "
     "nnx.scan with nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None}))."
 )
-
-
-class BatchRenorm(_Norm):
-    """Batch Renormalization (Ioffe 2017) for Flax NNX: a drop-in for ``nnx.BatchNorm``.
-
-    The same math as :class:`mabn_jax.BatchRenorm` (linen; equations in
-    :mod:`mabn_jax.functional`); trains with a plain ``nnx.value_and_grad``
-    step. State (``nnx.BatchStat``): ``step``, ``mean``, ``var`` (used at
-    inference), ``renorm_mean``, ``renorm_var`` (used for ``r``, ``d``).
-
-    Inside ``nnx.capture`` a training call sows ``mu_B``, ``sigma2_B``,
-    ``r``, ``d`` (as :class:`Statistic`).
-
-    Args:
-      num_features, rngs, use_running_average, axis, dtype: as for :class:`MABN`.
-      param_dtype, use_bias, use_scale, bias_init, scale_init: as for :class:`MABN`.
-      bias_metadata, scale_metadata, promote_dtype: as for :class:`MABN`.
-      hyper: (keywords) the hyper-parameters of
-        :class:`~mabn_jax.BatchRenormConfig` with its defaults (``momentum``
-        0.99, ``epsilon``, ``axis_name``, ``axis_index_groups``,
-        ``use_fast_variance``, ``force_float32_reductions``,
-        ``norm_batch_size``, ``r_max``, ``d_max``, ``warmup_steps``,
-        ``ramp_steps``, ``renorm_momentum``).
-
-    Raises:
-      TypeError: an unknown keyword.
-      ValueError: an invalid hyper-parameter, or ``num_features`` that does
-        not fit ``axis``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> import mabn_jax.nnx
-      >>> layer = mabn_jax.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
-      >>> layer(jnp.arange(6.0).reshape(2, 3)).shape
-      (2, 3)
-      >>> int(layer.step[...])
-      1
-    """
-
-    _config_cls = BatchRenormConfig
-    _inference_names = ("mean", "var")
-    __init__ = _with_config_signature(_Norm.__init__, BatchRenormConfig)
-
-    @staticmethod
-    def _initial_state(feature_shape, config, param_dtype) -> Mapping[str, Array]:
-        return _brn.init_state(feature_shape, _shell.state_dtype(param_dtype))._asdict()
-
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x`` (renormalized by ``r``, ``d``); in training mode also
-        advances the state.
-
-        Args:
-          x, use_running_average, mask: as for :meth:`MABN.__call__`.
-
-        Returns:
-          The normalized ``x``, in ``dtype`` (default: ``x``'s).
-
-        Raises:
-          ValueError: no ``use_running_average`` (attribute or argument), or
-            ``x``'s features are not ``num_features``.
-        """
-        inference, config, x, scale, bias, stored = self._begin(x, use_running_average)
-        state = _brn.BatchRenormState(**stored)
-        if inference:
-            return _brn.batch_renorm_inference(
-                x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
-            )
-        y, new_state, stats = _brn.batch_renorm_train(
-            x, scale, bias, state, config, axis=self.axis, dtype=self.dtype, mask=mask
-        )
-        self._store(new_state._asdict(), stats)
-        return y
-
-
-@dataclasses.dataclass(frozen=True)
-class _CenteringPromote:
-    """``promote_dtype`` that first centers the kernel (the second array):
-    the hook every ``nnx.Linear`` / ``nnx.Conv`` call passes its kernel through."""
-
-    promote_dtype: PromoteDtypeFn
-
-    def __call__(self, args: _Arrays, /, *, dtype: Any = None, inexact: bool = True) -> _Arrays:
-        inputs, kernel, *rest = args
-        centered = (inputs, _shell.center_kernel(kernel), *rest)
-        return self.promote_dtype(centered, dtype=dtype, inexact=inexact)  # type: ignore[return-value]
-
-
-class CenteredLinear(nnx.Linear):
-    """:class:`flax.nnx.Linear` with a weight-centralized kernel (same arguments).
-
-    The kernel applied is ``W − mean_fan_in(W)`` (each output unit's column
-    minus its mean), as :class:`mabn_jax.CenteredDense`; the stored ``kernel``
-    is ``W``. The centering runs inside ``promote_dtype`` (yours, if given,
-    runs after it).
-
-    Args:
-      in_features, out_features, use_bias, ..., rngs: as for ``nnx.Linear``.
-      promote_dtype: as for ``nnx.Linear``; it receives the centered kernel.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> import mabn_jax.nnx
-      >>> linear = mabn_jax.nnx.CenteredLinear(5, 3, rngs=nnx.Rngs(0))
-      >>> linear(jnp.ones((2, 5))).shape
-      (2, 3)
-    """
-
-    @functools.wraps(nnx.Linear.__init__, assigned=("__signature__",))  # type: ignore[misc]
-    def __init__(self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, **kwargs):
-        super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)
-
-
-class CenteredConv(nnx.Conv):
-    """:class:`flax.nnx.Conv` with a weight-centralized kernel (same arguments).
-
-    The kernel applied is ``W − mean(W)`` over the spatial and input-feature
-    axes, per output feature, as :class:`mabn_jax.CenteredConv`. ``mask`` is
-    not supported (centering a masked kernel moves the masked-out weights off
-    zero).
-
-    Args:
-      in_features, out_features, kernel_size, strides, padding, ..., rngs: as
-        for ``nnx.Conv``.
-      promote_dtype: as for ``nnx.Conv``; it receives the centered kernel.
-      mask: must be None.
-
-    Raises:
-      ValueError: a ``mask`` is given.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> import mabn_jax.nnx
-      >>> conv = mabn_jax.nnx.CenteredConv(2, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
-      >>> conv(jnp.ones((1, 8, 8, 2))).shape
-      (1, 8, 8, 4)
-    """
-
-    @functools.wraps(nnx.Conv.__init__, assigned=("__signature__",))  # type: ignore[misc]
-    def __init__(
-        self, *args, promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, mask=None, **kwargs
-    ):
-        if mask is not None:
-            raise ValueError(
-                "CenteredConv: mask is not supported: the centered kernel "
-                "W - mean(W) is nonzero where the mask is zero. Use nnx.Conv "
-                "with mask, or leave mask=None."
-            )
-        super().__init__(*args, promote_dtype=_CenteringPromote(promote_dtype), **kwargs)

@@ -25,191 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from mabn_jax import _record, _shell, _state
-from mabn_jax._nnx_layers import _TRAINED, MABN, PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
+from mabn_jax import _nnx_probes, _shell, _state
+from mabn_jax._nnx_layers import PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
 
-__all__ = ["value_and_grad", "grad", "attach_probes", "record_backward_stats"]
-
-Path = tuple[Any, ...]
-
-
-def _layers(node) -> list[tuple[Path, MABN]]:
-    """Every MABN layer in a graph node, by path (each shared layer once)."""
-    return [(path, m) for path, m in nnx.iter_graph(node) if isinstance(m, MABN)]
-
-
-def _layer_state(layer: MABN) -> _state.MABNState:
-    return _state.as_state({k: getattr(layer, k)[...] for k in layer._state_names})
-
-
-def _name(path: Path) -> str:
-    return "/".join(map(str, path)) or "<the model itself>"
-
-
-def attach_probes(model) -> nnx.State:
-    """Attaches zero probes to each MABN layer of ``model`` (low-level API).
-
-    Take the gradient w.r.t. ``nnx.DiffState(argnum, (nnx.Param, Probe))``
-    next, then call :func:`record_backward_stats` (its example shows the whole
-    step; :func:`value_and_grad` does all three).
-
-    Args:
-      model: an NNX module (or graph node) holding :class:`MABN` layers; a
-        layer alone is a model.
-
-    Returns:
-      The layers' state before the step (pure arrays, nested by path): pass it
-      as ``previous`` to :func:`record_backward_stats`.
-
-    Raises:
-      ValueError: a layer already has probes attached (the previous step's
-        :func:`record_backward_stats` was not called).
-
-    Example:
-      >>> from flax import nnx
-      >>> import mabn_jax.nnx
-      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
-      >>> previous = mabn_jax.nnx.attach_probes(layer)
-      >>> layer.psi_probe[...].shape  # one Ψ_B slot per window step
-      (4, 3)
-      >>> sorted(previous)
-      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
-    """
-    return _attach(model, 0)
-
-
-def _token(k: int, path: Path) -> str:
-    """A layer's probe token: its path, and for the k-th differentiated model
-    (k > 0) its position, so that two models' layers at one path stay apart
-    (stable across steps: it is part of the graph nnx.jit caches on)."""
-    return _name(path) if k == 0 else f"{k}:{_name(path)}"
-
-
-def _probe_token(layer: MABN):
-    return getattr(layer, PROBE_NAMES[0]).get_metadata().get(PROBE_TOKEN)
-
-
-def _attach(model, k: int, count: bool = False) -> nnx.State:
-    """Attaches the probes (``count``: also the ``uses`` probe that counts each
-    layer's applications, so that record_backward_stats can require one)."""
-    flat = {}
-    for path, layer in _layers(model):
-        if hasattr(layer, PROBE_NAMES[0]):
-            raise ValueError(
-                f"MABN layer {_name(path)!r} already has probes attached: the previous "
-                "step's record_backward_stats(model, grads, previous) was not called, so its "
-                "backward statistics are missing. Call it once after every gradient, or use "
-                "mabn_jax.nnx.value_and_grad, which does both."
-            )
-        state = _layer_state(layer)
-        for name, value in zip(PROBE_NAMES, _state.init_probes(state)):
-            if value is not None:
-                setattr(layer, name, Probe(value, **{PROBE_TOKEN: _token(k, path)}))  # type: ignore[arg-type]
-        if count:
-            uses = Probe(jnp.zeros_like(state.step), **{PROBE_TOKEN: _token(k, path)})  # type: ignore[arg-type]
-            setattr(layer, USES_NAME, uses)
-        for key, value in _state.to_mapping(state).items():
-            flat[path + (key,)] = value
-    return nnx.from_flat_state(flat)
-
-
-def _restore(model, previous: nnx.State) -> None:
-    """Puts back the layers' state from before the step (``_attach``'s return)."""
-    for path, layer in _layers(model):
-        for key in layer._state_names:
-            layer_prev = _at(previous, path + (key,), "previous", "")
-            getattr(layer, key).set_value(layer_prev)
-
-
-def _detach(model) -> None:
-    for _, layer in _layers(model):
-        for name in (*PROBE_NAMES, USES_NAME):
-            if hasattr(layer, name):
-                delattr(layer, name)
-
-
-def _at(tree, path: Path, what: str, fix: str):
-    try:
-        for key in path:
-            tree = _step_into(tree, key)
-    except (KeyError, TypeError, IndexError, AttributeError):
-        raise ValueError(
-            f"record_backward_stats: {what} has no entry {_name(path)!r}; {fix}"
-        ) from None
-    return tree[...] if isinstance(tree, nnx.Variable) else tree
-
-
-def _step_into(tree, key):
-    """``tree[key]``; a gradient in tree mode (graph=False) is module-shaped."""
-    return getattr(tree, key) if isinstance(tree, nnx.Module) else tree[key]
-
-
-def record_backward_stats(model, grads, previous) -> None:
-    """Writes each MABN layer's Ψ_B (g_B) from ``grads`` into its windows (low-level API).
-
-    Args:
-      model: the model the probes were attached to (after the step: its
-        layers hold the new state, with this step's slots reserved).
-      grads: the gradient w.r.t. the model, including the :class:`Probe`
-        entries (``nnx.DiffState(argnum, (nnx.Param, Probe))``).
-      previous: what :func:`attach_probes` returned for this step.
-
-    A layer whose backward statistics are not finite returns to ``previous``
-    with ``skipped`` one higher; one not applied in training mode this step
-    (e.g. ``eval()``-frozen) is left as it is. The probes are removed.
-    Arguments that are not one step apart raise eagerly; under ``jit`` the
-    layer's statistics become NaN (the next training output is NaN).
-
-    Returns:
-      None: the layers are updated in place.
-
-    Raises:
-      ValueError: a layer has no probes attached, or ``grads`` / ``previous``
-        lacks one of its entries.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> import mabn_jax.nnx
-      >>> model = nnx.Sequential(
-      ...     nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...     mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0)),
-      ... )
-      >>> x = jnp.arange(8.0).reshape(4, 2)
-      >>> previous = mabn_jax.nnx.attach_probes(model)
-      >>> wrt = nnx.DiffState(0, (nnx.Param, mabn_jax.nnx.Probe))
-      >>> grads = nnx.grad(lambda model: jnp.mean(model(x) ** 2), argnums=wrt)(model)
-      >>> mabn_jax.nnx.record_backward_stats(model, grads, previous)
-      >>> float(model.layers[1].step[...]), hasattr(model.layers[1], "psi_probe")
-      (1.0, False)
-    """
-    grad_fix = (
-        "differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
-        "mabn_jax.nnx.Probe)) so the probes' gradients are in grads."
-    )
-    prev_fix = "pass the State that attach_probes(model) returned before this step."
-    for path, layer in _layers(model):
-        if not hasattr(layer, PROBE_NAMES[0]):
-            raise ValueError(
-                f"record_backward_stats: MABN layer {_name(path)!r} has no probes "
-                "attached; call attach_probes(model) before each step, and "
-                "record once per step."
-            )
-        new = _layer_state(layer)
-        before = _state.as_state(
-            {k: _at(previous, path + (k,), "previous", prev_fix) for k in layer._state_names}
-        )
-        grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
-        psi, g = PROBE_NAMES
-        uses = grad(USES_NAME) if hasattr(layer, USES_NAME) else None
-        probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None, uses=uses)
-        recorded = _record.record_backward_stats(new, probe_grads, before)
-        for key, value in _state.to_mapping(recorded).items():
-            getattr(layer, key).set_value(value)
-    _detach(model)
+__all__ = ["value_and_grad", "grad"]
 
 
 def _positional(f: Callable, args: tuple, kw: dict[str, Any]) -> tuple:
@@ -232,7 +53,7 @@ def _without_probes(grads):
     """The gradient without the probes' entries (a State, or in tree mode a
     module-shaped copy of the model)."""
     if isinstance(grads, nnx.Module):
-        _detach(grads)
+        _nnx_probes.detach(grads)
         return grads
     return jax.tree.map(
         lambda s: nnx.split_state(s, Probe, ...)[1],
@@ -344,46 +165,29 @@ def value_and_grad(
     # Tree mode differentiates every leaf of an argument, the probes included.
     probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
 
+    calls: list[set] = []  # per call of the helper, the set its loss collects into
+
     @functools.wraps(f)
     def scoped(*args, **kw):  # each probe consumed once: one training call per layer
-        direct = {}  # the differentiated probes as they enter the loss, by layer token
-        for i in indices:
-            for _, layer in _layers(args[i]) if i < len(args) else ():
-                psi, g = (getattr(layer, n, None) for n in PROBE_NAMES)
-                uses = getattr(layer, USES_NAME, None)
-                if isinstance(psi, Probe):
-                    direct[psi.get_metadata().get(PROBE_TOKEN)] = _state.Probes(
-                        psi[...],
-                        None if g is None else g[...],
-                        uses=None if uses is None else uses[...],
-                    )
-        with _shell.probe_scope(direct):
+        with _shell.probe_scope(_entering_probes(args, indices), trained=calls[-1]):
             return f(*args, **kw)
 
     def checked_grad_fn(models, *args):
         """``grad_fn``, and a layer applied in training mode whose new state
         never arrived (a transform broadcast it) raises here, at trace time."""
-        before = [
-            {path: (layer.step[...], _probe_token(layer)) for path, layer in _layers(m)}
-            for m in models
-        ]
-        token = _TRAINED.set(set())
+        before = _steps_and_tokens(models)
+        calls.append(trained := set())  # the layers that train in this call, by token
         try:
             result = grad_fn(*args)
-            trained = _TRAINED.get()
         except (ValueError, AttributeError) as e:
             # In tree mode JAX's own message for a prefix mismatch fails to format
             # (an AttributeError about GetAttrKey): the same mistake.
-            if not _is_prefix_mismatch(e) or not any(_layers(m) for m in models):
+            if not _is_prefix_mismatch(e) or not any(_nnx_probes.layers_of(m) for m in models):
                 raise
             raise ValueError(_STALE_AXES) from e
         finally:
-            _TRAINED.reset(token)
-        for m, steps in zip(models, before):
-            for path, layer in _layers(m):
-                step, probe_token = steps[path]
-                if probe_token in trained and layer.step[...] is step:
-                    raise ValueError(_BROADCAST_STATE.format(name=_name(path)))
+            calls.pop()
+        _check_state_arrived(models, before, trained)
         return result
 
     grad_fn = nnx.value_and_grad(
@@ -398,28 +202,72 @@ def value_and_grad(
         previous = []
         try:
             for k, m in enumerate(models):
-                previous.append(_attach(m, k, count=True))
+                previous.append(_nnx_probes.attach(m, k, count=True))
             out, grads = checked_grad_fn(models, *args)
         except BaseException:
             for m in models:
-                _detach(m)
+                _nnx_probes.detach(m)
             raise
-        grads = (grads,) if single else tuple(grads)
-        clean = []
-        try:
-            for m, g, prev in zip(models, grads, previous):
-                if len(prev):  # the argument has MABN layers
-                    record_backward_stats(m, g, prev)
-                    g = _without_probes(g)
-                clean.append(g)
-        except BaseException:  # e.g. a layer applied twice: the model is as it was
-            for m, prev in zip(models, previous):
-                _restore(m, prev)
-                _detach(m)
-            raise
+        clean = _record_all(models, (grads,) if single else tuple(grads), previous)
         return out, clean[0] if single else tuple(clean)
 
     return wrapped
+
+
+def _entering_probes(args, indices) -> dict:
+    """The differentiated probes as they enter the loss, by layer token (the
+    layers read these, so that what the loss does to the model cannot cut them)."""
+    direct = {}
+    for i in indices:
+        for _, layer in _nnx_probes.layers_of(args[i]) if i < len(args) else ():
+            psi, g = (getattr(layer, n, None) for n in PROBE_NAMES)
+            uses = getattr(layer, USES_NAME, None)
+            if isinstance(psi, Probe):
+                direct[psi.get_metadata().get(PROBE_TOKEN)] = _state.Probes(
+                    psi[...],
+                    None if g is None else g[...],
+                    uses=None if uses is None else uses[...],
+                )
+    return direct
+
+
+def _steps_and_tokens(models) -> list[dict]:
+    """Per model, each MABN layer's ``step`` array (by identity) and probe token."""
+    return [
+        {
+            path: (layer.step[...], _nnx_probes.probe_token(layer))  # type: ignore[attr-defined]  # a state variable
+            for path, layer in _nnx_probes.layers_of(m)
+        }
+        for m in models
+    ]
+
+
+def _check_state_arrived(models, before: list[dict], trained: set) -> None:
+    """Raises if a layer trained in the loss but its ``step`` is still the array
+    it had before: a transform inside the loss broadcast its state."""
+    for m, steps in zip(models, before):
+        for path, layer in _nnx_probes.layers_of(m):
+            step, probe_token = steps[path]
+            if probe_token in trained and layer.step[...] is step:  # type: ignore[attr-defined]  # a state variable
+                raise ValueError(_BROADCAST_STATE.format(name=_nnx_probes.name_of(path)))
+
+
+def _record_all(models, grads, previous) -> list:
+    """Records each model's backward statistics and returns its gradient without
+    the probes; on an error every model is put back as it was."""
+    clean = []
+    try:
+        for m, g, prev in zip(models, grads, previous):
+            if len(prev):  # the argument has MABN layers
+                _nnx_probes.record_backward_stats(m, g, prev)
+                g = _without_probes(g)
+            clean.append(g)
+    except BaseException:  # e.g. a layer applied twice: the model is as it was
+        for m, prev in zip(models, previous):
+            _nnx_probes.restore(m, prev)
+            _nnx_probes.detach(m)
+        raise
+    return clean
 
 
 def grad(

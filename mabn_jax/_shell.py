@@ -34,6 +34,7 @@ __all__ = [
     "missing_probes",
     "center_kernel",
     "make_config",
+    "resolve_probes",
     "to_dicts",
 ]
 
@@ -109,13 +110,16 @@ class _Scope:
     params (the copy is what a user's ``stop_gradient`` or cast of the params
     reaches); the copy is used where a lifted transform slices it. ``trace``:
     the helper's trace, to tell a loop body inside the loss (one layer applied
-    once per iteration) from the loss itself.
+    once per iteration) from the loss itself. ``trained``: where the NNX helper
+    collects the keys of the layers that trained (it then checks that their new
+    state reached the model), or None.
     """
 
-    def __init__(self, direct: Mapping | None, trace: Any):
+    def __init__(self, direct: Mapping | None, trace: Any, trained: set | None):
         self.consumed: dict[Any, Any] = {}
         self.direct = dict(direct or {})
         self.trace = trace
+        self.trained = trained
 
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -124,10 +128,11 @@ _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def probe_scope(direct: Mapping | None = None):
+def probe_scope(direct: Mapping | None = None, trained: set | None = None):
     """The loss function's call inside a value_and_grad helper; ``direct``:
-    the helper's probes by layer key (see :class:`_Scope`)."""
-    token = _SCOPE.set(_Scope(direct, _upstream.current_trace()))
+    the helper's probes by layer key; ``trained``: a set to collect the keys of
+    the layers that train (see :class:`_Scope`)."""
+    token = _SCOPE.set(_Scope(direct, _upstream.current_trace(), trained))
     try:
         yield
     finally:
@@ -213,6 +218,32 @@ def consume_probe(probe, layer: str, state=None, key=None) -> None:
         used[id(state)] = state
     if keyed is not None:
         used[keyed] = trace  # kept alive, so that its id is not reused
+
+
+def resolve_probes(
+    carried: _state.Probes | None, window, layer: str, *, key, loop_key, fix: str, token=None
+) -> _state.Probes | None:
+    """The probes a training call uses; the one resolver of the linen and NNX layers.
+
+    ``carried`` is the copy that travelled with the layer's variables (linen: the
+    ``'mabn_probes'`` entry of its params; NNX: its :class:`Probe` variables).
+    Inside a value_and_grad helper the call is first checked: its probe and state
+    are consumed once (:func:`consume_probe`, ``token``: NNX's probe token) and it
+    is not in a loop body (:func:`check_not_in_loop`, by ``loop_key``). Then the
+    helper's own probes for ``key`` are used where the layer runs in the helper's
+    trace (:func:`direct_probes`: what the loss does to the params cannot cut
+    them), else ``carried``. None: no probes at all (the caller says why).
+    """
+    direct = direct_probes(key, window)
+    found = direct if direct is not None else carried
+    if found is None:
+        return None
+    consume_probe(found.psi if carried is None else carried.psi, layer, window, key=token)
+    check_not_in_loop(loop_key, window, layer, fix=fix)
+    scope = _SCOPE.get()
+    if scope is not None and scope.trained is not None and token is not None:
+        scope.trained.add(token)
+    return found
 
 
 def to_dicts(tree: Any) -> Any:

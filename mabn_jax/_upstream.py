@@ -26,6 +26,19 @@ layer misbehaves.
   helpers refuse a layer applied once per iteration of a loop inside the loss
   (its backward statistics would be summed over the iterations).
 
+- :func:`is_batchnorm_call`: inside ``nn.intercept_methods`` the context's
+  ``orig_method`` of a real ``nn.BatchNorm.__call__`` is a ``functools.partial``
+  of the undecorated function, which Flax's method wrapper keeps as
+  ``nn.BatchNorm.__call__.__wrapped__`` (``functools.wraps``). Flax has no
+  public way to tell BatchNorm's own call from a subclass's override or a
+  lifted transform's wrapper; :func:`mabn_jax.replace_batchnorm` replaces
+  exactly the former.
+- :func:`container_attributes`: an NNX module's ``vars()`` hold Flax's own
+  bookkeeping under names starting ``_pytree__``; the others are the user's.
+  Plain lists, dicts and tuples among them are pytrees that
+  ``nnx.iter_children`` does not list, and
+  :func:`mabn_jax.nnx.replace_batchnorm` walks into them.
+
 Tested version range (the versions the whole test suite ran with; the
 minimums of ``pyproject.toml``): jax 0.10.2 (jaxlib 0.10.2) and flax 0.12.8.
 Newer releases are expected to work where ``tests/test_upstream.py`` passes.
@@ -42,6 +55,8 @@ __all__ = [
     "in_nnx_capture",
     "current_trace",
     "inside_loop_since",
+    "is_batchnorm_call",
+    "container_attributes",
 ]
 
 #: The jax and flax versions the test suite (this module's assumptions included) ran with.
@@ -93,3 +108,27 @@ def inside_loop_since(outer: Any) -> bool:
         loops |= getattr(debug, "traced_for", None) in _LOOP_BODIES
         trace = getattr(trace, "parent_trace", None)
     return loops and trace is outer
+
+
+def is_batchnorm_call(context: Any) -> bool:
+    """Whether a linen method interceptor's ``context`` is ``nn.BatchNorm``'s own
+    ``__call__`` (also reached by a subclass's ``super()`` call, or inside a
+    lifted ``nn.scan``/``nn.vmap``; not a lifted class's outer call)."""
+    from flax import linen as nn
+
+    original = nn.BatchNorm.__call__.__wrapped__  # type: ignore[attr-defined]
+    return (
+        context.method_name == "__call__" and getattr(context.orig_method, "func", None) is original
+    )
+
+
+_FLAX_BOOKKEEPING = "_pytree__"
+
+
+def container_attributes(module: Any) -> dict[str, Any]:
+    """An NNX module's own attributes that are plain lists, dicts or tuples."""
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if isinstance(v, (list, dict, tuple)) and not k.startswith(_FLAX_BOOKKEEPING)
+    }

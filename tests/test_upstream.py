@@ -162,3 +162,57 @@ def test_inside_loop_since_sees_loop_bodies_between_two_traces():
     assert not _upstream.inside_loop_since(object()), _broke(
         "inside_loop_since", "an unrelated trace token is taken for an outer trace"
     )
+
+
+def test_is_batchnorm_call_sees_batchnorms_own_call_only():
+    """BatchNorm's call (also through a subclass's super()) is recognized; the
+    subclass's own override and other modules' calls are not."""
+    from flax import linen as nn
+
+    from mabn_jax import _upstream
+
+    class Sub(nn.BatchNorm):
+        def __call__(self, x, **kw):
+            return super().__call__(x, **kw)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(2)(x)
+            x = nn.BatchNorm(use_running_average=True)(x)
+            return Sub(use_running_average=True)(x)
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        seen.append((type(context.module).__name__, _upstream.is_batchnorm_call(context)))
+        return next_fun(*args, **kwargs)
+
+    x = jnp.ones((2, 3))
+    variables = Net().init(jax.random.key(0), x)
+    with nn.intercept_methods(record):
+        Net().apply(variables, x)
+    calls = [s for s in seen if s[0] != "Net"]
+    want = [("Dense", False), ("BatchNorm", True), ("Sub", False), ("Sub", True)]
+    assert calls == want, _broke("is_batchnorm_call", f"saw {calls}")
+
+
+def test_container_attributes_are_the_users_own():
+    """An NNX module's Flax bookkeeping in vars() starts with '_pytree__'; what
+    remains of its lists, dicts and tuples is the user's attributes."""
+    from flax import nnx
+
+    from mabn_jax import _upstream
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.blocks = nnx.data([nnx.Linear(2, 2, rngs=nnx.Rngs(0))])
+            self.table = nnx.data({"a": nnx.Linear(2, 2, rngs=nnx.Rngs(0))})
+
+    model = Model()
+    got = sorted(_upstream.container_attributes(model))
+    flax_own = [k for k in vars(model) if k not in ("blocks", "table")]
+    assert got == ["blocks", "table"], _broke("container_attributes", f"found {got}")
+    assert all(k.startswith("_pytree__") for k in flax_own), _broke(
+        "container_attributes", f"Flax's own attributes are {flax_own}"
+    )
