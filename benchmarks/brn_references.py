@@ -6,7 +6,8 @@ training and inference computations of
 * Keras 3 ``BatchNormalization(renorm=True)`` (keras-team/keras,
   ``keras/src/layers/normalization/batch_normalization.py``, first released in
   3.14): EMAs of the stddev, ``renorm_clipping`` with missing keys meaning no
-  clip, stddevs initialized to 1.0;
+  clip, stddevs initialized to 1.0 (or 0, as with Keras'
+  ``moving_variance_initializer='zeros'``, against ``var = renorm_var = −ε``);
 * sbx's ``BatchRenorm`` (araffin/sbx ``sbx/common/jax_layers.py``, CrossQ):
   one-pass variance, r and d folded into an "affine" mean and variance
   ``μ' = μ_B − d·sqrt(σ²_B)/r``, ``σ'² = σ²_B/r²`` normalized with ε,
@@ -127,6 +128,7 @@ class Case:
     scale: float  # features' standard deviation
     warmup: int = 0
     std0: float = 1.0  # Keras' initial stddev
+    var0: float | None = None  # mabn_jax's initial var and renorm_var (None: init's 1)
 
 
 def stream(steps, batch, c, scale, seed=0):
@@ -160,6 +162,9 @@ def run(case: Case, steps=300, c=16):
         ref_state, ref_infer = sbx_init(c), sbx_infer
     ours = with_grad(lambda s, x: F.batch_renorm_train(x, None, None, s, case.config)[:2])
     state = F.init_batch_renorm_state((c,), jnp.float64)
+    if case.var0 is not None:
+        start = jnp.full((c,), case.var0)
+        state = state._replace(var=start, renorm_var=start)
     dy_warm = dy_max = dx_max = grad_scale = 0.0
     for t in range(steps):
         y_ref, ref_state, dx_ref = ref_step(ref_state, xs[t], dys[t])
@@ -226,6 +231,16 @@ def cases():
                 batch,
                 1.0,
                 std0=math.sqrt(1 + 1e-3),
+            ),
+            Case(
+                f"Keras 3 moving_variance_initializer='zeros' (stddevs from 0), batch {batch}",
+                "keras",
+                tuple(keras.items()),
+                F.BatchRenormConfig(r_max=inf, r_min=0.0, d_max=inf, **keras_cfg),
+                batch,
+                1.0,
+                std0=0.0,
+                var0=-1e-3,  # std 0 as var = std**2 - eps; stored back as max(., 0)
             ),
         ]
     sbx = lambda eps: F.BatchRenormConfig(
