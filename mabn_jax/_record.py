@@ -178,9 +178,11 @@ def _uses_error(uses) -> str | None:
             "its backward statistics would be recorded as 0. Its params were cut from the "
             "gradient (jax.lax.stop_gradient, e.g. to freeze γ/β) where the model runs "
             "inside a transform of the loss (jax.jit of apply, jax.checkpoint, nn.scan, "
-            "nn.remat), which read the probes that travel in the params. Freeze γ/β in the "
-            "optimizer instead (optax.masked / optax.set_to_zero), or stop the gradient "
-            "outside the transform."
+            "nn.remat; NNX: a stop_gradient over the model's state before nnx.jit / "
+            "nnx.remat), which read the probes that travel in the params (NNX: the Probe "
+            "variables). Freeze γ/β in the optimizer instead (optax.masked / "
+            "optax.set_to_zero; NNX: stop the gradient of the nnx.Param variables only, or "
+            "nnx.DiffState), or stop the gradient outside the transform."
         )
     return None
 

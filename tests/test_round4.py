@@ -317,3 +317,43 @@ def test_helper_built_once_with_the_first_batch_stats_is_loud(jit):
         stats = updates["batch_stats"]
     with pytest.raises(ValueError, match="built once.*inside the train step"):
         grad_fn(params, stats)
+
+
+def _nnx_small():
+    return nnx.Sequential(
+        mabn_jax.nnx.CenteredLinear(3, 4, rngs=nnx.Rngs(0)),
+        mabn_jax.nnx.MABN(4, buffer_size=4, rngs=nnx.Rngs(0)),
+    )
+
+
+def _freeze_params(m):  # γ/β frozen by stop_gradient of the norm's Params
+    norm = m.layers[1]
+    norm.scale.set_value(jax.lax.stop_gradient(norm.scale[...]))
+    norm.bias.set_value(jax.lax.stop_gradient(norm.bias[...]))
+    return m
+
+
+def _freeze_state(m):  # stop_gradient over the whole state, probes included
+    nnx.update(m, jax.lax.stop_gradient(nnx.state(m)))
+    return m
+
+
+@pytest.mark.parametrize("transform", [nnx.jit, nnx.remat])
+def test_nnx_freezing_under_transforms_records_or_is_loud(transform):
+    """Case 2, NNX: γ/β frozen by stop_gradient of their Params before nnx.jit /
+    nnx.remat record the unfrozen Ψ_B (the probes are variables of their own);
+    a stop_gradient over the whole state, which cuts the probes, raises eagerly
+    and gives NaN statistics under nnx.jit (before: Ψ_B recorded as 0)."""
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    apply = transform(lambda m: (m(x) ** 2).mean())
+    want, got = _nnx_small(), _nnx_small()
+    for _ in range(2):
+        mabn_jax.nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(want)
+        mabn_jax.nnx.value_and_grad(lambda m: apply(_freeze_params(m)))(got)
+    np.testing.assert_allclose(got.layers[1].psi_window[...], want.layers[1].psi_window[...])
+    cut = lambda m: apply(_freeze_state(m))
+    with pytest.raises(ValueError, match="probes received no gradient.*nnx.Param"):
+        mabn_jax.nnx.value_and_grad(cut)(_nnx_small())
+    model = _nnx_small()
+    nnx.jit(mabn_jax.nnx.value_and_grad(cut))(model)
+    assert not np.isfinite(model.layers[1].psi_window[...]).all()
