@@ -231,6 +231,11 @@ class Norm(nnx.Module):
             for name, value in stats.items():
                 self.sow(Statistic, name, value)
 
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The names of the layer's ``nnx.BatchStat`` state entries."""
+        return self._state_names
+
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view``.
 

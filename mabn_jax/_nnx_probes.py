@@ -39,7 +39,7 @@ def layers_of(node) -> list[tuple[Path, MABN]]:
 
 
 def _layer_state(layer: MABN) -> _state.MABNState:
-    return _state.as_state({k: getattr(layer, k)[...] for k in layer._state_names})
+    return _state.as_state({k: getattr(layer, k)[...] for k in layer.state_names})
 
 
 def name_of(path: Path) -> str:
@@ -116,7 +116,7 @@ def attach(model, k: int, count: bool = False) -> nnx.State:
 def restore(model, previous: nnx.State) -> None:
     """Puts back the layers' state from before the step (``attach``'s return)."""
     for path, layer in layers_of(model):
-        for key in layer._state_names:
+        for key in layer.state_names:
             layer_prev = _at(previous, path + (key,), "previous", "")
             getattr(layer, key).set_value(layer_prev)
 
@@ -197,7 +197,7 @@ def record_backward_stats(model, grads, previous) -> None:
             )
         new = _layer_state(layer)
         before = _state.as_state(
-            {k: _at(previous, path + (k,), "previous", prev_fix) for k in layer._state_names}
+            {k: _at(previous, path + (k,), "previous", prev_fix) for k in layer.state_names}
         )
         grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
         psi, g = PROBE_NAMES

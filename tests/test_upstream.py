@@ -216,3 +216,30 @@ def test_container_attributes_are_the_users_own():
     assert all(k.startswith("_pytree__") for k in flax_own), _broke(
         "container_attributes", f"Flax's own attributes are {flax_own}"
     )
+
+
+def test_no_module_uses_another_modules_private_names():
+    """Each module of the package uses only the public names of the others
+    (``from mabn_jax._x import name`` and ``_x.name``, never ``_name``): the
+    private modules' interfaces are their non-underscore names."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(mabn_jax.__file__).parent
+    found = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mabn_jax"):
+                for alias in node.names:
+                    if node.module == "mabn_jax":
+                        modules.add(alias.asname or alias.name)
+                    elif alias.name.startswith("_"):
+                        found.append(f"{path.name}: from {node.module} import {alias.name}")
+        for node in ast.walk(tree):
+            attribute = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            if attribute and node.value.id in modules and node.attr.startswith("_"):
+                if not node.attr.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, found
