@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -102,6 +103,14 @@ def _converting(overrides, next_fun, args, kwargs, context):
     )
 
 
+def _public_fields(module) -> frozenset:
+    """The dataclass attributes of a linen module a wrapper reads through (not
+    Flax's ``parent``/``name``)."""
+    if not isinstance(module, nn.Module):
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(module)) - {"parent", "name"}
+
+
 class ReplacedBatchNorm(nn.Module):
     """``module`` with every ``nn.BatchNorm`` call run by a centered
     :class:`mabn_jax.MABN` (what :func:`~mabn_jax.replace_batchnorm` returns).
@@ -109,7 +118,9 @@ class ReplacedBatchNorm(nn.Module):
     It shares ``module``'s scope (``nn.share_scope``): the variables have
     ``module``'s paths. ``init``/``apply`` take ``module``'s ``__call__``
     arguments; other methods: ``apply(..., method=ReplacedBatchNorm.run,
-    name='encode')``... see :meth:`run`.
+    name='encode')``... see :meth:`run`. ``module``'s attributes read
+    through the wrapper (``replaced.dtype``, ``replaced.num_classes``), as code
+    written for the model reads them; its methods do not (use :meth:`run`).
 
     Attributes:
       module: the model, unchanged.
@@ -122,6 +133,19 @@ class ReplacedBatchNorm(nn.Module):
 
     def setup(self):
         nn.share_scope(self, self.module)
+
+    @nn.nowrap
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped model's attributes (``model.dtype``, ``model.num_classes``) read
+        # through the wrapper, as code written for the model reads them: Flax's
+        # ImageNet example initializes with ``jnp.ones(shape, model.dtype)``.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("module")
+            if name.startswith("_") or name not in _public_fields(module):
+                raise
+            return getattr(module, name)
 
     def __call__(self, *args, **kwargs):
         """Calls ``module`` with MABN in place of BatchNorm.
