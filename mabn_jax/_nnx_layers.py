@@ -36,6 +36,7 @@ __all__ = [
     "Statistic",
     "PROBE_NAMES",
     "USES_NAME",
+    "IN_STATE_NAMES",
 ]
 
 _EXPLICIT = (
@@ -103,6 +104,9 @@ PROBE_TOKEN = "mabn_probe_token"
 PROBE_NAMES = ("psi_probe", "g_probe")
 #: The probe that counts a layer's training applications (value_and_grad attaches it).
 USES_NAME = "uses_probe"
+#: The state entries that carry the probes' cotangents where none are attached
+#: (see :meth:`MABN._in_state_probes`), in ``_state.Probes`` order.
+IN_STATE_NAMES = ("psi_window", "g_window", "step")
 
 
 def config_signature(init: Callable, config_cls: type, layer: str) -> Callable:
@@ -356,36 +360,41 @@ class MABN(Norm):
             return _inference.mabn_inference(
                 x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
             )
+        probes = self._probes()
         y, new_state, stats = _mabn.mabn_train_with_stats(
-            x,
-            scale,
-            bias,
-            state,
-            self._probes(),
-            config,
-            axis=self.axis,
-            dtype=self.dtype,
-            mask=mask,
+            x, scale, bias, state, probes, config, axis=self.axis, dtype=self.dtype, mask=mask
         )
         self._store(_state.to_mapping(new_state), stats)
+        if _shell.probes_in_state():
+            self._chain_carriers(probes)  # type: ignore[arg-type]
         return y
+
+    def _chain_carriers(self, probes: _state.Probes) -> None:
+        """Keeps the new window and step variables, where they carry the probes
+        (see :meth:`_in_state_probes`), differentiably tied to the ones this call
+        read (the same values): a second application in the same loss then sends
+        its cotangents to the helper's too, and the application count it records
+        is 2, which raises naming the fix, instead of the second going unrecorded."""
+        for name, carried in zip(IN_STATE_NAMES, (probes.psi, probes.g, probes.uses)):
+            if carried is not None:
+                var = getattr(self, name)
+                var.set_value(var[...] + (carried - jax.lax.stop_gradient(carried)))
 
     def _probes(self) -> _state.Probes | None:
         """The probes :func:`mabn_jax.nnx.value_and_grad` put on this layer, or
         None outside it (a step nothing differentiates: see the class doc)."""
         psi, g = (getattr(self, name, None) for name in PROBE_NAMES)
-        if psi is None and _shell.in_helper():
-            raise ValueError(
-                f"{type(self).__name__}(num_features={self.num_features}) is applied in "
-                "training mode inside mabn_jax.nnx.value_and_grad, but its model is not a "
-                "differentiated argument (e.g. a GAN's discriminator in the generator's "
-                "loss), so its backward statistics cannot be recorded. Put that model in "
-                "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
-                "or differentiate w.r.t. it too (argnums=(0, 1)). If the model was split "
-                "before the gradient and is merged inside the loss, the helper cannot reach "
-                "its layers: call mabn_jax.nnx.attach_probes(model) before the model is "
-                "split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md)."
+        if psi is None and _upstream.in_nnx_tabulate(self):
+            # nnx.tabulate(compute_vjp_flops=True) differentiates each call of its own
+            # clone only to count the VJP's FLOPs; nothing of that step leaves it, so
+            # throwaway probes make it differentiable (as linen's tabulate makes them).
+            return _state.init_probes(
+                _state.as_state({k: getattr(self, k)[...] for k in self.state_names})
             )
+        if psi is None and _shell.probes_in_state():
+            return self._in_state_probes()
+        if psi is None and _shell.in_helper():
+            raise ValueError(self._not_differentiated())
         if psi is None:
             return None
         token = psi.get_metadata().get(PROBE_TOKEN)
@@ -397,6 +406,39 @@ class MABN(Norm):
         window = self.psi_window[...]  # type: ignore[attr-defined]
         return _shell.resolve_probes(
             carried, window, name, key=token, loop_key=token, fix=_LOOP_FIX, token=token
+        )
+
+    def _in_state_probes(self) -> _state.Probes | None:
+        """The probes when the helper differentiates this layer's own ``psi_window``
+        (``g_window``) and ``step`` in their place, read unstopped: their cotangents
+        are Ψ_B (g_B) and the count of applications (the forward never reads a
+        probe's value). The helper does so where a transform's axes were built
+        before the step, which attached variables would not fit. In the helper's
+        own trace the layer must be one it was given (keyed by the object: no
+        token survives a transform without changing the graph)."""
+        name = f"{type(self).__name__}(num_features={self.num_features})"
+        window = self.psi_window[...]  # type: ignore[attr-defined]
+        if _shell.in_helper_trace() and _shell.direct_probes(id(self), window) is None:
+            raise ValueError(self._not_differentiated())
+        g = getattr(self, "g_window", None)
+        own = _state.Probes(window, None if g is None else g[...], uses=self.step[...])  # type: ignore[attr-defined]
+        key = id(self)
+        return _shell.resolve_probes(
+            own, window, name, key=key, loop_key=key, fix=_LOOP_FIX, token=key
+        )
+
+    def _not_differentiated(self) -> str:
+        return (
+            f"{type(self).__name__}(num_features={self.num_features}) is applied in "
+            "training mode inside mabn_jax.nnx.value_and_grad, but its model is not a "
+            "differentiated argument (e.g. a GAN's discriminator in the generator's "
+            "loss), so its backward statistics cannot be recorded. Put that model in "
+            "eval mode there (model.eval() or nnx.view(model, use_running_average=True)), "
+            "or differentiate w.r.t. it too (argnums=(0, 1)). If the model was split "
+            "before the gradient and is merged inside the loss, pass all of its parts "
+            "(nnx.unpack's GraphStates) to the loss as arguments; otherwise the helper "
+            "cannot reach its layers: call mabn_jax.nnx.attach_probes(model) before the "
+            "model is split and record with mabn_jax.nnx.record_backward_stats (docs/nnx.md)."
         )
 
 

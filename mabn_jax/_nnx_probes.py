@@ -26,8 +26,11 @@ __all__ = [
     "name_of",
     "probe_token",
     "attach",
+    "snapshot",
     "restore",
     "detach",
+    "write_steps",
+    "step_into",
 ]
 
 Path = tuple[Any, ...]
@@ -92,7 +95,6 @@ def probe_token(layer: MABN):
 def attach(model, k: int, count: bool = False) -> nnx.State:
     """Attaches the probes (``count``: also the ``uses`` probe that counts each
     layer's applications, so that record_backward_stats can require one)."""
-    flat = {}
     for path, layer in layers_of(model):
         if hasattr(layer, PROBE_NAMES[0]):
             raise ValueError(
@@ -108,7 +110,14 @@ def attach(model, k: int, count: bool = False) -> nnx.State:
         if count:
             uses = Probe(jnp.zeros_like(state.step), **{PROBE_TOKEN: _token(k, path)})  # type: ignore[arg-type]
             setattr(layer, USES_NAME, uses)
-        for key, value in _state.to_mapping(state).items():
+    return snapshot(model)
+
+
+def snapshot(model) -> nnx.State:
+    """The layers' state (pure arrays, nested by path): ``previous`` of a step."""
+    flat = {}
+    for path, layer in layers_of(model):
+        for key, value in _state.to_mapping(_layer_state(layer)).items():
             flat[path + (key,)] = value
     return nnx.from_flat_state(flat)
 
@@ -131,7 +140,7 @@ def detach(model) -> None:
 def _at(tree, path: Path, what: str, fix: str):
     try:
         for key in path:
-            tree = _step_into(tree, key)
+            tree = step_into(tree, key)
     except (KeyError, TypeError, IndexError, AttributeError):
         raise ValueError(
             f"record_backward_stats: {what} has no entry {name_of(path)!r}; {fix}"
@@ -139,7 +148,7 @@ def _at(tree, path: Path, what: str, fix: str):
     return tree[...] if isinstance(tree, nnx.Variable) else tree
 
 
-def _step_into(tree, key):
+def step_into(tree, key):
     """``tree[key]``; a gradient in tree mode (graph=False) is module-shaped."""
     return getattr(tree, key) if isinstance(tree, nnx.Module) else tree[key]
 
@@ -183,11 +192,6 @@ def record_backward_stats(model, grads, previous) -> None:
       >>> float(model.layers[1].step[...]), hasattr(model.layers[1], "psi_probe")
       (1.0, False)
     """
-    grad_fix = (
-        "differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
-        "mabn_jax.nnx.Probe)) so the probes' gradients are in grads."
-    )
-    prev_fix = "pass the State that attach_probes(model) returned before this step."
     for path, layer in layers_of(model):
         if not hasattr(layer, PROBE_NAMES[0]):
             raise ValueError(
@@ -195,15 +199,28 @@ def record_backward_stats(model, grads, previous) -> None:
                 "attached; call attach_probes(model) before each step, and "
                 "record once per step."
             )
+    write_steps(model, grads, previous, (*PROBE_NAMES, USES_NAME))
+    detach(model)
+
+
+def write_steps(model, grads, previous, names: tuple[str, str, str]) -> None:
+    """Records each layer's step from the entries ``names`` (Ψ, g, uses) of
+    ``grads``: the attached probes', or the layers' own window and step
+    variables' (``IN_STATE_NAMES``, where the helper attached none). An entry
+    the layer lacks is None."""
+    grad_fix = (
+        "differentiate w.r.t. nnx.DiffState(argnum, (nnx.Param, "
+        "mabn_jax.nnx.Probe)) so the probes' gradients are in grads."
+    )
+    prev_fix = "pass the State that attach_probes(model) returned before this step."
+    for path, layer in layers_of(model):
         new = _layer_state(layer)
         before = _state.as_state(
             {k: _at(previous, path + (k,), "previous", prev_fix) for k in layer.state_names}
         )
-        grad = lambda name: _at(grads, path + (name,), "grads", grad_fix)
-        psi, g = PROBE_NAMES
-        uses = grad(USES_NAME) if hasattr(layer, USES_NAME) else None
-        probe_grads = _state.Probes(grad(psi), grad(g) if hasattr(layer, g) else None, uses=uses)
-        recorded = _record.record_backward_stats(new, probe_grads, before)
+        psi, g, uses = (
+            _at(grads, path + (n,), "grads", grad_fix) if hasattr(layer, n) else None for n in names
+        )
+        recorded = _record.record_backward_stats(new, _state.Probes(psi, g, uses=uses), before)
         for key, value in _state.to_mapping(recorded).items():
             getattr(layer, key).set_value(value)
-    detach(model)

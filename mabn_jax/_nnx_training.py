@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mabn_jax import _nnx_probes, _shell, _state
-from mabn_jax._nnx_layers import PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
+from mabn_jax._nnx_layers import IN_STATE_NAMES, PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
 
 __all__ = ["value_and_grad", "grad"]
 
@@ -49,9 +50,12 @@ def _positional(f: Callable, args: tuple, kw: dict[str, Any]) -> tuple:
     return bound.args
 
 
-def _without_probes(grads):
-    """The gradient without the probes' entries (a State, or in tree mode a
-    module-shaped copy of the model)."""
+def _without_probes(grads, graphdef=None):
+    """The gradient without the probes' entries (a State; in tree mode a
+    module-shaped copy of the model; for an ``nnx.unpack`` argument a GraphState
+    on the caller's ``graphdef``, the one without probes)."""
+    if isinstance(grads, nnx.GraphState):
+        return nnx.GraphState(graphdef, nnx.split_state(grads._state, Probe, ...)[1])
     if isinstance(grads, nnx.Module):
         _nnx_probes.detach(grads)
         return grads
@@ -62,16 +66,53 @@ def _without_probes(grads):
     )
 
 
+def _unpacked(args: tuple, i: int, done: dict):
+    """For a differentiated ``nnx.GraphState`` argument (``nnx.unpack``'s,
+    merged inside the loss): the module it merges into with the GraphState
+    arguments of its graphdef (the rest of its state), and their positions.
+    That module shares their variables, so the probes can go on its layers and
+    the step's state reaches the caller's model. ``(None, ())`` where the
+    argument is not one, its group is probed already (``done``), or the rest of
+    its state is no argument: its layers then raise, naming the low-level API."""
+    arg = args[i]
+    if not isinstance(arg, nnx.GraphState) or any(i in g for _, g in done.values()):
+        return None, ()
+    group = tuple(
+        j
+        for j, a in enumerate(args)
+        if isinstance(a, nnx.GraphState) and a._graphdef == arg._graphdef
+    )
+    try:
+        return nnx.merge(*(args[j] for j in group)), group
+    except ValueError:  # the state is incomplete
+        return None, ()
+
+
+def _repacked(args: tuple, i: int, group: tuple, view) -> tuple:
+    """``args`` with the GraphStates of ``group`` made anew from ``view`` after
+    its probes were attached: its graphdef, the probes in argument ``i``'s
+    state (the differentiated one), the same variables otherwise."""
+    graphdef, probes, _ = nnx.split(view, Probe, ...)
+    out = list(args)
+    for j in group:
+        state = nnx.merge_state(args[j]._state, probes) if j == i else args[j]._state
+        out[j] = nnx.GraphState(graphdef, state)
+    return tuple(out)
+
+
 _STALE_AXES = (
     "mabn_jax.nnx.value_and_grad: a transform's axes inside the loss do not fit the model "
-    "(see the error above). If they were built from the model before the step (nnx.prefix, "
-    "an explicit pytree of axes), they lack the probes this helper attaches to each MABN "
-    "layer for the step (a layer's mabn_jax.nnx.Probe variables psi_probe, g_probe: the "
-    "backward statistics leave the gradient through them). Build them inside the loss "
-    "function, e.g. axes = nnx.prefix(model, {...}) there, or use filters, e.g. "
-    "nnx.StateAxes({nnx.BatchStat: 0, ...: None}) (a Probe is an nnx.BatchStat, so it "
-    "gets the state's axes)."
+    "(see the error above), with or without the probe variables the helper attaches to "
+    "each MABN layer for the step. Axes built from another model, or a model merged inside "
+    "the loss from nnx.unpack's GraphStates (whose layers need the attached probes) with "
+    "axes built before the step: build the axes inside the loss function, e.g. axes = "
+    "nnx.prefix(model, {...}) there, or use filters, e.g. nnx.StateAxes({nnx.BatchStat: 0, "
+    "...: None}) (a mabn_jax.nnx.Probe is an nnx.BatchStat, so it gets the state's axes)."
 )
+
+
+class _StaleAxes(ValueError):
+    """The axes of a transform inside the loss do not fit the probed model."""
 
 
 def _is_prefix_mismatch(error: Exception) -> bool:
@@ -92,11 +133,11 @@ _BROADCAST_STATE = (
 )
 
 
-def _with_probes(argnum):
-    """``argnum`` as a DiffState that also selects the probes."""
+def _with_probes(argnum, probes: Any = Probe):
+    """``argnum`` as a DiffState that also selects the probes (a filter)."""
     if isinstance(argnum, nnx.DiffState):
-        return nnx.DiffState(argnum.argnum, nnx.Any(argnum.filter, Probe))
-    return nnx.DiffState(argnum, nnx.Any(nnx.Param, Probe))
+        return nnx.DiffState(argnum.argnum, nnx.Any(argnum.filter, probes))
+    return nnx.DiffState(argnum, nnx.Any(nnx.Param, probes))
 
 
 def value_and_grad(
@@ -118,8 +159,10 @@ def value_and_grad(
     step's full state afterwards, backward statistics included; a layer
     whose statistics are not finite keeps its previous state (one more
     ``skipped``). Models without MABN layers get exactly
-    ``nnx.value_and_grad``'s result. Works under ``nnx.jit``; needs graph
-    mode (Flax's default).
+    ``nnx.value_and_grad``'s result. Works under ``nnx.jit``, in graph and
+    tree mode, with a model split by ``nnx.unpack`` (all its GraphStates
+    arguments of ``f``), and with axes built before the step for a transform
+    inside ``f`` (``docs/nnx.md``, "What value_and_grad does").
 
     Args:
       f, argnums, has_aux: as for ``nnx.value_and_grad`` (ints or
@@ -184,7 +227,7 @@ def value_and_grad(
             # (an AttributeError about GetAttrKey): the same mistake.
             if not _is_prefix_mismatch(e) or not any(_nnx_probes.layers_of(m) for m in models):
                 raise
-            raise ValueError(_STALE_AXES) from e
+            raise _StaleAxes(_STALE_AXES) from e
         finally:
             calls.pop()
         _check_state_arrived(models, before, trained)
@@ -195,21 +238,41 @@ def value_and_grad(
     )
     indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
 
-    @functools.wraps(f)
-    def wrapped(*args, **kw):
-        args = _positional(f, args, kw)
-        models = [args[i] for i in indices]
-        previous = []
+    def attached(args):
+        """The step with probes attached to the layers (the default)."""
+        models, previous, unpacked = [], [], {}
         try:
-            for k, m in enumerate(models):
-                previous.append(_nnx_probes.attach(m, k, count=True))
+            for k, i in enumerate(indices):
+                view, group = _unpacked(args, i, unpacked)
+                models.append(args[i] if view is None else view)
+                previous.append(_nnx_probes.attach(models[-1], k, count=True))
+                if view is not None:
+                    unpacked[k] = (args[i]._graphdef, group)
+                    args = _repacked(args, i, group, view)
             out, grads = checked_grad_fn(models, *args)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, _StaleAxes):  # tried again without probes: as it was
+                for m, prev in zip(models, previous):
+                    _nnx_probes.restore(m, prev)
             for m in models:
                 _nnx_probes.detach(m)
             raise
-        clean = _record_all(models, (grads,) if single else tuple(grads), previous)
+        graphdefs = [unpacked.get(k, (None,))[0] for k in range(len(models))]
+        clean = _record_all(models, (grads,) if single else tuple(grads), previous, graphdefs)
         return out, clean[0] if single else tuple(clean)
+
+    in_state = []  # once axes built before the step did not fit the probes: [True]
+
+    @functools.wraps(f)
+    def wrapped(*args, **kw):
+        args = _positional(f, args, kw)
+        if not in_state:
+            try:
+                return attached(args)
+            except _StaleAxes:
+                in_state.append(True)
+        fn = functools.partial(_in_state_grad_fn, f, nums, indices, single, has_aux, kwargs)
+        return _in_state_step(fn, [args[i] for i in indices], args, single)
 
     return wrapped
 
@@ -252,15 +315,16 @@ def _check_state_arrived(models, before: list[dict], trained: set) -> None:
                 raise ValueError(_BROADCAST_STATE.format(name=_nnx_probes.name_of(path)))
 
 
-def _record_all(models, grads, previous) -> list:
+def _record_all(models, grads, previous, graphdefs) -> list:
     """Records each model's backward statistics and returns its gradient without
-    the probes; on an error every model is put back as it was."""
+    the probes (``graphdefs``: see :func:`_without_probes`); on an error every
+    model is put back as it was."""
     clean = []
     try:
-        for m, g, prev in zip(models, grads, previous):
+        for m, g, prev, graphdef in zip(models, grads, previous, graphdefs):
             if len(prev):  # the argument has MABN layers
                 _nnx_probes.record_backward_stats(m, g, prev)
-                g = _without_probes(g)
+                g = _without_probes(g, graphdef)
             clean.append(g)
     except BaseException:  # e.g. a layer applied twice: the model is as it was
         for m, prev in zip(models, previous):
@@ -268,6 +332,96 @@ def _record_all(models, grads, previous) -> list:
             _nnx_probes.detach(m)
         raise
     return clean
+
+
+# ---- The probes carried in the layers' own state ------------------------------------
+# Axes built before the step (nnx.prefix of the model, whose graph they hold) fit no
+# model with attached probes. Then the helper differentiates each layer's own
+# psi_window (g_window) and step in their place (MABN._in_state_probes): the graph is
+# unchanged. The checks that need a probe's token (a layer broadcast by a transform, or
+# applied in a loop body of a transform) cannot run at trace time there; the application
+# count that the record requires still catches them (eagerly; NaN statistics under jit).
+
+
+def _carriers(model) -> dict[int, tuple]:
+    """The variables that carry the layers' probe cotangents, id -> path."""
+    return {
+        id(getattr(layer, n)): path + (n,)
+        for path, layer in _nnx_probes.layers_of(model)
+        for n in IN_STATE_NAMES
+        if n in layer.state_names
+    }
+
+
+def _given_in_state(args: tuple, indices) -> dict[int, _state.Probes]:
+    """The differentiated layers' own probes as they enter the loss, by layer id."""
+    given = {}
+    for i in indices:
+        for _, layer in _nnx_probes.layers_of(args[i]) if i < len(args) else ():
+            g = getattr(layer, "g_window", None)
+            psi, uses = layer.psi_window[...], layer.step[...]  # type: ignore[attr-defined]
+            given[id(layer)] = _state.Probes(psi, None if g is None else g[...], uses=uses)
+    return given
+
+
+def _in_state_grad_fn(f, nums, indices, single, has_aux, kwargs, models):
+    """``nnx.value_and_grad`` of ``f`` w.r.t. the parameters and the carriers."""
+    ids = {i for m in models for i in _carriers(m)}
+    carried = lambda path, v: id(v) in ids
+    tree_mode = kwargs.get("graph") is False  # every leaf is differentiated there
+    argnums = nums if tree_mode else tuple(_with_probes(a, carried) for a in nums)
+
+    @functools.wraps(f)
+    def scoped(*args, **kw):
+        with _shell.probe_scope(_given_in_state(args, indices), in_state=True):
+            return f(*args, **kw)
+
+    return nnx.value_and_grad(
+        scoped, argnums=argnums[0] if single else argnums, has_aux=has_aux, **kwargs
+    )
+
+
+def _in_state_step(make_grad_fn, models: list, args: tuple, single: bool):
+    """One step with the probes in the layers' state: the gradient, then each
+    model's record (restored as it was if one fails) and its clean gradient."""
+    if any(isinstance(m, nnx.GraphState) for m in models):
+        raise ValueError(_STALE_AXES)  # their layers are reached through attached probes
+    previous = [_nnx_probes.snapshot(m) for m in models]
+    try:
+        out, grads = make_grad_fn(models)(*args)
+    except (ValueError, AttributeError) as e:
+        if not _is_prefix_mismatch(e):
+            raise
+        raise ValueError(_STALE_AXES) from e
+    grads = (grads,) if single else tuple(grads)
+    clean = []
+    try:
+        for m, g, prev in zip(models, grads, previous):
+            if len(prev):
+                _nnx_probes.write_steps(m, g, prev, IN_STATE_NAMES)
+                g = _without_in_state(m, g)
+            clean.append(g)
+    except BaseException:
+        for m, prev in zip(models, previous):
+            _nnx_probes.restore(m, prev)
+        raise
+    return out, clean[0] if single else tuple(clean)
+
+
+def _without_in_state(model, grads):
+    """The gradient as ``nnx.value_and_grad`` gives it for ``nnx.BatchNorm``:
+    without the carriers' entries (a State), or with zeros there (tree mode's
+    module-shaped gradient, whose state entries are zeros)."""
+    paths = set(_carriers(model).values())
+    if isinstance(grads, nnx.Module):
+        for path in paths:
+            var = functools.reduce(_nnx_probes.step_into, path, grads)
+            var.set_value(jnp.zeros_like(var[...]))
+        return grads
+    keep = lambda path, _: tuple(path) not in paths
+    return jax.tree.map(
+        lambda s: nnx.filter_state(s, keep), grads, is_leaf=lambda s: isinstance(s, nnx.State)
+    )
 
 
 def grad(

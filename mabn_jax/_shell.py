@@ -112,14 +112,16 @@ class _Scope:
     the helper's trace, to tell a loop body inside the loss (one layer applied
     once per iteration) from the loss itself. ``trained``: where the NNX helper
     collects the keys of the layers that trained (it then checks that their new
-    state reached the model), or None.
+    state reached the model), or None. ``in_state``: the NNX helper differentiates
+    the layers' own window and step variables in place of attached probes.
     """
 
-    def __init__(self, direct: Mapping | None, trace: Any, trained: set | None):
+    def __init__(self, direct: Mapping | None, trace: Any, trained: set | None, in_state: bool):
         self.consumed: dict[Any, Any] = {}
         self.direct = dict(direct or {})
         self.trace = trace
         self.trained = trained
+        self.in_state = in_state
 
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -128,11 +130,13 @@ _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def probe_scope(direct: Mapping | None = None, trained: set | None = None):
+def probe_scope(
+    direct: Mapping | None = None, trained: set | None = None, *, in_state: bool = False
+):
     """The loss function's call inside a value_and_grad helper; ``direct``:
     the helper's probes by layer key; ``trained``: a set to collect the keys of
-    the layers that train (see :class:`_Scope`)."""
-    token = _SCOPE.set(_Scope(direct, _upstream.current_trace(), trained))
+    the layers that train; ``in_state``: see :class:`_Scope`."""
+    token = _SCOPE.set(_Scope(direct, _upstream.current_trace(), trained, in_state))
     try:
         yield
     finally:
@@ -142,6 +146,19 @@ def probe_scope(direct: Mapping | None = None, trained: set | None = None):
 def in_helper() -> bool:
     """Whether a value_and_grad helper's loss function is running."""
     return _SCOPE.get() is not None
+
+
+def in_helper_trace() -> bool:
+    """Whether a value_and_grad helper's loss runs in the helper's own trace
+    (not inside a transform of the loss)."""
+    scope = _SCOPE.get()
+    return scope is not None and _upstream.current_trace() is scope.trace
+
+
+def probes_in_state() -> bool:
+    """Whether the NNX helper carries the probes in the layers' own state."""
+    scope = _SCOPE.get()
+    return scope is not None and scope.in_state
 
 
 def _own_probes(key, like):

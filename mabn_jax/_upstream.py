@@ -1,6 +1,6 @@
 """The behaviour of jax and flax that mabn_jax relies on beyond their public API.
 
-Everything else uses documented API only; these three cannot (yet), so they
+Everything else uses documented API only; these cannot (yet), so they
 live here, each behind one function, and ``tests/test_upstream.py`` checks
 each assumption directly against the installed jax/flax: after an upgrade
 that breaks one, that test fails naming the function below, before any
@@ -18,6 +18,10 @@ layer misbehaves.
   ``__captures__`` attribute on each module, which ``Module.sow`` checks; a
   sow outside ``nnx.capture`` is deprecated (and would add attributes to the
   model), so the NNX layers sow only inside it.
+- :func:`in_nnx_tabulate`: ``nnx.tabulate`` runs on a clone of the model
+  whose modules it marks with a ``_nnx_tabulate_id`` attribute (copied into
+  every merge of them), and with ``compute_vjp_flops`` it differentiates each
+  call only to count the FLOPs of that VJP; Flax has no public way to tell.
 - :func:`current_trace`, :func:`inside_loop_since`: JAX traces a loop body
   (``lax.scan``, ``lax.while_loop``) as a jaxpr trace whose debug info says
   what it is traced for (``"scan"``, ``"fori_loop"``, ``"while_body"``, ``"while_cond"``), and
@@ -53,6 +57,7 @@ __all__ = [
     "per_apply_registry",
     "is_forward_mode_error",
     "in_nnx_capture",
+    "in_nnx_tabulate",
     "current_trace",
     "inside_loop_since",
     "is_batchnorm_call",
@@ -83,6 +88,11 @@ def in_nnx_capture(module: Any) -> bool:
     """Whether an NNX ``module`` is called inside ``nnx.capture`` (so that
     ``Module.sow`` records into the capture instead of onto the module)."""
     return hasattr(module, "__captures__")
+
+
+def in_nnx_tabulate(module: Any) -> bool:
+    """Whether an NNX ``module`` is (a copy of) the clone ``nnx.tabulate`` runs."""
+    return hasattr(module, "_nnx_tabulate_id")
 
 
 # What jax.lax.scan / while_loop pass as `traced_for` to their bodies' debug info.

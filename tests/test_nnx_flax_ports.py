@@ -285,10 +285,9 @@ def test_unpack_multiple_filters():
 
 
 def test_unpack_with_grad_and_optimizer():
-    """test_unpack_with_nnx_grad_and_optimizer: the model is split before the
-    gradient and merged inside the loss, so no helper can reach its layers:
-    differentiating raises at trace time, naming the low-level route, which
-    then trains as BatchNorm does."""
+    """test_unpack_with_nnx_grad_and_optimizer through the low-level route (the
+    helper, given the GraphStates, is tests/test_nnx_flax_ports_round4.py's):
+    it trains as BatchNorm does."""
     x, y = jnp.arange(10.0).reshape(5, 2), jnp.ones((5, 3))
 
     def loss_fn(params, rest):
@@ -296,15 +295,6 @@ def test_unpack_with_grad_and_optimizer():
 
     model = _Foo(nnx.Rngs(0))
     optimizer = Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-    params, rest = nnx.unpack(model, nnx.Param, ...)
-    with pytest.raises(
-        ValueError,
-        match=r"inside mabn_jax\.nnx\.value_and_grad, but its "
-        r"model is not a differentiated argument.*split "
-        r"before the gradient.*attach_probes\(model\) before "
-        r"the model is split",
-    ):
-        mnnx.grad(loss_fn, graph=False)(params, rest)
     previous = mnnx.attach_probes(model)
     params, rest = nnx.unpack(model, (nnx.Param, mnnx.Probe), ...)
     grads = nnx.grad(loss_fn, graph=False)(params, rest)
@@ -357,8 +347,10 @@ def _vectorized_blocks(graph, norm):
 @pytest.mark.parametrize("graph", [True, False])
 def test_state_axes_simple_functional(graph):
     """The original (a training-mode forward under nnx.vmap with axes from
-    nnx.prefix) as it is; then a gradient: axes built before the step raise
-    naming the fix, and axes built inside the loss train."""
+    nnx.prefix) as it is; then a gradient: axes that no longer fit the model
+    (its dropout keys dropped after they were built) raise naming the fix, and
+    axes built inside the loss train. Axes built before the step that fit the
+    model train too: tests/test_nnx_flax_ports_round4.py."""
     module, axes, vec_filter = _vectorized_blocks(graph, MABNBatchNorm)
     assert module.bn.ema_mean.shape == (5, 3) and module.bn.scale.shape == (3,)
     initial_mean = module.bn.ema_mean[...]
@@ -369,9 +361,10 @@ def test_state_axes_simple_functional(graph):
     assert forward(module, x).shape == (5, 1, 3)
     assert not jnp.allclose(initial_mean, module.bn.ema_mean[...])
 
-    if not graph:  # tree mode differentiates every leaf: drop the dropout keys first
-        module.dropout.rngs = None
-        module.dropout.deterministic = True
+    # The dropout keys dropped after the axes were built (tree mode must: it
+    # differentiates every leaf), so that the axes no longer fit the model.
+    module.dropout.rngs = None
+    module.dropout.deterministic = True
     with pytest.raises(
         ValueError,
         match=r"axes inside the loss do not fit.*nnx\.prefix"

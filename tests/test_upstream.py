@@ -98,6 +98,23 @@ def test_in_nnx_capture_is_true_exactly_inside_nnx_capture():
     )
 
 
+def test_in_nnx_tabulate_is_true_exactly_in_nnx_tabulates_clone():
+    seen = []
+
+    class Probe(nnx.Module):
+        def __call__(self, x):
+            seen.append(_upstream.in_nnx_tabulate(self))
+            return x
+
+    model = Probe()
+    model(jnp.ones(2))
+    nnx.tabulate(model, jnp.ones(2), compute_vjp_flops=True)
+    model(jnp.ones(2))  # tabulate marked its clone, not the model
+    assert len(seen) > 2 and not seen[0] and not seen[-1] and all(seen[1:-1]), _broke(
+        "in_nnx_tabulate", f"outside / inside / after nnx.tabulate it read {seen}"
+    )
+
+
 def test_the_layers_use_no_private_flax_module():
     """The package imports public Flax modules only (private ones are reached
     through ``_upstream`` alone)."""
@@ -239,7 +256,7 @@ def test_no_module_uses_another_modules_private_names():
                         found.append(f"{path.name}: from {node.module} import {alias.name}")
         for node in ast.walk(tree):
             attribute = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-            if attribute and node.value.id in modules and node.attr.startswith("_"):
-                if not node.attr.startswith("__"):
-                    found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+            private = attribute and node.attr.startswith("_") and not node.attr.startswith("__")
+            if private and node.value.id in modules:
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not found, found
