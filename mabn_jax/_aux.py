@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from mabn_jax import _shell
 
-__all__ = ["AuxSelector", "check_current", "find_batch_stats", "replace"]
+__all__ = ["AuxSelector", "current_batch_stats", "find_batch_stats", "replace"]
 
 #: How to point at the updated batch_stats in aux: a path, or a function of aux.
 AuxSelector = Sequence[str | int] | Callable[[Any], Any]
@@ -175,22 +175,25 @@ def replace(aux: Any, target: Any, new: Any) -> Any:
     )
 
 
-def check_current(args: Sequence[Any], batch_stats: Any) -> None:
-    """Raises if the differentiated function is called with a ``batch_stats``
-    tree of this layout (an argument, or a variables dict's ``'batch_stats'``)
-    but none of them is the one given to ``value_and_grad``: a helper built
-    once, outside the loop, with the first step's ``batch_stats``. Its record
-    would pair this step's state with that old one (not one step apart)."""
+def current_batch_stats(args: Sequence[Any], batch_stats: Any) -> Any:
+    """The ``batch_stats`` a step is taken from: the given tree, unless none of the
+    function's arguments is it and exactly one has its layout (an argument, or a
+    variables dict's ``'batch_stats'``): a helper built once, outside the loop,
+    with the first step's tree (or jitted with it as a constant) and called with
+    the current one, which the record must pair with. Several other trees of that
+    layout and none of them the given one: ``ValueError``."""
     want, old = _layout(batch_stats), jax.tree_util.tree_leaves(batch_stats)
     trees = [a.get("batch_stats", a) if isinstance(a, Mapping) else a for a in args]
     same = [t for t in trees if isinstance(t, Mapping) and _layout(t) == want]
     is_given = lambda t: all(a is b for a, b in zip(jax.tree_util.tree_leaves(t), old))
-    if same and not any(is_given(t) for t in same):
-        raise ValueError(
-            "mabn_jax.value_and_grad: the function is called with a batch_stats tree that is "
-            "not the one given as value_and_grad(..., batch_stats=...): a helper built once "
-            "with an earlier step's batch_stats. Build it inside the train step with the "
-            "current tree, mabn_jax.value_and_grad(loss_fn, has_aux=True, "
-            "batch_stats=state.batch_stats)(...) (building it costs nothing), so that the "
-            "step's backward statistics are recorded against the state it starts from."
-        )
+    if not same or any(is_given(t) for t in same):
+        return batch_stats
+    if len(same) == 1:
+        return same[0]
+    raise ValueError(
+        "mabn_jax.value_and_grad: the function is called with several batch_stats trees "
+        "of this model's layout, none of them the one given as value_and_grad(..., "
+        "batch_stats=...) (a helper built once with an earlier step's tree?). Build the "
+        "helper inside the train step with the tree the model is applied with, "
+        "mabn_jax.value_and_grad(loss_fn, has_aux=True, batch_stats=state.batch_stats)."
+    )

@@ -86,7 +86,10 @@ def value_and_grad(
 
     Args:
       fun, argnums, has_aux: as for ``jax.value_and_grad``.
-      batch_stats: the ``batch_stats`` the model is applied with in ``fun``.
+      batch_stats: the ``batch_stats`` the model is applied with in ``fun``. A
+        helper built once with the first step's tree and called with each step's
+        (as an argument of ``fun``, or a variables dict's ``'batch_stats'``) takes
+        the tree it is called with, where exactly one argument has this layout.
       dynamic_scale: a ``flax.training.dynamic_scale.DynamicScale`` to scale
         the loss with; the function then returns ``DynamicScale.value_and_grad``'s
         ``(dynamic_scale, is_finite, value, grad)`` instead. The backward
@@ -136,16 +139,16 @@ def value_and_grad(
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
     def wrapped(*args):
-        _aux.check_current(args, batch_stats)
+        stats = _aux.current_batch_stats(args, batch_stats)  # a helper built once: the arg
         scale = None if dynamic_scale is None else jnp.asarray(dynamic_scale.scale, jnp.float32)
         value, aux, probe_grads, grads = _probed_value_and_grad(
-            fun, args, nums, has_aux, batch_stats, scale
+            fun, args, nums, has_aux, stats, scale
         )
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         if scale is not None:
             value, grads, probe_grads = _unscaled(value, grads, probe_grads, scale)
         if probe_grads:
-            aux = _record_in_aux(aux, probe_grads, batch_stats, has_aux, aux_batch_stats)
+            aux = _record_in_aux(aux, probe_grads, stats, has_aux, aux_batch_stats)
         out = (value, aux) if has_aux else value
         if dynamic_scale is None:
             return out, grads

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mabn_jax import _record, _state
-from mabn_jax._nnx_layers import MABN, PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
+from mabn_jax._nnx_layers import MABN
+from mabn_jax._nnx_variables import PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
 
 __all__ = [
     "attach_probes",
@@ -221,6 +222,7 @@ def write_steps(model, grads, previous, names: tuple[str, str, str]) -> None:
         psi, g, uses = (
             _at(grads, path + (n,), "grads", grad_fix) if hasattr(layer, n) else None for n in names
         )
-        recorded = _record.record_backward_stats(new, _state.Probes(psi, g, uses=uses), before)
+        probe_grads = _state.Probes(psi, g, uses=uses)  # type: ignore[arg-type]  # psi: always
+        recorded = _record.record_backward_stats(new, probe_grads, before)
         for key, value in _state.to_mapping(recorded).items():
             getattr(layer, key).set_value(value)

@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from mabn_jax import _nnx_probes, _shell, _state
-from mabn_jax._nnx_layers import IN_STATE_NAMES, PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
+from mabn_jax import _nnx_in_state, _nnx_probes, _shell, _state, _upstream
+from mabn_jax._nnx_variables import PROBE_NAMES, PROBE_TOKEN, USES_NAME, Probe
 
 __all__ = ["value_and_grad", "grad"]
 
@@ -55,7 +54,9 @@ def _without_probes(grads, graphdef=None):
     module-shaped copy of the model; for an ``nnx.unpack`` argument a GraphState
     on the caller's ``graphdef``, the one without probes)."""
     if isinstance(grads, nnx.GraphState):
-        return nnx.GraphState(graphdef, nnx.split_state(grads._state, Probe, ...)[1])
+        return nnx.GraphState(
+            graphdef, nnx.split_state(_upstream.graph_state_parts(grads)[1], Probe, ...)[1]
+        )
     if isinstance(grads, nnx.Module):
         _nnx_probes.detach(grads)
         return grads
@@ -80,7 +81,8 @@ def _unpacked(args: tuple, i: int, done: dict):
     group = tuple(
         j
         for j, a in enumerate(args)
-        if isinstance(a, nnx.GraphState) and a._graphdef == arg._graphdef
+        if isinstance(a, nnx.GraphState)
+        and _upstream.graph_state_parts(a)[0] == _upstream.graph_state_parts(arg)[0]
     )
     try:
         return nnx.merge(*(args[j] for j in group)), group
@@ -92,31 +94,20 @@ def _repacked(args: tuple, i: int, group: tuple, view) -> tuple:
     """``args`` with the GraphStates of ``group`` made anew from ``view`` after
     its probes were attached: its graphdef, the probes in argument ``i``'s
     state (the differentiated one), the same variables otherwise."""
-    graphdef, probes, _ = nnx.split(view, Probe, ...)
+    graphdef, probes, _ = nnx.split(view, Probe, ...)  # type: ignore[misc]
     out = list(args)
     for j in group:
-        state = nnx.merge_state(args[j]._state, probes) if j == i else args[j]._state
+        state = (
+            nnx.merge_state(_upstream.graph_state_parts(args[j])[1], probes)
+            if j == i
+            else _upstream.graph_state_parts(args[j])[1]
+        )
         out[j] = nnx.GraphState(graphdef, state)
     return tuple(out)
 
 
-_STALE_AXES = (
-    "mabn_jax.nnx.value_and_grad: a transform's axes inside the loss do not fit the model "
-    "(see the error above), with or without the probe variables the helper attaches to "
-    "each MABN layer for the step. Axes built from another model, or a model merged inside "
-    "the loss from nnx.unpack's GraphStates (whose layers need the attached probes) with "
-    "axes built before the step: build the axes inside the loss function, e.g. axes = "
-    "nnx.prefix(model, {...}) there, or use filters, e.g. nnx.StateAxes({nnx.BatchStat: 0, "
-    "...: None}) (a mabn_jax.nnx.Probe is an nnx.BatchStat, so it gets the state's axes)."
-)
-
-
 class _StaleAxes(ValueError):
     """The axes of a transform inside the loss do not fit the probed model."""
-
-
-def _is_prefix_mismatch(error: Exception) -> bool:
-    return "tree prefix" in str(error) or "GetAttrKey" in str(error)
 
 
 _BROADCAST_STATE = (
@@ -131,13 +122,6 @@ _BROADCAST_STATE = (
     "(jax.checkpoint, jax.remat, jax.jit, jax.vmap), it drops NNX state updates: use its "
     "NNX version (nnx.remat, nnx.jit, nnx.vmap), which carries them out."
 )
-
-
-def _with_probes(argnum, probes: Any = Probe):
-    """``argnum`` as a DiffState that also selects the probes (a filter)."""
-    if isinstance(argnum, nnx.DiffState):
-        return nnx.DiffState(argnum.argnum, nnx.Any(argnum.filter, probes))
-    return nnx.DiffState(argnum, nnx.Any(nnx.Param, probes))
 
 
 def value_and_grad(
@@ -206,7 +190,7 @@ def value_and_grad(
     single = isinstance(argnums, (int, nnx.DiffState))
     nums = (argnums,) if isinstance(argnums, (int, nnx.DiffState)) else tuple(argnums)
     # Tree mode differentiates every leaf of an argument, the probes included.
-    probed = nums if tree_mode else tuple(_with_probes(a) for a in nums)
+    probed = nums if tree_mode else tuple(_nnx_in_state.with_probes(a) for a in nums)
 
     calls: list[set] = []  # per call of the helper, the set its loss collects into
 
@@ -225,9 +209,11 @@ def value_and_grad(
         except (ValueError, AttributeError) as e:
             # In tree mode JAX's own message for a prefix mismatch fails to format
             # (an AttributeError about GetAttrKey): the same mistake.
-            if not _is_prefix_mismatch(e) or not any(_nnx_probes.layers_of(m) for m in models):
+            if not _upstream.is_prefix_mismatch(e) or not any(
+                _nnx_probes.layers_of(m) for m in models
+            ):
                 raise
-            raise _StaleAxes(_STALE_AXES) from e
+            raise _StaleAxes(_nnx_in_state.STALE_AXES) from e
         finally:
             calls.pop()
         _check_state_arrived(models, before, trained)
@@ -247,7 +233,7 @@ def value_and_grad(
                 models.append(args[i] if view is None else view)
                 previous.append(_nnx_probes.attach(models[-1], k, count=True))
                 if view is not None:
-                    unpacked[k] = (args[i]._graphdef, group)
+                    unpacked[k] = (_upstream.graph_state_parts(args[i])[0], group)
                     args = _repacked(args, i, group, view)
             out, grads = checked_grad_fn(models, *args)
         except BaseException as e:
@@ -261,7 +247,7 @@ def value_and_grad(
         clean = _record_all(models, (grads,) if single else tuple(grads), previous, graphdefs)
         return out, clean[0] if single else tuple(clean)
 
-    in_state = []  # once axes built before the step did not fit the probes: [True]
+    in_state: list[bool] = []  # once axes built before the step did not fit the probes: [True]
 
     @functools.wraps(f)
     def wrapped(*args, **kw):
@@ -271,8 +257,8 @@ def value_and_grad(
                 return attached(args)
             except _StaleAxes:
                 in_state.append(True)
-        fn = functools.partial(_in_state_grad_fn, f, nums, indices, single, has_aux, kwargs)
-        return _in_state_step(fn, [args[i] for i in indices], args, single)
+        fn = functools.partial(_nnx_in_state.grad_fn, f, nums, indices, single, has_aux, kwargs)
+        return _nnx_in_state.step(fn, [args[i] for i in indices], args, single)
 
     return wrapped
 
@@ -332,96 +318,6 @@ def _record_all(models, grads, previous, graphdefs) -> list:
             _nnx_probes.detach(m)
         raise
     return clean
-
-
-# ---- The probes carried in the layers' own state ------------------------------------
-# Axes built before the step (nnx.prefix of the model, whose graph they hold) fit no
-# model with attached probes. Then the helper differentiates each layer's own
-# psi_window (g_window) and step in their place (MABN._in_state_probes): the graph is
-# unchanged. The checks that need a probe's token (a layer broadcast by a transform, or
-# applied in a loop body of a transform) cannot run at trace time there; the application
-# count that the record requires still catches them (eagerly; NaN statistics under jit).
-
-
-def _carriers(model) -> dict[int, tuple]:
-    """The variables that carry the layers' probe cotangents, id -> path."""
-    return {
-        id(getattr(layer, n)): path + (n,)
-        for path, layer in _nnx_probes.layers_of(model)
-        for n in IN_STATE_NAMES
-        if n in layer.state_names
-    }
-
-
-def _given_in_state(args: tuple, indices) -> dict[int, _state.Probes]:
-    """The differentiated layers' own probes as they enter the loss, by layer id."""
-    given = {}
-    for i in indices:
-        for _, layer in _nnx_probes.layers_of(args[i]) if i < len(args) else ():
-            g = getattr(layer, "g_window", None)
-            psi, uses = layer.psi_window[...], layer.step[...]  # type: ignore[attr-defined]
-            given[id(layer)] = _state.Probes(psi, None if g is None else g[...], uses=uses)
-    return given
-
-
-def _in_state_grad_fn(f, nums, indices, single, has_aux, kwargs, models):
-    """``nnx.value_and_grad`` of ``f`` w.r.t. the parameters and the carriers."""
-    ids = {i for m in models for i in _carriers(m)}
-    carried = lambda path, v: id(v) in ids
-    tree_mode = kwargs.get("graph") is False  # every leaf is differentiated there
-    argnums = nums if tree_mode else tuple(_with_probes(a, carried) for a in nums)
-
-    @functools.wraps(f)
-    def scoped(*args, **kw):
-        with _shell.probe_scope(_given_in_state(args, indices), in_state=True):
-            return f(*args, **kw)
-
-    return nnx.value_and_grad(
-        scoped, argnums=argnums[0] if single else argnums, has_aux=has_aux, **kwargs
-    )
-
-
-def _in_state_step(make_grad_fn, models: list, args: tuple, single: bool):
-    """One step with the probes in the layers' state: the gradient, then each
-    model's record (restored as it was if one fails) and its clean gradient."""
-    if any(isinstance(m, nnx.GraphState) for m in models):
-        raise ValueError(_STALE_AXES)  # their layers are reached through attached probes
-    previous = [_nnx_probes.snapshot(m) for m in models]
-    try:
-        out, grads = make_grad_fn(models)(*args)
-    except (ValueError, AttributeError) as e:
-        if not _is_prefix_mismatch(e):
-            raise
-        raise ValueError(_STALE_AXES) from e
-    grads = (grads,) if single else tuple(grads)
-    clean = []
-    try:
-        for m, g, prev in zip(models, grads, previous):
-            if len(prev):
-                _nnx_probes.write_steps(m, g, prev, IN_STATE_NAMES)
-                g = _without_in_state(m, g)
-            clean.append(g)
-    except BaseException:
-        for m, prev in zip(models, previous):
-            _nnx_probes.restore(m, prev)
-        raise
-    return out, clean[0] if single else tuple(clean)
-
-
-def _without_in_state(model, grads):
-    """The gradient as ``nnx.value_and_grad`` gives it for ``nnx.BatchNorm``:
-    without the carriers' entries (a State), or with zeros there (tree mode's
-    module-shaped gradient, whose state entries are zeros)."""
-    paths = set(_carriers(model).values())
-    if isinstance(grads, nnx.Module):
-        for path in paths:
-            var = functools.reduce(_nnx_probes.step_into, path, grads)
-            var.set_value(jnp.zeros_like(var[...]))
-        return grads
-    keep = lambda path, _: tuple(path) not in paths
-    return jax.tree.map(
-        lambda s: nnx.filter_state(s, keep), grads, is_leaf=lambda s: isinstance(s, nnx.State)
-    )
 
 
 def grad(

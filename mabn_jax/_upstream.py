@@ -43,6 +43,16 @@ layer misbehaves.
   ``nnx.iter_children`` does not list, and
   :func:`mabn_jax.nnx.replace_batchnorm` walks into them.
 
+- :func:`is_prefix_mismatch`: a transform's axes (``in_axes`` of ``nnx.vmap``,
+  ...) that do not fit its arguments make JAX raise a ``ValueError`` whose text
+  says "tree prefix"; in NNX tree mode, formatting that message fails with an
+  ``AttributeError`` about ``GetAttrKey``. JAX has no exception class for it;
+  :func:`mabn_jax.nnx.value_and_grad` then retries with the probes carried in
+  the layers' own state (axes built before the step do not fit attached probes).
+- :func:`graph_state_parts`: ``nnx.unpack``'s ``GraphState`` keeps its graph
+  definition and state as ``_graphdef`` and ``_state``; Flax has no public
+  accessor. The NNX helper rebuilds a model from them to probe its layers.
+
 Tested version range (the versions the whole test suite ran with; the
 minimums of ``pyproject.toml``): jax 0.10.2 (jaxlib 0.10.2) and flax 0.12.8.
 Newer releases are expected to work where ``tests/test_upstream.py`` passes.
@@ -60,6 +70,8 @@ __all__ = [
     "in_nnx_tabulate",
     "current_trace",
     "inside_loop_since",
+    "is_prefix_mismatch",
+    "graph_state_parts",
     "is_batchnorm_call",
     "container_attributes",
 ]
@@ -142,3 +154,13 @@ def container_attributes(module: Any) -> dict[str, Any]:
         for k, v in vars(module).items()
         if isinstance(v, (list, dict, tuple)) and not k.startswith(_FLAX_BOOKKEEPING)
     }
+
+
+def is_prefix_mismatch(error: Exception) -> bool:
+    """Whether ``error`` is JAX's pytree-prefix mismatch of a transform's axes."""
+    return "tree prefix" in str(error) or "GetAttrKey" in str(error)
+
+
+def graph_state_parts(graph_state: Any) -> tuple[Any, Any]:
+    """``(graphdef, state)`` of an ``nnx.GraphState`` (``nnx.unpack``'s)."""
+    return graph_state._graphdef, graph_state._state

@@ -29,10 +29,11 @@ The layers' state (``nnx.BatchStat``) has the names of the linen layers'
 
 from mabn_jax._nnx_centered import CenteredConv, CenteredLinear
 from mabn_jax._nnx_convert import replace_batchnorm
-from mabn_jax._nnx_layers import MABN, Probe, Statistic
+from mabn_jax._nnx_layers import MABN
 from mabn_jax._nnx_probes import attach_probes, record_backward_stats
 from mabn_jax._nnx_renorm import BatchRenorm
 from mabn_jax._nnx_training import grad, value_and_grad
+from mabn_jax._nnx_variables import Probe, Statistic
 
 __all__ = [
     "MABN",

@@ -301,22 +301,38 @@ def test_l2sp_against_pretrained_params_names_without_probes():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_helper_built_once_with_the_first_batch_stats_is_loud(jit):
-    """Case 11: built once outside the loop with a fixed batch_stats=, called with
-    the next step's tree: eagerly and under jit a ValueError says to build it in
-    the step (before: a blame for not using the helper, or NaN under jit)."""
+def test_helper_built_once_with_the_first_batch_stats_trains(jit):
+    """Case 11: built once outside the loop with a fixed batch_stats=, then called
+    with each step's tree (eagerly, or jitted once): it records against the tree
+    it is called with, as a helper built in each step does (before: a blame
+    eagerly, NaN under jit); with two such trees and neither the given one it
+    raises naming the fix."""
     params, stats = _tuned_setup()
 
     def loss(params, batch_stats):
         return _tuned_loss(batch_stats)(params)
 
-    grad_fn = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=stats)
-    grad_fn = jax.jit(grad_fn) if jit else grad_fn
-    if not jit:
-        (_, updates), _ = grad_fn(params, stats)  # the first step is the given tree
-        stats = updates["batch_stats"]
-    with pytest.raises(ValueError, match="built once.*inside the train step"):
-        grad_fn(params, stats)
+    once = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=stats)
+    once = jax.jit(once) if jit else once
+    got, want = stats, stats
+    for _ in range(3):
+        (_, updates), grads = once(params, got)
+        got = updates["batch_stats"]
+        fresh = mabn_jax.value_and_grad(loss, has_aux=True, batch_stats=want)
+        (_, fresh_updates), fresh_grads = fresh(params, want)
+        want = fresh_updates["batch_stats"]
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            (grads, got),
+            (fresh_grads, want),
+        )
+    assert np.isfinite(got["norm"]["psi_window"]).all()
+
+    def two(params, a, b):
+        return loss(params, a)
+
+    with pytest.raises(ValueError, match="several batch_stats trees.*inside the train step"):
+        mabn_jax.value_and_grad(two, has_aux=True, batch_stats=stats)(params, got, want)
 
 
 def _nnx_small():

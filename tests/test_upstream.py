@@ -260,3 +260,38 @@ def test_no_module_uses_another_modules_private_names():
             if private and node.value.id in modules:
                 found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not found, found
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_is_prefix_mismatch_recognizes_jaxs_error_for_axes_that_do_not_fit(graph):
+    """Axes that do not fit a transform's argument: JAX's error (in NNX tree mode
+    the AttributeError its message formatting raises) is recognized; another
+    ValueError is not."""
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    axes = nnx.prefix(model, {...: None}, graph=graph)  # built before a change
+    model.extra = nnx.BatchStat(jnp.zeros(3))  # as the helper's probes are attached
+    forward = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0), graph=graph, graph_updates=False)
+    with pytest.raises((ValueError, AttributeError)) as info:
+        forward(model, jnp.ones((4, 1, 2)))
+    assert _upstream.is_prefix_mismatch(info.value), _broke(
+        "is_prefix_mismatch", f"JAX raised {type(info.value).__name__}: {info.value}"
+    )
+    assert not _upstream.is_prefix_mismatch(ValueError("another error"))
+
+
+def test_graph_state_parts_are_unpacks_graphdef_and_state():
+    """``nnx.unpack``'s GraphStates merge back from the parts read here."""
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    params, rest = nnx.unpack(model, nnx.Param, ...)
+    graphdef, state = _upstream.graph_state_parts(params)
+    assert graphdef == _upstream.graph_state_parts(rest)[0], _broke(
+        "graph_state_parts", "the two GraphStates of one unpack have different graphdefs"
+    )
+    merged = nnx.merge(graphdef, state, _upstream.graph_state_parts(rest)[1])
+    assert jnp.array_equal(merged.kernel[...], model.kernel[...]), _broke(
+        "graph_state_parts", "merging the parts does not give the model back"
+    )
