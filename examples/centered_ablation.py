@@ -19,7 +19,15 @@ The plain MABN (after ``CenteredDense``) is the first row, for reference.
 norm at its library defaults instead, one row per entry of ``CONV_VARIANTS``
 (8 seeds vmapped, about a minute a row at 16×16 on 2 CPU cores): the window
 length of the centered layer, the mean μ̃ or g̃ taken from the batch, and the
-centered layer after ``CenteredConv``.
+centered layer after ``CenteredConv``. Issue 30 adds the plain layer after a plain
+``nn.Conv`` (the failure of item 6), the same with ``nn.Conv``'s kernels kept
+centered by the optimizer (``mabn_jax.optax.centralize`` from
+``mabn_jax.optax.center``'ed params: ``CenteredConv``'s effective weights without
+its per-step centering), and a window sized by the values per channel
+(:class:`AdaptiveWindow`, item 16). ``--model MLP-defaults`` trains the MLP with
+the same rows at library defaults (``CenteredDense`` / ``nn.Dense`` for
+``CenteredConv`` / ``nn.Conv``); ``--variants`` picks rows of ``VARIANTS`` for
+the MLP too (default: the first table of docs/centered.md).
 
 The backward variants patch private functions of ``mabn_jax._window`` and
 ``mabn_jax._backward`` for the
@@ -36,6 +44,7 @@ Run: ``python examples/centered_ablation.py`` (about 2.5 minutes on 2 CPU cores)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -54,32 +63,53 @@ _M16_D0 = {"buffer_size": 16, "d_max": 0.0}
 _M16_NORENORM = {"buffer_size": 16, "renorm_start": NO_RENORM}
 _M16_WARM500 = {"buffer_size": 16, "warmup_steps": 500}
 
-# (label, norm, MABN keyword overrides, backward statistics taken from the batch)
-VARIANTS = [
-    ("plain MABN (reference)", "MABN", {}, ()),
-    ("centered: g̃ and Ψ̃ windowed (the demo: m = 16)", "MABN-centered", {}, ()),
-    ("centered: batch g_B, windowed Ψ̃", "MABN-centered", {}, ("g",)),
-    ("centered: windowed g̃, batch Ψ_B", "MABN-centered", {}, ("psi",)),
-    ("centered: batch g_B and Ψ_B (BN's backward)", "MABN-centered", {}, ("g", "psi")),
-    ("centered: no shift d (d_max = 0)", "MABN-centered", {"d_max": 0.0}, ()),
-    (
+# name: (label, norm, MABN keyword overrides, backward statistics taken from the batch).
+# MLP_DEFAULT: the rows of a plain run (the first table of docs/centered.md); "BN"
+# and the windows m = 4, 8 are for the window study (issue 30, item 16).
+VARIANTS = {
+    "plain": ("plain MABN (reference)", "MABN", {}, ()),
+    "demo": ("centered: g̃ and Ψ̃ windowed (the demo: m = 16)", "MABN-centered", {}, ()),
+    "g_batch": ("centered: batch g_B, windowed Ψ̃", "MABN-centered", {}, ("g",)),
+    "psi_batch": ("centered: windowed g̃, batch Ψ_B", "MABN-centered", {}, ("psi",)),
+    "g_psi_batch": (
+        "centered: batch g_B and Ψ_B (BN's backward)",
+        "MABN-centered",
+        {},
+        ("g", "psi"),
+    ),
+    "d0": ("centered: no shift d (d_max = 0)", "MABN-centered", {"d_max": 0.0}, ()),
+    "norenorm": (
         "centered: no renormalization (r = 1, d = 0)",
         "MABN-centered",
         {"renorm_start": NO_RENORM},
         (),
     ),
-    ("centered: window m = 2 (the layer's default)", "MABN-centered", {"buffer_size": 2}, ()),
-    ("centered: warm-up of m = 16 steps only", "MABN-centered", {"warmup_steps": "m"}, ()),
-    ("centered: warm-up 25 % of the steps", "MABN-centered", {"warmup_steps": 0.25}, ()),
-    ("centered: momentum 0.98 per update (paper)", "MABN-centered", {"momentum": 0.98}, ()),
-    (
+    "m2": ("centered: window m = 2 (the layer's default)", "MABN-centered", {"buffer_size": 2}, ()),
+    "warm_m": (
+        "centered: warm-up of m = 16 steps only",
+        "MABN-centered",
+        {"warmup_steps": "m"},
+        (),
+    ),
+    "warm25": ("centered: warm-up 25 % of the steps", "MABN-centered", {"warmup_steps": 0.25}, ()),
+    "ema98": (
+        "centered: momentum 0.98 per update (paper)",
+        "MABN-centered",
+        {"momentum": 0.98},
+        (),
+    ),
+    "ema98_norenorm": (
         "centered: momentum 0.98, no renormalization",
         "MABN-centered",
         {"momentum": 0.98, "renorm_start": NO_RENORM},
         (),
     ),
-    ("plain: momentum 0.98 per update (paper)", "MABN", {"momentum": 0.98}, ()),
-]
+    "plain_ema98": ("plain: momentum 0.98 per update (paper)", "MABN", {"momentum": 0.98}, ()),
+    "BN": ("BatchNorm, two-pass variance (the demo's)", "BN", {}, ()),
+    "m4": ("centered: window m = 4", "MABN-centered", {"buffer_size": 4}, ()),
+    "m8": ("centered: window m = 8", "MABN-centered", {"buffer_size": 8}, ()),
+}
+MLP_DEFAULT = list(VARIANTS)[: list(VARIANTS).index("plain_ema98") + 1]
 REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
 
 # The convnet at library defaults (issue 19): (label, norm, MABN keyword overrides,
@@ -87,12 +117,28 @@ REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
 # the two-pass variance; every MABN row starts from MABN()'s own defaults (centered:
 # m = 2, plain: m = 16; warm-up 100, renorm from 1000, momentum 0.98, r_max = d_max
 # = 5) and changes what its label says. The override "conv" puts the centered layer
-# after CenteredConv instead of nn.Conv. "mu" in the last entry takes the forward
-# mean μ_B from the batch (a patch, as for g and Ψ in the backward pass).
+# after CenteredConv instead of nn.Conv (or the plain layer after nn.Conv);
+# "centralize" keeps nn.Conv's kernels centered by the optimizer instead
+# (mabn_jax.optax.centralize, from mabn_jax.optax.center'ed params: CenteredConv's
+# effective weights). "mu" takes the forward mean μ_B from the batch (a patch, as
+# for g and Ψ in the backward pass).
 CONV_VARIANTS = {
     "BN": ("BatchNorm, two-pass variance", "BN", {}, ()),
     "plain": ("plain MABN (after CenteredConv), defaults", "MABN", {}, ()),
+    "plain_conv": ("plain MABN after nn.Conv, defaults", "MABN", {"conv": "Conv"}, ()),
+    "plain_centralize": (
+        "plain MABN after nn.Conv, optimizer mabn_jax.optax.centralize",
+        "MABN",
+        {"conv": "Conv", "centralize": True},
+        (),
+    ),
     "centered": ("centered MABN, defaults (m = 2)", "MABN-centered", {}, ()),
+    "adaptive": (
+        "centered: m = clip(ceil(32 / values per channel and step), 2, 16)",
+        "MABN-centered",
+        {"buffer_size": "adaptive"},
+        (),
+    ),
     "m16": ("centered: m = 16 (the default up to 0.2)", "MABN-centered", {"buffer_size": 16}, ()),
     "d0": ("centered m = 16: no shift d (d_max = 0)", "MABN-centered", _M16_D0, ()),
     "norenorm": ("centered m = 16: no renormalization", "MABN-centered", _M16_NORENORM, ()),
@@ -186,14 +232,56 @@ def upsample(data, size: int):
     return resize(xtr), ytr, resize(xte), yte
 
 
-def convnet_main(args):
-    """The convnet at library defaults, true batch 2 (issue 19), one row per variant."""
-    data = upsample(sb.load_data("digits", None), args.size)
+class AdaptiveWindow(nn.Module):
+    """``MABN`` whose window spans about 32 values per channel (issue 30, item 16).
+
+    ``m = clip(ceil(32 / n), 2, 16)`` with ``n`` the values one training step
+    normalizes per channel (``batch`` × positions): 16 for dense features at batch
+    2, 2 for a conv layer with 16 or more positions, 4 at 2×2. A candidate for
+    ``buffer_size=None`` measured here, not an option of the layer.
+    """
+
+    batch: int
+    overrides: tuple = ()
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        n = self.batch * math.prod(x.shape[1:-1])  # the training batch, also at test
+        m = min(16, max(2, -(-32 // n)))
+        layer = mabn_jax.MABN(**{**dict(self.overrides), "buffer_size": m}, name="MABN")
+        return layer(x, use_running_average=use_running_average)
+
+
+def _norm_kernels(params):
+    """The mask of ``mabn_jax.optax.centralize``: every kernel but the head's (the
+    last top-level ``Dense_*``), i.e. every kernel that feeds a norm."""
+    head = max(k for k in params if k.startswith("Dense_"))
+    return {
+        k: jax.tree.map(lambda _, k=k: False, v)
+        if k == head
+        else jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", v)
+        for k, v in params.items()
+    }
+
+
+def defaults_main(args):
+    """Every norm at its library defaults, true batch 2, one row per variant: the
+    convnet (issue 19) or, ``--model MLP-defaults``, the MLP of ``small_batch.py``
+    (``CenteredDense`` / ``nn.Dense`` where the rows say ``CenteredConv`` / ``nn.Conv``)."""
+    mlp = args.model == "MLP-defaults"
+    data = sb.load_data("digits", None)
+    if not mlp:
+        data = upsample(data, args.size)
     steps = len(data[0]) // 2 * args.epochs
+    model_name = (
+        "MLP 256-256 on digits (8x8)"
+        if mlp
+        else f"ResNet 16-32-64 (3x3 stem, stride 2) on digits at {args.size}x{args.size}"
+    )
     print(
-        f"ResNet 16-32-64 (3x3 stem, stride 2) on digits at {args.size}x{args.size}, true "
-        f"batch 2, SGD momentum 0.9, cosine from lr {args.lr}, weight decay 5e-4, "
-        f"{args.epochs} epochs = {steps} steps, {args.seeds} seeds; test error (%)\n"
+        f"{model_name}, every norm at its library defaults, true batch 2, SGD momentum "
+        f"0.9, cosine from lr {args.lr}, weight decay 5e-4, {args.epochs} epochs = {steps} "
+        f"steps, {args.seeds} seeds; test error (%)\n"
     )
     print("| variant | mean | min | max | per seed |")
     print("| --- | --- | --- | --- | --- |")
@@ -202,24 +290,36 @@ def convnet_main(args):
         raw = dict(raw)
         conv_name = raw.pop("conv", "CenteredConv" if norm == "MABN" else "Conv")
         conv = mabn_jax.CenteredConv if conv_name == "CenteredConv" else nn.Conv
+        centralize = _norm_kernels if raw.pop("centralize", False) else None
         if norm == "BN":
             layer = lambda: nn.BatchNorm(use_fast_variance=False)
+        elif raw.get("buffer_size") == "adaptive":
+            raw.pop("buffer_size")
+            layer = lambda raw=raw, norm=norm: AdaptiveWindow(
+                2, tuple({**raw, "centered": norm == "MABN-centered"}.items())
+            )
         else:
             layer = lambda raw=raw, norm=norm: mabn_jax.MABN(
                 centered=norm == "MABN-centered", **raw
             )
-        model = sb.ResNet(layer, conv, (16, 32, 64), stem_stride=2)
+        if mlp:
+            dense = mabn_jax.CenteredDense if conv_name == "CenteredConv" else nn.Dense
+            label = label.replace("CenteredConv", "CenteredDense").replace("nn.Conv", "nn.Dense")
+            model = sb.MLP(layer, dense)
+        else:
+            model = sb.ResNet(layer, conv, (16, 32, 64), stem_stride=2)
         _batch_stats.clear()
         _batch_stats.update(batch_stats)
         t0 = time.time()
         e = sb.train_and_evaluate(
-            sb.Setup("ResNet", norm, 2, 2),
+            sb.Setup("MLP" if mlp else "ResNet", norm, 2, 2),
             data,
             args.seeds,
             args.epochs,
             False,
             model=model,
             lr=args.lr,
+            centralize=centralize,
         )
         print(
             f"| {label} | {e.mean():.2f} | {e.min():.2f} | {e.max():.2f} | "
@@ -236,13 +336,15 @@ def main(argv=None):
     p.add_argument(
         "--model",
         default="MLP",
-        choices=("MLP", "convnet"),
-        help="convnet: the ResNet at library defaults (issue 19)",
+        choices=("MLP", "convnet", "MLP-defaults"),
+        help="convnet: the ResNet at library defaults (issue 19); MLP-defaults: the MLP "
+        "at library defaults (rows of CONV_VARIANTS)",
     )
     p.add_argument(
         "--variants",
-        default=",".join(CONV_VARIANTS),
-        help="convnet: comma-separated rows of CONV_VARIANTS",
+        default=None,
+        help="comma-separated rows of VARIANTS (MLP; default: MLP_DEFAULT) or of "
+        "CONV_VARIANTS (convnet; default: all)",
     )
     p.add_argument("--size", type=int, default=16, help="convnet: image size (upsampled)")
     p.add_argument("--lr", type=float, default=0.1 * 2 / 32, help="convnet: peak learning rate")
@@ -253,12 +355,15 @@ def main(argv=None):
         "1 epoch, true batch 2",
     )
     args = p.parse_args(argv)
-    variants = VARIANTS
     if args.quick:
         args.seeds, args.epochs, args.regimes = 1, 1, "true"
-        variants = [VARIANTS[i] for i in (0, 1, 4)]
-    if args.model == "convnet":
-        return convnet_main(args)
+        if args.model == "MLP":
+            args.variants = "plain,demo,g_psi_batch"
+    if args.model != "MLP":
+        args.variants = args.variants or ",".join(CONV_VARIANTS)
+        return defaults_main(args)
+    names = args.variants.split(",") if args.variants else MLP_DEFAULT
+    variants = [VARIANTS[name] for name in names]
     regimes = args.regimes.split(",")
     data = sb.load_data("digits", None)
     t0 = time.time()

@@ -278,12 +278,17 @@ def train_and_evaluate(
     overrides: dict | None = None,
     model: nn.Module | None = None,
     lr: float | None = None,
+    centralize: Callable[[Any], Any] | None = None,
 ) -> np.ndarray:
     """Test error (%) of each seed after ``epochs`` epochs (seeds are vmapped).
 
     Each seed draws its own initialization and its own shuffling every epoch.
     ``model``: train this one instead of ``build``'s (``centered_ablation.py``);
-    ``lr``: the peak learning rate (default: 0.1 scaled linearly from batch 32).
+    ``lr``: the peak learning rate (default: 0.1 scaled linearly from batch 32);
+    ``centralize``: a mask (a function of the params) of kernels to keep
+    centered: the optimizer is wrapped in :func:`mabn_jax.optax.centralize` and
+    the params start from :func:`mabn_jax.optax.center` (a plain ``nn.Conv``
+    then has ``CenteredConv``'s effective weights).
     """
     xtr, ytr, xte, yte = data
     steps_per_epoch = len(xtr) // setup.grad_batch
@@ -296,10 +301,14 @@ def train_and_evaluate(
         optax.add_decayed_weights(5e-4),
         optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9),
     )
+    if centralize is not None:  # linear inner optimizer, but keep the update pass: exact
+        tx = mabn_jax.optax.centralize(tx, centralize, center_updates=True)
 
     def init(key):
         variables = model.init(key, xtr[: setup.grad_batch], train=False)
         params = variables["params"]
+        if centralize is not None:
+            params = mabn_jax.optax.center(params, centralize)
         return params, variables.get("batch_stats", {}), tx.init(params)
 
     def train_step(carry, batch):
