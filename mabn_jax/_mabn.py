@@ -191,6 +191,7 @@ class _Windows(NamedTuple):
     """Stage 2, the window update: the statistics in use and the state's new fields."""
 
     phase: _window.Phase
+    count: Array  # the incoming step, as int32
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -220,7 +221,8 @@ def _forward_statistics(x, state: MABNState, mask, cfg: MABNConfig, feature_axes
 
 def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig) -> _Windows:
     groups = batch.split.groups
-    phase = _window.phase(_window.as_count(state.step) + 1 + jnp.arange(groups), cfg)
+    count = _window.as_count(state.step)
+    phase = _window.phase(count + 1 + jnp.arange(groups), cfg)
     sl = _window.slide(phase.slot_mask)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var
@@ -228,7 +230,9 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig) -> _Window
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _window.emas(
         state, *lax.stop_gradient((var, mean)), groups > 1, cfg
     )
-    return _Windows(phase, mean_w, var_w, mean, var, ema_var, ema_var_used, ema_mean, ema_mean_used)
+    return _Windows(
+        phase, count, mean_w, var_w, mean, var, ema_var, ema_var_used, ema_mean, ema_mean_used
+    )
 
 
 def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg) -> MABNState:
@@ -239,9 +243,8 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     written = w.phase.slot_mask.any(0)
     fill = (lambda v: jnp.nan) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where(S.lead(written, v), fill(v), v)
-    count = _window.as_count(state.step)
     new = MABNState(
-        _window.advance(state.step, count, batch.split.groups, cfg.window),
+        _window.advance(state.step, w.count, batch.split.groups, cfg.window),
         w.var_window,
         reserve(state.psi_window),
         w.ema_var,
