@@ -191,7 +191,7 @@ class _Windows(NamedTuple):
     """Stage 2, the window update: the statistics in use and the state's new fields."""
 
     phase: _window.Phase
-    count: Array  # the incoming step, as int32
+    step_count: Array  # the incoming step, as int32
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -244,7 +244,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     fill = (lambda v: jnp.nan) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where(S.lead(written, v), fill(v), v)
     new = MABNState(
-        _window.advance(state.step, w.count, batch.split.groups, cfg.window),
+        _window.advance(state.step, w.step_count, batch.split.groups, cfg.window),
         w.var_window,
         reserve(state.psi_window),
         w.ema_var,

@@ -192,50 +192,63 @@ def value_and_grad(
     # Tree mode differentiates every leaf of an argument, the probes included.
     probed = nums if tree_mode else tuple(_nnx_in_state.with_probes(a) for a in nums)
 
-    calls: list[set] = []  # per call of the helper, the set its loss collects into
+    indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
+    helper = _Helper(f, nums, indices, single, has_aux, kwargs)
+    helper.grad_fn = nnx.value_and_grad(
+        helper.scoped, argnums=probed[0] if single else probed, has_aux=has_aux, **kwargs
+    )
 
     @functools.wraps(f)
-    def scoped(*args, **kw):  # each probe consumed once: one training call per layer
-        with _shell.probe_scope(_entering_probes(args, indices), trained=calls[-1]):
-            return f(*args, **kw)
+    def wrapped(*args, **kw):
+        return helper(_positional(f, args, kw))
 
-    def checked_grad_fn(models, *args):
-        """``grad_fn``, and a layer applied in training mode whose new state
-        never arrived (a transform broadcast it) raises here, at trace time."""
-        before = _steps_and_tokens(models)
-        calls.append(trained := set())  # the layers that train in this call, by token
+    return wrapped
+
+
+class _Helper:
+    """One ``value_and_grad`` helper: the step with probes attached (the default),
+    or, once axes built before the step did not fit them, with the probes carried
+    in the layers' own state (:mod:`mabn_jax._nnx_in_state`) from then on."""
+
+    def __init__(self, f, nums, indices, single, has_aux, kwargs):
+        self.f, self.nums, self.indices, self.single = f, nums, indices, single
+        self.has_aux, self.kwargs = has_aux, kwargs
+        self.grad_fn: Callable = f
+        self.calls: list[set] = []  # per call, the set its loss collects trained layers in
+        self.in_state = False
+
+    def scoped(self, *args, **kw):
+        """``f`` in the helper's scope: each probe consumed once, one training
+        call per layer."""
+        entering = _entering_probes(args, self.indices)
+        with _shell.probe_scope(entering, trained=self.calls[-1]):
+            return self.f(*args, **kw)
+
+    def __call__(self, args: tuple):
+        if not self.in_state:
+            try:
+                return self.attached(args)
+            except _StaleAxes:
+                self.in_state = True
+        fn = functools.partial(
+            _nnx_in_state.grad_fn,
+            self.f,
+            self.nums,
+            self.indices,
+            self.single,
+            self.has_aux,
+            self.kwargs,
+        )
+        return _nnx_in_state.step(fn, [args[i] for i in self.indices], args, self.single)
+
+    def attached(self, args: tuple):
+        """The step with probes attached to the layers."""
+        models: list = []
+        previous: list = []
+        unpacked: dict = {}
         try:
-            result = grad_fn(*args)
-        except (ValueError, AttributeError) as e:
-            # In tree mode JAX's own message for a prefix mismatch fails to format
-            # (an AttributeError about GetAttrKey): the same mistake.
-            if not _upstream.is_prefix_mismatch(e) or not any(
-                _nnx_probes.layers_of(m) for m in models
-            ):
-                raise
-            raise _StaleAxes(_nnx_in_state.STALE_AXES) from e
-        finally:
-            calls.pop()
-        _check_state_arrived(models, before, trained)
-        return result
-
-    grad_fn = nnx.value_and_grad(
-        scoped, argnums=probed[0] if single else probed, has_aux=has_aux, **kwargs
-    )
-    indices = [a.argnum if isinstance(a, nnx.DiffState) else a for a in nums]
-
-    def attached(args):
-        """The step with probes attached to the layers (the default)."""
-        models, previous, unpacked = [], [], {}
-        try:
-            for k, i in enumerate(indices):
-                view, group = _unpacked(args, i, unpacked)
-                models.append(args[i] if view is None else view)
-                previous.append(_nnx_probes.attach(models[-1], k, count=True))
-                if view is not None:
-                    unpacked[k] = (_upstream.graph_state_parts(args[i])[0], group)
-                    args = _repacked(args, i, group, view)
-            out, grads = checked_grad_fn(models, *args)
+            args = _attach_all(args, self.indices, models, previous, unpacked)
+            out, grads = self.checked_grad_fn(models, *args)
         except BaseException as e:
             if isinstance(e, _StaleAxes):  # tried again without probes: as it was
                 for m, prev in zip(models, previous):
@@ -244,23 +257,44 @@ def value_and_grad(
                 _nnx_probes.detach(m)
             raise
         graphdefs = [unpacked.get(k, (None,))[0] for k in range(len(models))]
-        clean = _record_all(models, (grads,) if single else tuple(grads), previous, graphdefs)
-        return out, clean[0] if single else tuple(clean)
+        grads = (grads,) if self.single else tuple(grads)
+        clean = _record_all(models, grads, previous, graphdefs)
+        return out, clean[0] if self.single else tuple(clean)
 
-    in_state: list[bool] = []  # once axes built before the step did not fit the probes: [True]
+    def checked_grad_fn(self, models, *args):
+        """``grad_fn``, and a layer applied in training mode whose new state
+        never arrived (a transform broadcast it) raises here, at trace time."""
+        before = _steps_and_tokens(models)
+        self.calls.append(trained := set())  # the layers that train in this call
+        try:
+            result = self.grad_fn(*args)
+        except (ValueError, AttributeError) as e:
+            # In tree mode JAX's own message for a prefix mismatch fails to format
+            # (an AttributeError about GetAttrKey): the same mistake.
+            has_layers = any(_nnx_probes.layers_of(m) for m in models)
+            if not _upstream.is_prefix_mismatch(e) or not has_layers:
+                raise
+            raise _StaleAxes(_nnx_in_state.STALE_AXES) from e
+        finally:
+            self.calls.pop()
+        _check_state_arrived(models, before, trained)
+        return result
 
-    @functools.wraps(f)
-    def wrapped(*args, **kw):
-        args = _positional(f, args, kw)
-        if not in_state:
-            try:
-                return attached(args)
-            except _StaleAxes:
-                in_state.append(True)
-        fn = functools.partial(_nnx_in_state.grad_fn, f, nums, indices, single, has_aux, kwargs)
-        return _nnx_in_state.step(fn, [args[i] for i in indices], args, single)
 
-    return wrapped
+def _attach_all(args: tuple, indices, models: list, previous: list, unpacked: dict) -> tuple:
+    """Attaches the probes to each differentiated model (for ``nnx.unpack``'s
+    GraphStates, to the module they merge into), filling ``models``, ``previous``
+    (their state before the step) and ``unpacked`` (``k -> (the caller's graphdef,
+    the GraphState positions)``) as it goes, so that a failure part-way can undo
+    what was attached; returns ``args`` with re-split GraphStates."""
+    for k, i in enumerate(indices):
+        view, group = _unpacked(args, i, unpacked)
+        models.append(args[i] if view is None else view)
+        previous.append(_nnx_probes.attach(models[-1], k, count=True))
+        if view is not None:
+            unpacked[k] = (_upstream.graph_state_parts(args[i])[0], group)
+            args = _repacked(args, i, group, view)
+    return args
 
 
 def _entering_probes(args, indices) -> dict:
