@@ -4,10 +4,10 @@
 defaults), the plain MABN, the centered MABN and BatchRenorm, the size of the
 jitted ``value_and_grad`` of one layer (NHWC ``[2, 8, 8, 16]``, loss
 ``mean(y²)``, the updated ``batch_stats`` returned): the jaxpr's lines, the
-optimized HLO's instructions (XLA CPU; its source-location tables left out), and its fusions. MABN's step is the BN step
-with ``mabn_jax.value_and_grad`` in place of ``jax.value_and_grad``. These
-figures are deterministic for a given jax/XLA version; ``tests/test_graph_size.py``
-asserts the ratios to BN.
+optimized HLO's instructions (XLA CPU; its source-location tables left out),
+and its fusions. MABN's step is the BN step with ``mabn_jax.value_and_grad``
+in place of ``jax.value_and_grad``. These figures are deterministic for a
+given jax/XLA version; ``tests/test_graph_size.py`` asserts the ratios to BN.
 """
 
 from __future__ import annotations
