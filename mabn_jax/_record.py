@@ -109,7 +109,8 @@ def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     return S.select(ok, filled, undone), consistent, uses
 
 
-_record_step = jax.jit(_record)  # traced once per layer shape: a deep model's layers share it
+# Traced once per layer shape (a deep model's layers share it), inlined as _train_step.
+_record_step = jax.jit(_record, inline=True)
 
 
 def _one_apply_apart(

@@ -366,7 +366,10 @@ def test_nnx_freezing_under_transforms_records_or_is_loud(transform):
     for _ in range(2):
         mabn_jax.nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(want)
         mabn_jax.nnx.value_and_grad(lambda m: apply(_freeze_params(m)))(got)
-    np.testing.assert_allclose(got.layers[1].psi_window[...], want.layers[1].psi_window[...])
+    # One run eager, one under the transform: float32 rounding of two compilations.
+    np.testing.assert_allclose(
+        got.layers[1].psi_window[...], want.layers[1].psi_window[...], rtol=1e-6
+    )
     cut = lambda m: apply(_freeze_state(m))
     with pytest.raises(ValueError, match="probes received no gradient.*nnx.Param"):
         mabn_jax.nnx.value_and_grad(cut)(_nnx_small())
