@@ -3,8 +3,8 @@ fusions against nn.BatchNorm's (deterministic figures of benchmarks/graph_size.p
 
 The bounds are today's figures with a little room, so that a change that
 grows the graph fails here; `python benchmarks/graph_size.py` prints the table.
-(The jaxpr lines include the per-layer ``jit`` wrappers that let a deep model
-trace each layer shape once; they cost lines here and save time there.)
+(The per-layer ``jit`` that lets a deep model trace each layer shape once is
+inlined, so the jaxpr shows the layer's equations themselves.)
 """
 
 from __future__ import annotations
