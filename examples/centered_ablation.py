@@ -84,7 +84,7 @@ VARIANTS = {
         {"renorm_start": NO_RENORM},
         (),
     ),
-    "m2": ("centered: window m = 2 (the layer's default)", "MABN-centered", {"buffer_size": 2}, ()),
+    "m2": ("centered: window m = 2 (the 0.3 default)", "MABN-centered", {"buffer_size": 2}, ()),
     "warm_m": (
         "centered: warm-up of m = 16 steps only",
         "MABN-centered",
@@ -115,7 +115,7 @@ REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
 # The convnet at library defaults (issue 19): (label, norm, MABN keyword overrides,
 # statistics taken from the batch instead of the window). "BN" is nn.BatchNorm with
 # the two-pass variance; every MABN row starts from MABN()'s own defaults (centered:
-# m = 2, plain: m = 16; warm-up 100, renorm from 1000, momentum 0.98, r_max = d_max
+# m = clip(ceil(16 / positions), 2, 16) per layer, plain: m = 16; warm-up 100, renorm from 1000, momentum 0.98, r_max = d_max
 # = 5) and changes what its label says. The override "conv" puts the centered layer
 # after CenteredConv instead of nn.Conv (or the plain layer after nn.Conv);
 # "centralize" keeps nn.Conv's kernels centered by the optimizer instead
@@ -132,7 +132,8 @@ CONV_VARIANTS = {
         {"conv": "Conv", "centralize": True},
         (),
     ),
-    "centered": ("centered MABN, defaults (m = 2)", "MABN-centered", {}, ()),
+    "centered": ("centered MABN, defaults (m per layer)", "MABN-centered", {}, ()),
+    "m2": ("centered: window m = 2 (the 0.3 default)", "MABN-centered", {"buffer_size": 2}, ()),
     "adaptive": (
         "centered: m = clip(ceil(32 / values per channel and step), 2, 16)",
         "MABN-centered",
@@ -237,8 +238,9 @@ class AdaptiveWindow(nn.Module):
 
     ``m = clip(ceil(32 / n), 2, 16)`` with ``n`` the values one training step
     normalizes per channel (``batch`` × positions): 16 for dense features at batch
-    2, 2 for a conv layer with 16 or more positions, 4 at 2×2. A candidate for
-    ``buffer_size=None`` measured here, not an option of the layer.
+    2, 2 for a conv layer with 16 or more positions, 4 at 2×2. The candidate
+    measured for ``buffer_size=None``; at batch 2 it is the centered layer's
+    default since 0.4 (``MABNConfig.window_length``), which row "centered" runs.
     """
 
     batch: int

@@ -62,6 +62,7 @@ class Spec(NamedTuple):
     feature_axes: tuple[int, ...]  # axis 0 (the groups) first
     out_dtype: Any
     config: MABNConfig
+    window: int  # m, the steps a window averages (MABNConfig.window_length)
     recorded: bool = True  # probes given: the backward statistics can leave the VJP
 
 
@@ -76,7 +77,8 @@ class Ctx(NamedTuple):
     d: Array | None
     psi_window: Array  # windows as before this step
     g_window: Array | None
-    slot_mask: Array  # [G, m]
+    slot_mask: Array  # [G, R]
+    t: Array  # [G]: the window steps
     use_batch: Array  # [G]
     count: Array  # type: ignore[assignment]  # examples per statistic (shadows tuple.count)
     mask: Array | None
@@ -164,7 +166,7 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
     dy = dy.astype(dtype)
     a = scale * ctx.r
     keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
-    sl = _window.slide(ctx.slot_mask)
+    sl = _window.slide(ctx.slot_mask, ctx.t, spec.window)
     weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
     def windowed(window, total):

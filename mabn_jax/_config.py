@@ -21,16 +21,22 @@ __all__ = ["MABNConfig", "BatchRenormConfig", "config_of"]
 # `lax.pmean(batch_stats)` work, as for nn.BatchNorm); schedule thresholds must
 # stay well inside float32's exact-integer range (see _window.advance).
 MAX_SCHEDULE_STEP = 2**22
-# buffer_size=None: the window each variant gets (docs/centered.md, issue 19).
-DEFAULT_BUFFER_SIZE = {False: 16, True: 2}
+# buffer_size=None: the rows of the stored windows (both variants), and the
+# centered layer's window length per layer (docs/centered.md, issue 30 item 16).
+DEFAULT_BUFFER_SIZE = 16
+# The centered layer's default window spans about this many values per channel
+# and example: m = clip(ceil(_SPAN / positions), _MIN_WINDOW, DEFAULT_BUFFER_SIZE).
+_SPAN = 16
+_MIN_WINDOW = 2
 
 
 class _DefaultWindow(int):
-    """A ``buffer_size`` that was left ``None``: the variant's default window.
+    """A ``buffer_size`` that was left ``None``: the default window.
 
     It is the int (``MABNConfig().buffer_size == 16``), and it says where it
-    came from, so that ``dataclasses.replace(config, centered=True)`` resolves
-    the default again for the other variant instead of keeping this one's.
+    came from, so that ``dataclasses.replace(config, centered=True)`` gives the
+    centered layer its per-layer window (:meth:`MABNConfig.window_length`)
+    instead of a fixed one.
     """
 
     def __repr__(self) -> str:
@@ -163,7 +169,10 @@ class _NormConfig:
         )
 
 
-@dataclasses.dataclass(unsafe_hash=True, kw_only=True)
+# eq=False: the comparison below also tells a default window from the same
+# number given (they differ for the centered layer), as jit's static arguments
+# must: equal configs share one trace.
+@dataclasses.dataclass(eq=False, kw_only=True)
 class MABNConfig(_NormConfig):
     """Hyper-parameters of one MABN layer (static: changing one recompiles).
 
@@ -175,23 +184,33 @@ class MABNConfig(_NormConfig):
     Attributes:
       buffer_size: ``m``, the steps in the simple-moving-average windows
         (the paper: real batch / normalization batch, 16 for ImageNet).
-        ``None`` (default): 16 for the plain layer, 2 for the centered one.
-        A window averages statistics measured under the last ``m`` versions
-        of the weights: ``μ̃ = mean(μ_w)`` lags the current mean by
-        ``(m − 1)/2`` optimizer steps, and the centered layer's mean (and
-        g, σ², Ψ) follows every update of a plain ``nn.Conv``. On a small
-        ResNet at a true batch of 2 and learning rate 0.1, ``m = 16`` failed
-        in 7 of 8 seeds where ``m = 2`` trained as well as the plain layer
-        and batch norm (``docs/centered.md``). With ghost batches (``G``
-        groups per optimizer step) the paper's ``m = G`` spans one step:
-        set it.
+        ``None`` (default): 16 for the plain layer. The centered layer
+        averages the last ``m = clip(⌈16 / positions⌉, 2, 16)`` steps,
+        ``positions`` being the values per channel of one example (1 after
+        ``nn.Dense``, H·W after a conv): 16 on dense features, 4 on a 2×2
+        map, 2 from 3×3 up (:meth:`window_length`). The linen layer stores
+        those ``m`` steps (it sees the input at ``init``); the NNX layer,
+        built before it sees an input, stores 16 and reads the last ``m``. A window averages statistics measured under
+        the last ``m`` versions of the weights: ``μ̃ = mean(μ_w)`` lags the
+        current mean by ``(m − 1)/2`` optimizer steps, and the centered
+        layer's mean (and g, σ², Ψ) follows every update of a plain
+        ``nn.Conv``; a short window is noisy where a step normalizes few
+        values. On a small ResNet at a true batch of 2 and learning rate 0.1
+        ``m = 16`` failed in 7 of 8 seeds where ``m = 2`` trained, and on an
+        MLP ``m = 2`` cost 2–4 points where ``m = 16`` did not
+        (``docs/centered.md``). With ghost batches (``G`` groups per
+        optimizer step) the paper's ``m = G`` spans one step: set it.
       warmup_steps: while ``t < warmup_steps`` the batch statistics are used.
       renorm_start: renormalization by ``r`` (and ``d``) starts after step
         ``max(renorm_start, warmup_steps)``.
       r_max: ``r`` is clipped to ``[1/r_max, r_max]``.
-      centered: ``False`` for the paper's final MABN (second moment only,
-        backward Ψ only; use it after weight-centralized layers); ``True`` to
-        also moving-average the mean and g (works after any layer).
+      centered: ``True`` also moving-averages the mean and g, and
+        renormalizes by ``d``: it trains after any layer. ``False`` (default)
+        is the paper's final MABN (second moment only, backward Ψ only): it
+        assumes zero-mean inputs, i.e. weight-centralized layers before it
+        (``CenteredConv``, ``CenteredDense``, or ``nn.Conv`` trained with
+        :func:`mabn_jax.optax.centralize`); after a plain ``nn.Conv`` it lost
+        7 of 8 seeds at learning rate 0.1 (``docs/centered.md``).
       d_max: centered only: ``d`` is clipped to ``[−d_max, d_max]``.
       ghost_ema: with ghost batches (``norm_batch_size``), how the EMA follows
         the groups. ``'step'`` (default) follows the authors' simulated-small-
@@ -228,16 +247,61 @@ class MABNConfig(_NormConfig):
     def __post_init__(self):
         self._validate()
 
+    def _key(self) -> tuple:
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return (isinstance(self.buffer_size, _DefaultWindow), *fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     @property
     def window(self) -> int:
-        """``m``: ``buffer_size``, or where that is ``None`` its variant's default.
+        """The rows of the stored windows: ``buffer_size``, or 16 where that is ``None``.
 
         Example:
           >>> import mabn_jax
-          >>> mabn_jax.MABNConfig().window, mabn_jax.MABNConfig(centered=True).window
-          (16, 2)
+          >>> mabn_jax.MABNConfig().window, mabn_jax.MABNConfig(buffer_size=4).window
+          (16, 4)
         """
-        return self.buffer_size or DEFAULT_BUFFER_SIZE[bool(self.centered)]
+        return self.buffer_size or DEFAULT_BUFFER_SIZE
+
+    @property
+    def window_per_layer(self) -> bool:
+        """Whether each layer sizes its window (:meth:`window_length`): a centered
+        layer whose ``buffer_size`` was left ``None``."""
+        default = self.buffer_size is None or isinstance(self.buffer_size, _DefaultWindow)
+        return bool(self.centered) and default  # None: a module's own field
+
+    def window_length(self, positions: int) -> int:
+        """``m``, the steps a window averages, for inputs of ``positions`` values
+        per channel and example: :attr:`window` but for a centered layer
+        whose ``buffer_size`` was left ``None``, where it is
+        ``clip(⌈16 / positions⌉, 2, 16)``.
+
+        Args:
+          positions: values per channel of one example (the product of the
+            reduced axes but the batch's; 1 for ``[batch, features]``).
+
+        Returns:
+          ``m``, at most :attr:`window`.
+
+        Example:
+          >>> import mabn_jax
+          >>> config = mabn_jax.MABNConfig(centered=True)
+          >>> [config.window_length(p) for p in (1, 2, 4, 9, 64)]
+          [16, 8, 4, 2, 2]
+          >>> mabn_jax.MABNConfig(centered=False).window_length(64)
+          16
+        """
+        if not self.window_per_layer:
+            return self.window
+        span = -(-_SPAN // max(int(positions), 1))
+        return min(max(span, _MIN_WINDOW), self.window)
 
     def _validate(self, layer: str = "MABN") -> None:
         """Checks (and canonicalizes to Python types) every hyper-parameter."""
@@ -246,7 +310,7 @@ class MABNConfig(_NormConfig):
         given = None if isinstance(self.buffer_size, _DefaultWindow) else self.buffer_size
         values.update(
             buffer_size=check_int(layer, "buffer_size", given, 1, allow_none=True)
-            or _DefaultWindow(DEFAULT_BUFFER_SIZE[centered]),
+            or _DefaultWindow(DEFAULT_BUFFER_SIZE),
             warmup_steps=check_int(layer, "warmup_steps", self.warmup_steps, 0, MAX_SCHEDULE_STEP),
             renorm_start=check_int(layer, "renorm_start", self.renorm_start, 0, MAX_SCHEDULE_STEP),
             r_max=check_float(

@@ -207,17 +207,19 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
         )
         x = jnp.asarray(x)
         config = config_for(self, MABNConfig)
-        _, feature_shape = features_of(self, x)
+        feature_axes, feature_shape = features_of(self, x)
+        m = config.window_length(_mabn.positions(x.shape, feature_axes))
         layout = _state.LAYOUTS[config.centered]
         error = self.has_variable("batch_stats", layout[0][0]) and _state.layout_error(
             self.variables["batch_stats"], config.centered
         )
         if error:  # or Flax would silently initialize the missing fields
             raise ValueError(f"MABN layer {'/'.join(self.path)!r}: its batch_stats {error}.")
-        init = _shell.initial_state(feature_shape, config, self.param_dtype)
+        # A layer sizing its window stores just the steps it averages.
+        init = _shell.initial_state(feature_shape, config, self.param_dtype, rows=m)
         variables = state_variables(self, [k for k, _ in layout], init.values())
         state = _state.as_state({k: v.value for (k, _), v in zip(layout, variables)})
-        _state.check_state(state, config, feature_shape)  # before params: clearer errors
+        _state.check_state(state, config, feature_shape, window=m)  # before params
         scale, bias = make_params(self, feature_shape)
         if use_running_average:
             return _inference.mabn_inference(

@@ -30,6 +30,7 @@ whose slots were never filled makes the next training output NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -219,11 +220,11 @@ def _forward_statistics(x, state: MABNState, mask, cfg: MABNConfig, feature_axes
     return _Batch(split, sdt, mean_b, var_b, empty)
 
 
-def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig) -> _Windows:
+def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) -> _Windows:
     groups = batch.split.groups
     count = _window.as_count(state.step)
-    phase = _window.phase(count + 1 + jnp.arange(groups), cfg)
-    sl = _window.slide(phase.slot_mask)
+    phase = _window.phase(count + 1 + jnp.arange(groups), cfg, m, state.var_window.shape[0])
+    sl = _window.slide(phase.slot_mask, phase.t, m)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var
     )
@@ -244,7 +245,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     fill = (lambda v: jnp.nan) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where(S.lead(written, v), fill(v), v)
     new = MABNState(
-        _window.advance(state.step, w.step_count, batch.split.groups, cfg.window),
+        _window.advance(state.step, w.step_count, batch.split.groups, state.var_window.shape[0]),
         w.var_window,
         reserve(state.psi_window),
         w.ema_var,
@@ -290,6 +291,7 @@ def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) ->
         state.psi_window,
         state.g_window,
         w.phase.slot_mask,
+        w.phase.t,
         w.phase.use_batch,
         _count(batch.split, batch.dtype),
         batch.split.mask,
@@ -331,20 +333,21 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
     axis, dtype), in its four stages."""
     S.check_input(x, S.other_axes(x.ndim, axis), _LAYER)
     feature_shape = tuple(x.shape[a] for a in axis)
-    check_state(state, config, feature_shape)
+    m = config.window_length(positions(x.shape, axis))
+    check_state(state, config, feature_shape, window=m)
     recorded = probes is not None
     if probes is not None:
         _check_probes(probes, state)
     else:  # nothing can record this step's Ψ_B: see _backward.UNRECORDED
         probes = init_probes(state)
     batch = _forward_statistics(x, state, mask, config, axis)
-    windows = _update_windows(state, batch, config)
+    windows = _update_windows(state, batch, config, m)
     new_state = _new_state(state, batch, windows, recorded, config)
     norm = _renormalization(state, windows, config)
     scale, bias = S.affine_params(scale, bias, feature_shape, batch.dtype)
     out_dtype = jnp.dtype(dtype or x.dtype)
     spec = _backward.Spec(
-        batch.split.reduction_axes, batch.split.feature_axes, out_dtype, config, recorded
+        batch.split.reduction_axes, batch.split.feature_axes, out_dtype, config, m, recorded
     )
     y = _apply_backward_rule(x, scale, bias, state, probes, batch, windows, norm, spec)
     return y.reshape(x.shape), new_state, _named_stats(batch, windows, *norm[1:], config)
@@ -358,6 +361,12 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
 # jit halved the trace time but cost the ResNet-50 pod step 0.8 % more bytes per
 # chip (the call's linearization returns residuals that XLA then keeps).
 _train_step = jax.jit(_train_body, static_argnums=(6, 7, 8), inline=True)
+
+
+def positions(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> int:
+    """Values per channel of one example (:meth:`MABNConfig.window_length`): the
+    product of the reduced axes but the batch's (0)."""
+    return math.prod(n for a, n in enumerate(shape) if a and a not in feature_axes)
 
 
 def _count(split: S.Split, dtype) -> Array:

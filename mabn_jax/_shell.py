@@ -45,10 +45,12 @@ def state_dtype(param_dtype: Any) -> Any:
 
 
 def initial_state(
-    feature_shape: Sequence[int], config: MABNConfig, param_dtype: Any
+    feature_shape: Sequence[int], config: MABNConfig, param_dtype: Any, rows: int | None = None
 ) -> dict[str, Array]:
-    """A fresh layer's ``batch_stats`` entries, by stored name (``_state.LAYOUTS``)."""
-    return _state.to_mapping(_state.init_state(feature_shape, config, state_dtype(param_dtype)))
+    """A fresh layer's ``batch_stats`` entries, by stored name (``_state.LAYOUTS``);
+    ``rows``: the windows' (``None``: ``config.window``)."""
+    state = _state.init_state(feature_shape, config, state_dtype(param_dtype), rows)
+    return _state.to_mapping(state)
 
 
 def missing_probes(

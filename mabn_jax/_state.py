@@ -189,7 +189,10 @@ def layout_error(stored: Iterable[str], centered: bool) -> str | None:
 
 
 def init_state(
-    feature_shape: Sequence[int], config: MABNConfig, dtype: Any = jnp.float32
+    feature_shape: Sequence[int],
+    config: MABNConfig,
+    dtype: Any = jnp.float32,
+    rows: int | None = None,
 ) -> MABNState:
     """The state before the first training step (EMA of the variance at 1).
 
@@ -197,6 +200,10 @@ def init_state(
       feature_shape: the features' shape (one entry per feature axis).
       config: the layer's hyper-parameters (``buffer_size``, ``centered``).
       dtype: the state's dtype (float32 or wider).
+      rows: the windows' rows; ``None``: ``config.window``. A layer sizing its
+        window (:attr:`MABNConfig.window_per_layer`) may store just its
+        :meth:`~MABNConfig.window_length` (the linen layers do: they see the
+        input at ``init``).
 
     Returns:
       A :class:`MABNState` with empty windows at step 0.
@@ -208,7 +215,7 @@ def init_state(
       Array([1., 1., 1.], dtype=float32)
     """
     feature_shape = tuple(feature_shape)
-    window = jnp.zeros((config.window,) + feature_shape, dtype)
+    window = jnp.zeros((rows or config.window,) + feature_shape, dtype)
     zero = jnp.zeros((), dtype)
     ones = jnp.ones(feature_shape, dtype)
     if not config.centered:
@@ -239,9 +246,17 @@ def init_probes(state: MABNState) -> Probes:
 
 
 def check_state(
-    state: MABNState, config: MABNConfig, feature_shape: tuple[int, ...], layer: str = "MABN"
+    state: MABNState,
+    config: MABNConfig,
+    feature_shape: tuple[int, ...],
+    layer: str = "MABN",
+    window: int | None = None,
 ) -> None:
-    """The state must be this layer's: variant and window shape (trace time)."""
+    """The state must be this layer's: variant and window shape (trace time).
+
+    A layer that sizes its window (:attr:`MABNConfig.window_per_layer`) takes
+    windows of at least the ``window`` steps it averages (``None``: of any
+    length, for inference); any other takes exactly ``config.window`` rows."""
     low = sorted(
         {
             str(v.dtype)
@@ -264,12 +279,24 @@ def check_state(
             f"{layer}: config.centered={config.centered} but the state is a "
             f"centered={state.centered} state; build it with init_state(..., config)."
         )
-    want = (config.window,) + tuple(feature_shape)
+    rows = state.psi_window.shape[0] if state.psi_window.ndim else 0
+    want_rows, hint = config.window, ""
+    if config.window_per_layer:  # any rows from its window length up to 16 fit
+        least = window or 1
+        want_rows = rows if least <= rows <= config.window else least
+        if 0 < rows < least:
+            hint = (
+                f" This centered layer averages the last {least} steps (its default "
+                "window for this input, MABNConfig.window_length; the centered default "
+                f"of mabn_jax 0.3 stored 2): build it with buffer_size={rows} to keep "
+                "this state."
+            )
+    want = (want_rows,) + tuple(feature_shape)
     if tuple(state.psi_window.shape) != want:
         raise ValueError(
             f"{layer}: state window shape {tuple(state.psi_window.shape)} does not fit "
             f"buffer_size={config.window} and features {tuple(feature_shape)} "
             f"(expected {want}); the state was built for another configuration or input. "
             "Re-initialize it (model.init, or init_state(features, config)), or load a "
-            "checkpoint made with the same buffer_size and feature size."
+            "checkpoint made with the same buffer_size and feature size." + hint
         )

@@ -1,9 +1,11 @@
 """The moving-average windows of MABN: counters, phases, ring buffers, EMAs.
 
 A training call of ``G`` window steps (``G`` ghost batches; 1 without) is
-steps ``t = step + 1 … step + G``. Step ``t`` writes slot ``t mod m`` of each
-window and, past the batch phase (``t ≤ m`` or ``t < warmup_steps``),
-normalizes with the mean of the last ``m`` writes up to its own::
+steps ``t = step + 1 … step + G``. Step ``t`` writes slot ``t mod R`` of each
+window of ``R`` rows and, past the batch phase (``t ≤ m`` or
+``t < warmup_steps``), normalizes with the mean of the last ``m ≤ R`` writes
+up to its own (``m < R``: the centered layer's per-layer default window,
+:meth:`~mabn_jax.MABNConfig.window_length`)::
 
     μ̃ = mean(μ_w),   σ̃² = mean(σ²_w) + mean((μ_w − μ̃)²)     (centered)
     χ̃² = mean(χ²_w)                                           (plain)
@@ -47,18 +49,20 @@ __all__ = [
 
 
 class Phase(NamedTuple):
-    slot_mask: Array  # [m] bool (or [G, m]): the ring-buffer slot t mod m
-    use_batch: Array  # bool (or [G]): t <= m or t < warmup
-    renorm: Array  # bool (or [G]): t > max(renorm_start, warmup)
+    slot_mask: Array  # [G, R] bool: the ring-buffer slot t mod R
+    use_batch: Array  # [G] bool: t <= m or t < warmup
+    renorm: Array  # [G] bool: t > max(renorm_start, warmup)
+    t: Array  # [G] int32: the window steps
 
 
-def phase(t: Array, cfg: MABNConfig) -> Phase:
-    """The phase of each window step ``t`` (``[G]``, every ``t >= 1``)."""
-    m = cfg.window
+def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
+    """The phase of each window step ``t`` (``[G]``, every ``t >= 1``) of a
+    window averaging ``m`` of its ``rows``."""
     return Phase(
-        jnp.arange(m)[None] == lax.rem(t, m)[:, None],  # t >= 1: rem is mod
+        jnp.arange(rows)[None] == lax.rem(t, rows)[:, None],  # t >= 1: rem is mod
         (t <= m) | (t < cfg.warmup_steps),
         t > max(cfg.renorm_start, cfg.warmup_steps),
+        t,
     )
 
 
@@ -68,7 +72,7 @@ def as_count(step: Array) -> Array:
 
 
 def wrap_period(m: int) -> int:
-    """What a counter past ``_WRAP`` steps back by: a multiple of ``m``."""
+    """What a counter past ``_WRAP`` steps back by: a multiple of ``m`` (the rows)."""
     return m * ((_WRAP // 2) // m)
 
 
@@ -81,25 +85,38 @@ def advance(step: Array, count: Array, n: int, m: int) -> Array:
 class Slide(NamedTuple):
     """How the ``G`` window steps of one call share the ring buffer.
 
-    Group ``i`` writes slot ``t_i mod m`` and reads the last ``m`` writes up
+    Group ``i`` writes slot ``t_i mod R`` and reads the last ``m`` writes up
     to its own: the values of groups ``i − m < j ≤ i`` (``in_window``) and the
-    slots no such group wrote (``old_kept``). A plain call is ``G = 1``.
+    slots written before the call within its last ``m`` steps (``old_kept``).
+    A plain call is ``G = 1``.
     """
 
     in_window: Array  # [G, G]: group j's value is in group i's window
-    old_kept: Array  # [G, m]: slot s still holds its value from before the call
-    last: Array  # [G, m]: group j is the last to write slot s
+    old_kept: Array  # [G, R]: slot s holds a value from before the call in i's window
+    last: Array  # [G, R]: group j is the last to write slot s
+    m: int  # the steps a window averages (<= R)
+    recent: Array | None  # [G, R]: slot s is one of i's last m writes; None if m == R
 
 
-def slide(slot_mask: Array) -> Slide:
-    groups, m = slot_mask.shape
+def slide(slot_mask: Array, t: Array, m: int) -> Slide:
+    """The :class:`Slide` of a call's steps ``t`` (:attr:`Phase.slot_mask`,
+    :attr:`Phase.t`) for windows of length ``m``."""
+    groups, rows = slot_mask.shape
+    recent = None
+    if m < rows:  # a slot's age: the steps since its last write, as of step t_i
+        age = lax.rem(t[:, None] + np.arange(rows, 0, -1), rows)  # t >= 1: rem is mod
+        recent = age < m
     if groups == 1:  # one window step (no ghost batches): nothing to slide
-        return Slide(cast(Array, np.ones((1, 1), bool)), ~slot_mask, slot_mask)
+        kept = ~slot_mask if recent is None else ~slot_mask & recent
+        return Slide(cast(Array, np.ones((1, 1), bool)), kept, slot_mask, m, recent)
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
-    old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)
+    if recent is None:
+        old_kept = ~jnp.any(in_window[:, :, None] & slot_mask[None], axis=1)
+    else:  # written before the call (age > i) and recent enough
+        old_kept = recent & (age > i)
     later = jnp.cumsum(slot_mask[::-1], 0)[::-1] - slot_mask  # writes after group j
-    return Slide(in_window, old_kept, slot_mask & (later == 0))
+    return Slide(in_window, old_kept, slot_mask & (later == 0), m, recent)
 
 
 def _dot(mask: Array, v: Array) -> Array:
@@ -117,12 +134,18 @@ def _written(sl: Slide, window: Array, values: Array) -> Array:
     return S.where(S.lead(sl.last[0], window), values, window.astype(values.dtype))
 
 
+def _recent_mean(sl: Slide, v: Array) -> Array:
+    """The mean of a one-group window's ``m`` newest rows: ``[1, *features]``."""
+    if sl.recent is None:
+        return v.mean(0, keepdims=True)
+    return _dot(sl.recent, v) / sl.m
+
+
 def window_mean(sl: Slide, window: Array, values: Array) -> Array:
     """Each group's window mean: ``[G, *features]``."""
     if values.shape[0] == 1:
-        return _written(sl, window, values).mean(0, keepdims=True)
-    m = window.shape[0]
-    return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / m
+        return _recent_mean(sl, _written(sl, window, values))
+    return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / sl.m
 
 
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
@@ -139,7 +162,7 @@ def step_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array]:
     update a second time (as its linearization)."""
     if values.shape[0] == 1:
         written = _written(sl, window, values)
-        return lax.stop_gradient(written).astype(window.dtype), written.mean(0, keepdims=True)
+        return lax.stop_gradient(written).astype(window.dtype), _recent_mean(sl, written)
     return (
         final_window(sl, window, lax.stop_gradient(values)),
         window_mean(sl, window, values),
@@ -150,12 +173,11 @@ def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
     """Each group's between-step variance of the window's values about ``mu``
     (its window mean), in two passes."""
     if values.shape[0] == 1:
-        return jnp.square(_written(sl, window, values) - mu).mean(0, keepdims=True)
-    m = window.shape[0]
+        return _recent_mean(sl, jnp.square(_written(sl, window, values) - mu))
     return (
         _masked_sum(sl.in_window, jnp.square(values[None] - mu[:, None]))
         + _masked_sum(sl.old_kept, jnp.square(window[None].astype(mu.dtype) - mu[:, None]))
-    ) / m
+    ) / sl.m
 
 
 def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):

@@ -158,20 +158,20 @@ def test_the_other_fields():
 
 @pytest.mark.parametrize("centered, m", [(False, 16), (True, 2)])
 def test_default_window_per_variant(centered, m):
-    """buffer_size=None (the default) is 16 for the plain layer, 2 for the
-    centered one (docs/centered.md); the config, the linen layer's state and the
-    NNX layer agree, and an explicit buffer_size wins in all three."""
-    x = jnp.ones((2, 3))
+    """buffer_size=None (the default) stores 16 steps; the plain layer averages
+    16, the centered one clip(⌈16 / positions⌉, 2, 16), 2 on this 4×4 input
+    (docs/centered.md), which the linen layer stores (it sees the input at
+    init; NNX stores 16). An explicit buffer_size wins in all three."""
+    x = jnp.ones((2, 4, 4, 3))
     names = ("mean_window", "var_window", "g_window") if centered else ("x2_window",)
     for given_m, want in ((None, m), (16, 16), (5, 5)):
         kw = dict(centered=centered, buffer_size=given_m)
         config = mabn_jax.MABNConfig(**kw)
-        assert (config.buffer_size, config.window) == (want, want)
-        assert config == mabn_jax.MABNConfig(centered=centered, buffer_size=want)
+        assert (config.buffer_size, config.window_length(16)) == (given_m or 16, want)
         linen = mabn_jax.MABN(use_running_average=True, **kw)
         stats = linen.init(jax.random.key(0), x)["batch_stats"]
         layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0), **kw)
-        assert layer.buffer_size == want
+        assert layer.buffer_size == (given_m or 16)
         for name in names + ("psi_window",):
             assert stats[name].shape == (want, 3), name
-            assert getattr(layer, name)[...].shape == (want, 3), name
+            assert getattr(layer, name)[...].shape == (given_m or 16, 3), name

@@ -56,8 +56,9 @@ def test_accepts_every_batchnorm_attribute_and_paper_defaults():
         m.centered,
         m.d_max,
     ) == (0.98, 1e-5, 16, 100, 1000, 5.0, False, 5.0)
-    # The centered layer's window is 2 (docs/centered.md, issue 19).
-    assert (m.buffer_size, mabn_jax.MABN(centered=True).window) == (None, 2)
+    # The centered layer's window is sized per layer (docs/centered.md, issue 30).
+    centered = mabn_jax.MABNConfig(centered=True)
+    assert (m.buffer_size, centered.window_length(1), centered.window_length(64)) == (None, 16, 2)
     # Deliberate departures from nn.BatchNorm's defaults: the paper's momentum, and
     # the two-pass variance (the one-pass form cancels at batches of 1-4).
     assert (m.momentum, m.use_fast_variance) == (0.98, False)
