@@ -142,7 +142,9 @@ def window_table(rows, device):
         nx = x.size * x.dtype.itemsize
         cells = []
         for m in WINDOWS:
-            comp = compile_layer(mabn_jax.MABN(dtype=dtype, buffer_size=m), x, device)
+            comp = compile_layer(
+                mabn_jax.MABN(dtype=dtype, buffer_size=m, centered=False), x, device
+            )
             cells.append(f"{comp.cost_analysis()['bytes accessed'] / bn:.4f}")
         window = WINDOWS[-1] * shape[-1] * 4  # one float32 [16, C] window
         out.append(

@@ -167,7 +167,7 @@ def layer_modules(dtype, channels):
     return {
         "BN": nn.BatchNorm(dtype=dtype),
         "BN two-pass": nn.BatchNorm(use_fast_variance=False, dtype=dtype),
-        "MABN": mabn_jax.MABN(dtype=dtype),
+        "MABN": mabn_jax.MABN(dtype=dtype, centered=False),
         "MABN-centered": mabn_jax.MABN(**CENTERED, dtype=dtype),
         "GroupNorm(32)": nn.GroupNorm(num_groups=min(32, channels), dtype=dtype),
         # per sample over (H, W, C), as the paper's (and PyTorch's) LN for conv nets
@@ -209,7 +209,7 @@ RESNET: dict = {}
 
 def make_model(kind, dtype=jnp.float32):
     if kind == "MABN":
-        conv, norm = mabn_jax.CenteredConv, mabn_jax.MABN
+        conv, norm = mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, centered=False)
     elif kind == "BN":
         conv, norm = nn.Conv, nn.BatchNorm
     elif kind == "GN":
@@ -407,7 +407,7 @@ def bench_memory(train_mem, batch, shape=(2, 56, 56, 256)):
     for name, m in (
         ("BN", nn.BatchNorm()),
         ("BN two-pass", nn.BatchNorm(use_fast_variance=False)),
-        ("MABN", mabn_jax.MABN()),
+        ("MABN", mabn_jax.MABN(centered=False)),
         ("MABN-centered", mabn_jax.MABN(**CENTERED)),
     ):
         f, args = layer_step(m, x, x)
@@ -469,7 +469,7 @@ def hlo_report(dtype=jnp.float32, shape=(2, 56, 56, 256)):
     for name, m in (
         ("BN", nn.BatchNorm(dtype=dtype)),
         ("BN two-pass", nn.BatchNorm(use_fast_variance=False, dtype=dtype)),
-        ("MABN", mabn_jax.MABN(dtype=dtype)),
+        ("MABN", mabn_jax.MABN(dtype=dtype, centered=False)),
         ("MABN-centered", mabn_jax.MABN(**CENTERED, dtype=dtype)),
     ):
         f, args = layer_step(m, x, x)

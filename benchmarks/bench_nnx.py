@@ -43,7 +43,7 @@ import mabn_jax.nnx as mnnx  # noqa: E402
 class ConvNorm(nnx.Module):
     def __init__(self, cin, cout, kernel, strides, mabn: bool, rngs: nnx.Rngs):
         conv = mnnx.CenteredConv if mabn else nnx.Conv
-        norm = mnnx.MABN if mabn else nnx.BatchNorm
+        norm = functools.partial(mnnx.MABN, centered=False) if mabn else nnx.BatchNorm
         self.conv = conv(cin, cout, kernel, strides, padding="SAME", use_bias=False, rngs=rngs)
         self.norm = norm(cout, rngs=rngs)
 

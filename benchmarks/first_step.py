@@ -22,6 +22,7 @@ on the XLA backend (CPU here).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -45,7 +46,7 @@ def linen_step(variant: str, layers: int):
     """``(step, args)``: a jittable SGD train step of the linen ResNet and its inputs."""
     conv, norm = {
         "BN": (nn.Conv, nn.BatchNorm),
-        "MABN": (mabn_jax.CenteredConv, mabn_jax.MABN),
+        "MABN": (mabn_jax.CenteredConv, functools.partial(mabn_jax.MABN, centered=False)),
         "centered": (nn.Conv, lambda **kw: mabn_jax.MABN(centered=True, **kw)),
     }[variant]
     model = ResNet(
@@ -82,7 +83,7 @@ def nnx_step(variant: str, layers: int):
 
     conv, norm = {
         "BN": (nnx.Conv, nnx.BatchNorm),
-        "MABN": (mnnx.CenteredConv, mnnx.MABN),
+        "MABN": (mnnx.CenteredConv, functools.partial(mnnx.MABN, centered=False)),
         "centered": (nnx.Conv, lambda *a, **kw: mnnx.MABN(*a, centered=True, **kw)),
     }[variant]
 

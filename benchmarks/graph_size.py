@@ -26,7 +26,7 @@ SHAPE = (2, 8, 8, 16)
 def layers() -> dict:
     return {
         "BN": nn.BatchNorm(),
-        "MABN": mabn_jax.MABN(),
+        "MABN": mabn_jax.MABN(centered=False),
         "MABN centered": mabn_jax.MABN(centered=True),
         "BatchRenorm": mabn_jax.BatchRenorm(),
     }

@@ -115,9 +115,10 @@ REGIMES = {"true": (2, 2), "simulated": (2, sb.REFERENCE_BATCH)}
 # The convnet at library defaults (issue 19): (label, norm, MABN keyword overrides,
 # statistics taken from the batch instead of the window). "BN" is nn.BatchNorm with
 # the two-pass variance; every MABN row starts from MABN()'s own defaults (centered:
-# m = clip(ceil(16 / positions), 2, 16) per layer, plain: m = 16; warm-up 100, renorm from 1000, momentum 0.98, r_max = d_max
-# = 5) and changes what its label says. The override "conv" puts the centered layer
-# after CenteredConv instead of nn.Conv (or the plain layer after nn.Conv);
+# m = clip(ceil(16 / positions), 2, 16) per layer, plain: m = 16; warm-up 100, renorm
+# from 1000, momentum 0.98, r_max = d_max = 5) and changes what its label says. The
+# override "conv" puts the centered layer after CenteredConv instead of nn.Conv (or
+# the plain layer after nn.Conv);
 # "centralize" keeps nn.Conv's kernels centered by the optimizer instead
 # (mabn_jax.optax.centralize, from mabn_jax.optax.center'ed params: CenteredConv's
 # effective weights). "mu" takes the forward mean μ_B from the batch (a patch, as

@@ -68,6 +68,7 @@ class CNN(nn.Module):
             norm = functools.partial(
                 mabn_jax.MABN,
                 use_running_average=not train,
+                centered=False,  # the paper's layer, after CenteredConv
                 axis_name=axis_name,
                 buffer_size=16 // PER_DEV,
                 warmup_steps=100,

@@ -156,7 +156,8 @@ def main(argv=None):
     steps = args.epochs * (len(data[0][0]) // args.batch_size)
     # Short run: warm-up and renormalization scaled from the paper's ImageNet
     # schedule (100 / 1000 steps of ~600k) to a few thousand steps.
-    mabn_kwargs = dict(buffer_size=16, warmup_steps=100, renorm_start=steps // 3)
+    # centered=False: the paper's final layer, after CenteredConv (the README's CNN).
+    mabn_kwargs = dict(centered=False, buffer_size=16, warmup_steps=100, renorm_start=steps // 3)
     print(
         f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
         f"{args.batch_size}, {args.epochs} epochs ({steps} steps), {args.seeds} seeds"

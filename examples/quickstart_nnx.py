@@ -115,7 +115,10 @@ def main(argv=None) -> dict:
     steps = args.epochs * (len(data[0][0]) // args.batch_size)
     # Short run: warm-up and renormalization scaled from the paper's ImageNet
     # schedule (100 / 1000 steps of ~600k) to a few thousand steps.
-    mabn_kwargs = dict(buffer_size=16, warmup_steps=min(100, steps // 6), renorm_start=steps // 3)
+    # centered=False: the paper's final layer, after CenteredConv.
+    mabn_kwargs = dict(
+        centered=False, buffer_size=16, warmup_steps=min(100, steps // 6), renorm_start=steps // 3
+    )
     print(
         f"digits: {len(data[0][0])} train / {len(data[1][0])} test images, batch size "
         f"{args.batch_size}, {args.epochs} epochs ({steps} steps), Flax NNX"

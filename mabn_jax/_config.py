@@ -35,7 +35,7 @@ class _DefaultWindow(int):
 
     It is the int (``MABNConfig().buffer_size == 16``), and it says where it
     came from, so that ``dataclasses.replace(config, centered=True)`` gives the
-    centered layer its per-layer window (:meth:`MABNConfig.window_length`)
+    centered layer its per-layer window (:meth:`~mabn_jax.MABNConfig.window_length`)
     instead of a fixed one.
     """
 
@@ -190,23 +190,24 @@ class MABNConfig(_NormConfig):
         ``nn.Dense``, H·W after a conv): 16 on dense features, 4 on a 2×2
         map, 2 from 3×3 up (:meth:`window_length`). The linen layer stores
         those ``m`` steps (it sees the input at ``init``); the NNX layer,
-        built before it sees an input, stores 16 and reads the last ``m``. A window averages statistics measured under
-        the last ``m`` versions of the weights: ``μ̃ = mean(μ_w)`` lags the
-        current mean by ``(m − 1)/2`` optimizer steps, and the centered
-        layer's mean (and g, σ², Ψ) follows every update of a plain
-        ``nn.Conv``; a short window is noisy where a step normalizes few
-        values. On a small ResNet at a true batch of 2 and learning rate 0.1
-        ``m = 16`` failed in 7 of 8 seeds where ``m = 2`` trained, and on an
-        MLP ``m = 2`` cost 2–4 points where ``m = 16`` did not
+        built before it sees an input, stores 16 and reads the last ``m``.
+        A window averages statistics measured under the last ``m``
+        versions of the weights: ``μ̃ = mean(μ_w)`` lags the current mean
+        by ``(m − 1)/2`` optimizer steps, and the centered layer's mean
+        (and g, σ², Ψ) follows every update of a plain ``nn.Conv``; a
+        short window is noisy where a step normalizes few values. On a
+        small ResNet at a true batch of 2 and learning rate 0.1 ``m = 16``
+        failed in 7 of 8 seeds where ``m = 2`` trained, and on an MLP
+        ``m = 2`` cost 2–4 points where ``m = 16`` did not
         (``docs/centered.md``). With ghost batches (``G`` groups per
         optimizer step) the paper's ``m = G`` spans one step: set it.
       warmup_steps: while ``t < warmup_steps`` the batch statistics are used.
       renorm_start: renormalization by ``r`` (and ``d``) starts after step
         ``max(renorm_start, warmup_steps)``.
       r_max: ``r`` is clipped to ``[1/r_max, r_max]``.
-      centered: ``True`` also moving-averages the mean and g, and
-        renormalizes by ``d``: it trains after any layer. ``False`` (default)
-        is the paper's final MABN (second moment only, backward Ψ only): it
+      centered: ``True`` (default) also moving-averages the mean and g, and
+        renormalizes by ``d``: it trains after any layer. ``False`` is the
+        paper's final MABN (second moment only, backward Ψ only): it
         assumes zero-mean inputs, i.e. weight-centralized layers before it
         (``CenteredConv``, ``CenteredDense``, or ``nn.Conv`` trained with
         :func:`mabn_jax.optax.centralize`); after a plain ``nn.Conv`` it lost
@@ -240,7 +241,7 @@ class MABNConfig(_NormConfig):
     warmup_steps: int = 100
     renorm_start: int = 1000
     r_max: float = 5.0
-    centered: bool = False
+    centered: bool = True
     d_max: float = 5.0
     ghost_ema: str = "step"
 
@@ -261,7 +262,7 @@ class MABNConfig(_NormConfig):
 
     @property
     def window(self) -> int:
-        """The rows of the stored windows: ``buffer_size``, or 16 where that is ``None``.
+        """The rows the windows store, ``buffer_size`` or 16 where that is ``None``.
 
         Example:
           >>> import mabn_jax
@@ -272,8 +273,8 @@ class MABNConfig(_NormConfig):
 
     @property
     def window_per_layer(self) -> bool:
-        """Whether each layer sizes its window (:meth:`window_length`): a centered
-        layer whose ``buffer_size`` was left ``None``."""
+        """Whether each layer sizes its window (:meth:`window_length`), as a
+        centered layer whose ``buffer_size`` was left ``None`` does."""
         default = self.buffer_size is None or isinstance(self.buffer_size, _DefaultWindow)
         return bool(self.centered) and default  # None: a module's own field
 

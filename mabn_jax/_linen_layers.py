@@ -125,14 +125,16 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
     backward statistics into the gradient (equations in
     :mod:`mabn_jax.functional`). Inference is one per-channel affine map::
 
+        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β      (centered=True, default)
         y = γ · x / sqrt(ema_x2 + ε) + β                   (centered=False)
-        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β      (centered=True)
 
-    The plain layer (the paper's final MABN) skips the mean: put it after
-    :class:`CenteredConv` / :class:`CenteredDense`, whose outputs are near
-    zero-mean. State lives in ``batch_stats``. Train with
-    :func:`mabn_jax.value_and_grad` in place of ``jax.value_and_grad``; it
-    records the backward statistics (Ψ_B, g_B) that only the backward pass sees.
+    The default, centered layer trains after any layer. The plain layer
+    (``centered=False``, the paper's final MABN) skips the mean: put it after
+    :class:`CenteredConv` / :class:`CenteredDense`, whose outputs are near zero-mean (or
+    train ``nn.Conv`` with :func:`mabn_jax.optax.centralize`). State lives in
+    ``batch_stats``. Train with :func:`mabn_jax.value_and_grad` in place of
+    ``jax.value_and_grad``; it records the backward statistics (Ψ_B, g_B) that only the
+    backward pass sees.
 
     The hyper-parameters are those of :class:`~mabn_jax.MABNConfig`
     (``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups``,
@@ -157,15 +159,19 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax
-      >>> layer = mabn_jax.MABN(use_running_average=True, buffer_size=4)
+      >>> layer = mabn_jax.MABN(use_running_average=True)
       >>> x = jnp.ones((2, 3))
       >>> variables = layer.init(jax.random.key(0), x)
-      >>> sorted(variables["batch_stats"])
-      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
-      >>> variables["batch_stats"]["x2_window"].shape
-      (4, 3)
+      >>> sorted(variables["batch_stats"])  # doctest: +NORMALIZE_WHITESPACE
+      ['ema_mean', 'ema_var', 'g_window', 'mean_window', 'psi_window', 'skipped',
+       'step', 'var_window']
+      >>> variables["batch_stats"]["mean_window"].shape  # dense features: m = 16
+      (16, 3)
       >>> layer.apply(variables, x).shape
       (2, 3)
+      >>> plain = mabn_jax.MABN(use_running_average=True, centered=False, buffer_size=4)
+      >>> sorted(plain.init(jax.random.key(0), x)["batch_stats"])
+      ['ema_x2', 'psi_window', 'skipped', 'step', 'x2_window']
     """
 
     use_running_average: bool | None = None

@@ -119,7 +119,7 @@ def init_probes(batch_stats: Tree, loss_scale: Any = None) -> Any:
       >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=True)
       >>> probes = mabn_jax.init_probes(variables["batch_stats"])
       >>> jax.tree.map(jnp.shape, probes)
-      {'psi': (4, 3)}
+      {'g': (4, 3), 'psi': (4, 3)}
     """
     return _nest(
         {

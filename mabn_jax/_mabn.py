@@ -157,7 +157,7 @@ def mabn_train_with_stats(
 
     Example:
       >>> import jax, jax.numpy as jnp, mabn_jax.functional as F
-      >>> config = F.MABNConfig(buffer_size=4)
+      >>> config = F.MABNConfig(buffer_size=4, centered=False)
       >>> state = F.init_state((2,), config)
       >>> x = jnp.arange(8.0).reshape(4, 2)
       >>> scale, bias = jnp.ones(2), jnp.zeros(2)
@@ -364,7 +364,7 @@ _train_step = jax.jit(_train_body, static_argnums=(6, 7, 8), inline=True)
 
 
 def positions(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> int:
-    """Values per channel of one example (:meth:`MABNConfig.window_length`): the
+    """Values per channel of one example (:meth:`~mabn_jax.MABNConfig.window_length`): the
     product of the reduced axes but the batch's (0)."""
     return math.prod(n for a, n in enumerate(shape) if a and a not in feature_axes)
 

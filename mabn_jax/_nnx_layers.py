@@ -201,11 +201,13 @@ class MABN(Norm):
     and injects moving averages of the backward statistics (Ψ_B, g_B) into
     the gradient (equations in :mod:`mabn_jax.functional`). Inference::
 
+        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β      (centered=True, default)
         y = γ · x / sqrt(ema_x2 + ε) + β                   (centered=False)
-        y = γ · (x − ema_mean) / sqrt(ema_var + ε) + β      (centered=True)
 
-    The plain layer skips the mean: put it after :class:`CenteredConv` /
-    :class:`CenteredLinear`. Train with :func:`mabn_jax.nnx.value_and_grad`
+    The default, centered layer trains after any layer. The plain layer
+    (``centered=False``) skips the mean: put it after :class:`CenteredConv`
+    / :class:`CenteredLinear` (or centralize the kernels with
+    :func:`mabn_jax.optax.centralize`). Train with :func:`mabn_jax.nnx.value_and_grad`
     in place of ``nnx.value_and_grad``; differentiating a training-mode call
     outside it raises at trace time; a training call that nothing differentiates (a plain
     forward, ``nnx.tabulate``) advances the forward statistics and fills this
@@ -257,8 +259,10 @@ class MABN(Norm):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
-      >>> layer.x2_window[...].shape
+      >>> layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0))
+      >>> layer.mean_window[...].shape  # 16 steps stored, the last m read
+      (16, 3)
+      >>> mabn_jax.nnx.MABN(3, centered=False, buffer_size=4, rngs=nnx.Rngs(0)).x2_window.shape
       (4, 3)
       >>> layer.eval()
       >>> layer(jnp.ones((2, 3))).shape

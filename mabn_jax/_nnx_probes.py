@@ -72,7 +72,7 @@ def attach_probes(model) -> nnx.State:
     Example:
       >>> from flax import nnx
       >>> import mabn_jax.nnx
-      >>> layer = mabn_jax.nnx.MABN(3, buffer_size=4, rngs=nnx.Rngs(0))
+      >>> layer = mabn_jax.nnx.MABN(3, centered=False, buffer_size=4, rngs=nnx.Rngs(0))
       >>> previous = mabn_jax.nnx.attach_probes(layer)
       >>> layer.psi_probe[...].shape  # one Ψ_B slot per window step
       (4, 3)

@@ -54,7 +54,7 @@ class MABNState(NamedTuple):
       >>> import mabn_jax.functional as F
       >>> state = F.init_state((3,), F.MABNConfig(buffer_size=4))
       >>> state.var_window.shape, state.centered
-      ((4, 3), False)
+      ((4, 3), True)
     """
 
     step: Array
@@ -92,7 +92,7 @@ class Probes(NamedTuple):
 
     Example:
       >>> import mabn_jax.functional as F
-      >>> probes = F.init_probes(F.init_state((3,), F.MABNConfig(buffer_size=4)))
+      >>> probes = F.init_probes(F.init_state((3,), F.MABNConfig(buffer_size=4, centered=False)))
       >>> probes.psi.shape, probes.g
       ((4, 3), None)
     """
@@ -201,8 +201,8 @@ def init_state(
       config: the layer's hyper-parameters (``buffer_size``, ``centered``).
       dtype: the state's dtype (float32 or wider).
       rows: the windows' rows; ``None``: ``config.window``. A layer sizing its
-        window (:attr:`MABNConfig.window_per_layer`) may store just its
-        :meth:`~MABNConfig.window_length` (the linen layers do: they see the
+        window (:attr:`~mabn_jax.MABNConfig.window_per_layer`) may store just its
+        :meth:`~mabn_jax.MABNConfig.window_length` (the linen layers do: they see the
         input at ``init``).
 
     Returns:
@@ -254,7 +254,7 @@ def check_state(
 ) -> None:
     """The state must be this layer's: variant and window shape (trace time).
 
-    A layer that sizes its window (:attr:`MABNConfig.window_per_layer`) takes
+    A layer that sizes its window (:attr:`~mabn_jax.MABNConfig.window_per_layer`) takes
     windows of at least the ``window`` steps it averages (``None``: of any
     length, for inference); any other takes exactly ``config.window`` rows."""
     low = sorted(

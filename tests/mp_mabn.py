@@ -49,14 +49,14 @@ class Net(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        norm = lambda **kw: mabn_jax.MABN(
+        norm = lambda centered=False: mabn_jax.MABN(
             use_running_average=False,
+            centered=centered,
             axis_name=self.axis_name,
             buffer_size=2,
             warmup_steps=3,
             renorm_start=6,
             r_max=R_MAX,
-            **kw,
         )
         x = jnp.tanh(norm()(mabn_jax.CenteredDense(6, use_bias=False)(x)))
         x = jnp.tanh(norm(centered=True)(nn.Dense(6)(x)))

@@ -53,7 +53,11 @@ def _ref_vjp(x, scale, bias, dy):
 def test_noncentered_equals_autodiff_in_batch_phase(buffer_size, warmup):
     """m = 1, or every step inside warm-up: ∂L/∂x is jax.grad of the RMS norm."""
     mod = mabn_jax.MABN(
-        use_running_average=False, buffer_size=buffer_size, warmup_steps=warmup, renorm_start=50
+        use_running_average=False,
+        buffer_size=buffer_size,
+        warmup_steps=warmup,
+        renorm_start=50,
+        centered=False,
     )
     xs, dys = _data(0, (2, 3, 3, 4), 8)
     variables = jax.jit(mod.init)(jax.random.key(1), xs[0])
@@ -73,7 +77,7 @@ def test_noncentered_is_not_a_gradient_once_the_window_is_used():
     """After warm-up with m > 1 the backward is the spec's rule with the Ψ window,
     which differs from autodiff of the forward function the layer computed."""
     m = 4
-    mod = mabn_jax.MABN(use_running_average=False, buffer_size=m, warmup_steps=0)
+    mod = mabn_jax.MABN(use_running_average=False, buffer_size=m, warmup_steps=0, centered=False)
     xs, dys = _data(2, (2, 3, 3, 4), 6)
     variables = jax.jit(mod.init)(jax.random.key(1), xs[0])
     bs, step = variables["batch_stats"], layer_step(mod)
@@ -543,7 +547,7 @@ def test_forward_mode_of_a_training_layer_raises_naming_mabn(centered):
 
 @pytest.mark.slow  # eager: every op of the forward compiles on CPU before the error
 def test_eager_jvp_of_a_training_layer_raises_naming_mabn():
-    mod = mabn_jax.MABN(use_running_average=False, buffer_size=2)
+    mod = mabn_jax.MABN(use_running_average=False, buffer_size=2, centered=False)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
     variables = jax.jit(mod.init)(jax.random.key(0), x)
     probes = mabn_jax.init_probes(variables["batch_stats"])

@@ -38,6 +38,7 @@ class Net(nn.Module):
             buffer_size=self.buffer_size,
             warmup_steps=4,
             renorm_start=7,
+            centered=False,
         )(x)
         x = mabn_jax.MABN(
             use_running_average=not train,

@@ -65,21 +65,21 @@ def test_numpy_ints_are_accepted():
 def test_removed_skip_nonfinite_option_is_rejected():
     # Non-finite steps are always skipped: the option is gone, not silently ignored.
     with pytest.raises(TypeError, match="skip_nonfinite"):
-        mabn_jax.MABNConfig(skip_nonfinite=False)
+        mabn_jax.MABNConfig(skip_nonfinite=False, centered=False)
     with pytest.raises(TypeError, match="skip_nonfinite"):
-        MABN(skip_nonfinite=False)
+        MABN(skip_nonfinite=False, centered=False)
 
 
 def test_feature_axis_out_of_range():
     with pytest.raises(
         ValueError, match=r"axis=3 is out of range .* rank 2; use an axis in \[-2, 1\]"
     ):
-        init(MABN(axis=3))
+        init(MABN(axis=3, centered=False))
 
 
 def test_input_of_rank_below_two():
     with pytest.raises(ValueError, match=r"rank 1 is invalid; use an input of rank >= 2"):
-        init(MABN(), jnp.ones((4,)))
+        init(MABN(centered=False), jnp.ones((4,)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
@@ -89,12 +89,12 @@ def test_non_float_input(dtype):
         match=rf"input dtype {jnp.dtype(dtype).name} .* cast the "
         r"input to a float",
     ):
-        init(MABN(), jnp.ones((4, 3), dtype))
+        init(MABN(centered=False), jnp.ones((4, 3), dtype))
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
 def test_non_float_input_functional(dtype):
-    cfg = F.MABNConfig()
+    cfg = F.MABNConfig(centered=False)
     state = F.init_state((3,), cfg)
     with pytest.raises(
         TypeError,
@@ -105,7 +105,7 @@ def test_non_float_input_functional(dtype):
 
 
 def test_feature_size_differs_from_state():
-    model = MABN()
+    model = MABN(centered=False)
     variables = init(model)  # 3 features
     with pytest.raises(ValueError, match=r"features \(5,\) \(expected \(16, 5\)\)"):
         train_apply(model, variables, jnp.ones((4, 5)))
@@ -113,11 +113,11 @@ def test_feature_size_differs_from_state():
 
 def test_empty_batch():
     with pytest.raises(ValueError, match=r"shape \(0, 3\) is an empty batch .* drop empty batches"):
-        init(MABN(), jnp.ones((0, 3)))
+        init(MABN(centered=False), jnp.ones((0, 3)))
 
 
 def test_empty_batch_after_init():
-    model = MABN()
+    model = MABN(centered=False)
     variables = init(model)
     with pytest.raises(
         ValueError, match=r"shape \(4, 0, 3\) is an empty batch \(size 0 along axis 1\)"
@@ -132,24 +132,24 @@ def test_ghost_group_size_that_does_not_divide_the_batch():
         r"\(axis 0 of the input\); use a batch size that is a "
         r"multiple of norm_batch_size",
     ):
-        init(MABN(norm_batch_size=3))
+        init(MABN(norm_batch_size=3, centered=False))
 
 
 def test_state_of_another_buffer_size():
-    variables = init(MABN(buffer_size=4))
+    variables = init(MABN(buffer_size=4, centered=False))
     with pytest.raises(
         ValueError,
         match=r"buffer_size=2 .* load a checkpoint made with the "
         r"same buffer_size",
     ):
-        train_apply(MABN(buffer_size=2), variables)
+        train_apply(MABN(buffer_size=2, centered=False), variables)
 
 
 def test_state_of_another_buffer_size_in_inference():
     # A mis-shaped state must not be usable for inference either.
-    variables = init(MABN(buffer_size=4))
+    variables = init(MABN(buffer_size=4, centered=False))
     with pytest.raises(ValueError, match=r"buffer_size=2"):
-        MABN(buffer_size=2, use_running_average=True).apply(variables, X)
+        MABN(buffer_size=2, use_running_average=True, centered=False).apply(variables, X)
 
 
 def test_centered_state_in_non_centered_layer():
@@ -162,12 +162,12 @@ def test_centered_state_in_non_centered_layer():
     ):
         train_apply(MABN(centered=False), variables)
     with pytest.raises(ValueError, match=r"centered=False layer but this layer has centered=True"):
-        train_apply(MABN(centered=True), init(MABN()))
+        train_apply(MABN(centered=True), init(MABN(centered=False)))
 
 
 def test_state_without_skip_counter():
     # A checkpoint written before `skipped` existed must not be silently completed.
-    variables = init(MABN())
+    variables = init(MABN(centered=False))
     old = {k: v for k, v in variables["batch_stats"].items() if k != "skipped"}
     with pytest.raises(
         ValueError,
@@ -175,12 +175,12 @@ def test_state_without_skip_counter():
         r"the non-finite skip counter. To keep its statistics, "
         r"add 'skipped': jnp.zeros\(\(\)\)",
     ):
-        train_apply(MABN(), {**variables, "batch_stats": old})
+        train_apply(MABN(centered=False), {**variables, "batch_stats": old})
 
 
 def test_functional_state_of_another_buffer_size():
-    state = F.init_state((3,), F.MABNConfig(buffer_size=4))
-    cfg = F.MABNConfig(buffer_size=2)
+    state = F.init_state((3,), F.MABNConfig(buffer_size=4, centered=False))
+    cfg = F.MABNConfig(buffer_size=2, centered=False)
     with pytest.raises(
         ValueError,
         match=r"state window shape \(4, 3\) does not fit "
@@ -198,11 +198,11 @@ def test_functional_state_of_other_variant():
         match=r"config.centered=False but the state is a centered=True "
         r"state; build it with init_state\(..., config\)",
     ):
-        F.mabn_train(X, None, None, state, F.init_probes(state), F.MABNConfig())
+        F.mabn_train(X, None, None, state, F.init_probes(state), F.MABNConfig(centered=False))
 
 
 def test_previous_of_other_layout():
-    plain = init(MABN())["batch_stats"]
+    plain = init(MABN(centered=False))["batch_stats"]
     centered = init(MABN(centered=True))["batch_stats"]
     grads = mabn_jax.init_probes(plain)
     with pytest.raises(
@@ -215,14 +215,21 @@ def test_previous_of_other_layout():
 
 def test_probes_of_another_shape():
     # Probes have the window's shape; e.g. those of the old API (one row) are refused.
-    state = F.init_state((3,), F.MABNConfig(buffer_size=4))
+    state = F.init_state((3,), F.MABNConfig(buffer_size=4, centered=False))
     with pytest.raises(
         ValueError,
         match=r"probe 'psi' has shape \(3,\) but this layer's window "
         r"is \(4, 3\); build the probes from this layer's own "
         r"state with init_probes\(state\)",
     ):
-        F.mabn_train(X, None, None, state, F.Probes(jnp.zeros(3)), F.MABNConfig(buffer_size=4))
+        F.mabn_train(
+            X,
+            None,
+            None,
+            state,
+            F.Probes(jnp.zeros(3)),
+            F.MABNConfig(buffer_size=4, centered=False),
+        )
     with pytest.raises(
         ValueError,
         match=r"probe_grads.psi has shape \(3,\) but the state's "
@@ -235,7 +242,7 @@ def test_errors_raise_at_trace_time_under_jit():
     # The checks use static shapes/dtypes only, so they fire while tracing.
     @jax.jit
     def step(x):
-        return init(MABN(), x)
+        return init(MABN(centered=False), x)
 
     with pytest.raises(ValueError, match=r"empty batch"):
         step(jnp.ones((0, 3)))
@@ -248,7 +255,7 @@ def test_layer_applied_twice_in_one_training_apply_is_an_error():
     class Twice(nn.Module):
         @nn.compact
         def __call__(self, x):
-            layer = mabn_jax.MABN(use_running_average=False)
+            layer = mabn_jax.MABN(use_running_average=False, centered=False)
             return layer(layer(x))
 
     x = jnp.ones((4, 3))
@@ -273,7 +280,7 @@ def test_two_training_applies_in_one_loss_are_an_error():
     class One(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return mabn_jax.MABN(use_running_average=False)(x)
+            return mabn_jax.MABN(use_running_average=False, centered=False)(x)
 
     x = jnp.ones((4, 3))
     variables = One().init(jax.random.key(0), x)

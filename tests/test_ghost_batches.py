@@ -125,7 +125,7 @@ def test_whole_batch_group_is_the_ungrouped_layer(ghost_ema):
 
 
 def test_indivisible_batch_raises_at_trace_time():
-    module = mabn_jax.MABN(norm_batch_size=3)
+    module = mabn_jax.MABN(norm_batch_size=3, centered=False)
     x = jnp.ones((8, 4))
     with pytest.raises(ValueError, match="norm_batch_size=3"):
         jax.eval_shape(lambda: module.init(jax.random.key(0), x, use_running_average=False))
@@ -136,14 +136,14 @@ def test_indivisible_batch_raises_at_trace_time():
             )
         )
     with pytest.raises(ValueError, match="axis 0 is a feature axis"):
-        mabn_jax.MABN(norm_batch_size=2, axis=0).init(
+        mabn_jax.MABN(norm_batch_size=2, axis=0, centered=False).init(
             jax.random.key(0), x, use_running_average=False
         )
 
 
 def test_probes_have_the_window_shape_whatever_the_groups():
     """Ghost batches need no other probes; per-group probes (the 0.1 shape) raise."""
-    config = F.MABNConfig(buffer_size=3, norm_batch_size=2)
+    config = F.MABNConfig(buffer_size=3, norm_batch_size=2, centered=False)
     state = F.init_state((C,), config)
     x = jnp.ones((8, C))
     y, _ = jax.eval_shape(lambda: F.mabn_train(x, None, None, state, F.init_probes(state), config))
@@ -221,6 +221,7 @@ def _cls_module(cfg, ghost_ema="step"):
         epsilon=cfg["eps"],
         ghost_ema=ghost_ema,
         param_dtype=jnp.float64,
+        centered=False,
     )
 
 

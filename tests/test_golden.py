@@ -36,6 +36,7 @@ def _module(cfg, dtype):
         renorm_start=cfg["renorm_start"],
         r_max=cfg["r_max"],
         param_dtype=dtype,
+        centered=False,
     )
 
 

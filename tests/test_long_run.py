@@ -12,7 +12,7 @@ from mabn_jax import functional as F
 
 N = 100_000
 M = 5
-CFG = F.MABNConfig(buffer_size=M, warmup_steps=10, renorm_start=50)
+CFG = F.MABNConfig(buffer_size=M, warmup_steps=10, renorm_start=50, centered=False)
 POOL = 97  # distinct batches, cycled with a slowly varying scale
 
 

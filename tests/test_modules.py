@@ -45,7 +45,7 @@ def test_accepts_every_batchnorm_attribute_and_paper_defaults():
     bn_fields = {f.name for f in dataclasses.fields(nn.BatchNorm)} - {"parent", "name"}
     mabn_fields = {f.name for f in dataclasses.fields(mabn_jax.MABN)}
     assert bn_fields <= mabn_fields
-    m = mabn_jax.MABN()
+    m = mabn_jax.MABN(centered=False)
     assert (
         m.momentum,
         m.epsilon,
@@ -103,7 +103,7 @@ def test_init_creates_state_and_does_not_advance_it(centered):
 
 
 def test_training_without_probes_raises_a_clear_error():
-    mod = mabn_jax.MABN(use_running_average=False)
+    mod = mabn_jax.MABN(use_running_average=False, centered=False)
     x = jnp.ones((2, 3))
     v = mod.init(jax.random.key(0), x)
     with pytest.raises(
@@ -141,7 +141,7 @@ def test_inference_is_the_documented_affine_map(centered):
 
 def test_feature_axis_channels_first_equals_channels_last():
     xs = _inputs(5, (2, 4, 4, 3))
-    last = mabn_jax.MABN(use_running_average=False, buffer_size=2, warmup_steps=0)
+    last = mabn_jax.MABN(use_running_average=False, buffer_size=2, warmup_steps=0, centered=False)
     first = last.clone(axis=1)
     to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2))
     v = last.init(jax.random.key(0), xs[0])
@@ -159,13 +159,13 @@ def test_feature_axis_channels_first_equals_channels_last():
 
 @pytest.mark.slow
 def test_multiple_feature_axes_and_rank_two_inputs():
-    mod = mabn_jax.MABN(use_running_average=False, axis=(-2, -1), buffer_size=3)
+    mod = mabn_jax.MABN(use_running_average=False, axis=(-2, -1), buffer_size=3, centered=False)
     v = mod.init(jax.random.key(0), jnp.ones((4, 2, 3)))
     assert v["batch_stats"]["x2_window"].shape == (3, 2, 3)
     assert v["params"]["scale"].shape == (2, 3)
     bs = _train(mod, v, _inputs(4, (4, 2, 3)))
     assert bs["psi_window"].shape == (3, 2, 3) and np.any(bs["psi_window"])
-    dense = mabn_jax.MABN(use_running_average=False)
+    dense = mabn_jax.MABN(use_running_average=False, centered=False)
     vd = dense.init(jax.random.key(0), jnp.ones((2, 7)))
     assert int(_train(dense, vd, _inputs(3, (2, 7)))["step"]) == 3
 
@@ -202,7 +202,7 @@ def test_bfloat16_inputs_keep_float32_statistics_and_state(centered):
 
 
 def test_without_scale_and_bias():
-    mod = mabn_jax.MABN(use_running_average=False, use_scale=False, use_bias=False)
+    mod = mabn_jax.MABN(use_running_average=False, use_scale=False, use_bias=False, centered=False)
     x = _inputs(1, (3, 4))[0]
     v = mod.init(jax.random.key(0), x)
     assert "params" not in v
@@ -218,7 +218,9 @@ def test_probe_helpers_on_a_nested_model_write_the_current_slot():
         @nn.compact
         def __call__(self, x):
             x = mabn_jax.CenteredDense(6)(x)
-            x = mabn_jax.MABN(use_running_average=False, buffer_size=3, name="plain")(x)
+            x = mabn_jax.MABN(
+                use_running_average=False, buffer_size=3, name="plain", centered=False
+            )(x)
             x = nn.Dense(5)(nn.relu(x))
             x = mabn_jax.MABN(
                 use_running_average=False, buffer_size=3, centered=True, name="centered"
@@ -246,7 +248,7 @@ def test_probe_helpers_on_a_nested_model_write_the_current_slot():
 
 
 def test_record_backward_stats_rejects_mismatched_trees():
-    mod = mabn_jax.MABN(use_running_average=False)
+    mod = mabn_jax.MABN(use_running_average=False, centered=False)
     v = nn.Sequential([mod]).init(jax.random.key(0), jnp.ones((2, 3)))
     bs = v["batch_stats"]
     with pytest.raises(
@@ -258,7 +260,7 @@ def test_record_backward_stats_rejects_mismatched_trees():
 
 
 def test_functional_api_directly():
-    cfg = mabn_jax.MABNConfig(buffer_size=2, warmup_steps=0)
+    cfg = mabn_jax.MABNConfig(buffer_size=2, warmup_steps=0, centered=False)
     state = F.init_state((3,), cfg)
     x = _inputs(1, (4, 3))[0]
     loss = lambda x, probes, state: jnp.sum(F.mabn_train(x, None, None, state, probes, cfg)[0] ** 2)
@@ -275,9 +277,9 @@ def test_functional_api_directly():
 
 def test_config_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="buffer_size=0"):
-        mabn_jax.MABNConfig(buffer_size=0)
+        mabn_jax.MABNConfig(buffer_size=0, centered=False)
     with pytest.raises(ValueError, match="momentum=1.0"):
-        mabn_jax.MABN(momentum=1.0)
+        mabn_jax.MABN(momentum=1.0, centered=False)
 
 
 @pytest.mark.parametrize(

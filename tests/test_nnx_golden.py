@@ -25,6 +25,7 @@ def _layer(cfg, features):
         r_max=cfg["r_max"],
         param_dtype=jnp.float64,
         rngs=nnx.Rngs(0),
+        centered=False,
     )
 
 

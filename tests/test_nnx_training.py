@@ -19,6 +19,8 @@ import mabn_jax.nnx as mnnx
 
 class Net(nnx.Module):
     def __init__(self, rngs, norm=mnnx.MABN, **kwargs):
+        if norm is mnnx.MABN:  # the paper's plain layer, after a centered kernel
+            kwargs.setdefault("centered", False)
         self.linear = mnnx.CenteredLinear(4, 6, rngs=rngs)
         self.norm = norm(6, rngs=rngs, **kwargs)
         self.frozen = mnnx.MABN(6, centered=True, use_running_average=True, rngs=rngs)
@@ -174,20 +176,20 @@ def test_graph_updates_false_is_refused_in_graph_mode():
 def test_constructor_errors_name_the_argument():
     rngs = nnx.Rngs(0)
     with pytest.raises(ValueError, match=r"MABN: buffer_size=0 is invalid; buffer_size must be"):
-        mnnx.MABN(4, buffer_size=0, rngs=rngs)
+        mnnx.MABN(4, buffer_size=0, rngs=rngs, centered=False)
     with pytest.raises(
         TypeError,
         match=r"MABN: unexpected keyword argument 'bufer_size'.*"
         r"buffer_size",
     ):
-        mnnx.MABN(4, bufer_size=8, rngs=rngs)
+        mnnx.MABN(4, bufer_size=8, rngs=rngs, centered=False)
     with pytest.raises(ValueError, match=r"BatchRenorm: r_max=0.5 is invalid"):
         mnnx.BatchRenorm(4, r_max=0.5, rngs=rngs)
     with pytest.raises(ValueError, match=r"num_features=\(4, 5\) does not fit axis=-1"):
-        mnnx.MABN((4, 5), rngs=rngs)
+        mnnx.MABN((4, 5), rngs=rngs, centered=False)
     with pytest.raises(ValueError, match=r"CenteredConv: mask is not supported"):
         mnnx.CenteredConv(3, 4, 3, mask=jnp.ones((3, 3, 4)), rngs=rngs)
-    layer = mnnx.MABN(4, use_running_average=True, rngs=rngs)
+    layer = mnnx.MABN(4, use_running_average=True, rngs=rngs, centered=False)
     with pytest.raises(
         ValueError,
         match=r"features \(3,\) along axis=-1 but the layer was "
@@ -258,7 +260,7 @@ def test_centered_layers_apply_the_centered_kernel():
 def test_a_layer_called_twice_in_one_loss_is_an_error():
     """Its second call would read the slots the first reserved, and both calls'
     backward statistics would add into one slot."""
-    layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0))
+    layer = mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0), centered=False)
     x = jnp.ones((4, 3))
     with pytest.raises(ValueError, match="twice in one loss"):
         mabn_jax.nnx.value_and_grad(lambda m: (m(x) + m(2 * x)).sum())(layer)

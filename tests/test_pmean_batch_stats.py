@@ -46,6 +46,7 @@ class Net(nn.Module):
         norm = functools.partial(
             mabn_jax.MABN,
             use_running_average=not train,
+            centered=False,
             axis_name=self.axis_name,
             buffer_size=2,
             warmup_steps=3,

@@ -70,7 +70,7 @@ def test_nnx_second_replace_is_a_no_op_or_loud():
     # A model's own MABN of another configuration beside a BatchNorm is no earlier
     # replacement: the BatchNorm is replaced, the MABN left as it is.
     mixed = nnx.Sequential(
-        mabn_jax.nnx.MABN(3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+        mabn_jax.nnx.MABN(3, centered=False, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     )
     own = mixed.layers[0]
     mabn_jax.nnx.replace_batchnorm(mixed)

@@ -94,8 +94,8 @@ SCRIPTS = [
         ["--smoke"],
         [
             "| v5e:2x2  | sync ",
-            "| CenteredConv + MABN ",
-            "| nn.Conv + MABN(buffer_size=1) ",
+            "| CenteredConv + MABN(centered=False) ",
+            "| nn.Conv + MABN(centered=False, buffer_size=1) ",
             "batch_stats per chip (MiB): BN ",
             "| MABN folded ",
             "| GN unfolded ",

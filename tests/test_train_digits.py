@@ -23,7 +23,10 @@ def test_mabn_cnn_trains_on_digits_at_batch_two():
     data = qs.load_digits(seed=0)
     steps = 2 * (len(data[0][0]) // 2)
     # Crosses warm-up (t < 50), the window phase and renormalization (t > 600).
-    model = qs.CNN(mabn=True, mabn_kwargs=dict(buffer_size=16, warmup_steps=50, renorm_start=600))
+    model = qs.CNN(
+        mabn=True,
+        mabn_kwargs=dict(centered=False, buffer_size=16, warmup_steps=50, renorm_start=600),
+    )
     states, losses = qs.train(model, data, seeds=1, batch_size=2, epochs=2, lr=0.02)
     assert losses.shape == (1, 2)
     mabn_layers = [v for k, v in states.batch_stats.items() if k.startswith("MABN_")]

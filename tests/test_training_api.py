@@ -54,7 +54,7 @@ class Net(nn.Module):
                 use_running_average=not train or name in self.frozen, name=name, **KW, **kw
             )
 
-        x = norm("plain")(mabn_jax.CenteredDense(6)(x))
+        x = norm("plain", centered=False)(mabn_jax.CenteredDense(6)(x))
         x = norm("centered", centered=True)(nn.Dense(5)(nn.relu(x)))
         return nn.Dense(3)(nn.relu(x))
 
@@ -312,7 +312,7 @@ class Ghost(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=2, **KW)(
+        x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=2, centered=False, **KW)(
             mabn_jax.CenteredDense(6)(x)
         )
         x = mabn_jax.MABN(use_running_average=not train, norm_batch_size=4, centered=True, **KW)(x)

@@ -28,7 +28,7 @@ from mabn_jax import functional as F
 
 STEPS, BATCH, FEATURES = 8, 4, 5
 SCALES = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 10.0)
-MABN_KW = dict(buffer_size=2, warmup_steps=3, renorm_start=6)
+MABN_KW = dict(buffer_size=2, warmup_steps=3, renorm_start=6, centered=False)
 
 
 class Block(nn.Module):
