@@ -180,10 +180,7 @@ def direct_probes(key, like):
     ``apply``, ``nn.scan``, ``jax.checkpoint``) it reads the probes passed
     through its variables instead: a transform that caches its trace must not
     keep a tracer it was not given. None then."""
-    scope = _SCOPE.get()
-    if scope is None or _upstream.current_trace() is not scope.trace:
-        return None
-    return _own_probes(key, like)
+    return _own_probes(key, like) if in_helper_trace() else None
 
 
 def check_not_in_loop(key, like, layer: str, *, fix: str) -> None:
