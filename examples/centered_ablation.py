@@ -84,7 +84,7 @@ VARIANTS = {
         {"renorm_start": NO_RENORM},
         (),
     ),
-    "m2": ("centered: window m = 2 (the 0.3 default)", "MABN-centered", {"buffer_size": 2}, ()),
+    "m2": ("centered: window m = 2 (between 0.2 and 0.3)", "MABN-centered", {"buffer_size": 2}, ()),
     "warm_m": (
         "centered: warm-up of m = 16 steps only",
         "MABN-centered",
@@ -134,7 +134,7 @@ CONV_VARIANTS = {
         (),
     ),
     "centered": ("centered MABN, defaults (m per layer)", "MABN-centered", {}, ()),
-    "m2": ("centered: window m = 2 (the 0.3 default)", "MABN-centered", {"buffer_size": 2}, ()),
+    "m2": ("centered: window m = 2 (between 0.2 and 0.3)", "MABN-centered", {"buffer_size": 2}, ()),
     "adaptive": (
         "centered: m = clip(ceil(32 / values per channel and step), 2, 16)",
         "MABN-centered",
@@ -241,7 +241,7 @@ class AdaptiveWindow(nn.Module):
     normalizes per channel (``batch`` × positions): 16 for dense features at batch
     2, 2 for a conv layer with 16 or more positions, 4 at 2×2. The candidate
     measured for ``buffer_size=None``; at batch 2 it is the centered layer's
-    default since 0.4 (``MABNConfig.window_length``), which row "centered" runs.
+    default since 0.3 (``MABNConfig.window_length``), which row "centered" runs.
     """
 
     batch: int

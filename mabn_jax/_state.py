@@ -287,9 +287,9 @@ def check_state(
         if 0 < rows < least:
             hint = (
                 f" This centered layer averages the last {least} steps (its default "
-                "window for this input, MABNConfig.window_length; the centered default "
-                f"of mabn_jax 0.3 stored 2): build it with buffer_size={rows} to keep "
-                "this state."
+                "window for this input, MABNConfig.window_length; a centered state "
+                "from before per-layer windows may hold 2): build it with "
+                f"buffer_size={rows} to keep this state."
             )
     want = (want_rows,) + tuple(feature_shape)
     if tuple(state.psi_window.shape) != want:
