@@ -71,15 +71,15 @@ def as_count(step: Array) -> Array:
     return lax.round(step, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
 
 
-def wrap_period(m: int) -> int:
-    """What a counter past ``_WRAP`` steps back by: a multiple of ``m`` (the rows)."""
-    return m * ((_WRAP // 2) // m)
+def wrap_period(rows: int) -> int:
+    """What a counter past ``_WRAP`` steps back by: a multiple of the windows' rows."""
+    return rows * ((_WRAP // 2) // rows)
 
 
-def advance(step: Array, count: Array, n: int, m: int) -> Array:
+def advance(step: Array, count: Array, n: int, rows: int) -> Array:
     """``step`` (whose :func:`as_count` is ``count``) advanced by ``n``, wrapped."""
     new = count + n
-    return S.where(new >= _WRAP, new - wrap_period(m), new).astype(step.dtype)
+    return S.where(new >= _WRAP, new - wrap_period(rows), new).astype(step.dtype)
 
 
 class Slide(NamedTuple):
