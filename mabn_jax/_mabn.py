@@ -223,7 +223,8 @@ def _forward_statistics(x, state: MABNState, mask, cfg: MABNConfig, feature_axes
 def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) -> _Windows:
     groups = batch.split.groups
     count = _window.as_count(state.step)
-    phase = _window.phase(count + 1 + jnp.arange(groups), cfg, m, state.var_window.shape[0])
+    t = count + 1 if groups == 1 else count + 1 + jnp.arange(groups)
+    phase = _window.phase(t, cfg, m, state.var_window.shape[0])
     sl = _window.slide(phase.slot_mask, phase.t, m)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var

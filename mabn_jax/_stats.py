@@ -71,11 +71,12 @@ def stat_dtype(x_dtype: Any, state_dtype: Any, force_float32: bool = True) -> An
 
 
 def bshape(v: Array, ndim: int, feature_axes: Sequence[int]) -> Array:
-    """Reshapes a ``[*features]`` array to broadcast against the input."""
+    """Lays a ``[*features]`` array out to broadcast against the input (as one
+    ``broadcast_in_dim``, which XLA makes a bitcast, as it does a reshape)."""
     shape = [1] * ndim
     for a, n in zip(feature_axes, v.shape):
         shape[a] = n
-    return v.reshape(shape)
+    return lax.broadcast_in_dim(v, shape, tuple(feature_axes[: v.ndim]))
 
 
 class Split(NamedTuple):

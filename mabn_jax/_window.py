@@ -49,17 +49,21 @@ __all__ = [
 
 
 class Phase(NamedTuple):
+    """The phase of a call's window steps; the per-group fields are scalars
+    when the call is one step (``G = 1``): selects take them as they are."""
+
     slot_mask: Array  # [G, R] bool: the ring-buffer slot t mod R
-    use_batch: Array  # [G] bool: t <= m or t < warmup
-    renorm: Array  # [G] bool: t > max(renorm_start, warmup)
-    t: Array  # [G] int32: the window steps
+    use_batch: Array  # [G] or [] bool: t <= m or t < warmup
+    renorm: Array  # [G] or [] bool: t > max(renorm_start, warmup)
+    t: Array  # [G] or [] int32: the window steps
 
 
 def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
-    """The phase of each window step ``t`` (``[G]``, every ``t >= 1``) of a
-    window averaging ``m`` of its ``rows``."""
+    """The phase of each window step ``t`` (``[G]``, or a scalar for one step;
+    every ``t >= 1``) of a window averaging ``m`` of its ``rows``."""
+    slot = jnp.reshape(lax.rem(t, jnp.asarray(rows, t.dtype)), (-1, 1))  # t >= 1: rem is mod
     return Phase(
-        jnp.arange(rows)[None] == lax.rem(t, rows)[:, None],  # t >= 1: rem is mod
+        lax.broadcasted_iota(jnp.int32, (1, rows), 1) == slot,
         (t <= m) | (t < cfg.warmup_steps),
         t > max(cfg.renorm_start, cfg.warmup_steps),
         t,
@@ -104,7 +108,7 @@ def slide(slot_mask: Array, t: Array, m: int) -> Slide:
     groups, rows = slot_mask.shape
     recent = None
     if m < rows:  # a slot's age: the steps since its last write, as of step t_i
-        age = lax.rem(t[:, None] + np.arange(rows, 0, -1), rows)  # t >= 1: rem is mod
+        age = lax.rem(jnp.reshape(t, (-1, 1)) + np.arange(rows, 0, -1), rows)  # t >= 1
         recent = age < m
     if groups == 1:  # one window step (no ghost batches): nothing to slide
         kept = ~slot_mask if recent is None else ~slot_mask & recent
