@@ -21,10 +21,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mabn_jax import _stats as S
 from mabn_jax._state import MABNState, Probes
-from mabn_jax._window import as_count, wrap_period
+from mabn_jax._window import wrap_period
 
 __all__ = ["record_backward_stats"]
 
@@ -117,47 +118,56 @@ def _one_apply_apart(
     new: MABNState, previous: MABNState, probe_grads: Probes
 ) -> tuple[jax.Array, jax.Array | None]:
     """Whether ``new`` is ``previous`` after one training step (per leading index),
-    and, where the helper counted them, the applications of a layer that stepped.
+    and, where the helper counted them, the applications of the layer.
 
-    A step advances ``step`` by its window steps and reserves that many slots
-    (at most ``m``), or was skipped: same ``step``, no reservation, one more
-    ``skipped``; or did not apply the layer in training mode (a frozen layer):
-    ``new`` is ``previous`` and the probes got no gradient. ``previous``
-    itself has no reserved (NaN) slot.
+    With ``a`` window steps between the counters, ``s`` more ``skipped`` and
+    ``k`` reserved (NaN) rows in ``new``'s Ψ window, a training step reserves
+    ``k = min(a, m)`` slots, and::
+
+        stepped:  a >= 1, s = 0             skipped (applied):  a = 0, s = 1
+        not applied (frozen):  new is previous, a = s = 0, and the probes got
+        no gradient (zero, or counted: no use)
+
+    ``previous`` itself has no reserved slot. Everything here is arithmetic on a
+    few scalars and one reduction per window: it is computed once per layer.
     """
     lead = new.step.ndim
     m = new.psi_window.shape[lead]
     feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
-    reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1)
-    advance = as_count(new.step) - as_count(previous.step)
+    reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1, dtype=new.step.dtype)
+    # After lax.pmean over devices of which some skipped, the counters are
+    # fractional: `step` is read rounded (as the training step reads it), and the
+    # skips are a rounded difference (0.5 + 1 rounds like 2, 0.5 like 0). Floats
+    # hold the counts exactly (_window._WRAP).
+    advance = _round(new.step) - _round(previous.step)
     advance = S.where(advance < 0, advance + wrap_period(m), advance)
-    # The difference, not the rounded counts: after lax.pmean over devices of which
-    # some skipped, `skipped` is fractional (0.5 + 1 rounds like 2, 0.5 like 0).
-    skips = as_count(new.skipped - previous.skipped)
-    stepped = (advance >= 1) & (reserved == jnp.minimum(advance, m)) & (skips == 0)
-    # Only a training step changes the state, so equal counters and no reservation
-    # mean the layer did not step: skipped (one more `skipped`), or frozen, which
-    # zero probe gradients tell from the old tree passed as the new one. Reserved
-    # (NaN) slots, and the NaN of a poisoned state, always show in psi_window: it
-    # is the one window checked.
-    frozen = functools.reduce(
-        jnp.logical_and,
-        [
-            (g == 0).all(axis=tuple(range(lead, g.ndim)))
-            for g in (probe_grads.psi, probe_grads.g)
-            if g is not None
-        ],
+    skips = _round(new.skipped - previous.skipped)
+    stepped = (advance >= 1) & (skips == 0)
+    skipped = (advance == 0) & (skips == 1)
+    shape_ok = (reserved == jnp.minimum(advance, m)) & S.all_finite(
+        previous.psi_window, lead_axes=lead
     )
-    still = (advance == 0) & (reserved == 0) & ((skips == 1) | ((skips == 0) & frozen))
-    clean = S.all_finite(previous.psi_window, lead_axes=lead)
-    if probe_grads.uses is None:  # the low-level API: the applications are not counted
-        return clean & (stepped | still), None
-    # Counted (value_and_grad): a layer that stepped was applied exactly once, with
-    # its probes in the gradient; one that did not was not applied.
-    uses = as_count(probe_grads.uses)
-    applied = stepped | (still & (skips == 1))
-    once = S.where(applied, uses == 1, uses == 0)
-    return clean & (stepped | still) & once, S.where(applied, uses, 1)
+    idle = (advance == 0) & (skips == 0)
+    if probe_grads.uses is None:  # the low-level API: a frozen layer's probes got zeros
+        frozen = functools.reduce(
+            jnp.logical_and,
+            [
+                (g == 0).all(axis=tuple(range(lead, g.ndim)))
+                for g in (probe_grads.psi, probe_grads.g)
+                if g is not None
+            ],
+        )
+        return shape_ok & (stepped | skipped | (idle & frozen)), None
+    # Counted (value_and_grad): a layer that stepped (or skipped) was applied exactly
+    # once, with its probes in the gradient; one that did not was not applied.
+    uses = _round(probe_grads.uses)
+    applied = stepped | skipped
+    once = S.where(applied, uses == 1, idle & (uses == 0))
+    return shape_ok & once, S.where(applied, uses, 1)
+
+
+def _round(v: jax.Array) -> jax.Array:
+    return lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN)
 
 
 def _uses_error(uses) -> str | None:
