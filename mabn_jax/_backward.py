@@ -174,7 +174,7 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
-        used = S.where(S.lead(ctx.use_batch, value), value, _window.window_mean(sl, window, value))
+        used = S.where_lead(ctx.use_batch, value, _window.window_mean(sl, window, value))
         return used, weight(_window.final_window(sl, jnp.zeros_like(window), replicate(value)))
 
     def replicate(value):

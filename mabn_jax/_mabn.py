@@ -76,8 +76,11 @@ def mabn_train(
     ``x``, ``scale``, ``bias`` and ``probes``, in reverse mode (and
     forward-over-reverse for second derivatives).
 
-    A step whose batch statistics are not finite leaves the state as it was,
-    with ``skipped`` one higher, and its output is NaN (so loss guards see it).
+    A step whose batch statistics are not finite gives a NaN output (so loss
+    guards see it) and is undone: its recorded state is the state as it was,
+    with ``skipped`` one higher. With probes, :func:`record_backward_stats`
+    undoes it (``new_state`` marks its reserved slots ``+inf`` for that);
+    without, ``new_state`` is already the undone state.
 
     Ghost batches (``config.norm_batch_size``): axis 0 is split into ``G``
     groups of consecutive examples, each normalized with its own statistics
@@ -238,13 +241,20 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
 
 
 def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg) -> MABNState:
-    """The advanced state, with this step's Ψ (g) slots reserved (NaN) for the
-    record; without probes they take the window's own estimate instead (its
-    mean before the step). A batch with non-finite statistics leaves the state
-    as it was, one more ``skipped``."""
+    """The advanced state, with this step's Ψ (g) slots reserved for the record.
+
+    A batch whose statistics are not finite must leave the state as it was, one
+    more ``skipped``. With probes the record does that, in its one select per
+    leaf: the reserved slots say which step it is (NaN: fill them; +inf: the
+    forward failed, undo the step). Without probes nothing records the step, so
+    the slots take the window's own estimate (its mean before the step) and the
+    step is undone here."""
     written = w.phase.slot_mask.any(0)
-    fill = (lambda v: jnp.nan) if recorded else (lambda v: v.mean(0, keepdims=True))
-    reserve = lambda v: S.where(S.lead(written, v), fill(v), v)
+    ok = S.all_finite(batch.mean, batch.var)
+    ok = ok if batch.empty is False else ok & ~batch.empty
+    mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
+    fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
+    reserve = lambda v: S.where_lead(written, fill(v), v)
     new = MABNState(
         _window.advance(state.step, w.step_count, batch.split.groups, state.var_window.shape[0]),
         w.var_window,
@@ -255,9 +265,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
         None if state.g_window is None else reserve(state.g_window),
         w.ema_mean,
     )
-    ok = S.all_finite(batch.mean, batch.var)
-    ok = ok if batch.empty is False else ok & ~batch.empty
-    return S.select(ok, new, state._replace(skipped=state.skipped + 1))
+    return new if recorded else S.select(ok, new, state._replace(skipped=state.skipped + 1))
 
 
 def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):

@@ -1,8 +1,9 @@
 """Writing a step's backward statistics (Ψ_B, g_B) into the windows.
 
 The training forward pass reserves the Ψ (g) slots it will own by writing NaN
-there; :func:`record_backward_stats` fills exactly those slots from the probe
-gradients. Because the reservation is in the state itself, misuse shows:
+there (+inf if its batch statistics were not finite: the record then undoes
+the step); :func:`record_backward_stats` fills exactly those slots from the
+probe gradients. Because the reservation is in the state itself, misuse shows:
 
 * never recording leaves NaN in the windows, and the next training output is NaN;
 * trees that are not one training ``apply`` apart (swapped, stale, recorded
@@ -104,7 +105,7 @@ def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
     # apart give NaN statistics (the next training output, and inference, are NaN).
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead) & consistent
-    poison = lambda a: None if a is None else S.where(S.lead(consistent, a), a, jnp.nan)
+    poison = lambda a: None if a is None else S.where_lead(consistent, a, jnp.nan)
     poisoned: dict[str, Any] = {name: poison(getattr(previous, name)) for name in _STATISTICS}
     undone = previous._replace(skipped=previous.skipped + 1, **poisoned)
     return S.select(ok, filled, undone), consistent, uses
@@ -134,7 +135,8 @@ def _one_apply_apart(
     lead = new.step.ndim
     m = new.psi_window.shape[lead]
     feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
-    reserved = jnp.isnan(new.psi_window).all(feature_axes).sum(-1, dtype=new.step.dtype)
+    # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
+    reserved = (~jnp.isfinite(new.psi_window)).all(feature_axes).sum(-1, dtype=new.step.dtype)
     # After lax.pmean over devices of which some skipped, the counters are
     # fractional: `step` is read rounded (as the training step reads it), and the
     # skips are a rounded difference (0.5 + 1 rounds like 2, 0.5 like 0). Floats

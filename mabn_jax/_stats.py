@@ -239,6 +239,16 @@ def lead(mask: Array, like: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
+def where_lead(mask: Array, x, y) -> Array:
+    """``where(mask, x, y)`` for a ``mask`` over the leading axes of ``x`` and
+    ``y`` (per group, per row, or a scalar): one broadcast and one select."""
+    if jnp.ndim(mask) == 0:
+        return where(mask, x, y)
+    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
+    shape = mask.shape + shape[mask.ndim :] if len(shape) >= mask.ndim else mask.shape
+    return where(lax.broadcast_in_dim(mask, shape, tuple(range(mask.ndim))), x, y)
+
+
 def renorm_factors(
     var: Array,
     ema_var: Array,
@@ -264,11 +274,11 @@ def renorm_factors(
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
     r = clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min, r_max)
-    r = stop(where(lead(active, r), r, jnp.ones_like(r)))
+    r = stop(where_lead(active, r, jnp.ones_like(r)))
     if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
     d = clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
-    return r, stop(where(lead(active, d), d, jnp.zeros_like(d)))
+    return r, stop(where_lead(active, d, jnp.zeros_like(d)))
 
 
 def affine_params(
@@ -326,4 +336,4 @@ def all_finite(*arrays: Array | None, lead_axes: int = 0) -> Array:
 
 def select(ok: Array, new, old):
     """``new`` where ``ok`` else ``old``, leaf by leaf (``ok`` has the leading axes)."""
-    return jax.tree_util.tree_map(lambda n, o: where(lead(ok, n), n, o), new, old)
+    return jax.tree_util.tree_map(lambda n, o: where_lead(ok, n, o), new, old)

@@ -130,12 +130,12 @@ def _dot(mask: Array, v: Array) -> Array:
 
 def _masked_sum(mask: Array, v: Array) -> Array:
     """``Σ_b v[a, b]`` over the ``b`` where ``mask[a, b]``."""
-    return S.where(S.lead(mask, v), v, 0.0).sum(1)
+    return S.where_lead(mask, v, 0.0).sum(1)
 
 
 def _written(sl: Slide, window: Array, values: Array) -> Array:
     """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
-    return S.where(S.lead(sl.last[0], window), values, window.astype(values.dtype))
+    return S.where_lead(sl.last[0], values, window.astype(values.dtype))
 
 
 def _recent_mean(sl: Slide, v: Array) -> Array:
@@ -155,9 +155,9 @@ def window_mean(sl: Slide, window: Array, values: Array) -> Array:
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
     if values.shape[0] == 1:
-        return S.where(S.lead(sl.last[0], window), values.astype(window.dtype), window)
+        return S.where_lead(sl.last[0], values.astype(window.dtype), window)
     written = sl.last.any(0)
-    return S.where(S.lead(written, window), _dot(sl.last.T, values).astype(window.dtype), window)
+    return S.where_lead(written, _dot(sl.last.T, values).astype(window.dtype), window)
 
 
 def step_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array]:
@@ -186,17 +186,16 @@ def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
 
 def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):
     """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
-    ub = lambda v: S.lead(use_batch, v)
     var_w, var_win = step_window(sl, state.var_window, var_b)
     if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
-        return None, var_w, None, S.where(ub(var_b), var_b, var_win)
+        return None, var_w, None, S.where_lead(use_batch, var_b, var_win)
     mean_w, mu_win = step_window(sl, state.mean_window, mean_b)
     spread = _spread(sl, state.mean_window, mean_b, mu_win)
     return (
         mean_w,
         var_w,
-        S.where(ub(mean_b), mean_b, mu_win),
-        S.where(ub(var_b), var_b, var_win + spread),
+        S.where_lead(use_batch, mean_b, mu_win),
+        S.where_lead(use_batch, var_b, var_win + spread),
     )
 
 

@@ -108,9 +108,10 @@ def test_bad_ghost_group_skips_the_whole_step(centered):
 
 
 @pytest.mark.parametrize("centered", [False, True])
-def test_forward_failure_is_undone_by_mabn_train_alone(centered):
-    # mabn_train returns the input state (+1 skipped) with no slot reserved,
-    # and record_backward_stats accepts it as the skipped step it is.
+def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
+    # With probes, mabn_train leaves the undoing to the record (one select per
+    # leaf): its reserved slots say +inf instead of NaN, and record_backward_stats
+    # returns the input state (+1 skipped), whatever the probe gradients are.
     cfg = config(centered)
     state = F.init_state((C,), cfg)
     xs, dys = batches(3)
@@ -118,10 +119,28 @@ def test_forward_failure_is_undone_by_mabn_train_alone(centered):
         state, _ = make_step(cfg)(state, xs[t], dys[t])
     train = jax.jit(functools.partial(F.mabn_train, config=cfg))
     _, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, F.init_probes(state))
+    slot = 3 % cfg.window  # step 3's slot
+    assert int(new.step) == 3 and bool(jnp.isposinf(new.psi_window[slot]).all())
+    for grads in (
+        jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), F.init_probes(state)),
+        jax.tree.map(jnp.ones_like, F.init_probes(state)),
+    ):
+        recorded = jax.jit(F.record_backward_stats)(new, grads, state)
+        assert_same_apart_from_skipped(recorded, state, skipped=1)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_forward_failure_is_undone_by_mabn_train_alone_without_probes(centered):
+    # Without probes nothing records the step: mabn_train undoes it itself.
+    cfg = config(centered)
+    state = F.init_state((C,), cfg)
+    xs, dys = batches(3)
+    for t in range(2):
+        state, _ = make_step(cfg)(state, xs[t], dys[t])
+    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
+    y, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, None)
     assert_same_apart_from_skipped(new, state, skipped=1)
-    nan_grads = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), F.init_probes(state))
-    recorded = jax.jit(F.record_backward_stats)(new, nan_grads, state)
-    assert_same_apart_from_skipped(recorded, state, skipped=1)
+    assert bool(jnp.isnan(y[:, 0]).all())
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -145,11 +164,11 @@ def test_overflowing_input_gives_nan_output_not_inf(centered):
     state = F.init_state((C,), cfg)
     x = jnp.ones((4, C)).at[0, 0].set(1e30)
     train = jax.jit(functools.partial(F.mabn_train, config=cfg))
-    y, new = train(x, None, None, state, F.init_probes(state))
+    probes = F.init_probes(state)
+    y, new = train(x, None, None, state, probes)
     assert bool(jnp.isnan(y[:, 0]).all()) and bool(jnp.isfinite(y[:, 1:]).all())
-    assert int(new.skipped) == 1 and int(new.step) == 0
-    np.testing.assert_array_equal(new.var_window, state.var_window)
-    np.testing.assert_array_equal(new.psi_window, state.psi_window)
+    recorded = F.record_backward_stats(new, jax.tree.map(jnp.ones_like, probes), state)
+    assert_same_apart_from_skipped(recorded, state, skipped=1)
 
 
 class Net(nn.Module):
@@ -239,8 +258,8 @@ def test_layers_stacked_by_scan_skip_independently():
 
 
 def test_module_skips_a_bad_batch():
-    # Always on: the Flax layer leaves its state as it was (one more skipped)
-    # and its output is NaN where the statistics are.
+    # Always on: the Flax layer's recorded state is the state as it was (one more
+    # skipped) and its output is NaN where the statistics are.
     model = mabn_jax.MABN(centered=False)
     x = jnp.ones((4, C)) * jnp.arange(1.0, C + 1)
     variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
@@ -248,9 +267,13 @@ def test_module_skips_a_bad_batch():
     apply = jax.jit(
         functools.partial(model.apply, use_running_average=False, mutable=["batch_stats"])
     )
-    y, updates = apply({**variables, "mabn_probes": probes}, x.at[0, 0].set(jnp.nan))
-    stats, before = updates["batch_stats"], variables["batch_stats"]
-    assert (int(stats["step"]), int(stats["skipped"])) == (0, 1)
+    bad = x.at[0, 0].set(jnp.nan)
+    y, updates = apply({**variables, "mabn_probes": probes}, bad)
+    before = variables["batch_stats"]
+    recorded = mabn_jax.record_backward_stats(
+        updates["batch_stats"], jax.tree.map(jnp.ones_like, probes), before
+    )
+    assert (int(recorded["step"]), int(recorded["skipped"])) == (0, 1)
     for name in ("x2_window", "psi_window", "ema_x2"):
-        np.testing.assert_array_equal(stats[name], before[name], err_msg=name)
+        np.testing.assert_array_equal(recorded[name], before[name], err_msg=name)
     assert bool(jnp.isnan(y[:, 0]).all()) and bool(jnp.isfinite(y[:, 1:]).all())
