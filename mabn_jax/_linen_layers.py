@@ -232,7 +232,7 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
                 x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
             )
         _one_training_call(self)
-        y, new_state, stats = _mabn.mabn_train_with_stats(
+        y, new_state, stats = _mabn.train(
             x,
             scale,
             bias,
@@ -242,6 +242,7 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
             axis=self.axis,
             dtype=self.dtype,
             mask=mask,
+            with_stats=self.is_mutable_collection("intermediates"),
         )
         if not self.is_initializing():  # init must not advance the state
             for var, value in zip(variables, _state.to_mapping(new_state).values()):

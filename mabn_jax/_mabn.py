@@ -122,8 +122,8 @@ def mabn_train(
       >>> y.shape, int(new_state.step)
       ((4, 2), 1)
     """
-    y, new_state, _ = mabn_train_with_stats(
-        x, scale, bias, state, probes, config, axis=axis, dtype=dtype, mask=mask
+    y, new_state, _ = train(
+        x, scale, bias, state, probes, config, axis=axis, dtype=dtype, mask=mask, with_stats=False
     )
     return y, new_state
 
@@ -168,13 +168,21 @@ def mabn_train_with_stats(
       >>> sorted(stats)
       ['chi2', 'chi2_B', 'ema_x2', 'r']
     """
+    return train(
+        x, scale, bias, state, probes, config, axis=axis, dtype=dtype, mask=mask, with_stats=True
+    )
+
+
+def train(x, scale, bias, state, probes, config, *, axis, dtype, mask, with_stats: bool):
+    """:func:`mabn_train_with_stats`, whose ``stats`` are ``{}`` unless ``with_stats``
+    (the layers ask for them only where they can be sown)."""
     x = jnp.asarray(x)
     feature_axes = S.canonicalize_axes(x.ndim, axis, _LAYER)
     # Traced (inside a jit, grad, scan...): the cached per-layer jit. Eagerly, op by
     # op, as any eager JAX code runs (and with its rounding).
     step = _train_step if isinstance(x, jax.core.Tracer) else _train_body
     try:
-        return step(x, scale, bias, state, probes, mask, config, feature_axes, dtype)
+        return step(x, scale, bias, state, probes, mask, config, feature_axes, dtype, with_stats)
     except TypeError as e:  # jax.jvp reaches the custom VJP through the jit
         if not _upstream.is_forward_mode_error(e):
             raise
@@ -195,7 +203,8 @@ class _Windows(NamedTuple):
     """Stage 2, the window update: the statistics in use and the state's new fields."""
 
     phase: _window.Phase
-    step_count: Array  # the incoming step, as int32
+    written: Array  # [R]: the slots the call writes
+    step_count: Array  # the incoming step, rounded
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -235,8 +244,19 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _window.emas(
         state, *lax.stop_gradient((var, mean)), groups > 1, cfg
     )
+    written = phase.slot_mask.any(0) if sl.row is None else sl.row
     return _Windows(
-        phase, count, mean_w, var_w, mean, var, ema_var, ema_var_used, ema_mean, ema_mean_used
+        phase,
+        written,
+        count,
+        mean_w,
+        var_w,
+        mean,
+        var,
+        ema_var,
+        ema_var_used,
+        ema_mean,
+        ema_mean_used,
     )
 
 
@@ -249,12 +269,11 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     forward failed, undo the step). Without probes nothing records the step, so
     the slots take the window's own estimate (its mean before the step) and the
     step is undone here."""
-    written = w.phase.slot_mask.any(0)
     ok = S.all_finite(batch.mean, batch.var)
     ok = ok if batch.empty is False else ok & ~batch.empty
     mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
-    reserve = lambda v: S.where_lead(written, fill(v), v)
+    reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(
         _window.advance(state.step, w.step_count, batch.split.groups, state.var_window.shape[0]),
         w.var_window,
@@ -337,9 +356,9 @@ def _named_stats(batch: _Batch, w: _Windows, r, d, cfg: MABNConfig) -> dict[str,
     return {k: squeeze(v) for k, v in stats.items()}
 
 
-def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
-    """:func:`mabn_train_with_stats` with canonical ``axis`` (static: config,
-    axis, dtype), in its four stages."""
+def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype, with_stats):
+    """:func:`train` with canonical ``axis`` (static: config, axis, dtype,
+    with_stats), in its four stages."""
     S.check_input(x, S.other_axes(x.ndim, axis), _LAYER)
     feature_shape = tuple(x.shape[a] for a in axis)
     m = config.window_length(positions(x.shape, axis))
@@ -359,7 +378,8 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
         batch.split.reduction_axes, batch.split.feature_axes, out_dtype, config, m, recorded
     )
     y = _apply_backward_rule(x, scale, bias, state, probes, batch, windows, norm, spec)
-    return y.reshape(x.shape), new_state, _named_stats(batch, windows, *norm[1:], config)
+    stats = _named_stats(batch, windows, *norm[1:], config) if with_stats else {}
+    return y.reshape(x.shape), new_state, stats
 
 
 # One jitted step per (shapes, config): a model's layers of one shape and
@@ -369,7 +389,7 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype):
 # per layer), so XLA sees the layer as if it were written out. Kept as a call, the
 # jit halved the trace time but cost the ResNet-50 pod step 0.8 % more bytes per
 # chip (the call's linearization returns residuals that XLA then keeps).
-_train_step = jax.jit(_train_body, static_argnums=(6, 7, 8), inline=True)
+_train_step = jax.jit(_train_body, static_argnums=(6, 7, 8, 9), inline=True)
 
 
 def positions(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> int:

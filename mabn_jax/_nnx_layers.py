@@ -306,8 +306,17 @@ class MABN(Norm):
                 x, scale, bias, state, config, axis=self.axis, dtype=self.dtype
             )
         probes = self._probes()
-        y, new_state, stats = _mabn.mabn_train_with_stats(
-            x, scale, bias, state, probes, config, axis=self.axis, dtype=self.dtype, mask=mask
+        y, new_state, stats = _mabn.train(
+            x,
+            scale,
+            bias,
+            state,
+            probes,
+            config,
+            axis=self.axis,
+            dtype=self.dtype,
+            mask=mask,
+            with_stats=_upstream.in_nnx_capture(self),
         )
         self._store(_state.to_mapping(new_state), stats)
         if _shell.probes_in_state():

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mabn_jax import _stats as S
@@ -105,7 +106,10 @@ def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
     # apart give NaN statistics (the next training output, and inference, are NaN).
     ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead) & consistent
-    poison = lambda a: None if a is None else S.where_lead(consistent, a, jnp.nan)
+    # NaN statistics as one product per leaf: `a · 1` is `a` exactly, `a · NaN` NaN.
+    dtype = previous.var_window.dtype
+    factor = S.where(consistent, np.ones((), dtype), np.full((), np.nan, dtype))
+    poison = lambda a: None if a is None else a * S.lead(factor, a)
     poisoned: dict[str, Any] = {name: poison(getattr(previous, name)) for name in _STATISTICS}
     undone = previous._replace(skipped=previous.skipped + 1, **poisoned)
     return S.select(ok, filled, undone), consistent, uses
@@ -121,35 +125,30 @@ def _one_apply_apart(
     """Whether ``new`` is ``previous`` after one training step (per leading index),
     and, where the helper counted them, the applications of the layer.
 
-    With ``a`` window steps between the counters, ``s`` more ``skipped`` and
-    ``k`` reserved (NaN) rows in ``new``'s Ψ window, a training step reserves
-    ``k = min(a, m)`` slots, and::
-
-        stepped:  a >= 1, s = 0             skipped (applied):  a = 0, s = 1
-        not applied (frozen):  new is previous, a = s = 0, and the probes got
-        no gradient (zero, or counted: no use)
-
-    ``previous`` itself has no reserved slot. Everything here is arithmetic on a
-    few scalars and one reduction per window: it is computed once per layer.
+    With ``a`` window steps between the counters and ``k`` reserved rows in
+    ``new``'s Ψ window, a training step reserves ``k = min(a, m)`` slots and
+    leaves ``skipped`` alone (only the record undoes a step); ``previous``
+    itself has no reserved slot. The layer stepped (``a >= 1``: applied once)
+    or was not applied (``a = 0``: ``new`` is ``previous``, and the probes
+    got no gradient: zero, or counted, no use). A few scalar tests and one
+    reduction per window: computed once per layer.
     """
     lead = new.step.ndim
     m = new.psi_window.shape[lead]
     feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
     # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
-    reserved = (~jnp.isfinite(new.psi_window)).all(feature_axes).sum(-1, dtype=new.step.dtype)
+    reserved = (~jnp.isfinite(new.psi_window)).all(feature_axes).astype(new.step.dtype).sum(-1)
     # After lax.pmean over devices of which some skipped, the counters are
-    # fractional: `step` is read rounded (as the training step reads it), and the
-    # skips are a rounded difference (0.5 + 1 rounds like 2, 0.5 like 0). Floats
-    # hold the counts exactly (_window._WRAP).
+    # fractional: `step` is read rounded (as the training step reads it), and
+    # `skipped` compared by its difference. Floats hold the counts exactly (_WRAP).
     advance = _round(new.step) - _round(previous.step)
     advance = S.where(advance < 0, advance + wrap_period(m), advance)
-    skips = _round(new.skipped - previous.skipped)
-    stepped = (advance >= 1) & (skips == 0)
-    skipped = (advance == 0) & (skips == 1)
-    shape_ok = (reserved == jnp.minimum(advance, m)) & S.all_finite(
-        previous.psi_window, lead_axes=lead
+    stepped = advance >= 1
+    same_layer = (
+        (reserved == jnp.minimum(advance, m))
+        & (_round(new.skipped - previous.skipped) == 0)
+        & S.all_finite(previous.psi_window, lead_axes=lead)
     )
-    idle = (advance == 0) & (skips == 0)
     if probe_grads.uses is None:  # the low-level API: a frozen layer's probes got zeros
         frozen = functools.reduce(
             jnp.logical_and,
@@ -159,13 +158,11 @@ def _one_apply_apart(
                 if g is not None
             ],
         )
-        return shape_ok & (stepped | skipped | (idle & frozen)), None
-    # Counted (value_and_grad): a layer that stepped (or skipped) was applied exactly
-    # once, with its probes in the gradient; one that did not was not applied.
+        return same_layer & (stepped | frozen), None
+    # Counted (value_and_grad): a layer that stepped was applied exactly once, with
+    # its probes in the gradient; one that did not was not applied.
     uses = _round(probe_grads.uses)
-    applied = stepped | skipped
-    once = S.where(applied, uses == 1, idle & (uses == 0))
-    return shape_ok & once, S.where(applied, uses, 1)
+    return same_layer & (uses == S.where(stepped, 1.0, 0.0)), S.where(stepped, uses, 1.0)
 
 
 def _round(v: jax.Array) -> jax.Array:

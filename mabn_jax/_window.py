@@ -55,24 +55,26 @@ class Phase(NamedTuple):
     slot_mask: Array  # [G, R] bool: the ring-buffer slot t mod R
     use_batch: Array  # [G] or [] bool: t <= m or t < warmup
     renorm: Array  # [G] or [] bool: t > max(renorm_start, warmup)
-    t: Array  # [G] or [] int32: the window steps
+    t: Array  # [G] or []: the window steps (whole numbers, in the counter's float dtype)
 
 
 def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
     """The phase of each window step ``t`` (``[G]``, or a scalar for one step;
     every ``t >= 1``) of a window averaging ``m`` of its ``rows``."""
-    slot = jnp.reshape(lax.rem(t, jnp.asarray(rows, t.dtype)), (-1, 1))  # t >= 1: rem is mod
+    # t >= 1: an unsigned rem is the mod (and a mask for a power-of-two R).
+    slot = lax.rem(t.astype(jnp.uint32), np.uint32(rows))
     return Phase(
-        lax.broadcasted_iota(jnp.int32, (1, rows), 1) == slot,
-        (t <= m) | (t < cfg.warmup_steps),
+        lax.broadcasted_iota(jnp.uint32, (1, rows), 1) == jnp.reshape(slot, (-1, 1)),
+        t < max(m + 1, cfg.warmup_steps),  # t <= m or t < warmup_steps
         t > max(cfg.renorm_start, cfg.warmup_steps),
         t,
     )
 
 
 def as_count(step: Array) -> Array:
-    """A stored counter as int32 (it may have been averaged by lax.pmean)."""
-    return lax.round(step, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
+    """A stored counter, rounded (it may have been averaged by lax.pmean). It stays
+    a float, which holds every count below ``_WRAP`` exactly: no conversions."""
+    return lax.round(step, lax.RoundingMethod.TO_NEAREST_EVEN)
 
 
 def wrap_period(rows: int) -> int:
@@ -96,10 +98,12 @@ class Slide(NamedTuple):
     """
 
     in_window: Array  # [G, G]: group j's value is in group i's window
-    old_kept: Array  # [G, R]: slot s holds a value from before the call in i's window
+    old_kept: Array | None  # [G, R]: slot s holds a value from before the call in i's
+    # window (G > 1; one group reads its written window)
     last: Array  # [G, R]: group j is the last to write slot s
     m: int  # the steps a window averages (<= R)
     recent: Array | None  # [G, R]: slot s is one of i's last m writes; None if m == R
+    row: Array | None  # [R]: the slot of a one-group call (G = 1), else None
 
 
 def slide(slot_mask: Array, t: Array, m: int) -> Slide:
@@ -108,11 +112,13 @@ def slide(slot_mask: Array, t: Array, m: int) -> Slide:
     groups, rows = slot_mask.shape
     recent = None
     if m < rows:  # a slot's age: the steps since its last write, as of step t_i
-        age = lax.rem(jnp.reshape(t, (-1, 1)) + np.arange(rows, 0, -1), rows)  # t >= 1
+        age = lax.rem(  # t >= 1: an unsigned rem is the mod
+            jnp.reshape(t, (-1, 1)).astype(jnp.uint32) + np.arange(rows, 0, -1, dtype=np.uint32),
+            np.uint32(rows),
+        ).astype(jnp.int32)
         recent = age < m
     if groups == 1:  # one window step (no ghost batches): nothing to slide
-        kept = ~slot_mask if recent is None else ~slot_mask & recent
-        return Slide(cast(Array, np.ones((1, 1), bool)), kept, slot_mask, m, recent)
+        return Slide(cast(Array, np.ones((1, 1), bool)), None, slot_mask, m, recent, slot_mask[0])
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     if recent is None:
@@ -120,7 +126,7 @@ def slide(slot_mask: Array, t: Array, m: int) -> Slide:
     else:  # written before the call (age > i) and recent enough
         old_kept = recent & (age > i)
     later = jnp.cumsum(slot_mask[::-1], 0)[::-1] - slot_mask  # writes after group j
-    return Slide(in_window, old_kept, slot_mask & (later == 0), m, recent)
+    return Slide(in_window, old_kept, slot_mask & (later == 0), m, recent, None)
 
 
 def _dot(mask: Array, v: Array) -> Array:
@@ -135,7 +141,7 @@ def _masked_sum(mask: Array, v: Array) -> Array:
 
 def _written(sl: Slide, window: Array, values: Array) -> Array:
     """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
-    return S.where_lead(sl.last[0], values, window.astype(values.dtype))
+    return S.where_lead(sl.row, values, window.astype(values.dtype))
 
 
 def _recent_mean(sl: Slide, v: Array) -> Array:
@@ -149,13 +155,14 @@ def window_mean(sl: Slide, window: Array, values: Array) -> Array:
     """Each group's window mean: ``[G, *features]``."""
     if values.shape[0] == 1:
         return _recent_mean(sl, _written(sl, window, values))
-    return (_dot(sl.in_window, values) + _dot(sl.old_kept, window.astype(values.dtype))) / sl.m
+    kept = cast(Array, sl.old_kept)  # G > 1
+    return (_dot(sl.in_window, values) + _dot(kept, window.astype(values.dtype))) / sl.m
 
 
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
     if values.shape[0] == 1:
-        return S.where_lead(sl.last[0], values.astype(window.dtype), window)
+        return S.where_lead(sl.row, values.astype(window.dtype), window)
     written = sl.last.any(0)
     return S.where_lead(written, _dot(sl.last.T, values).astype(window.dtype), window)
 
@@ -180,7 +187,9 @@ def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
         return _recent_mean(sl, jnp.square(_written(sl, window, values) - mu))
     return (
         _masked_sum(sl.in_window, jnp.square(values[None] - mu[:, None]))
-        + _masked_sum(sl.old_kept, jnp.square(window[None].astype(mu.dtype) - mu[:, None]))
+        + _masked_sum(
+            cast(Array, sl.old_kept), jnp.square(window[None].astype(mu.dtype) - mu[:, None])
+        )
     ) / sl.m
 
 
