@@ -71,10 +71,16 @@ def features_of(module, x) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return feature_axes, tuple(x.shape[a] for a in feature_axes)
 
 
-def state_variables(module, names, init_values):
-    return [
-        module.variable("batch_stats", name, lambda v=v: v) for name, v in zip(names, init_values)
-    ]
+def state_variables(module, names, make_initial):
+    """The ``batch_stats`` variables ``names``; ``make_initial()`` gives their initial
+    values in that order, and is called only if they are created (at ``init``)."""
+    made: list = []
+
+    def initial(i):
+        made[:] = made or list(make_initial())
+        return made[i]
+
+    return [module.variable("batch_stats", name, initial, i) for i, name in enumerate(names)]
 
 
 #: ``nn.BatchNorm``'s positional order; the norms here take their positional
@@ -222,8 +228,11 @@ class MABN(BatchNormPositional, nn.Module, MABNConfig):
         if error:  # or Flax would silently initialize the missing fields
             raise ValueError(f"MABN layer {'/'.join(self.path)!r}: its batch_stats {error}.")
         # A layer sizing its window stores just the steps it averages.
-        init = _shell.initial_state(feature_shape, config, self.param_dtype, rows=m)
-        variables = state_variables(self, [k for k, _ in layout], init.values())
+        variables = state_variables(
+            self,
+            [k for k, _ in layout],
+            lambda: _shell.initial_state(feature_shape, config, self.param_dtype, rows=m).values(),
+        )
         state = _state.as_state({k: v.value for (k, _), v in zip(layout, variables)})
         _state.check_state(state, config, feature_shape, window=m)  # before params
         scale, bias = make_params(self, feature_shape)

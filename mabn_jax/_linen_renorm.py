@@ -85,8 +85,11 @@ class BatchRenorm(L.BatchNormPositional, nn.Module, BatchRenormConfig):
         x = jnp.asarray(x)
         config = L.config_for(self, BatchRenormConfig)
         _, feature_shape = L.features_of(self, x)
-        init = _brn.init_state(feature_shape, _shell.state_dtype(self.param_dtype))
-        variables = L.state_variables(self, _brn.BatchRenormState._fields, init)
+        variables = L.state_variables(
+            self,
+            _brn.BatchRenormState._fields,
+            lambda: _brn.init_state(feature_shape, _shell.state_dtype(self.param_dtype)),
+        )
         state = _brn.BatchRenormState(*(v.value for v in variables))
         scale, bias = L.make_params(self, feature_shape)
         if use_running_average:

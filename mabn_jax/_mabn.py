@@ -30,6 +30,7 @@ whose slots were never filled makes the next training output NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -269,9 +270,12 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     forward failed, undo the step). Without probes nothing records the step, so
     the slots take the window's own estimate (its mean before the step) and the
     step is undone here."""
-    ok = S.all_finite(batch.mean, batch.var)
-    ok = ok if batch.empty is False else ok & ~batch.empty
-    mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
+    def finite(*stats):  # per channel: no reduction over the features
+        ok = functools.reduce(jnp.logical_and, [jnp.isfinite(v).all(0) for v in stats if v is not None])
+        return ok if batch.empty is False else ok & ~batch.empty
+
+    # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.
+    mark = S.where(finite(batch.mean, batch.var), jnp.nan, jnp.inf) if recorded else None
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(
@@ -284,7 +288,11 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
         None if state.g_window is None else reserve(state.g_window),
         w.ema_mean,
     )
-    return new if recorded else S.select(ok, new, state._replace(skipped=state.skipped + 1))
+    if recorded:
+        return new
+    ok = S.all_finite(batch.mean, batch.var)
+    ok = ok if batch.empty is False else ok & ~batch.empty
+    return S.select(ok, new, state._replace(skipped=state.skipped + 1))
 
 
 def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):

@@ -105,7 +105,7 @@ def _record(state: MABNState, probe_grads: Probes, previous: MABNState):
     # One flag, one select per leaf: a step whose statistics are not finite (a bad
     # batch's NaN reaches Ψ_B through 1/σ̃) is undone; trees that are not one apply
     # apart give NaN statistics (the next training output, and inference, are NaN).
-    ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead) & consistent
+    ok = S.all_finite(filled.psi_window, filled.g_window, lead_axes=lead, given=consistent)
     # NaN statistics as one product per leaf: `a · 1` is `a` exactly, `a · NaN` NaN.
     dtype = previous.var_window.dtype
     factor = S.where(consistent, np.ones((), dtype), np.full((), np.nan, dtype))
@@ -121,34 +121,29 @@ _record_step = jax.jit(_record, inline=True)
 
 def _one_apply_apart(
     new: MABNState, previous: MABNState, probe_grads: Probes
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Whether ``new`` is ``previous`` after one training step (per leading index),
-    and, where the helper counted them, the applications of the layer.
+    and, where the helper counted them, the layer's uses and whether it stepped.
 
-    With ``a`` window steps between the counters and ``k`` reserved rows in
-    ``new``'s Ψ window, a training step reserves ``k = min(a, m)`` slots and
-    leaves ``skipped`` alone (only the record undoes a step); ``previous``
-    itself has no reserved slot. The layer stepped (``a >= 1``: applied once)
-    or was not applied (``a = 0``: ``new`` is ``previous``, and the probes
-    got no gradient: zero, or counted, no use). A few scalar tests and one
-    reduction per window: computed once per layer.
+    A step of ``a`` window steps reserves the ``min(a, R)`` slots it wrote, the
+    rows ``t − k mod R`` (``k < min(a, R)``, ``t`` its last step): they and only
+    they are non-finite in ``new``'s Ψ window (the other rows are ``previous``'s,
+    which has no reserved slot). The step leaves ``skipped`` alone (only the
+    record undoes a step). The layer stepped (``a >= 1``: applied once) or was
+    not applied (``a = 0``: ``new`` is ``previous``, and the probes got no
+    gradient: zero, or counted, no use). One reduction over the Ψ window, with
+    the few scalar tests folded into it: the flag is computed once.
     """
     lead = new.step.ndim
-    m = new.psi_window.shape[lead]
-    feature_axes = tuple(range(lead + 1, new.psi_window.ndim))
-    # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
-    reserved = (~jnp.isfinite(new.psi_window)).all(feature_axes).astype(new.step.dtype).sum(-1)
+    psi = new.psi_window
+    rows = psi.shape[lead]
     # After lax.pmean over devices of which some skipped, the counters are
     # fractional: `step` is read rounded (as the training step reads it), and
     # `skipped` compared by its difference. Floats hold the counts exactly (_WRAP).
-    advance = _round(new.step) - _round(previous.step)
-    advance = S.where(advance < 0, advance + wrap_period(m), advance)
+    t = _round(new.step)
+    advance = t - _round(previous.step)
+    advance = S.where(advance < 0, advance + wrap_period(rows), advance)
     stepped = advance >= 1
-    same_layer = (
-        (reserved == jnp.minimum(advance, m))
-        & (_round(new.skipped - previous.skipped) == 0)
-        & S.all_finite(previous.psi_window, lead_axes=lead)
-    )
     if probe_grads.uses is None:  # the low-level API: a frozen layer's probes got zeros
         frozen = functools.reduce(
             jnp.logical_and,
@@ -158,22 +153,33 @@ def _one_apply_apart(
                 if g is not None
             ],
         )
-        return same_layer & (stepped | frozen), None
-    # Counted (value_and_grad): a layer that stepped was applied exactly once, with
-    # its probes in the gradient; one that did not was not applied.
-    uses = _round(probe_grads.uses)
-    return same_layer & (uses == S.where(stepped, 1.0, 0.0)), S.where(stepped, uses, 1.0)
+        applied_right, uses = stepped | frozen, None
+    else:  # counted (value_and_grad): one use if it stepped, else none
+        uses = _round(probe_grads.uses)
+        applied_right = uses == stepped.astype(uses.dtype)
+    given = applied_right & (_round(new.skipped - previous.skipped) == 0)
+    # Row r was written by the step iff its age (t − r) mod R is below min(a, R).
+    row = lax.broadcasted_iota(t.dtype, t.shape + (rows,), lead)
+    age = lax.rem(S.lead(t, row) + rows - row, np.asarray(rows, t.dtype))
+    reserved = age < S.lead(jnp.minimum(advance, rows), row)
+    # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
+    as_psi = lambda v: lax.broadcast_in_dim(v, psi.shape, tuple(range(v.ndim)))
+    agree = (jnp.isfinite(psi) != as_psi(reserved)) & as_psi(given)
+    consistent = agree.all(axis=tuple(range(lead, psi.ndim)))
+    return consistent, None if uses is None else (uses, stepped)
 
 
 def _round(v: jax.Array) -> jax.Array:
     return lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN)
 
 
-def _uses_error(uses) -> str | None:
-    """The message for a layer whose applications in the step were not one."""
-    if uses is None:
+def _uses_error(counted) -> str | None:
+    """The message for a layer whose applications in the step were not one
+    (``counted``: its uses and whether it stepped, or ``None``)."""
+    if counted is None:
         return None
-    uses = jnp.asarray(uses)
+    uses, stepped = counted
+    uses = jnp.where(stepped, uses, 1)  # a layer that did not step was not applied
     if bool(jnp.any(uses >= 2)):
         return (
             f"MABN: a layer was applied in training mode {int(jnp.max(uses))} times in one "

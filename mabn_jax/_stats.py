@@ -322,15 +322,17 @@ def clip(x, low, high) -> Array:
     return jnp.minimum(jnp.maximum(x, low), high)
 
 
-def all_finite(*arrays: Array | None, lead_axes: int = 0) -> Array:
-    """Whether every entry is finite, per index of the ``lead_axes`` leading axes."""
+def all_finite(*arrays: Array | None, lead_axes: int = 0, given: Array | None = None) -> Array:
+    """Whether every entry is finite, per index of the ``lead_axes`` leading axes
+    (and ``given`` holds, a flag per index). ``given`` is folded into the first
+    reduction, so that XLA computes the combined flag once and hands it to every
+    consumer, rather than copying the scalar logic behind it into each fusion."""
+    present = [a for a in arrays if a is not None]
+    flags = [jnp.isfinite(a) for a in present]
+    if given is not None:
+        flags[0] = flags[0] & lead(given, flags[0])
     return functools.reduce(
-        jnp.logical_and,
-        [
-            jnp.isfinite(a).all(axis=tuple(range(lead_axes, a.ndim)))
-            for a in arrays
-            if a is not None
-        ],
+        jnp.logical_and, [f.all(axis=tuple(range(lead_axes, f.ndim))) for f in flags]
     )
 
 

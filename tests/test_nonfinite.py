@@ -110,8 +110,9 @@ def test_bad_ghost_group_skips_the_whole_step(centered):
 @pytest.mark.parametrize("centered", [False, True])
 def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
     # With probes, mabn_train leaves the undoing to the record (one select per
-    # leaf): its reserved slots say +inf instead of NaN, and record_backward_stats
-    # returns the input state (+1 skipped), whatever the probe gradients are.
+    # leaf): its reserved slot says +inf in the failed channel (NaN in the
+    # others), and record_backward_stats returns the input state (+1 skipped),
+    # whatever the probe gradients are.
     cfg = config(centered)
     state = F.init_state((C,), cfg)
     xs, dys = batches(3)
@@ -120,7 +121,8 @@ def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
     train = jax.jit(functools.partial(F.mabn_train, config=cfg))
     _, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, F.init_probes(state))
     slot = 3 % cfg.window  # step 3's slot
-    assert int(new.step) == 3 and bool(jnp.isposinf(new.psi_window[slot]).all())
+    assert int(new.step) == 3 and bool(jnp.isposinf(new.psi_window[slot, 0]))
+    assert bool(jnp.isnan(new.psi_window[slot, 1:]).all())
     for grads in (
         jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), F.init_probes(state)),
         jax.tree.map(jnp.ones_like, F.init_probes(state)),
