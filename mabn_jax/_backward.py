@@ -166,7 +166,7 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
     dy = dy.astype(dtype)
     a = scale * ctx.r
     keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
-    sl = _window.slide(ctx.slot_mask, ctx.t, spec.window)
+    sl = _window.slide(ctx.slot_mask, ctx.t, spec.window, ctx.psi_window.shape)
     weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
     def windowed(window, total):

@@ -205,7 +205,6 @@ class _Windows(NamedTuple):
 
     phase: _window.Phase
     written: Array  # [R]: the slots the call writes
-    step_count: Array  # the incoming step, rounded
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -238,7 +237,7 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
     count = _window.as_count(state.step)
     t = count + 1 if groups == 1 else count + 1 + jnp.arange(groups)
     phase = _window.phase(t, cfg, m, state.var_window.shape[0])
-    sl = _window.slide(phase.slot_mask, phase.t, m)
+    sl = _window.slide(phase.slot_mask, phase.t, m, state.var_window.shape)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var
     )
@@ -249,7 +248,6 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
     return _Windows(
         phase,
         written,
-        count,
         mean_w,
         var_w,
         mean,
@@ -270,8 +268,10 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     forward failed, undo the step). Without probes nothing records the step, so
     the slots take the window's own estimate (its mean before the step) and the
     step is undone here."""
+
     def finite(*stats):  # per channel: no reduction over the features
-        ok = functools.reduce(jnp.logical_and, [jnp.isfinite(v).all(0) for v in stats if v is not None])
+        flags = [jnp.isfinite(v).all(0) for v in stats if v is not None]
+        ok = functools.reduce(jnp.logical_and, flags)
         return ok if batch.empty is False else ok & ~batch.empty
 
     # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.
@@ -279,7 +279,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(
-        _window.advance(state.step, w.step_count, batch.split.groups, state.var_window.shape[0]),
+        _window.advance(state.step, _last(w.phase.t), state.var_window.shape[0]),
         w.var_window,
         reserve(state.psi_window),
         w.ema_var,
@@ -293,6 +293,11 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     ok = S.all_finite(batch.mean, batch.var)
     ok = ok if batch.empty is False else ok & ~batch.empty
     return S.select(ok, new, state._replace(skipped=state.skipped + 1))
+
+
+def _last(t: Array) -> Array:
+    """The last of a call's window steps (``t`` itself for one step)."""
+    return t if t.ndim == 0 else t[-1]
 
 
 def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
@@ -387,7 +392,9 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype, with_s
     )
     y = _apply_backward_rule(x, scale, bias, state, probes, batch, windows, norm, spec)
     stats = _named_stats(batch, windows, *norm[1:], config) if with_stats else {}
-    return y.reshape(x.shape), new_state, stats
+    # One group: the group axis off as a squeeze (its transpose, dy's, a broadcast).
+    y = lax.squeeze(y, (0,)) if batch.split.groups == 1 else y.reshape(x.shape)
+    return y, new_state, stats
 
 
 # One jitted step per (shapes, config): a model's layers of one shape and

@@ -246,7 +246,9 @@ def where_lead(mask: Array, x, y) -> Array:
         return where(mask, x, y)
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
     shape = mask.shape + shape[mask.ndim :] if len(shape) >= mask.ndim else mask.shape
-    return where(lax.broadcast_in_dim(mask, shape, tuple(range(mask.ndim))), x, y)
+    if mask.shape != shape:
+        mask = lax.broadcast_in_dim(mask, shape, tuple(range(mask.ndim)))
+    return where(mask, x, y)
 
 
 def renorm_factors(

@@ -43,6 +43,7 @@ __all__ = [
     "window_mean",
     "final_window",
     "step_window",
+    "step_mean_window",
     "forward_windows",
     "emas",
 ]
@@ -82,9 +83,8 @@ def wrap_period(rows: int) -> int:
     return rows * ((_WRAP // 2) // rows)
 
 
-def advance(step: Array, count: Array, n: int, rows: int) -> Array:
-    """``step`` (whose :func:`as_count` is ``count``) advanced by ``n``, wrapped."""
-    new = count + n
+def advance(step: Array, new: Array, rows: int) -> Array:
+    """The counter ``step`` set to the count ``new`` (its last window step), wrapped."""
     return S.where(new >= _WRAP, new - wrap_period(rows), new).astype(step.dtype)
 
 
@@ -103,12 +103,13 @@ class Slide(NamedTuple):
     last: Array  # [G, R]: group j is the last to write slot s
     m: int  # the steps a window averages (<= R)
     recent: Array | None  # [G, R]: slot s is one of i's last m writes; None if m == R
-    row: Array | None  # [R]: the slot of a one-group call (G = 1), else None
+    row: Array | None  # [R, *features]: the slot of a one-group call (G = 1), else None
 
 
-def slide(slot_mask: Array, t: Array, m: int) -> Slide:
+def slide(slot_mask: Array, t: Array, m: int, window_shape: tuple[int, ...]) -> Slide:
     """The :class:`Slide` of a call's steps ``t`` (:attr:`Phase.slot_mask`,
-    :attr:`Phase.t`) for windows of length ``m``."""
+    :attr:`Phase.t`) for windows of length ``m`` and shape ``window_shape``
+    (one group's slot is laid out once, for every window)."""
     groups, rows = slot_mask.shape
     recent = None
     if m < rows:  # a slot's age: the steps since its last write, as of step t_i
@@ -118,7 +119,8 @@ def slide(slot_mask: Array, t: Array, m: int) -> Slide:
         ).astype(jnp.int32)
         recent = age < m
     if groups == 1:  # one window step (no ghost batches): nothing to slide
-        return Slide(cast(Array, np.ones((1, 1), bool)), None, slot_mask, m, recent, slot_mask[0])
+        row = lax.broadcast_in_dim(slot_mask[0], window_shape, (0,))
+        return Slide(cast(Array, np.ones((1, 1), bool)), None, slot_mask, m, recent, row)
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     if recent is None:
@@ -141,7 +143,7 @@ def _masked_sum(mask: Array, v: Array) -> Array:
 
 def _written(sl: Slide, window: Array, values: Array) -> Array:
     """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
-    return S.where_lead(sl.row, values, window.astype(values.dtype))
+    return S.where(cast(Array, sl.row), values, window.astype(values.dtype))  # G = 1
 
 
 def _recent_mean(sl: Slide, v: Array) -> Array:
@@ -162,7 +164,7 @@ def window_mean(sl: Slide, window: Array, values: Array) -> Array:
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
     if values.shape[0] == 1:
-        return S.where_lead(sl.row, values.astype(window.dtype), window)
+        return S.where(cast(Array, sl.row), values.astype(window.dtype), window)
     written = sl.last.any(0)
     return S.where_lead(written, _dot(sl.last.T, values).astype(window.dtype), window)
 
@@ -180,11 +182,21 @@ def step_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array]:
     )
 
 
-def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
-    """Each group's between-step variance of the window's values about ``mu``
-    (its window mean), in two passes."""
+def step_mean_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array, Array]:
+    """:func:`step_window` of the means, and each group's between-step variance of
+    the window's values about its mean (two passes; one group's window written once)."""
     if values.shape[0] == 1:
-        return _recent_mean(sl, jnp.square(_written(sl, window, values) - mu))
+        written = _written(sl, window, values)
+        mu = _recent_mean(sl, written)
+        spread = _recent_mean(sl, jnp.square(written - mu))
+        return lax.stop_gradient(written).astype(window.dtype), mu, spread
+    new, mu = step_window(sl, window, values)
+    return new, mu, _spread(sl, window, values, mu)
+
+
+def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
+    """Each of ``G > 1`` groups' between-step variance of the window's values
+    about ``mu`` (its window mean)."""
     return (
         _masked_sum(sl.in_window, jnp.square(values[None] - mu[:, None]))
         + _masked_sum(
@@ -198,8 +210,7 @@ def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):
     var_w, var_win = step_window(sl, state.var_window, var_b)
     if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
         return None, var_w, None, S.where_lead(use_batch, var_b, var_win)
-    mean_w, mu_win = step_window(sl, state.mean_window, mean_b)
-    spread = _spread(sl, state.mean_window, mean_b, mu_win)
+    mean_w, mu_win, spread = step_mean_window(sl, state.mean_window, mean_b)
     return (
         mean_w,
         var_w,

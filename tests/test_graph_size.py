@@ -19,9 +19,9 @@ import graph_size  # noqa: E402
 
 # (jaxpr lines, HLO instructions, fusions) at most this many times BN's.
 BOUNDS = {
-    "MABN": (5.1, 7.4, 2.5),
-    "MABN centered": (7.6, 12.3, 3.9),
-    "BatchRenorm": (2.3, 2.4, 2.2),
+    "MABN": (3.0, 4.3, 2.5),
+    "MABN centered": (4.4, 7.7, 3.5),
+    "BatchRenorm": (1.9, 2.4, 2.2),
 }
 
 
