@@ -315,8 +315,10 @@ def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
         stop_gradient=False,
     )  # constants to the VJP, not to 2nd order
     finite = jnp.isfinite(w.var) if w.mean is None else jnp.isfinite(w.var) & jnp.isfinite(w.mean)
-    bad = ~(finite & S.all_finite(state.psi_window))
-    return S.where(bad, jnp.nan, lax.rsqrt(w.var + cfg.epsilon)), r, d
+    ok = finite & S.all_finite(state.psi_window)
+    # NaN in, before the rsqrt (which XLA computes once), not a select after it
+    # (which XLA would copy into every fusion that reads 1/σ̃).
+    return lax.rsqrt(S.where(ok, w.var, jnp.nan) + cfg.epsilon), r, d
 
 
 def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) -> Array:

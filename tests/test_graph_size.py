@@ -19,8 +19,8 @@ import graph_size  # noqa: E402
 
 # (jaxpr lines, HLO instructions, fusions) at most this many times BN's.
 BOUNDS = {
-    "MABN": (3.0, 4.3, 2.5),
-    "MABN centered": (4.4, 7.7, 3.5),
+    "MABN": (3.0, 3.6, 2.5),
+    "MABN centered": (4.4, 6.8, 3.5),
     "BatchRenorm": (1.9, 2.4, 2.2),
 }
 
