@@ -204,7 +204,7 @@ class _Windows(NamedTuple):
     """Stage 2, the window update: the statistics in use and the state's new fields."""
 
     phase: _window.Phase
-    written: Array  # [R]: the slots the call writes
+    written: Array  # the slots the call writes: [R], or [R, *features] for one group
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -269,13 +269,13 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     the slots take the window's own estimate (its mean before the step) and the
     step is undone here."""
 
-    def finite(*stats):  # per channel: no reduction over the features
-        flags = [jnp.isfinite(v).all(0) for v in stats if v is not None]
-        ok = functools.reduce(jnp.logical_and, flags)
-        return ok if batch.empty is False else ok & ~batch.empty
-
+    # Per channel (no reduction over the features): the statistics are finite, and
+    # the batch (with a mask) not empty.
+    flags = [jnp.isfinite(v).all(0) for v in (batch.mean, batch.var) if v is not None]
+    ok = functools.reduce(jnp.logical_and, flags)
+    ok = ok if batch.empty is False else ok & ~batch.empty
     # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.
-    mark = S.where(finite(batch.mean, batch.var), jnp.nan, jnp.inf) if recorded else None
+    mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(
@@ -290,9 +290,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     )
     if recorded:
         return new
-    ok = S.all_finite(batch.mean, batch.var)
-    ok = ok if batch.empty is False else ok & ~batch.empty
-    return S.select(ok, new, state._replace(skipped=state.skipped + 1))
+    return S.select(ok.all(), new, state._replace(skipped=state.skipped + 1))
 
 
 def _last(t: Array) -> Array:

@@ -27,7 +27,7 @@ from jax import lax
 
 from mabn_jax import _stats as S
 from mabn_jax._state import MABNState, Probes
-from mabn_jax._window import wrap_period
+from mabn_jax._window import as_count, wrap_period
 
 __all__ = ["record_backward_stats"]
 
@@ -140,8 +140,8 @@ def _one_apply_apart(
     # After lax.pmean over devices of which some skipped, the counters are
     # fractional: `step` is read rounded (as the training step reads it), and
     # `skipped` compared by its difference. Floats hold the counts exactly (_WRAP).
-    t = _round(new.step)
-    advance = t - _round(previous.step)
+    t = as_count(new.step)
+    advance = t - as_count(previous.step)
     advance = S.where(advance < 0, advance + wrap_period(rows), advance)
     stepped = advance >= 1
     if probe_grads.uses is None:  # the low-level API: a frozen layer's probes got zeros
@@ -155,9 +155,9 @@ def _one_apply_apart(
         )
         applied_right, uses = stepped | frozen, None
     else:  # counted (value_and_grad): one use if it stepped, else none
-        uses = _round(probe_grads.uses)
+        uses = as_count(probe_grads.uses)
         applied_right = uses == stepped.astype(uses.dtype)
-    given = applied_right & (_round(new.skipped - previous.skipped) == 0)
+    given = applied_right & (as_count(new.skipped - previous.skipped) == 0)
     # Row r was written by the step iff its age (t − r) mod R is below min(a, R).
     row = lax.broadcasted_iota(t.dtype, t.shape + (rows,), lead)
     age = lax.rem(S.lead(t, row) + rows - row, np.asarray(rows, t.dtype))
@@ -167,10 +167,6 @@ def _one_apply_apart(
     agree = (jnp.isfinite(psi) != as_psi(reserved)) & as_psi(given)
     consistent = agree.all(axis=tuple(range(lead, psi.ndim)))
     return consistent, None if uses is None else (uses, stepped)
-
-
-def _round(v: jax.Array) -> jax.Array:
-    return lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN)
 
 
 def _uses_error(counted) -> str | None:

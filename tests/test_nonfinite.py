@@ -107,6 +107,19 @@ def test_bad_ghost_group_skips_the_whole_step(centered):
     assert_same_apart_from_skipped(bad_grad, clean, skipped=1)
 
 
+def forward_on_a_bad_batch(cfg, with_probes: bool):
+    """(the state after two clean steps, the third step's output and state on a
+    batch with a NaN in channel 0)."""
+    state = F.init_state((C,), cfg)
+    xs, dys = batches(3)
+    for t in range(2):
+        state, _ = make_step(cfg)(state, xs[t], dys[t])
+    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
+    probes = F.init_probes(state) if with_probes else None
+    y, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, probes)
+    return state, y, new
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
     # With probes, mabn_train leaves the undoing to the record (one select per
@@ -114,12 +127,7 @@ def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
     # others), and record_backward_stats returns the input state (+1 skipped),
     # whatever the probe gradients are.
     cfg = config(centered)
-    state = F.init_state((C,), cfg)
-    xs, dys = batches(3)
-    for t in range(2):
-        state, _ = make_step(cfg)(state, xs[t], dys[t])
-    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
-    _, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, F.init_probes(state))
+    state, _, new = forward_on_a_bad_batch(cfg, with_probes=True)
     slot = 3 % cfg.window  # step 3's slot
     assert int(new.step) == 3 and bool(jnp.isposinf(new.psi_window[slot, 0]))
     assert bool(jnp.isnan(new.psi_window[slot, 1:]).all())
@@ -134,13 +142,7 @@ def test_forward_failure_is_marked_for_the_record_and_undone_by_it(centered):
 @pytest.mark.parametrize("centered", [False, True])
 def test_forward_failure_is_undone_by_mabn_train_alone_without_probes(centered):
     # Without probes nothing records the step: mabn_train undoes it itself.
-    cfg = config(centered)
-    state = F.init_state((C,), cfg)
-    xs, dys = batches(3)
-    for t in range(2):
-        state, _ = make_step(cfg)(state, xs[t], dys[t])
-    train = jax.jit(functools.partial(F.mabn_train, config=cfg))
-    y, new = train(xs[2].at[0, 0].set(jnp.nan), None, None, state, None)
+    state, y, new = forward_on_a_bad_batch(config(centered), with_probes=False)
     assert_same_apart_from_skipped(new, state, skipped=1)
     assert bool(jnp.isnan(y[:, 0]).all())
 
