@@ -82,6 +82,7 @@ class Ctx(NamedTuple):
     use_batch: Array  # [G]
     count: Array  # type: ignore[assignment]  # examples per statistic (shadows tuple.count)
     mask: Array | None
+    rows: _window.Rows | None  # one group's window rows (laid out in the forward pass)
 
 
 def z_of(x: Array, ctx: Ctx, spec: Spec, dtype) -> Array:
@@ -166,7 +167,11 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
     dy = dy.astype(dtype)
     a = scale * ctx.r
     keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
-    sl = _window.slide(ctx.slot_mask, ctx.t, spec.window, ctx.psi_window.shape)
+    sl = (
+        _window.one_step(ctx.rows, spec.window)
+        if ctx.rows is not None
+        else _window.slide(ctx.slot_mask, ctx.t, ctx.use_batch, spec.window, ctx.psi_window.shape)
+    )
     weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
     def windowed(window, total):
@@ -174,7 +179,7 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
-        used = S.where_lead(ctx.use_batch, value, _window.window_mean(sl, window, value))
+        used = _window.in_use(sl, ctx.use_batch, window, value)
         return used, weight(_window.final_window(sl, jnp.zeros_like(window), replicate(value)))
 
     def replicate(value):

@@ -163,19 +163,19 @@ def _probed_value_and_grad(fun, args, nums, has_aux, batch_stats, scale):
     and, directly, in the helper's scope."""
     # Each layer counts its applications into 'uses' (record_backward_stats wants 1).
     probes = _linen_probes.zero_probes(batch_stats, scale, uses=True)
-    # A second set, given to the layers directly: what a user does to the params
-    # (stop_gradient to freeze γ/β, a cast) cannot cut it. The copy in the params
-    # serves where a lifted transform (nn.scan, nn.vmap) slices it.
-    direct = _linen_probes.zero_probes(batch_stats, scale, uses=True)
     layers = _linen_probes.layers_of(batch_stats)
     windows = {path: state.psi_window for path, state in layers.items()}
 
-    def probed(probe_tree, direct_tree, *diff_args):
+    def probed(probe_tree, *diff_args):
         call_args = list(args)
         for i, a in zip(nums, diff_args):
             call_args[i] = a
         call_args[nums[0]] = _linen_probes.insert(call_args[nums[0]], probe_tree)
-        with _shell.probe_scope(_linen_probes.direct_keys(direct_tree, windows)):
+        # The same probes, given to the layers directly too: what a user does to the
+        # params (stop_gradient to freeze γ/β, a cast) cannot cut them. The copy in
+        # the params serves where a lifted transform (nn.scan, nn.vmap) slices it.
+        # Each call reads one of the two; their gradients add up in probe_tree's.
+        with _shell.probe_scope(_linen_probes.direct_keys(probe_tree, windows)):
             try:
                 out = fun(*call_args)
             except (ValueError, TypeError) as e:
@@ -185,11 +185,10 @@ def _probed_value_and_grad(fun, args, nums, has_aux, batch_stats, scale):
         value, aux = out if has_aux else (out, None)
         return (value if scale is None else scale * value), aux
 
-    (value, aux), (probe_grads, direct_grads, *grads) = jax.value_and_grad(
-        probed, tuple(range(len(nums) + 2)), has_aux=True
-    )(probes, direct, *(args[i] for i in nums))
-    # Each layer read one of the two sets; the other's gradient is zero.
-    return value, aux, jax.tree.map(jnp.add, probe_grads, direct_grads), grads
+    (value, aux), (probe_grads, *grads) = jax.value_and_grad(
+        probed, tuple(range(len(nums) + 1)), has_aux=True
+    )(probes, *(args[i] for i in nums))
+    return value, aux, probe_grads, grads
 
 
 def _unscaled(value, grads, probe_grads, scale):

@@ -205,6 +205,7 @@ class _Windows(NamedTuple):
 
     phase: _window.Phase
     written: Array  # the slots the call writes: [R], or [R, *features] for one group
+    rows: _window.Rows | None  # one group's window rows, else None
     mean_window: Array | None
     var_window: Array
     mean: Array | None  # μ̃
@@ -237,17 +238,18 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
     count = _window.as_count(state.step)
     t = count + 1 if groups == 1 else count + 1 + jnp.arange(groups)
     phase = _window.phase(t, cfg, m, state.var_window.shape[0])
-    sl = _window.slide(phase.slot_mask, phase.t, m, state.var_window.shape)
+    sl = _window.slide(phase.slot_mask, phase.t, phase.use_batch, m, state.var_window.shape)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var
     )
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _window.emas(
         state, *lax.stop_gradient((var, mean)), groups > 1, cfg
     )
-    written = phase.slot_mask.any(0) if sl.row is None else sl.row
+    written = phase.slot_mask.any(0) if sl.rows is None else sl.rows.row
     return _Windows(
         phase,
         written,
+        sl.rows,
         mean_w,
         var_w,
         mean,
@@ -336,6 +338,7 @@ def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) ->
         w.phase.use_batch,
         _count(batch.split, batch.dtype),
         batch.split.mask,
+        w.rows,
     )
     check_probes_vary(probes.psi, inv, cfg.axis_name)
     x_axes = varying_axes(x)

@@ -274,11 +274,16 @@ def renorm_factors(
     second-order derivatives must see r and d move like its other statistics).
     """
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
-    sigma = jnp.sqrt(ema_var.astype(var.dtype) + epsilon)
-    r = clip(jnp.sqrt(var + epsilon) / sigma, 1.0 / r_max if r_min is None else r_min, r_max)
-    r = stop(where_lead(active, r, jnp.ones_like(r)))
+    ema_var = ema_var.astype(var.dtype) + epsilon
+    r_min = 1.0 / r_max if r_min is None else r_min
+    # r as the square root of the clipped ratio of variances, r² = (var + ε) /
+    # (ema_var + ε): XLA computes a sqrt once and hands it on, whereas it copies the
+    # cheap clip and select behind a division into every fusion that reads r.
+    r2 = where_lead(active, clip((var + epsilon) / ema_var, r_min * r_min, r_max * r_max), 1.0)
+    r = stop(jnp.sqrt(r2))
     if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
+    sigma = jnp.sqrt(ema_var)
     d = clip((mean - ema_mean.astype(mean.dtype)) / sigma, -d_max, d_max)
     return r, stop(where_lead(active, d, jnp.zeros_like(d)))
 

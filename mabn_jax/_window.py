@@ -38,12 +38,12 @@ __all__ = [
     "as_count",
     "wrap_period",
     "advance",
+    "Rows",
     "Slide",
     "slide",
-    "window_mean",
+    "one_step",
+    "in_use",
     "final_window",
-    "step_window",
-    "step_mean_window",
     "forward_windows",
     "emas",
 ]
@@ -88,28 +88,36 @@ def advance(step: Array, new: Array, rows: int) -> Array:
     return S.where(new >= _WRAP, new - wrap_period(rows), new).astype(step.dtype)
 
 
+class Rows(NamedTuple):
+    """The window rows of a one-group call (``G = 1``), ``[R, *features]``, laid
+    out once for its forward and its backward pass."""
+
+    row: Array  # bool: the slot the step writes
+    used: Array  # bool: the rows its statistics in use average (the slot alone in
+    # the batch phase, else the m newest)
+    n: Array  # their count (1 or m), in the counter's dtype
+
+
 class Slide(NamedTuple):
     """How the ``G`` window steps of one call share the ring buffer.
 
     Group ``i`` writes slot ``t_i mod R`` and reads the last ``m`` writes up
     to its own: the values of groups ``i − m < j ≤ i`` (``in_window``) and the
     slots written before the call within its last ``m`` steps (``old_kept``).
-    A plain call is ``G = 1``.
+    A plain call is ``G = 1``: its :class:`Rows` say it all.
     """
 
     in_window: Array  # [G, G]: group j's value is in group i's window
     old_kept: Array | None  # [G, R]: slot s holds a value from before the call in i's
-    # window (G > 1; one group reads its written window)
-    last: Array  # [G, R]: group j is the last to write slot s
+    # window (G > 1)
+    last: Array | None  # [G, R]: group j is the last to write slot s (G > 1)
     m: int  # the steps a window averages (<= R)
-    recent: Array | None  # [G, R]: slot s is one of i's last m writes; None if m == R
-    row: Array | None  # [R, *features]: the slot of a one-group call (G = 1), else None
+    rows: Rows | None  # G = 1, else None
 
 
-def slide(slot_mask: Array, t: Array, m: int, window_shape: tuple[int, ...]) -> Slide:
-    """The :class:`Slide` of a call's steps ``t`` (:attr:`Phase.slot_mask`,
-    :attr:`Phase.t`) for windows of length ``m`` and shape ``window_shape``
-    (one group's slot is laid out once, for every window)."""
+def slide(slot_mask: Array, t: Array, use_batch, m: int, window_shape) -> Slide:
+    """The :class:`Slide` of a call's window steps (the fields of :class:`Phase`)
+    for windows of length ``m`` and shape ``window_shape``."""
     groups, rows = slot_mask.shape
     recent = None
     if m < rows:  # a slot's age: the steps since its last write, as of step t_i
@@ -119,8 +127,7 @@ def slide(slot_mask: Array, t: Array, m: int, window_shape: tuple[int, ...]) -> 
         ).astype(jnp.int32)
         recent = age < m
     if groups == 1:  # one window step (no ghost batches): nothing to slide
-        row = lax.broadcast_in_dim(slot_mask[0], window_shape, (0,))
-        return Slide(cast(Array, np.ones((1, 1), bool)), None, slot_mask, m, recent, row)
+        return one_step(_rows(slot_mask, recent, use_batch, m, window_shape, t.dtype), m)
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     if recent is None:
@@ -128,7 +135,21 @@ def slide(slot_mask: Array, t: Array, m: int, window_shape: tuple[int, ...]) -> 
     else:  # written before the call (age > i) and recent enough
         old_kept = recent & (age > i)
     later = jnp.cumsum(slot_mask[::-1], 0)[::-1] - slot_mask  # writes after group j
-    return Slide(in_window, old_kept, slot_mask & (later == 0), m, recent, None)
+    return Slide(in_window, old_kept, slot_mask & (later == 0), m, None)
+
+
+def one_step(rows: Rows, m: int) -> Slide:
+    """The :class:`Slide` of a one-group call, from its :class:`Rows`."""
+    return Slide(cast(Array, np.ones((1, 1), bool)), None, None, m, rows)
+
+
+def _rows(slot_mask, recent, use_batch, m: int, shape, dtype) -> Rows:
+    row = lax.broadcast_in_dim(slot_mask[0], shape, (0,))
+    if recent is None:  # m = R: every row
+        used = row | ~use_batch
+    else:
+        used = S.where(use_batch, row, lax.broadcast_in_dim(recent[0], shape, (0,)))
+    return Rows(row, used, S.where(use_batch, jnp.ones((), dtype), jnp.full((), m, dtype)))
 
 
 def _dot(mask: Array, v: Array) -> Array:
@@ -142,56 +163,41 @@ def _masked_sum(mask: Array, v: Array) -> Array:
 
 
 def _written(sl: Slide, window: Array, values: Array) -> Array:
-    """One group's window with its value written, in the values' dtype: ``[m, *features]``."""
-    return S.where(cast(Array, sl.row), values, window.astype(values.dtype))  # G = 1
+    """One group's window with its value written, in the values' dtype: ``[R, *features]``."""
+    return S.where(cast(Rows, sl.rows).row, values, window.astype(values.dtype))
 
 
-def _recent_mean(sl: Slide, v: Array) -> Array:
-    """The mean of a one-group window's ``m`` newest rows: ``[1, *features]``."""
-    if sl.recent is None:
-        return v.mean(0, keepdims=True)
-    return _dot(sl.recent, v) / sl.m
+def _in_use_one(sl: Slide, written: Array) -> Array:
+    """One group's statistic in use, from its window with its value written: that
+    value in the batch phase, else the mean of the ``m`` newest rows, ``[1,
+    *features]``. It is one masked reduction (the batch phase sums the written
+    row alone, exactly): XLA computes a reduction once and hands it on, whereas
+    it copies a phase select behind one into every fusion that reads it."""
+    rows = cast(Rows, sl.rows)
+    mean = written / rows.n.astype(written.dtype)
+    return S.where(rows.used, mean, jnp.zeros((), written.dtype)).sum(0, keepdims=True)
 
 
-def window_mean(sl: Slide, window: Array, values: Array) -> Array:
-    """Each group's window mean: ``[G, *features]``."""
-    if values.shape[0] == 1:
-        return _recent_mean(sl, _written(sl, window, values))
-    kept = cast(Array, sl.old_kept)  # G > 1
+def _window_mean(sl: Slide, window: Array, values: Array) -> Array:
+    """Each of ``G > 1`` groups' window mean: ``[G, *features]``."""
+    kept = cast(Array, sl.old_kept)
     return (_dot(sl.in_window, values) + _dot(kept, window.astype(values.dtype))) / sl.m
+
+
+def in_use(sl: Slide, use_batch: Array, window: Array, values: Array) -> Array:
+    """Each group's statistic in use (σ̃², Ψ̃, ...): its own value in the batch
+    phase (``use_batch``), else its window mean; ``[G, *features]``."""
+    if values.shape[0] == 1:
+        return _in_use_one(sl, _written(sl, window, values))
+    return S.where_lead(use_batch, values, _window_mean(sl, window, values))
 
 
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
     """The window after the call: each written slot holds its last writer's value."""
     if values.shape[0] == 1:
-        return S.where(cast(Array, sl.row), values.astype(window.dtype), window)
-    written = sl.last.any(0)
-    return S.where_lead(written, _dot(sl.last.T, values).astype(window.dtype), window)
-
-
-def step_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array]:
-    """(the window after the call, each group's window mean). The stored window
-    takes no gradient: stopping it keeps reverse mode from tracing the state
-    update a second time (as its linearization)."""
-    if values.shape[0] == 1:
-        written = _written(sl, window, values)
-        return lax.stop_gradient(written).astype(window.dtype), _recent_mean(sl, written)
-    return (
-        final_window(sl, window, lax.stop_gradient(values)),
-        window_mean(sl, window, values),
-    )
-
-
-def step_mean_window(sl: Slide, window: Array, values: Array) -> tuple[Array, Array, Array]:
-    """:func:`step_window` of the means, and each group's between-step variance of
-    the window's values about its mean (two passes; one group's window written once)."""
-    if values.shape[0] == 1:
-        written = _written(sl, window, values)
-        mu = _recent_mean(sl, written)
-        spread = _recent_mean(sl, jnp.square(written - mu))
-        return lax.stop_gradient(written).astype(window.dtype), mu, spread
-    new, mu = step_window(sl, window, values)
-    return new, mu, _spread(sl, window, values, mu)
+        return S.where(cast(Rows, sl.rows).row, values.astype(window.dtype), window)
+    last = cast(Array, sl.last)  # G > 1
+    return S.where_lead(last.any(0), _dot(last.T, values).astype(window.dtype), window)
 
 
 def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
@@ -206,17 +212,41 @@ def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
 
 
 def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):
-    """New (mean, var) windows and each group's (μ̃, σ̃²) in use."""
-    var_w, var_win = step_window(sl, state.var_window, var_b)
-    if mean_b is None or state.mean_window is None:  # plain (check_state: both or neither)
-        return None, var_w, None, S.where_lead(use_batch, var_b, var_win)
-    mean_w, mu_win, spread = step_mean_window(sl, state.mean_window, mean_b)
+    """New (mean, var) windows and each group's (μ̃, σ̃²) in use. The stored
+    windows take no gradient: stopping them keeps reverse mode from tracing the
+    state update a second time (as its linearization)."""
+    plain = mean_b is None or state.mean_window is None  # check_state: both or neither
+    if var_b.shape[0] == 1:
+        return _one_step_windows(state, sl, mean_b, var_b, plain)
+    var_w = final_window(sl, state.var_window, lax.stop_gradient(var_b))
+    if plain:
+        return None, var_w, None, in_use(sl, use_batch, state.var_window, var_b)
+    mean_w = final_window(sl, state.mean_window, lax.stop_gradient(mean_b))
+    mu_win = _window_mean(sl, state.mean_window, mean_b)
+    var_win = _window_mean(sl, state.var_window, var_b) + _spread(
+        sl, state.mean_window, mean_b, mu_win
+    )
     return (
         mean_w,
         var_w,
         S.where_lead(use_batch, mean_b, mu_win),
-        S.where_lead(use_batch, var_b, var_win + spread),
+        S.where_lead(use_batch, var_b, var_win),
     )
+
+
+def _one_step_windows(state: MABNState, sl: Slide, mean_b, var_b, plain: bool):
+    """:func:`forward_windows` of one group: each window written once, and each
+    statistic in use one masked reduction over it."""
+    var_written = _written(sl, state.var_window, var_b)
+    var_w = lax.stop_gradient(var_written).astype(state.var_window.dtype)
+    if plain:
+        return None, var_w, None, _in_use_one(sl, var_written)
+    mean_written = _written(sl, state.mean_window, mean_b)
+    mu = _in_use_one(sl, mean_written)
+    # The law of total variance over the rows in use; the batch phase's one row
+    # gives σ²_B + (μ_B − μ_B)² = σ²_B.
+    var = _in_use_one(sl, var_written + jnp.square(mean_written - mu))
+    return lax.stop_gradient(mean_written).astype(state.mean_window.dtype), var_w, mu, var
 
 
 def emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
