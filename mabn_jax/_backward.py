@@ -102,7 +102,7 @@ def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     a = scale * ctx.r
-    shift = jnp.broadcast_to(bias, a.shape)
+    shift = bias
     if ctx.d is not None:
         shift = shift + scale * ctx.d
     y = (z_of(x, ctx, spec, dtype) * b(a) + b(shift)).astype(spec.out_dtype)
@@ -118,10 +118,7 @@ def normalize_bwd(spec: Spec, res, dy):
         # γ, β (replicated over these axes) take its total as their gradient.
         sums = lax.pmean(sums, name)
         devices = lax.psum(1, name)
-        dscale, dbias = (
-            (devices * v.reshape((-1,) + v.shape[-len(scale.shape) :]).sum(0)).astype(p.dtype)
-            for v, p in zip(sums, (scale, bias))
-        )
+        dscale, dbias = ((devices * v).astype(p.dtype) for v, p in zip(sums, (scale, bias)))
     dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums)
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
@@ -129,10 +126,11 @@ def normalize_bwd(spec: Spec, res, dy):
 def local_sums(spec: Spec, res, dy):
     """(this device's backward sums; dγ; dβ).
 
-    The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group, i.e. the groups' own
-    dγ and dβ: with one group they *are* dγ and dβ, so under ``shard_map``
-    the all-reduce that synchronizes them also gives the replicated γ's and
-    β's gradients (:func:`normalize_bwd`), with no all-reduce of its own.
+    The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group (``[G, *features]``),
+    i.e. the groups' own dγ and dβ, which γ and β (laid out per group) take as
+    their gradients. So under ``shard_map`` the all-reduce that synchronizes
+    them also gives the replicated γ's and β's gradients
+    (:func:`normalize_bwd`), with no all-reduce of its own.
     """
     if not spec.recorded:
         raise ValueError(UNRECORDED)
@@ -153,10 +151,8 @@ def local_sums(spec: Spec, res, dy):
     dscale = ctx.r * ((dy * xc).sum(spec.reduction_axes) * ctx.inv)
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
-    dscale_all, dbias_all = dscale.sum(0), sum_dy.sum(0)  # γ and β are shared by all groups
     # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
-    sums = (dscale_all, dbias_all) if dscale.shape[0] == 1 else (dscale, sum_dy)
-    return sums, dscale_all.astype(scale.dtype), dbias_all.astype(bias.dtype)
+    return (dscale, sum_dy), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
 
 
 def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
@@ -189,7 +185,7 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         extra = tuple(sorted(varying_axes(value) - varying_axes(probes.psi)))
         return lax.pmean(value, extra) if extra else value
 
-    sum_dscale, sum_dy = (v.astype(dtype).reshape(ctx.inv.shape) for v in sums)
+    sum_dscale, sum_dy = (v.astype(dtype) for v in sums)
     # a·Σdy·z = γ·(dγ − d·Σdy) and a·Σdy = γ·r·Σdy, with a = γ·r.
     sum_dyz = sum_dscale if ctx.d is None else sum_dscale - ctx.d * sum_dy
     psi, psi_cot = windowed(ctx.psi_window, scale * sum_dyz)
@@ -216,9 +212,9 @@ def _one_use(sums: Array, shape) -> Array:
     no NaN changes), so that under ``vmap`` each instance counts and a probe
     shared by the instances sums their uses (vmapped instances of one shared,
     synchronized state weigh 1/n each: ``probe_weight``)."""
-    first = lax.stop_gradient(sums.reshape(-1)[0])
-    one = jnp.ones_like(first)
-    return jnp.broadcast_to(S.where(first == first, one, one), shape)
+    total = sums.sum()  # its derivative is never taken: a comparison has none
+    one = jnp.ones_like(total)
+    return jnp.broadcast_to(S.where(total == total, one, one), shape)
 
 
 normalize.defvjp(normalize_fwd, normalize_bwd)

@@ -347,6 +347,9 @@ def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) ->
     # axes, and their gradients come from that pass's all-reduce.
     param_axes = x_axes - frozenset(_synced.axis_names(cfg.axis_name)) if in_backward else x_axes
     scale, bias = vary_like(scale, param_axes), vary_like(bias, param_axes)
+    # γ and β laid out per group once, for both passes (the VJP gives each group's
+    # gradient; the broadcast's transpose adds them up).
+    scale, bias = (lax.broadcast_in_dim(p, inv.shape, tuple(range(1, inv.ndim))) for p in (scale, bias))
     named = cfg.axis_name is not None and not in_backward
     normalize = _synced.normalize_named if named else _backward.normalize
     return normalize(spec, batch.split.x, scale, bias, probes, ctx)

@@ -72,10 +72,9 @@ def _enter(spec: B.Spec, x, scale, probes, ctx, probe_weight):
 def _enter_fwd(spec: B.Spec, x, scale, probes, ctx, probe_weight):
     # Zeros that vary (are batched) like x: their pmean then transposes to the mean
     # of the per-instance sums, not to their total.
-    # Shaped like the sums of B.local_sums: γ's shape with one group.
+    # Shaped like the sums of B.local_sums ([G, *features]).
     first = lax.stop_gradient(x.reshape(-1)[0])
-    shape = ctx.inv.shape[1:] if ctx.inv.shape[0] == 1 else ctx.inv.shape
-    zero = jnp.zeros(shape, ctx.inv.dtype) + S.where(first == first, 0.0, 0.0).astype(ctx.inv.dtype)
+    zero = jnp.zeros(ctx.inv.shape, ctx.inv.dtype) + S.where(first == first, 0.0, 0.0).astype(ctx.inv.dtype)
     zeros = (vary_like(zero, varying_axes(x)),) * 2
     out = (x.astype(_carry_dtype(spec, x)), zeros)
     return out, (x, scale, probes, ctx, probe_weight)
