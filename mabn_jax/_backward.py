@@ -77,7 +77,7 @@ class Ctx(NamedTuple):
     d: Array | None
     psi_window: Array  # windows as before this step
     g_window: Array | None
-    slot_mask: Array  # [G, R]
+    slot_mask: Array  # [G, R] (one group: its slot)
     t: Array  # [G]: the window steps
     use_batch: Array  # [G]
     count: Array  # type: ignore[assignment]  # examples per statistic (shadows tuple.count)
@@ -175,8 +175,8 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
-        used = _window.in_use(sl, ctx.use_batch, window, value)
-        return used, weight(_window.final_window(sl, jnp.zeros_like(window), replicate(value)))
+        used, cot = _window.backward_windows(sl, ctx.use_batch, window, value, replicate(value))
+        return used, weight(cot)
 
     def replicate(value):
         # Under shard_map the statistic can be typed as varying over axes where it is

@@ -272,8 +272,9 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     step is undone here."""
 
     # Per channel (no reduction over the features): the statistics are finite, and
-    # the batch (with a mask) not empty.
-    flags = [jnp.isfinite(v).all(0) for v in (batch.mean, batch.var) if v is not None]
+    # the batch (with a mask) not empty. One group keeps its leading axis of 1.
+    groups = (lambda f: f) if batch.split.groups == 1 else (lambda f: f.all(0))
+    flags = [groups(jnp.isfinite(v)) for v in (batch.mean, batch.var) if v is not None]
     ok = functools.reduce(jnp.logical_and, flags)
     ok = ok if batch.empty is False else ok & ~batch.empty
     # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.

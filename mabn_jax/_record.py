@@ -138,8 +138,9 @@ def _one_apply_apart(
     psi = new.psi_window
     rows = psi.shape[lead]
     # After lax.pmean over devices of which some skipped, the counters are
-    # fractional: `step` is read rounded (as the training step reads it), and
-    # `skipped` compared by its difference. Floats hold the counts exactly (_WRAP).
+    # fractional: `step` is read rounded (as the training step reads it). The
+    # forward copies `skipped`, so it is compared as it is. Floats hold the counts
+    # exactly (_WRAP).
     t = as_count(new.step)
     advance = t - as_count(previous.step)
     advance = S.where(advance < 0, advance + wrap_period(rows), advance)
@@ -157,11 +158,12 @@ def _one_apply_apart(
     else:  # counted (value_and_grad): one use if it stepped, else none
         uses = as_count(probe_grads.uses)
         applied_right = uses == stepped.astype(uses.dtype)
-    given = applied_right & (as_count(new.skipped - previous.skipped) == 0)
+    given = applied_right & (new.skipped == previous.skipped)
     # Row r was written by the step iff its age (t − r) mod R is below min(a, R).
-    row = lax.broadcasted_iota(t.dtype, t.shape + (rows,), lead)
-    age = lax.rem(S.lead(t, row) + rows - row, np.asarray(rows, t.dtype))
-    reserved = age < S.lead(jnp.minimum(advance, rows), row)
+    ages = np.arange(rows, 0, -1, dtype=t.dtype)  # R − r: the age at t = 0 (mod R)
+    per_row = lambda v: v if v.ndim == 0 else v[..., None]
+    age = lax.rem(per_row(t) + ages, np.asarray(rows, t.dtype))
+    reserved = age < per_row(jnp.minimum(advance, rows))
     # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
     as_psi = lambda v: lax.broadcast_in_dim(v, psi.shape, tuple(range(v.ndim)))
     agree = (jnp.isfinite(psi) != as_psi(reserved)) & as_psi(given)

@@ -43,6 +43,7 @@ __all__ = [
     "slide",
     "one_step",
     "in_use",
+    "backward_windows",
     "final_window",
     "forward_windows",
     "emas",
@@ -53,7 +54,7 @@ class Phase(NamedTuple):
     """The phase of a call's window steps; the per-group fields are scalars
     when the call is one step (``G = 1``): selects take them as they are."""
 
-    slot_mask: Array  # [G, R] bool: the ring-buffer slot t mod R
+    slot_mask: Array  # [G, R] bool: the ring-buffer slot t mod R (one step: the slot)
     use_batch: Array  # [G] or [] bool: t <= m or t < warmup
     renorm: Array  # [G] or [] bool: t > max(renorm_start, warmup)
     t: Array  # [G] or []: the window steps (whole numbers, in the counter's float dtype)
@@ -62,10 +63,10 @@ class Phase(NamedTuple):
 def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
     """The phase of each window step ``t`` (``[G]``, or a scalar for one step;
     every ``t >= 1``) of a window averaging ``m`` of its ``rows``."""
-    # t >= 1: an unsigned rem is the mod (and a mask for a power-of-two R).
-    slot = lax.rem(t.astype(jnp.uint32), np.uint32(rows))
+    # t >= 1, a whole number: a float rem is the mod, exactly.
+    slot = lax.rem(t, np.asarray(rows, t.dtype))
     return Phase(
-        lax.broadcasted_iota(jnp.uint32, (1, rows), 1) == jnp.reshape(slot, (-1, 1)),
+        slot if t.ndim == 0 else lax.broadcasted_iota(t.dtype, (1, rows), 1) == slot[:, None],
         t < max(m + 1, cfg.warmup_steps),  # t <= m or t < warmup_steps
         t > max(cfg.renorm_start, cfg.warmup_steps),
         t,
@@ -95,7 +96,7 @@ class Rows(NamedTuple):
     row: Array  # bool: the slot the step writes
     used: Array  # bool: the rows its statistics in use average (the slot alone in
     # the batch phase, else the m newest)
-    n: Array  # their count (1 or m), in the counter's dtype
+    weight: Array  # each one's weight in their mean: 1 or 1/m (the counter's dtype)
 
 
 class Slide(NamedTuple):
@@ -118,7 +119,7 @@ class Slide(NamedTuple):
 def slide(slot_mask: Array, t: Array, use_batch, m: int, window_shape) -> Slide:
     """The :class:`Slide` of a call's window steps (the fields of :class:`Phase`)
     for windows of length ``m`` and shape ``window_shape``."""
-    groups, rows = slot_mask.shape
+    rows = window_shape[0]
     recent = None
     if m < rows:  # a slot's age: the steps since its last write, as of step t_i
         age = lax.rem(  # t >= 1: an unsigned rem is the mod
@@ -126,8 +127,9 @@ def slide(slot_mask: Array, t: Array, use_batch, m: int, window_shape) -> Slide:
             np.uint32(rows),
         ).astype(jnp.int32)
         recent = age < m
-    if groups == 1:  # one window step (no ghost batches): nothing to slide
+    if t.ndim == 0:  # one window step (no ghost batches): nothing to slide
         return one_step(_rows(slot_mask, recent, use_batch, m, window_shape, t.dtype), m)
+    groups = slot_mask.shape[0]
     i, j = jnp.arange(groups)[:, None], jnp.arange(groups)[None, :]
     in_window = (j <= i) & (j > i - m)
     if recent is None:
@@ -143,13 +145,13 @@ def one_step(rows: Rows, m: int) -> Slide:
     return Slide(cast(Array, np.ones((1, 1), bool)), None, None, m, rows)
 
 
-def _rows(slot_mask, recent, use_batch, m: int, shape, dtype) -> Rows:
-    row = lax.broadcast_in_dim(slot_mask[0], shape, (0,))
+def _rows(slot, recent, use_batch, m: int, shape, dtype) -> Rows:
+    row = lax.broadcasted_iota(slot.dtype, shape, 0) == slot
     if recent is None:  # m = R: every row
         used = row | ~use_batch
     else:
         used = S.where(use_batch, row, lax.broadcast_in_dim(recent[0], shape, (0,)))
-    return Rows(row, used, S.where(use_batch, jnp.ones((), dtype), jnp.full((), m, dtype)))
+    return Rows(row, used, S.where(use_batch, jnp.ones((), dtype), jnp.full((), 1 / m, dtype)))
 
 
 def _dot(mask: Array, v: Array) -> Array:
@@ -167,15 +169,17 @@ def _written(sl: Slide, window: Array, values: Array) -> Array:
     return S.where(cast(Rows, sl.rows).row, values, window.astype(values.dtype))
 
 
-def _in_use_one(sl: Slide, written: Array) -> Array:
+def _in_use_one(sl: Slide, written: Array, zeros: Array | None = None) -> Array:
     """One group's statistic in use, from its window with its value written: that
     value in the batch phase, else the mean of the ``m`` newest rows, ``[1,
     *features]``. It is one masked reduction (the batch phase sums the written
     row alone, exactly): XLA computes a reduction once and hands it on, whereas
     it copies a phase select behind one into every fusion that reads it."""
     rows = cast(Rows, sl.rows)
-    mean = written / rows.n.astype(written.dtype)
-    return S.where(rows.used, mean, jnp.zeros((), written.dtype)).sum(0, keepdims=True)
+    # Weighted, not divided: XLA gives a division by a traced scalar a fusion of its own.
+    mean = written * rows.weight.astype(written.dtype)
+    zeros = jnp.zeros((), written.dtype) if zeros is None else zeros
+    return S.where(rows.used, mean, zeros).sum(0, keepdims=True)
 
 
 def _window_mean(sl: Slide, window: Array, values: Array) -> Array:
@@ -190,6 +194,23 @@ def in_use(sl: Slide, use_batch: Array, window: Array, values: Array) -> Array:
     if values.shape[0] == 1:
         return _in_use_one(sl, _written(sl, window, values))
     return S.where_lead(use_batch, values, _window_mean(sl, window, values))
+
+
+def backward_windows(
+    sl: Slide, use_batch: Array, window: Array, values: Array, cotangent: Array
+) -> tuple[Array, Array]:
+    """(each group's backward statistic in use, :func:`in_use`; the probe
+    cotangent: ``cotangent`` in the slots the call writes, zeros elsewhere). One
+    group whose cotangent is its value (the same array) takes the cotangent's
+    row from the written window."""
+    if values.shape[0] == 1 and cotangent is values:
+        written = _written(sl, window, values)
+        zeros = jnp.zeros_like(written)
+        cot = S.where(cast(Rows, sl.rows).row, written, zeros).astype(window.dtype)
+        return _in_use_one(sl, written, zeros), cot
+    return in_use(sl, use_batch, window, values), final_window(
+        sl, jnp.zeros_like(window), cotangent
+    )
 
 
 def final_window(sl: Slide, window: Array, values: Array) -> Array:
