@@ -236,8 +236,10 @@ def _forward_statistics(x, state: MABNState, mask, cfg: MABNConfig, feature_axes
 def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) -> _Windows:
     groups = batch.split.groups
     count = _window.as_count(state.step)
-    t = count + 1 if groups == 1 else count + 1 + jnp.arange(groups)
-    phase = _window.phase(t, cfg, m, state.var_window.shape[0])
+    rows = state.var_window.shape[0]
+    # One window step is read wrapped: it is then the new counter as it is.
+    t = _window.wrap(count + 1, rows) if groups == 1 else count + 1 + jnp.arange(groups)
+    phase = _window.phase(t, cfg, m, rows)
     sl = _window.slide(phase.slot_mask, phase.t, phase.use_batch, m, state.var_window.shape)
     mean_w, var_w, mean, var = _window.forward_windows(
         state, sl, phase.use_batch, batch.mean, batch.var
@@ -282,7 +284,7 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(
-        _window.advance(state.step, _last(w.phase.t), state.var_window.shape[0]),
+        _new_count(w.phase.t, state.var_window.shape[0]).astype(state.step.dtype),
         w.var_window,
         reserve(state.psi_window),
         w.ema_var,
@@ -296,9 +298,10 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     return S.select(ok.all(), new, state._replace(skipped=state.skipped + 1))
 
 
-def _last(t: Array) -> Array:
-    """The last of a call's window steps (``t`` itself for one step)."""
-    return t if t.ndim == 0 else t[-1]
+def _new_count(t: Array, rows: int) -> Array:
+    """The counter after a call's window steps ``t``: the last, wrapped (one step:
+    ``t``, read wrapped)."""
+    return t if t.ndim == 0 else _window.wrap(t[-1], rows)
 
 
 def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):

@@ -28,8 +28,8 @@ from mabn_jax._config import MABNConfig
 from mabn_jax._state import MABNState
 
 Array = jax.Array
-# Counters are floats; past _WRAP they step back by a multiple of m (slots and
-# phases unchanged, as every schedule threshold is below _WRAP - period).
+# Counters are floats; past _WRAP they step back by a multiple of R (slots and
+# phases unchanged: every schedule threshold is at most 2**22 < _WRAP + 1 - period).
 _WRAP = 2**23
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "phase",
     "as_count",
     "wrap_period",
-    "advance",
+    "wrap",
     "Rows",
     "Slide",
     "slide",
@@ -84,9 +84,11 @@ def wrap_period(rows: int) -> int:
     return rows * ((_WRAP // 2) // rows)
 
 
-def advance(step: Array, new: Array, rows: int) -> Array:
-    """The counter ``step`` set to the count ``new`` (its last window step), wrapped."""
-    return S.where(new >= _WRAP, new - wrap_period(rows), new).astype(step.dtype)
+def wrap(count: Array, rows: int) -> Array:
+    """A count as the counter stores it: past ``_WRAP``, stepped back by
+    :func:`wrap_period`, to above every schedule threshold (so slots and phases
+    are unchanged; the training step reads its one step wrapped)."""
+    return S.where(count > _WRAP, count - wrap_period(rows), count)
 
 
 class Rows(NamedTuple):

@@ -6,6 +6,7 @@ integers, without changing a slot, a phase or a value."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mabn_jax import _window
 from mabn_jax import functional as F
@@ -87,6 +88,19 @@ def test_float_step_counter_wraps_by_a_multiple_of_m():
     np.testing.assert_array_equal(y_crossing, y_below)
     assert int(crossing.step) == start + 12 - period
     assert np.isfinite(np.asarray(y_crossing)).all()
+
+
+@pytest.mark.parametrize("rows", [16, 10])
+def test_a_wrapped_step_keeps_its_phase_at_the_largest_thresholds(rows):
+    """The training step reads its one step wrapped; at the largest thresholds
+    (2**22) every step around the wrap is still past warmup and renormalizing,
+    and on its slot."""
+    cfg = F.MABNConfig(buffer_size=rows, warmup_steps=2**22, renorm_start=2**22)
+    for t in range(_window._WRAP - 2, _window._WRAP + 4):
+        wrapped = _window.wrap(jnp.float32(t), rows)
+        phase = _window.phase(wrapped, cfg, rows, rows)
+        assert bool(phase.renorm) and not bool(phase.use_batch), t
+        assert int(phase.slot_mask) == t % rows, t
 
 
 def reference_ema(x2_b):
