@@ -318,8 +318,11 @@ def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
         active=w.phase.renorm,
         stop_gradient=False,
     )  # constants to the VJP, not to 2nd order
-    finite = jnp.isfinite(w.var) if w.mean is None else jnp.isfinite(w.var) & jnp.isfinite(w.mean)
-    ok = finite & S.all_finite(state.psi_window)
+    if w.rows is not None:  # one group: σ̃² is NaN already where the Ψ window is not finite
+        ok = jnp.isfinite(w.var)  # (and where μ̃ is not: it enters σ̃²)
+    else:
+        ok = jnp.isfinite(w.var) & S.all_finite(state.psi_window)
+        ok = ok if w.mean is None else ok & jnp.isfinite(w.mean)
     # NaN in, before the rsqrt (which XLA computes once), not a select after it
     # (which XLA would copy into every fusion that reads 1/σ̃).
     return lax.rsqrt(S.where(ok, w.var, jnp.nan) + cfg.epsilon), r, d

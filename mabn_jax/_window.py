@@ -171,17 +171,24 @@ def _written(sl: Slide, window: Array, values: Array) -> Array:
     return S.where(cast(Rows, sl.rows).row, values, window.astype(values.dtype))
 
 
-def _in_use_one(sl: Slide, written: Array, zeros: Array | None = None) -> Array:
+def _in_use_one(
+    sl: Slide, written: Array, zeros: Array | None = None, finite: Array | None = None
+) -> Array:
     """One group's statistic in use, from its window with its value written: that
     value in the batch phase, else the mean of the ``m`` newest rows, ``[1,
     *features]``. It is one masked reduction (the batch phase sums the written
     row alone, exactly): XLA computes a reduction once and hands it on, whereas
-    it copies a phase select behind one into every fusion that reads it."""
+    it copies a phase select behind one into every fusion that reads it.
+    ``finite``: a window of the same shape whose non-finite entries make the
+    statistic NaN in their channels (``v − v`` adds 0, or NaN), in the same pass."""
     rows = cast(Rows, sl.rows)
     # Weighted, not divided: XLA gives a division by a traced scalar a fusion of its own.
     mean = written * rows.weight.astype(written.dtype)
     zeros = jnp.zeros((), written.dtype) if zeros is None else zeros
-    return S.where(rows.used, mean, zeros).sum(0, keepdims=True)
+    used = S.where(rows.used, mean, zeros)
+    if finite is not None:
+        used = used + (finite - finite).astype(used.dtype)
+    return used.sum(0, keepdims=True)
 
 
 def _window_mean(sl: Slide, window: Array, values: Array) -> Array:
@@ -262,13 +269,16 @@ def _one_step_windows(state: MABNState, sl: Slide, mean_b, var_b, plain: bool):
     statistic in use one masked reduction over it."""
     var_written = _written(sl, state.var_window, var_b)
     var_w = lax.stop_gradient(var_written).astype(state.var_window.dtype)
+    # σ̃² is NaN where the Ψ window is not finite (an unrecorded step's reserved
+    # slots, a poisoned state): the output is NaN then.
+    psi = state.psi_window
     if plain:
-        return None, var_w, None, _in_use_one(sl, var_written)
+        return None, var_w, None, _in_use_one(sl, var_written, finite=psi)
     mean_written = _written(sl, state.mean_window, mean_b)
     mu = _in_use_one(sl, mean_written)
     # The law of total variance over the rows in use; the batch phase's one row
     # gives σ²_B + (μ_B − μ_B)² = σ²_B.
-    var = _in_use_one(sl, var_written + jnp.square(mean_written - mu))
+    var = _in_use_one(sl, var_written + jnp.square(mean_written - mu), finite=psi)
     return lax.stop_gradient(mean_written).astype(state.mean_window.dtype), var_w, mu, var
 
 
