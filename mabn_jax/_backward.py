@@ -106,11 +106,11 @@ def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
     if ctx.d is not None:
         shift = shift + scale * ctx.d
     y = (z_of(x, ctx, spec, dtype) * b(a) + b(shift)).astype(spec.out_dtype)
-    return y, (x, scale, bias, probes, ctx)
+    return y, (x, scale, bias, probes, ctx, a)
 
 
 def normalize_bwd(spec: Spec, res, dy):
-    x, scale, bias, probes, ctx = res
+    x, scale, bias, probes, ctx, a = res
     sums, dscale, dbias = local_sums(spec, res, dy)
     name = spec.config.axis_name
     if name is not None:  # synchronized over shard_map axes (_sync_in_backward)
@@ -119,7 +119,7 @@ def normalize_bwd(spec: Spec, res, dy):
         sums = lax.pmean(sums, name)
         devices = lax.psum(1, name)
         dscale, dbias = ((devices * v).astype(p.dtype) for v, p in zip(sums, (scale, bias)))
-    dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums)
+    dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums, a=a)
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
 
@@ -134,7 +134,7 @@ def local_sums(spec: Spec, res, dy):
     """
     if not spec.recorded:
         raise ValueError(UNRECORDED)
-    x, scale, bias, probes, ctx = res
+    x, scale, bias, probes, ctx, _ = res
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     dy = dy.astype(dtype)
@@ -155,13 +155,14 @@ def local_sums(spec: Spec, res, dy):
     return (dscale, sum_dy), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
 
 
-def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
-    """(dx, probe cotangents) from the synchronized sums of :func:`local_sums`."""
+def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None, a=None):
+    """(dx, probe cotangents) from the synchronized sums of :func:`local_sums`
+    (``a``: ``γ·r``, when the forward pass has it)."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     z = z_of(x, ctx, spec, dtype)
     dy = dy.astype(dtype)
-    a = scale * ctx.r
+    a = scale * ctx.r if a is None else a
     keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
     sl = (
         _window.one_step(ctx.rows, spec.window)

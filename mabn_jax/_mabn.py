@@ -318,14 +318,16 @@ def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
         active=w.phase.renorm,
         stop_gradient=False,
     )  # constants to the VJP, not to 2nd order
-    if w.rows is not None:  # one group: σ̃² is NaN already where the Ψ window is not finite
-        ok = jnp.isfinite(w.var)  # (and where μ̃ is not: it enters σ̃²)
+    # NaN in, before the rsqrt (which XLA computes once), not a select after it
+    # (which XLA would copy into every fusion that reads 1/σ̃).
+    if w.rows is not None:  # one group: σ̃² is NaN already where the Ψ window is not
+        # finite (and where μ̃ is not: it enters σ̃²); + (v − v) makes an infinite σ̃² NaN.
+        var = w.var + (w.var - w.var)
     else:
         ok = jnp.isfinite(w.var) & S.all_finite(state.psi_window)
         ok = ok if w.mean is None else ok & jnp.isfinite(w.mean)
-    # NaN in, before the rsqrt (which XLA computes once), not a select after it
-    # (which XLA would copy into every fusion that reads 1/σ̃).
-    return lax.rsqrt(S.where(ok, w.var, jnp.nan) + cfg.epsilon), r, d
+        var = S.where(ok, w.var, jnp.nan)
+    return lax.rsqrt(var + cfg.epsilon), r, d
 
 
 def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) -> Array:

@@ -160,9 +160,9 @@ def _one_apply_apart(
         applied_right = uses == stepped.astype(uses.dtype)
     given = applied_right & (new.skipped == previous.skipped)
     # Row r was written by the step iff its age (t − r) mod R is below min(a, R).
-    ages = np.arange(rows, 0, -1, dtype=t.dtype)  # R − r: the age at t = 0 (mod R)
+    ages = np.arange(rows, 0, -1, dtype=np.uint32)  # R − r: the age at t = 0 (mod R)
     per_row = lambda v: v if v.ndim == 0 else v[..., None]
-    age = lax.rem(per_row(t) + ages, np.asarray(rows, t.dtype))
+    age = lax.rem(per_row(t.astype(jnp.uint32)) + ages, np.uint32(rows)).astype(t.dtype)
     reserved = age < per_row(jnp.minimum(advance, rows))
     # Reserved: NaN, or +inf where the forward failed (the record then undoes the step).
     as_psi = lambda v: lax.broadcast_in_dim(v, psi.shape, tuple(range(v.ndim)))

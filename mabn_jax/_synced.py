@@ -102,7 +102,7 @@ def _normalize_synced_fwd(spec: B.Spec, x, scale, bias, ctx, synced):
 
 
 def _normalize_synced_bwd(spec: B.Spec, res, dy):
-    x, scale, bias, _, ctx = res
+    x, scale, bias, _, ctx, _ = res
     sums, dscale, dbias = B.local_sums(spec, res, dy)
     return (dy.astype(x.dtype), dscale, dbias, jax.tree_util.tree_map(lambda _: None, ctx), sums)
 

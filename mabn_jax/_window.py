@@ -64,9 +64,9 @@ def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
     """The phase of each window step ``t`` (``[G]``, or a scalar for one step;
     every ``t >= 1``) of a window averaging ``m`` of its ``rows``."""
     # t >= 1, a whole number: a float rem is the mod, exactly.
-    slot = lax.rem(t, np.asarray(rows, t.dtype))
+    slot = lax.rem(t.astype(jnp.uint32), np.uint32(rows))
     return Phase(
-        slot if t.ndim == 0 else lax.broadcasted_iota(t.dtype, (1, rows), 1) == slot[:, None],
+        slot if t.ndim == 0 else lax.broadcasted_iota(jnp.uint32, (1, rows), 1) == slot[:, None],
         t < max(m + 1, cfg.warmup_steps),  # t <= m or t < warmup_steps
         t > max(cfg.renorm_start, cfg.warmup_steps),
         t,
