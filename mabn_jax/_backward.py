@@ -87,10 +87,16 @@ class Ctx(NamedTuple):
 
 def z_of(x: Array, ctx: Ctx, spec: Spec, dtype) -> Array:
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
+    return _centered(x, ctx, spec, dtype) * b(ctx.inv)
+
+
+def _centered(x: Array, ctx: Ctx, spec: Spec, dtype, barrier: bool = False) -> Array:
+    """``x − μ̃`` (``x`` for the plain layer), in ``dtype``."""
     xs = x.astype(dtype)
-    if ctx.mean is not None:
-        xs = xs - b(ctx.mean)
-    return xs * b(ctx.inv)
+    if ctx.mean is None:
+        return xs
+    mean = lax.optimization_barrier(ctx.mean) if barrier else ctx.mean
+    return xs - S.bshape(mean, x.ndim, spec.feature_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -99,18 +105,18 @@ def normalize(spec: Spec, x, scale, bias, probes, ctx):
 
 
 def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
+    """``y = γ·(r·z + d) + β``, as ``(x − μ̃)·(r/sqrt(σ̃² + ε))·γ + (γ·d + β)``; the
+    residuals keep the broadcast factor, which also scales dγ's reduction."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
-    a = scale * ctx.r
-    shift = bias
-    if ctx.d is not None:
-        shift = shift + scale * ctx.d
-    y = (z_of(x, ctx, spec, dtype) * b(a) + b(shift)).astype(spec.out_dtype)
-    return y, (x, scale, bias, probes, ctx, a)
+    factor = b(ctx.r * ctx.inv)
+    shift = bias if ctx.d is None else bias + scale * ctx.d
+    y = (_centered(x, ctx, spec, dtype) * factor * b(scale) + b(shift)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx, factor)
 
 
 def normalize_bwd(spec: Spec, res, dy):
-    x, scale, bias, probes, ctx, a = res
+    x, scale, bias, probes, ctx, _ = res
     sums, dscale, dbias = local_sums(spec, res, dy)
     name = spec.config.axis_name
     if name is not None:  # synchronized over shard_map axes (_sync_in_backward)
@@ -119,7 +125,7 @@ def normalize_bwd(spec: Spec, res, dy):
         sums = lax.pmean(sums, name)
         devices = lax.psum(1, name)
         dscale, dbias = ((devices * v).astype(p.dtype) for v, p in zip(sums, (scale, bias)))
-    dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums, a=a)
+    dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums)
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
 
@@ -134,35 +140,29 @@ def local_sums(spec: Spec, res, dy):
     """
     if not spec.recorded:
         raise ValueError(UNRECORDED)
-    x, scale, bias, probes, ctx, _ = res
+    x, scale, bias, probes, ctx, factor = res
     dtype = ctx.inv.dtype
-    b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     dy = dy.astype(dtype)
     sum_dy = dy.sum(spec.reduction_axes)
-    # Σ dy·z = inv · Σ dy·(x − μ̃): scaling after the reduction lets XLA fuse it
-    # into one pass over (x, dy) instead of materializing z first. The barrier
-    # keeps μ̃'s (per-channel) select out of that fusion; otherwise XLA CPU
-    # writes x − μ̃ to memory before reducing.
-    xc = (
-        x.astype(dtype)
-        if ctx.mean is None
-        else x.astype(dtype) - b(lax.optimization_barrier(ctx.mean))
-    )
-    dscale = ctx.r * ((dy * xc).sum(spec.reduction_axes) * ctx.inv)
+    # r·Σ dy·z as one pass over (x, dy), scaled by the forward's factor r/sqrt(σ̃² + ε):
+    # its reduction then is dγ itself, which XLA hands to the probes as it is. The
+    # barrier keeps a per-channel select behind μ̃ (ghost batches) out of that pass;
+    # otherwise XLA CPU writes x − μ̃ to memory before reducing.
+    xc = _centered(x, ctx, spec, dtype, barrier=True)
+    dscale = (dy * (xc * factor)).sum(spec.reduction_axes)
     if ctx.d is not None:
         dscale = dscale + ctx.d * sum_dy
     # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
     return (dscale, sum_dy), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
 
 
-def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None, a=None):
-    """(dx, probe cotangents) from the synchronized sums of :func:`local_sums`
-    (``a``: ``γ·r``, when the forward pass has it)."""
+def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
+    """(dx, probe cotangents) from the synchronized sums of :func:`local_sums`."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     z = z_of(x, ctx, spec, dtype)
     dy = dy.astype(dtype)
-    a = scale * ctx.r if a is None else a
+    a = scale * ctx.r
     keep = (lambda v: v) if ctx.mask is None else (lambda v: S.where(ctx.mask, v, 0.0))
     sl = (
         _window.one_step(ctx.rows, spec.window)
