@@ -87,16 +87,16 @@ class Ctx(NamedTuple):
 
 def z_of(x: Array, ctx: Ctx, spec: Spec, dtype) -> Array:
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
-    return _centered(x, ctx, spec, dtype) * b(ctx.inv)
+    return _minus(x, ctx.mean, spec, dtype) * b(ctx.inv)
 
 
-def _centered(x: Array, ctx: Ctx, spec: Spec, dtype, barrier: bool = False) -> Array:
-    """``x − μ̃`` (``x`` for the plain layer), in ``dtype``."""
+def _minus(x: Array, center: Array | None, spec: Spec, dtype, barrier: bool = False) -> Array:
+    """``x − center`` (``x`` without one), in ``dtype``."""
     xs = x.astype(dtype)
-    if ctx.mean is None:
+    if center is None:
         return xs
-    mean = lax.optimization_barrier(ctx.mean) if barrier else ctx.mean
-    return xs - S.bshape(mean, x.ndim, spec.feature_axes)
+    center = lax.optimization_barrier(center) if barrier else center
+    return xs - S.bshape(center, x.ndim, spec.feature_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -105,14 +105,18 @@ def normalize(spec: Spec, x, scale, bias, probes, ctx):
 
 
 def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
-    """``y = γ·(r·z + d) + β``, as ``(x − μ̃)·(r/sqrt(σ̃² + ε))·γ + (γ·d + β)``; the
-    residuals keep the broadcast factor, which also scales dγ's reduction."""
+    """``y = γ·(r·z + d) + β``, as ``(x − c)·f·γ + β`` with one factor
+    ``f = r/sqrt(σ̃² + ε)`` and one centre ``c = μ̃ − d/f`` per channel (none for
+    the plain layer). XLA computes each once (they end in a multiplication of
+    an rsqrt, and a division), where it copied d's clip and select into every
+    pass over x. The residuals keep both; they make dγ's reduction too."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
-    factor = b(ctx.r * ctx.inv)
-    shift = bias if ctx.d is None else bias + scale * ctx.d
-    y = (_centered(x, ctx, spec, dtype) * factor * b(scale) + b(shift)).astype(spec.out_dtype)
-    return y, (x, scale, bias, probes, ctx, factor)
+    factor = ctx.r * ctx.inv
+    center = ctx.mean if ctx.d is None or ctx.mean is None else ctx.mean - ctx.d / factor
+    factor = b(factor)
+    y = (_minus(x, center, spec, dtype) * factor * b(scale) + b(bias)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx, (center, factor))
 
 
 def normalize_bwd(spec: Spec, res, dy):
@@ -132,7 +136,7 @@ def normalize_bwd(spec: Spec, res, dy):
 def local_sums(spec: Spec, res, dy):
     """(this device's backward sums; dγ; dβ).
 
-    The sums are ``(r·Σdy·z + d·Σdy, Σdy)`` per group (``[G, *features]``),
+    The sums are ``(Σdy·(r·z + d), Σdy)`` per group (``[G, *features]``),
     i.e. the groups' own dγ and dβ, which γ and β (laid out per group) take as
     their gradients. So under ``shard_map`` the all-reduce that synchronizes
     them also gives the replicated γ's and β's gradients
@@ -140,18 +144,16 @@ def local_sums(spec: Spec, res, dy):
     """
     if not spec.recorded:
         raise ValueError(UNRECORDED)
-    x, scale, bias, probes, ctx, factor = res
+    x, scale, bias, probes, ctx, (center, factor) = res
     dtype = ctx.inv.dtype
     dy = dy.astype(dtype)
     sum_dy = dy.sum(spec.reduction_axes)
-    # r·Σ dy·z as one pass over (x, dy), scaled by the forward's factor r/sqrt(σ̃² + ε):
-    # its reduction then is dγ itself, which XLA hands to the probes as it is. The
-    # barrier keeps a per-channel select behind μ̃ (ghost batches) out of that pass;
-    # otherwise XLA CPU writes x − μ̃ to memory before reducing.
-    xc = _centered(x, ctx, spec, dtype, barrier=True)
+    # Σ dy·(r·z + d) = Σ dy·(x − c)·f as one pass over (x, dy) with the forward's
+    # centre and factor: the reduction is dγ itself, which XLA hands to the probes as
+    # it is. The barrier keeps a per-channel select behind c (ghost batches) out of
+    # that pass; otherwise XLA CPU writes x − c to memory before reducing.
+    xc = _minus(x, center, spec, dtype, barrier=True)
     dscale = (dy * (xc * factor)).sum(spec.reduction_axes)
-    if ctx.d is not None:
-        dscale = dscale + ctx.d * sum_dy
     # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
     return (dscale, sum_dy), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
 
