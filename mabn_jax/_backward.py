@@ -173,12 +173,17 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
     )
     weight = (lambda v: v) if probe_weight is None else (lambda v: v * probe_weight)
 
+    # One set of zeros for both windows (they have one shape).
+    zeros = None if ctx.g_window is None else jnp.zeros(ctx.psi_window.shape, dtype)
+
     def windowed(window, total):
         """(the step's statistic in use, the probe cotangent)."""
         value = total / ctx.count  # Ψ_B or g_B (times the loss scale)
         if probes.loss_scale is not None:  # the stored windows are unscaled
             window = (window * probes.loss_scale).astype(window.dtype)
-        used, cot = _window.backward_windows(sl, ctx.use_batch, window, value, replicate(value))
+        used, cot = _window.backward_windows(
+            sl, ctx.use_batch, window, value, replicate(value), zeros
+        )
         return used, weight(cot)
 
     def replicate(value):

@@ -281,6 +281,8 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
     ok = ok if batch.empty is False else ok & ~batch.empty
     # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.
     mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
+    if mark is not None and w.rows is not None:  # laid out once for both windows
+        mark = jnp.broadcast_to(mark, state.psi_window.shape)
     fill = (lambda v: mark) if recorded else (lambda v: v.mean(0, keepdims=True))
     reserve = lambda v: S.where_lead(w.written, fill(v), v)
     new = MABNState(

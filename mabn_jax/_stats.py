@@ -336,6 +336,8 @@ def all_finite(*arrays: Array | None, lead_axes: int = 0, given: Array | None = 
     consumer, rather than copying the scalar logic behind it into each fusion."""
     present = [a for a in arrays if a is not None]
     flags = [jnp.isfinite(a) for a in present]
+    if len({f.shape for f in flags}) == 1:  # one reduction for arrays of one shape
+        flags = [functools.reduce(jnp.logical_and, flags)]
     if given is not None:
         flags[0] = flags[0] & lead(given, flags[0])
     return functools.reduce(

@@ -206,15 +206,20 @@ def in_use(sl: Slide, use_batch: Array, window: Array, values: Array) -> Array:
 
 
 def backward_windows(
-    sl: Slide, use_batch: Array, window: Array, values: Array, cotangent: Array
+    sl: Slide,
+    use_batch: Array,
+    window: Array,
+    values: Array,
+    cotangent: Array,
+    zeros: Array | None = None,
 ) -> tuple[Array, Array]:
     """(each group's backward statistic in use, :func:`in_use`; the probe
     cotangent: ``cotangent`` in the slots the call writes, zeros elsewhere). One
     group whose cotangent is its value (the same array) takes the cotangent's
-    row from the written window."""
+    row from the written window (``zeros``: the window's shape, to share)."""
     if values.shape[0] == 1 and cotangent is values:
         written = _written(sl, window, values)
-        zeros = jnp.zeros_like(written)
+        zeros = jnp.zeros_like(written) if zeros is None else zeros
         cot = S.where(cast(Rows, sl.rows).row, written, zeros).astype(window.dtype)
         return _in_use_one(sl, written, zeros), cot
     return in_use(sl, use_batch, window, values), final_window(
@@ -275,10 +280,11 @@ def _one_step_windows(state: MABNState, sl: Slide, mean_b, var_b, plain: bool):
     if plain:
         return None, var_w, None, _in_use_one(sl, var_written, finite=psi)
     mean_written = _written(sl, state.mean_window, mean_b)
-    mu = _in_use_one(sl, mean_written)
+    zeros = jnp.zeros_like(mean_written)
+    mu = _in_use_one(sl, mean_written, zeros)
     # The law of total variance over the rows in use; the batch phase's one row
     # gives σ²_B + (μ_B − μ_B)² = σ²_B.
-    var = _in_use_one(sl, var_written + jnp.square(mean_written - mu), finite=psi)
+    var = _in_use_one(sl, var_written + jnp.square(mean_written - mu), zeros, finite=psi)
     return lax.stop_gradient(mean_written).astype(state.mean_window.dtype), var_w, mu, var
 
 
