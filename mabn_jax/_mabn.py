@@ -30,7 +30,6 @@ whose slots were never filled makes the next training output NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -275,9 +274,10 @@ def _new_state(state: MABNState, batch: _Batch, w: _Windows, recorded: bool, cfg
 
     # Per channel (no reduction over the features): the statistics are finite, and
     # the batch (with a mask) not empty. One group keeps its leading axis of 1.
-    groups = (lambda f: f) if batch.split.groups == 1 else (lambda f: f.all(0))
-    flags = [groups(jnp.isfinite(v)) for v in (batch.mean, batch.var) if v is not None]
-    ok = functools.reduce(jnp.logical_and, flags)
+    # σ²_B is finite only where μ_B is: a non-finite μ_B makes x − μ_B (or, in the
+    # one-pass variance, E[x²]) non-finite, so σ²_B's flag says both.
+    ok = jnp.isfinite(batch.var)
+    ok = ok if batch.split.groups == 1 else ok.all(0)
     ok = ok if batch.empty is False else ok & ~batch.empty
     # Recorded: NaN slots to fill, +inf in the channels whose statistics failed.
     mark = S.where(ok, jnp.nan, jnp.inf) if recorded else None
@@ -360,7 +360,9 @@ def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) ->
     scale, bias = vary_like(scale, param_axes), vary_like(bias, param_axes)
     # γ and β laid out per group once, for both passes (the VJP gives each group's
     # gradient; the broadcast's transpose adds them up).
-    scale, bias = (lax.broadcast_in_dim(p, inv.shape, tuple(range(1, inv.ndim))) for p in (scale, bias))
+    scale, bias = (
+        lax.broadcast_in_dim(p, inv.shape, tuple(range(1, inv.ndim))) for p in (scale, bias)
+    )
     named = cfg.axis_name is not None and not in_backward
     normalize = _synced.normalize_named if named else _backward.normalize
     return normalize(spec, batch.split.x, scale, bias, probes, ctx)

@@ -74,7 +74,9 @@ def _enter_fwd(spec: B.Spec, x, scale, probes, ctx, probe_weight):
     # of the per-instance sums, not to their total.
     # Shaped like the sums of B.local_sums ([G, *features]).
     first = lax.stop_gradient(x.reshape(-1)[0])
-    zero = jnp.zeros(ctx.inv.shape, ctx.inv.dtype) + S.where(first == first, 0.0, 0.0).astype(ctx.inv.dtype)
+    zero = jnp.zeros(ctx.inv.shape, ctx.inv.dtype) + S.where(first == first, 0.0, 0.0).astype(
+        ctx.inv.dtype
+    )
     zeros = (vary_like(zero, varying_axes(x)),) * 2
     out = (x.astype(_carry_dtype(spec, x)), zeros)
     return out, (x, scale, probes, ctx, probe_weight)

@@ -281,3 +281,18 @@ def test_module_skips_a_bad_batch():
     for name in ("x2_window", "psi_window", "ema_x2"):
         np.testing.assert_array_equal(recorded[name], before[name], err_msg=name)
     assert bool(jnp.isnan(y[:, 0]).all()) and bool(jnp.isfinite(y[:, 1:]).all())
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 3e38])
+def test_a_non_finite_batch_mean_makes_the_batch_variance_non_finite(fast, bad):
+    """The forward marks a failed step by σ²_B's finiteness alone: wherever μ_B is
+    not finite (an inf or NaN entry, or a sum that overflows), σ²_B is not either,
+    with the two-pass and the one-pass variance."""
+    from mabn_jax import _stats as S
+
+    x = jnp.ones((4, 3, 2)).at[:, :, 0].set(bad)  # 3e38: Σx overflows
+    split = S.with_group_axis(S.split_groups(x, (2,), None, "MABN", None))
+    mean, var = S.moments(split.x, split, use_mean=True, use_fast_variance=fast, axis_name=None)
+    assert not bool(jnp.isfinite(mean[0, 0])) and not bool(jnp.isfinite(var[0, 0]))
+    assert bool(jnp.isfinite(mean[0, 1])) and bool(jnp.isfinite(var[0, 1]))
