@@ -244,7 +244,7 @@ def _update_windows(state: MABNState, batch: _Batch, cfg: MABNConfig, m: int) ->
         state, sl, phase.use_batch, batch.mean, batch.var
     )
     (ema_var, ema_var_used), (ema_mean, ema_mean_used) = _window.emas(
-        state, *lax.stop_gradient((var, mean)), groups > 1, cfg
+        state, var, mean, groups > 1, cfg
     )
     written = phase.slot_mask.any(0) if sl.rows is None else sl.rows.row
     return _Windows(

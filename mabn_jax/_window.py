@@ -247,16 +247,15 @@ def _spread(sl: Slide, window: Array, values: Array, mu: Array) -> Array:
 
 
 def forward_windows(state: MABNState, sl: Slide, use_batch, mean_b, var_b):
-    """New (mean, var) windows and each group's (μ̃, σ̃²) in use. The stored
-    windows take no gradient: stopping them keeps reverse mode from tracing the
-    state update a second time (as its linearization)."""
+    """New (mean, var) windows and each group's (μ̃, σ̃²) in use. (Nothing
+    differentiates the stored windows; reverse mode drops their linearization.)"""
     mean_window = None if mean_b is None else state.mean_window  # check_state: both or neither
     if var_b.shape[0] == 1:
         return _one_step_windows(state, sl, mean_window, mean_b, var_b)
-    var_w = final_window(sl, state.var_window, lax.stop_gradient(var_b))
+    var_w = final_window(sl, state.var_window, var_b)
     if mean_window is None:
         return None, var_w, None, in_use(sl, use_batch, state.var_window, var_b)
-    mean_w = final_window(sl, mean_window, lax.stop_gradient(mean_b))
+    mean_w = final_window(sl, mean_window, mean_b)
     mu_win = _window_mean(sl, mean_window, mean_b)
     var_win = _window_mean(sl, state.var_window, var_b) + _spread(sl, mean_window, mean_b, mu_win)
     return (
@@ -271,7 +270,7 @@ def _one_step_windows(state: MABNState, sl: Slide, mean_window: Array | None, me
     """:func:`forward_windows` of one group: each window written once, and each
     statistic in use one masked reduction over it."""
     var_written = _written(sl, state.var_window, var_b)
-    var_w = lax.stop_gradient(var_written).astype(state.var_window.dtype)
+    var_w = var_written.astype(state.var_window.dtype)
     # σ̃² is NaN where the Ψ window is not finite (an unrecorded step's reserved
     # slots, a poisoned state): the output is NaN then.
     psi = state.psi_window
@@ -283,7 +282,7 @@ def _one_step_windows(state: MABNState, sl: Slide, mean_window: Array | None, me
     # The law of total variance over the rows in use; the batch phase's one row
     # gives σ²_B + (μ_B − μ_B)² = σ²_B.
     var = _in_use_one(sl, var_written + jnp.square(mean_written - mu), zeros, finite=psi)
-    return lax.stop_gradient(mean_written).astype(mean_window.dtype), var_w, mu, var
+    return mean_written.astype(mean_window.dtype), var_w, mu, var
 
 
 def emas(state: MABNState, var, mean, ghost: bool, cfg: MABNConfig):
