@@ -171,26 +171,27 @@ CONV_VARIANTS = {
     ),
 }
 
-_window_mean = _window.window_mean
+_backward_windows = _window.backward_windows
 _normalize_bwd = _backward.normalize_bwd
 _forward_windows = _window.forward_windows
 _batch_stats: set[str] = set()  # which backward statistics use the batch value
 _trace: dict = {}
 
 
-def _patched_window_mean(sl, window, values):
+def _patched_backward_windows(sl, use_batch, window, values, *args):
+    used, cot = _backward_windows(sl, use_batch, window, values, *args)
     ctx = _trace.get("ctx")
     if ctx is not None:
         name = "psi" if window is ctx.psi_window else "g" if window is ctx.g_window else None
         if name is not None:
             _trace["seen"].add(name)
             if name in _batch_stats:
-                return values
-    return _window_mean(sl, window, values)
+                return values, cot
+    return used, cot
 
 
 def _patched_bwd(spec, res, dy):
-    ctx = res[-1]
+    ctx = next(r for r in res if isinstance(r, _backward.Ctx))
     _trace.update(ctx=ctx, seen=set())
     try:
         out = _normalize_bwd(spec, res, dy)
@@ -208,7 +209,7 @@ def _patched_forward_windows(state, sl, use_batch, mean_b, var_b):
     return mean_w, var_w, mean_b if "mu" in _batch_stats and mean is not None else mean, var
 
 
-_window.window_mean = _patched_window_mean
+_window.backward_windows = _patched_backward_windows
 _window.forward_windows = _patched_forward_windows
 _backward.normalize.defvjp(_backward.normalize_fwd, _patched_bwd)
 

@@ -75,6 +75,7 @@ class Ctx(NamedTuple):
     inv: Array  # 1 / sqrt(σ̃² + ε)
     r: Array
     d: Array | None
+    factor: Array  # r / sqrt(σ̃² + ε)
     psi_window: Array  # windows as before this step
     g_window: Array | None
     slot_mask: Array  # [G, R] (one group: its slot)
@@ -112,11 +113,10 @@ def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
     pass over x. The residuals keep both; they make dγ's reduction too."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
-    factor = ctx.r * ctx.inv
+    factor = ctx.factor
     center = ctx.mean if ctx.d is None or ctx.mean is None else ctx.mean - ctx.d / factor
-    factor = b(factor)
-    y = (_minus(x, center, spec, dtype) * factor * b(scale) + b(bias)).astype(spec.out_dtype)
-    return y, (x, scale, bias, probes, ctx, (center, factor))
+    y = (_minus(x, center, spec, dtype) * b(factor) * b(scale) + b(bias)).astype(spec.out_dtype)
+    return y, (x, scale, bias, probes, ctx, factor)
 
 
 def normalize_bwd(spec: Spec, res, dy):
@@ -128,7 +128,9 @@ def normalize_bwd(spec: Spec, res, dy):
         # γ, β (replicated over these axes) take its total as their gradient.
         sums = lax.pmean(sums, name)
         devices = lax.psum(1, name)
-        dscale, dbias = ((devices * v).astype(p.dtype) for v, p in zip(sums, (scale, bias)))
+        dscale, dbias = (
+            (devices * v).astype(p.dtype) for v, p in zip(_gradients(sums, ctx), (scale, bias))
+        )
     dx, dprobes = finish(spec, x, scale, probes, ctx, dy, sums)
     return dx, dscale, dbias, dprobes, jax.tree_util.tree_map(lambda _: None, ctx)
 
@@ -136,26 +138,35 @@ def normalize_bwd(spec: Spec, res, dy):
 def local_sums(spec: Spec, res, dy):
     """(this device's backward sums; dγ; dβ).
 
-    The sums are ``(Σdy·(r·z + d), Σdy)`` per group (``[G, *features]``),
-    i.e. the groups' own dγ and dβ, which γ and β (laid out per group) take as
-    their gradients. So under ``shard_map`` the all-reduce that synchronizes
-    them also gives the replicated γ's and β's gradients
-    (:func:`normalize_bwd`), with no all-reduce of its own.
+    The sums are ``(Σdy·r·z, Σdy)`` per group (``[G, *features]``); the
+    groups' own dγ and dβ are ``(Σdy·r·z + d·Σdy, Σdy)``, which γ and β (laid
+    out per group) take as their gradients. So under ``shard_map`` the
+    all-reduce that synchronizes the sums also gives the replicated γ's and β's
+    gradients (:func:`normalize_bwd`), with no all-reduce of its own.
     """
     if not spec.recorded:
         raise ValueError(UNRECORDED)
-    x, scale, bias, probes, ctx, (center, factor) = res
+    x, scale, bias, probes, ctx, factor = res
     dtype = ctx.inv.dtype
     dy = dy.astype(dtype)
     sum_dy = dy.sum(spec.reduction_axes)
-    # Σ dy·(r·z + d) = Σ dy·(x − c)·f as one pass over (x, dy) with the forward's
-    # centre and factor: the reduction is dγ itself, which XLA hands to the probes as
-    # it is. The barrier keeps a per-channel select behind c (ghost batches) out of
-    # that pass; otherwise XLA CPU writes x − c to memory before reducing.
-    xc = _minus(x, center, spec, dtype, barrier=True)
-    dscale = (dy * (xc * factor)).sum(spec.reduction_axes)
+    # Σ dy·r·z = f·Σ dy·(x − μ̃). Scaled after the reduction and about μ̃ (not the
+    # centre c, which waits for σ̃²), the reduction needs only μ̃: where dy does not
+    # wait for the forward either, XLA makes it one pass over x with the forward's
+    # σ²_B (the TPU compiler then reads x once less). With ghost batches a barrier
+    # keeps the per-channel select behind μ̃ out of that pass; otherwise XLA CPU
+    # writes x − μ̃ to memory before reducing.
+    xc = _minus(x, ctx.mean, spec, dtype, barrier=ctx.rows is None)
+    sums = ((dy * xc).sum(spec.reduction_axes) * factor, sum_dy)
     # The sums stay in the statistics' dtype: Ψ_B and g_B are made from them.
-    return (dscale, sum_dy), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
+    dscale, dbias = _gradients(sums, ctx)
+    return sums, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+def _gradients(sums, ctx: Ctx):
+    """(dγ, dβ) per group from the backward sums: ``(Σdy·r·z + d·Σdy, Σdy)``."""
+    dyz, sum_dy = sums
+    return (dyz if ctx.d is None else dyz + ctx.d * sum_dy), sum_dy
 
 
 def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
@@ -193,9 +204,8 @@ def finish(spec: Spec, x, scale, probes, ctx, dy, sums, probe_weight=None):
         extra = tuple(sorted(varying_axes(value) - varying_axes(probes.psi)))
         return lax.pmean(value, extra) if extra else value
 
-    sum_dscale, sum_dy = (v.astype(dtype) for v in sums)
-    # a·Σdy·z = γ·(dγ − d·Σdy) and a·Σdy = γ·r·Σdy, with a = γ·r.
-    sum_dyz = sum_dscale if ctx.d is None else sum_dscale - ctx.d * sum_dy
+    # a·Σdy·z = γ·Σdy·r·z and a·Σdy = γ·r·Σdy, with a = γ·r.
+    sum_dyz, sum_dy = (v.astype(dtype) for v in sums)
     psi, psi_cot = windowed(ctx.psi_window, scale * sum_dyz)
     dxs = dy * b(a) - keep(z * b(psi))
     g_cot = None

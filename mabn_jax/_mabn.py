@@ -20,7 +20,16 @@ and "batch phase" meaning ``t ≤ m or t < warmup_steps`` (Yan et al., ICLR 2020
 ``μ_w``, ``σ²_w`` are the windows with this step's values written. The centered
 σ̃² averages the second moments over the window (law of total variance), not
 only the within-batch variances, which at batch 2 miss half the variance.
-Every phase decision is a traced ``jnp.where``: one compilation serves all.
+Every phase decision is traced (a select, or the weights of a masked sum): one
+compilation serves all.
+
+The code computes the same values in forms XLA compiles small: ``r`` as
+``sqrt(clip((σ̃² + ε)/(ema_var + ε), 1/r_max², r_max²))``, one step's μ̃, σ̃²,
+Ψ̃, g̃ as a weighted sum over the written window (the written row alone in the
+batch phase), and ``y`` as ``(x − c)·f·γ + β`` with ``f = r/sqrt(σ̃² + ε)``,
+``c = μ̃ − d/f`` (:mod:`mabn_jax._backward`). XLA computes a reduction, a
+square root or a division once, where it copies cheap per-channel selects into
+every fusion that reads them (``docs/benchmarks.md``, "One layer's graph").
 
 Ψ_B and g_B exist only in the backward pass. They leave it as the cotangents of
 window-shaped *probes*; the forward reserves their slots by writing NaN there,
@@ -307,9 +316,10 @@ def _new_count(t: Array, rows: int) -> Array:
 
 
 def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
-    """Stage 3: ``(1/sqrt(σ̃² + ε), r, d)``. An unrecorded (reserved) slot or a
-    poisoned state shows in ``psi_window``: the output is NaN then."""
-    r, d = S.renorm_factors(
+    """Stage 3: ``(1/sqrt(σ̃² + ε), r, d, r/sqrt(σ̃² + ε))``. An unrecorded
+    (reserved) slot or a poisoned state shows in ``psi_window``: the output is
+    NaN then."""
+    r2, d = S.renorm_factors(
         w.var,
         w.ema_var_used,
         w.mean,
@@ -319,6 +329,7 @@ def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
         epsilon=cfg.epsilon,
         active=w.phase.renorm,
         stop_gradient=False,
+        squared=True,
     )  # constants to the VJP, not to 2nd order
     # NaN in, before the rsqrt (which XLA computes once), not a select after it
     # (which XLA would copy into every fusion that reads 1/σ̃).
@@ -329,19 +340,23 @@ def _renormalization(state: MABNState, w: _Windows, cfg: MABNConfig):
         ok = jnp.isfinite(w.var) & S.all_finite(state.psi_window)
         ok = ok if w.mean is None else ok & jnp.isfinite(w.mean)
         var = S.where(ok, w.var, jnp.nan)
-    return lax.rsqrt(var + cfg.epsilon), r, d
+    var = var + cfg.epsilon
+    # The forward's factor as one square root: where only it is needed (no input
+    # gradient), XLA computes neither r nor 1/σ̃ on their own.
+    return lax.rsqrt(var), jnp.sqrt(r2), d, jnp.sqrt(r2 / var)
 
 
 def _apply_backward_rule(x, scale, bias, state, probes, batch, w, norm, spec) -> Array:
     """Stage 4: ``y`` through the custom VJP (:mod:`mabn_jax._backward`; with a
     named axis that the backward pass cannot bind, :mod:`mabn_jax._synced`)."""
     cfg = spec.config
-    inv, r, d = norm
+    inv, r, d, factor = norm
     ctx = _backward.Ctx(
         w.mean,
         inv,
         r,
         d,
+        factor,
         state.psi_window,
         state.g_window,
         w.phase.slot_mask,
@@ -410,7 +425,7 @@ def _train_body(x, scale, bias, state, probes, mask, config, axis, dtype, with_s
         batch.split.reduction_axes, batch.split.feature_axes, out_dtype, config, m, recorded
     )
     y = _apply_backward_rule(x, scale, bias, state, probes, batch, windows, norm, spec)
-    stats = _named_stats(batch, windows, *norm[1:], config) if with_stats else {}
+    stats = _named_stats(batch, windows, *norm[1:3], config) if with_stats else {}
     # One group: the group axis off as a squeeze (its transpose, dy's, a broadcast).
     y = lax.squeeze(y, (0,)) if batch.split.groups == 1 else y.reshape(x.shape)
     return y, new_state, stats

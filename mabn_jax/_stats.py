@@ -263,6 +263,7 @@ def renorm_factors(
     active: Array,
     r_min=None,
     stop_gradient: bool = True,
+    squared: bool = False,
 ) -> tuple[Array, Array | None]:
     """Batch Renormalization's ``(r, d)``, clipped, and ``(1, 0)`` where not ``active``.
 
@@ -272,6 +273,7 @@ def renorm_factors(
     is ``None`` without a mean. They are constants of the step (no gradient);
     ``stop_gradient=False`` leaves that to the caller (MABN's custom VJP, whose
     second-order derivatives must see r and d move like its other statistics).
+    ``squared``: ``r²`` in place of ``r``.
     """
     stop = lax.stop_gradient if stop_gradient else (lambda v: v)
     ema_var = ema_var.astype(var.dtype) + epsilon
@@ -280,7 +282,7 @@ def renorm_factors(
     # (ema_var + ε): XLA computes a sqrt once and hands it on, whereas it copies the
     # cheap clip and select behind a division into every fusion that reads r.
     r2 = where_lead(active, clip((var + epsilon) / ema_var, r_min * r_min, r_max * r_max), 1.0)
-    r = stop(jnp.sqrt(r2))
+    r = stop(r2 if squared else jnp.sqrt(r2))
     if mean is None or ema_mean is None:  # both or neither: a layer with a mean has both
         return r, None
     sigma = jnp.sqrt(ema_var)
