@@ -107,10 +107,11 @@ def normalize(spec: Spec, x, scale, bias, probes, ctx):
 
 def normalize_fwd(spec: Spec, x, scale, bias, probes, ctx):
     """``y = γ·(r·z + d) + β``, as ``(x − c)·f·γ + β`` with one factor
-    ``f = r/sqrt(σ̃² + ε)`` and one centre ``c = μ̃ − d/f`` per channel (none for
-    the plain layer). XLA computes each once (they end in a multiplication of
-    an rsqrt, and a division), where it copied d's clip and select into every
-    pass over x. The residuals keep both; they make dγ's reduction too."""
+    ``f = r/sqrt(σ̃² + ε)`` (``ctx.factor``, one square root) and one centre
+    ``c = μ̃ − d/f`` per channel (none for the plain layer). XLA computes each
+    once (they end in a square root and a division), where it copied d's clip
+    and select into every pass over x. The residuals keep f, which scales dγ's
+    reduction (:func:`local_sums`)."""
     dtype = ctx.inv.dtype
     b = functools.partial(S.bshape, ndim=x.ndim, feature_axes=spec.feature_axes)
     factor = ctx.factor

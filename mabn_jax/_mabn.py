@@ -26,7 +26,7 @@ compilation serves all.
 The code computes the same values in forms XLA compiles small: ``r`` as
 ``sqrt(clip((σ̃² + ε)/(ema_var + ε), 1/r_max², r_max²))``, one step's μ̃, σ̃²,
 Ψ̃, g̃ as a weighted sum over the written window (the written row alone in the
-batch phase), and ``y`` as ``(x − c)·f·γ + β`` with ``f = r/sqrt(σ̃² + ε)``,
+batch phase), and ``y`` as ``(x − c)·f·γ + β`` with ``f = sqrt(r²/(σ̃² + ε))``,
 ``c = μ̃ − d/f`` (:mod:`mabn_jax._backward`). XLA computes a reduction, a
 square root or a division once, where it copies cheap per-channel selects into
 every fusion that reads them (``docs/benchmarks.md``, "One layer's graph").
