@@ -63,7 +63,8 @@ class Phase(NamedTuple):
 def phase(t: Array, cfg: MABNConfig, m: int, rows: int) -> Phase:
     """The phase of each window step ``t`` (``[G]``, or a scalar for one step;
     every ``t >= 1``) of a window averaging ``m`` of its ``rows``."""
-    # t >= 1, a whole number: a float rem is the mod, exactly.
+    # t >= 1: an unsigned rem is the mod (an AND for a power-of-two R, which XLA
+    # fuses into its readers; a float rem is a fusion of its own).
     slot = lax.rem(t.astype(jnp.uint32), np.uint32(rows))
     return Phase(
         slot if t.ndim == 0 else lax.broadcasted_iota(jnp.uint32, (1, rows), 1) == slot[:, None],
