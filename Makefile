@@ -47,13 +47,15 @@ $(AOT_STAMP): $(STAMP)
 # The TPU compiler alone (tests/test_aot.py uses it; they skip, saying why, without it).
 aot-install: $(AOT_STAMP)
 
-# What the TPU compiler makes of the layers and of a ResNet-50 pod train step and
-# folded inference, deviceless (no TPU needed). AOT_ARGS=--quick: two layer shapes
+# What the TPU compiler makes of the layers, of a ResNet-50 pod train step (with its
+# weight centralization computed in each place it can be) and of folded inference,
+# deviceless (no TPU needed). AOT_ARGS=--quick: two layer shapes
 # and the ResNet-50 step on 16 v5e chips only. RESNET_ARGS goes to aot_resnet.py
 # alone (e.g. RESNET_ARGS='--gens v5e --chips 256 --modes spmd').
 aot: $(AOT_STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot.py $(AOT_ARGS)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_resnet.py $(AOT_ARGS) $(RESNET_ARGS)
+	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_centering.py
 	JAX_PLATFORMS=cpu $(PY) benchmarks/aot_pallas.py
 
 demo: $(STAMP)

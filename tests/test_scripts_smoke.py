@@ -7,7 +7,7 @@ checked for exit 0, the lines of its tables, and no NaN anywhere in its output;
 timings are printed, never asserted. The scripts with assertions of their own
 have their own files: examples/small_batch.py (test_small_batch_example.py),
 finetune.py (test_finetune_example.py), quickstart.py (test_train_digits.py),
-quickstart_nnx.py (test_quickstart_nnx.py). The four TPU-compiler scripts need
+quickstart_nnx.py (test_quickstart_nnx.py). The five TPU-compiler scripts need
 libtpu (``pip install -e '.[aot]'``) and are skipped, saying so, without it.
 """
 
@@ -99,6 +99,16 @@ SCRIPTS = [
             "batch_stats per chip (MiB): BN ",
             "| MABN folded ",
             "| GN unfolded ",
+        ],
+        marks=_needs_libtpu,
+    ),
+    _case(
+        "benchmarks/aot_centering.py",
+        ["--smoke"],
+        [
+            "| nn.Conv + MABN + centralize ",
+            "| projected-gradient conv + MABN, from the activations ",
+            "| projected-gradient conv + MABN, from the cheaper of the two ",
         ],
         marks=_needs_libtpu,
     ),
