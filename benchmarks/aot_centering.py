@@ -110,6 +110,8 @@ class ProjectedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.padding != "SAME":
+            raise ValueError(f"ProjectedConv: only padding='SAME', got {self.padding!r}")
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
@@ -152,10 +154,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     topology = "v5e:4x4"
     if args.smoke:  # the table's code on a small model, in seconds
-        aot_resnet.ResNet50 = functools.partial(
-            aot_resnet.ResNet50, stage_sizes=(1,), widths=(32,), num_classes=10
-        )
-        aot_resnet.IMAGE, topology = (32, 32, 3), "v5e:2x2"
+        aot_resnet.use_smoke_model()
+        topology = "v5e:2x2"
         print("(smoke: a one-block ResNet at 32×32 stands in for ResNet-50)")
     devices = aot_resnet.tpu_devices(topology)
     print(
@@ -167,10 +167,7 @@ def main(argv=None):
         make = None if conv is None else (lambda _kind, axis_name=None, c=conv: _model(c))
         f = aot_resnet.figures(aot_resnet.compile_train(kind, "spmd", devices, make=make))
         base = base or f
-        mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-        ratios = (f"{f[k] / base[k]:.3f}" for k in ("bytes", "peak"))
-        rows.append([label, mib(f["bytes"]), next(ratios), mib(f["peak"]), next(ratios)])
-        print(f"  {label}: {rows[-1][1:]}", file=sys.stderr, flush=True)
+        rows.append(aot_resnet.against(label, f, base))
     table(["model", "MiB accessed", "bytes / BN", "peak MiB", "peak / BN"], rows)
     print(f"\n({len(ROWS)} compiles in {time.time() - t0:.0f} s)")
 

@@ -326,7 +326,7 @@ def _other(b, m):
     return f"{one(b)}; {one(m)}"
 
 
-def _against(label, f, base):
+def against(label, f, base):
     """A table row: ``f``'s bytes and peak, and their ratios to ``base``'s."""
     print(f"  {label}: {f}", file=sys.stderr, flush=True)
     return [
@@ -369,7 +369,7 @@ def split_table():
 
         f = figures(compile_train(kind, "spmd", device, make=make))
         base = base or f
-        rows.append(_against(label, f, base))
+        rows.append(against(label, f, base))
         stats = _abstract_state(make(kind), optax.sgd(0.1), IMAGE)[1]
         state[label.split(" + ")[1]] = sum(
             a.size * a.dtype.itemsize for a in jax.tree.leaves(stats)
@@ -410,7 +410,7 @@ def infer_table(batch):
             fn = jax.jit(functools.partial(m.apply, train=False))
             f = figures(fn.lower(_sds(v, rep), x).compile())
             base = base or f
-            rows.append(_against(f"{kind} {form}", f, base))
+            rows.append(against(f"{kind} {form}", f, base))
     table(["model", "MiB accessed", "bytes / BN folded", "peak MiB", "peak / BN folded"], rows)
 
 
@@ -418,6 +418,13 @@ def tpu_devices(topology):
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def use_smoke_model():
+    """A one-block ResNet at 32×32 in place of ResNet-50 (the scripts' ``--smoke``)."""
+    global ResNet50, IMAGE
+    ResNet50 = functools.partial(ResNet50, stage_sizes=(1,), widths=(32,), num_classes=10)
+    IMAGE = (32, 32, 3)
 
 
 def main(argv=None):
@@ -436,9 +443,8 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     if args.smoke:  # the tables' code on a small model, in seconds (tests/test_scripts_smoke.py)
-        global ResNet50, IMAGE
-        ResNet50 = functools.partial(ResNet50, stage_sizes=(1,), widths=(32,), num_classes=10)
-        IMAGE, TOPOLOGIES["v5e"][4] = (32, 32, 3), "v5e:2x2"
+        use_smoke_model()
+        TOPOLOGIES["v5e"][4] = "v5e:2x2"
         args.gens, args.chips, args.modes = "v5e", "4", "sync"
         print("(smoke: a one-block ResNet at 32×32 stands in for ResNet-50)")
     gens, chips = args.gens.split(","), [int(c) for c in args.chips.split(",")]
